@@ -1,0 +1,297 @@
+//! Command line: `fjord serve` and admin subcommands. Errors become one-line messages.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::cluster::metadata;
+use crate::config::Tuning;
+use crate::shard::{self, Job, Node, Shard};
+
+#[derive(Parser, Debug)]
+#[command(name = "fjord", version, about = "A Kafka-compatible, thread-per-core message broker")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the broker.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address every shard listens on (HOST:PORT). Default: the tuning file's node.listen (127.0.0.1:9092).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Host:port advertised to clients in Metadata. Default: the listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Data directory. Default: the tuning file's node.data_dir (./fjord-data).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of shards (cores) to run. Default: every core the tuning file names (all cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub cores: Option<u16>,
+    /// Tuning file (TOML). Default: the embedded tuning/default.toml.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn raise_fd_limit() {
+    // Every partition keeps its segment files open: lift the soft limit to the hard one.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Glommio probes a device with a read at offset 0 of the first DMA file opened on it; an
+/// empty first file makes it wrongly decide the disk supports polled I/O. Give it data.
+const PROBE_FILE: &str = ".dma-probe";
+
+fn write_probe(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let p = data_dir.join(PROBE_FILE);
+    let ok = std::fs::metadata(&p).map(|m| m.len() >= 4096).unwrap_or(false);
+    if !ok {
+        std::fs::write(&p, vec![0x5au8; 4096]).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(p)
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let mut tuning = Tuning::load(a.config.as_deref())?;
+    if let Some(l) = a.listen {
+        tuning.node.listen = l.to_string();
+    }
+    if let Some(d) = &a.data_dir {
+        tuning.node.data_dir = d.display().to_string();
+    }
+    let listen: std::net::SocketAddr = tuning.node.listen.parse().context("node.listen")?;
+    let advertised = a.advertise.clone().unwrap_or_else(|| {
+        if tuning.node.advertised_listener.is_empty() {
+            tuning.node.listen.clone()
+        } else {
+            tuning.node.advertised_listener.clone()
+        }
+    });
+    let (adv_host, adv_port) = match advertised.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(|c| c == '[' || c == ']').to_string(), p.parse::<i32>().ok()),
+        None => (String::new(), None),
+    };
+    let Some(adv_port) = adv_port.filter(|_| !adv_host.is_empty()) else {
+        bail!("--advertise must be HOST:PORT, got {advertised:?}");
+    };
+    let data_dir = tuning.data_dir();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let probe = write_probe(&data_dir)?;
+    raise_fd_limit();
+    // Refuse a port another process serves: SO_REUSEPORT would otherwise share it silently.
+    if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+        bail!("cannot listen on {listen}: address already in use");
+    }
+
+    let online: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let mut cores: Vec<usize> = if tuning.shards.cores.is_empty() { online.clone() } else { tuning.shards.cores.clone() };
+    if cores.is_empty() {
+        cores.push(0);
+    }
+    for c in &cores {
+        if !online.is_empty() && !online.contains(c) {
+            bail!("shards.cores names core {c}, which is not online (online: {online:?})");
+        }
+    }
+    if let Some(n) = a.cores {
+        let n = n as usize;
+        if n > cores.len() && !online.is_empty() {
+            // More shards than cores: allowed (they share cores), pinned round-robin.
+            let base = cores.clone();
+            cores = (0..n).map(|i| base[i % base.len()]).collect();
+        } else {
+            cores.truncate(n);
+        }
+    }
+    let image = metadata::load_image(&data_dir)?;
+    let cluster = metadata::load_or_init_cluster(&data_dir)?;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in &cores {
+        let (tx, rx) = flume::unbounded::<Job>();
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let node = Arc::new(Node {
+        node_id: tuning.node.node_id,
+        data_dir: data_dir.clone(),
+        advertised_host: adv_host,
+        advertised_port: adv_port,
+        cluster_id: cluster.cluster_id.clone(),
+        meta: ArcSwap::from_pointee(image),
+        mesh: senders,
+        next_producer_id: AtomicI64::new(cluster.producer_id_block_end),
+        producer_id_block_end: AtomicI64::new(cluster.producer_id_block_end),
+        shutting_down: AtomicBool::new(false),
+        stopped: Mutex::new(0),
+        tuning: tuning.clone(),
+    });
+
+    let (status_tx, status_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    let mut handles = Vec::new();
+    for (i, (core, rx)) in cores.iter().copied().zip(receivers).enumerate() {
+        let node = node.clone();
+        let status = status_tx.clone();
+        let probe = probe.clone();
+        let pin = tuning.shards.pin;
+        let builder = LocalExecutorBuilder::new(Placement::Unbound)
+            .name(&format!("fjord-shard-{i}"))
+            .io_memory(tuning.memory.io_memory_bytes)
+            .ring_depth(tuning.io.ring_depth)
+            .spin_before_park(Duration::from_micros(tuning.io.spin_before_park_us));
+        let h = builder
+            .spawn(move || async move {
+                if pin {
+                    core_affinity::set_for_current(core_affinity::CoreId { id: core });
+                }
+                if let Err(e) = shard_main(i, node, rx, probe, listen, status.clone()).await {
+                    let _ = status.send(Err(format!("shard {i}: {e:#}")));
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("cannot start shard {i}: {e}"))?;
+        handles.push(h);
+    }
+    drop(status_tx);
+    for _ in 0..cores.len() {
+        match status_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("a shard stopped during start-up"),
+        }
+    }
+    tracing::info!(
+        "fjord ready: listening on {listen} with {} shards on cores {:?}, data in {}",
+        cores.len(),
+        cores,
+        data_dir.display()
+    );
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("cannot install signal handlers")?;
+    let sig = signals.forever().next();
+    tracing::info!("signal {sig:?}: shutting down");
+    node.shutting_down.store(true, Ordering::SeqCst);
+    for tx in &node.mesh {
+        let job: Job = Box::new(|| {
+            Box::pin(async {
+                let sh = shard::local();
+                let tx = sh.stop_tx.borrow_mut().take();
+                if let Some(tx) = tx {
+                    let _ = tx.send(());
+                }
+            })
+        });
+        let _ = tx.send(job);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    tracing::info!("fjord stopped");
+    Ok(())
+}
+
+async fn shard_main(
+    id: usize,
+    node: Arc<Node>,
+    rx: flume::Receiver<Job>,
+    probe: PathBuf,
+    listen: std::net::SocketAddr,
+    status: std::sync::mpsc::Sender<Result<usize, String>>,
+) -> anyhow::Result<()> {
+    let f = glommio::io::OpenOptions::new()
+        .read(true)
+        .dma_open(&probe)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open probe file {}: {e}", probe.display()))?;
+    let _ = f.read_at(0, 4096).await;
+    let _ = f.close().await;
+    let shard = Rc::new(Shard::new(id, node.clone()));
+    let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
+    *shard.stop_tx.borrow_mut() = Some(stop_tx);
+    shard::install(shard.clone());
+    glommio::spawn_local(shard::serve_jobs(rx)).detach();
+    shard.open_owned_partitions().await;
+    let listener = bind_listener(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    glommio::spawn_local(crate::server::accept_loop(listener, shard.clone())).detach();
+    glommio::spawn_local(retention_loop(shard.clone())).detach();
+    let _ = status.send(Ok(id));
+    let _ = stop_rx.await;
+    for p in shard.open_partitions() {
+        if let Err(e) = p.log.flush().await {
+            tracing::error!("flush of {}-{} failed: {e}", p.topic, p.index);
+        }
+    }
+    Ok(())
+}
+
+async fn retention_loop(shard: Rc<Shard>) {
+    let every = Duration::from_millis(shard.node.tuning.log.retention_check_interval_ms.max(100));
+    loop {
+        glommio::timer::sleep(every).await;
+        let now = crate::log::now_ms();
+        for p in shard.open_partitions() {
+            let Some(cfg) = shard.node.effective_config(&p.topic) else { continue };
+            if cfg.compact {
+                continue;
+            }
+            let s = crate::log::LogSettings {
+                segment_bytes: cfg.segment_bytes,
+                segment_ms: cfg.segment_ms,
+                retention_ms: cfg.retention_ms,
+                retention_bytes: cfg.retention_bytes,
+                cache_bytes_max: shard.node.tuning.memory.batch_cache_bytes_per_partition,
+            };
+            let n = p.log.enforce_retention(&s, now).await;
+            if n > 0 {
+                tracing::info!("retention removed {n} segments of {}-{}", p.topic, p.index);
+            }
+        }
+    }
+}
+
+/// One listener per shard on the same port (SO_REUSEPORT); SO_REUSEADDR so that a restart does
+/// not wait for the previous run's TIME_WAIT connections.
+fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let sk = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(1024)?;
+    // Safety: the fd is a freshly bound, listening TCP socket we own and hand over whole.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(sk.into_raw_fd()) })
+}

@@ -1,0 +1,206 @@
+//! The metadata image: topics, their ids, partition counts and config overrides. Persisted as
+//! JSON (written to a temp file, fsync'd, renamed) under `<data_dir>/meta/`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopicMeta {
+    pub name: String,
+    pub id: Uuid,
+    pub partitions: i32,
+    #[serde(default)]
+    pub configs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetadataImage {
+    pub topics: BTreeMap<String, Arc<TopicMeta>>,
+    pub by_id: HashMap<Uuid, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TopicsFile {
+    version: u32,
+    topics: Vec<TopicMeta>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub cluster_id: String,
+    /// Producer ids below this may have been handed out; allocation resumes here on restart.
+    pub producer_id_block_end: i64,
+}
+
+pub const PRODUCER_ID_BLOCK: i64 = 1000;
+
+impl MetadataImage {
+    pub fn topic(&self, name: &str) -> Option<&Arc<TopicMeta>> {
+        self.topics.get(name)
+    }
+    pub fn topic_by_id(&self, id: &Uuid) -> Option<&Arc<TopicMeta>> {
+        self.by_id.get(id).and_then(|n| self.topics.get(n))
+    }
+    pub fn with_topic(&self, t: TopicMeta) -> MetadataImage {
+        let mut next = self.clone();
+        next.by_id.insert(t.id, t.name.clone());
+        next.topics.insert(t.name.clone(), Arc::new(t));
+        next
+    }
+    pub fn without_topic(&self, name: &str) -> MetadataImage {
+        let mut next = self.clone();
+        if let Some(t) = next.topics.remove(name) {
+            next.by_id.remove(&t.id);
+        }
+        next
+    }
+}
+
+pub fn meta_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("meta")
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+pub fn load_image(data_dir: &Path) -> std::io::Result<MetadataImage> {
+    let path = meta_dir(data_dir).join("topics.json");
+    let mut img = MetadataImage::default();
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let f: TopicsFile = serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::other(format!("{}: damaged metadata file: {e}", path.display()))
+            })?;
+            for t in f.topics {
+                img = img.with_topic(t);
+            }
+            Ok(img)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(img),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn save_image(data_dir: &Path, img: &MetadataImage) -> std::io::Result<()> {
+    let dir = meta_dir(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    let f = TopicsFile { version: 1, topics: img.topics.values().map(|t| (**t).clone()).collect() };
+    let bytes = serde_json::to_vec_pretty(&f).map_err(std::io::Error::other)?;
+    write_atomic(&dir.join("topics.json"), &bytes)
+}
+
+pub fn load_or_init_cluster(data_dir: &Path) -> std::io::Result<ClusterFile> {
+    let dir = meta_dir(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("cluster.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::other(format!("{}: damaged cluster file: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = Uuid::new_v4();
+            let c = ClusterFile { cluster_id: base64_url(id.as_bytes()), producer_id_block_end: 0 };
+            save_cluster(data_dir, &c)?;
+            Ok(c)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn save_cluster(data_dir: &Path, c: &ClusterFile) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?;
+    write_atomic(&meta_dir(data_dir).join("cluster.json"), &bytes)
+}
+
+/// Kafka cluster ids are 22-character URL-safe base64 UUIDs.
+fn base64_url(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for b in bytes {
+        acc = (acc << 8) | *b as u32;
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            out.push(A[((acc >> bits) & 63) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(A[((acc << (6 - bits)) & 63) as usize] as char);
+    }
+    out
+}
+
+/// Kafka's topic name rules: 1..=249 chars of [a-zA-Z0-9._-], not "." or "..".
+pub fn valid_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("Topic name is illegal, it can't be empty".into());
+    }
+    if name == "." || name == ".." {
+        return Err("Topic name cannot be \".\" or \"..\"".into());
+    }
+    if name.len() > 249 {
+        return Err("Topic name is illegal, it can't be longer than 249 characters".into());
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-') {
+        return Err(format!(
+            "Topic name \"{name}\" is illegal, it contains a character other than ASCII alphanumerics, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Stable partition → shard placement (FNV-1a of the topic name and partition).
+pub fn shard_of(topic: &str, partition: i32, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in topic.as_bytes().iter().chain(partition.to_be_bytes().iter()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
+    data_dir.join(format!("{topic}-{partition}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn names_and_persistence() {
+        assert!(valid_topic_name("a.b_c-1").is_ok());
+        assert!(valid_topic_name("a b").is_err());
+        assert!(valid_topic_name("..").is_err());
+        assert_eq!(base64_url(&[0u8; 16]).len(), 22);
+        let d = tempfile::tempdir().unwrap();
+        let img = MetadataImage::default().with_topic(TopicMeta {
+            name: "t".into(),
+            id: Uuid::new_v4(),
+            partitions: 3,
+            configs: BTreeMap::new(),
+            internal: false,
+        });
+        save_image(d.path(), &img).unwrap();
+        let back = load_image(d.path()).unwrap();
+        assert_eq!(back.topic("t").unwrap().partitions, 3);
+    }
+}

@@ -1,0 +1,7 @@
+//! Cluster metadata: the topic image every shard reads (copy-on-write, lock-free loads) and the
+//! controller operations that change it. Changes are serialized on the controller shard and
+//! persisted before they become visible. Never touches partition data.
+
+pub mod metadata;
+pub mod topic_config;
+pub mod controller;

@@ -1,0 +1,138 @@
+//! Topic-level configs: names, validation, defaults from the tuning file.
+
+use std::collections::BTreeMap;
+
+use crate::config::Tuning;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigType {
+    Long,
+    Int,
+    Double,
+    String,
+    Boolean,
+    List,
+}
+
+pub struct ConfigDef {
+    pub name: &'static str,
+    pub kind: ConfigType,
+    /// Allowed values for enumerated strings.
+    pub choices: &'static [&'static str],
+    pub min: i64,
+}
+
+pub const TOPIC_CONFIGS: &[ConfigDef] = &[
+    ConfigDef { name: "cleanup.policy", kind: ConfigType::List, choices: &["delete", "compact"], min: 0 },
+    ConfigDef { name: "compression.type", kind: ConfigType::String, choices: &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], min: 0 },
+    ConfigDef { name: "delete.retention.ms", kind: ConfigType::Long, choices: &[], min: 0 },
+    ConfigDef { name: "max.message.bytes", kind: ConfigType::Int, choices: &[], min: 0 },
+    ConfigDef { name: "message.timestamp.type", kind: ConfigType::String, choices: &["CreateTime", "LogAppendTime"], min: 0 },
+    ConfigDef { name: "min.cleanable.dirty.ratio", kind: ConfigType::Double, choices: &[], min: 0 },
+    ConfigDef { name: "min.insync.replicas", kind: ConfigType::Int, choices: &[], min: 1 },
+    ConfigDef { name: "retention.bytes", kind: ConfigType::Long, choices: &[], min: -1 },
+    ConfigDef { name: "retention.ms", kind: ConfigType::Long, choices: &[], min: -1 },
+    ConfigDef { name: "segment.bytes", kind: ConfigType::Int, choices: &[], min: 14 },
+    ConfigDef { name: "segment.ms", kind: ConfigType::Long, choices: &[], min: 1 },
+    ConfigDef { name: "unclean.leader.election.enable", kind: ConfigType::Boolean, choices: &[], min: 0 },
+];
+
+pub fn def(name: &str) -> Option<&'static ConfigDef> {
+    TOPIC_CONFIGS.iter().find(|d| d.name == name)
+}
+
+/// Checks one topic config entry; the message is what the client sees.
+pub fn validate(name: &str, value: &str) -> Result<(), String> {
+    let Some(d) = def(name) else { return Err(format!("Unknown topic config name: {name}")) };
+    let bad = || Err(format!("Invalid value {value} for configuration {name}"));
+    match d.kind {
+        ConfigType::Long | ConfigType::Int => match value.trim().parse::<i64>() {
+            Ok(v) if v >= d.min && (d.kind == ConfigType::Long || v <= i32::MAX as i64) => Ok(()),
+            _ => bad(),
+        },
+        ConfigType::Double => match value.trim().parse::<f64>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(()),
+            _ => bad(),
+        },
+        ConfigType::Boolean => match value.trim() {
+            "true" | "false" => Ok(()),
+            _ => bad(),
+        },
+        ConfigType::String => {
+            if d.choices.is_empty() || d.choices.contains(&value.trim()) {
+                Ok(())
+            } else {
+                bad()
+            }
+        }
+        ConfigType::List => {
+            let ok = value.split(',').map(str::trim).all(|v| d.choices.contains(&v)) && !value.trim().is_empty();
+            if ok {
+                Ok(())
+            } else {
+                bad()
+            }
+        }
+    }
+}
+
+/// The broker default of each topic config (the value DescribeConfigs shows when unset).
+pub fn default_value(name: &str, t: &Tuning) -> String {
+    match name {
+        "cleanup.policy" => "delete".into(),
+        "compression.type" => "producer".into(),
+        "delete.retention.ms" => "86400000".into(),
+        "max.message.bytes" => t.log.max_message_bytes.to_string(),
+        "message.timestamp.type" => t.log.message_timestamp_type.clone(),
+        "min.cleanable.dirty.ratio" => "0.5".into(),
+        "min.insync.replicas" => "1".into(),
+        "retention.bytes" => t.log.retention_bytes.to_string(),
+        "retention.ms" => t.log.retention_ms.to_string(),
+        "segment.bytes" => t.log.segment_bytes.to_string(),
+        "segment.ms" => t.log.segment_ms.to_string(),
+        "unclean.leader.election.enable" => "false".into(),
+        _ => String::new(),
+    }
+}
+
+/// Effective settings of a topic, resolved from its overrides and the node defaults.
+#[derive(Debug, Clone)]
+pub struct EffectiveConfig {
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub max_message_bytes: usize,
+    pub log_append_time: bool,
+    pub compact: bool,
+}
+
+impl EffectiveConfig {
+    pub fn resolve(overrides: &BTreeMap<String, String>, t: &Tuning) -> EffectiveConfig {
+        let get = |k: &str| overrides.get(k).cloned().unwrap_or_else(|| default_value(k, t));
+        let num = |k: &str, d: i64| get(k).trim().parse::<i64>().unwrap_or(d);
+        EffectiveConfig {
+            segment_bytes: num("segment.bytes", t.log.segment_bytes as i64).max(14) as u64,
+            segment_ms: num("segment.ms", t.log.segment_ms as i64).max(1) as u64,
+            retention_ms: num("retention.ms", t.log.retention_ms),
+            retention_bytes: num("retention.bytes", t.log.retention_bytes),
+            max_message_bytes: num("max.message.bytes", t.log.max_message_bytes as i64).max(0) as usize,
+            log_append_time: get("message.timestamp.type") == "LogAppendTime",
+            compact: get("cleanup.policy").contains("compact"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn validation() {
+        assert!(validate("retention.ms", "1000").is_ok());
+        assert!(validate("retention.ms", "abc").is_err());
+        assert!(validate("cleanup.policy", "compact,delete").is_ok());
+        assert!(validate("cleanup.policy", "bogus").is_err());
+        assert!(validate("no.such", "1").is_err());
+        assert!(validate("segment.bytes", "99999999999").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! Node settings and the per-core tuning file (`tuning/*.toml`). Owns parsing and validation;
+//! every error names the file, the line and the key. Never touches the network or the disk
+//! beyond reading the file it is given.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The commented default, embedded so that `fjord serve` needs no file.
+pub const DEFAULT_TUNING: &str = include_str!("../../tuning/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tuning {
+    pub node: NodeSection,
+    pub shards: ShardsSection,
+    pub memory: MemorySection,
+    pub io: IoSection,
+    pub log: LogSection,
+    pub group: GroupSection,
+    pub net: NetSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub node_id: i32,
+    pub listen: String,
+    pub advertised_listener: String,
+    pub data_dir: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardsSection {
+    /// Core ids that run a shard; empty means every online core.
+    pub cores: Vec<usize>,
+    pub pin: bool,
+    pub controller_shard: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySection {
+    pub batch_cache_bytes_per_partition: usize,
+    pub request_bytes_max: usize,
+    pub io_memory_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoSection {
+    pub ring_depth: usize,
+    pub spin_before_park_us: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub retention_check_interval_ms: u64,
+    pub max_message_bytes: usize,
+    pub num_partitions: i32,
+    pub auto_create_topics: bool,
+    pub message_timestamp_type: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    pub offsets_topic_num_partitions: i32,
+    pub initial_rebalance_delay_ms: u64,
+    pub min_session_timeout_ms: i32,
+    pub max_session_timeout_ms: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSection {
+    pub socket_send_buffer_bytes: usize,
+    pub socket_recv_buffer_bytes: usize,
+}
+
+impl Tuning {
+    pub fn parse(text: &str, path: &str) -> Result<Tuning, ConfigError> {
+        let t: Tuning = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!("line {}: ", text[..s.start.min(text.len())].lines().count().max(1)))
+                .unwrap_or_default();
+            ConfigError::Parse { path: path.to_string(), message: format!("{line}{}", e.message()) }
+        })?;
+        t.validate(path)?;
+        Ok(t)
+    }
+
+    pub fn load(file: Option<&Path>) -> Result<Tuning, ConfigError> {
+        match file {
+            None => Tuning::parse(DEFAULT_TUNING, "tuning/default.toml (embedded)"),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read { path: p.display().to_string(), source: e })?;
+                Tuning::parse(&text, &p.display().to_string())
+            }
+        }
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Invalid { path: path.to_string(), key: key.to_string(), message: message.to_string() })
+        };
+        if self.node.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("node.listen", "must be HOST:PORT with an IP address, e.g. 127.0.0.1:9092");
+        }
+        if self.node.data_dir.is_empty() {
+            return bad("node.data_dir", "must not be empty");
+        }
+        if self.log.segment_bytes < 14 * 1024 || self.log.segment_bytes > (1 << 32) {
+            return bad("log.segment_bytes", "must be between 14 KiB and 4 GiB");
+        }
+        if self.log.num_partitions < 1 {
+            return bad("log.num_partitions", "must be at least 1");
+        }
+        if self.log.max_message_bytes < 1024 {
+            return bad("log.max_message_bytes", "must be at least 1024");
+        }
+        if !matches!(self.log.message_timestamp_type.as_str(), "CreateTime" | "LogAppendTime") {
+            return bad("log.message_timestamp_type", "must be CreateTime or LogAppendTime");
+        }
+        if self.memory.request_bytes_max < 1024 {
+            return bad("memory.request_bytes_max", "must be at least 1024");
+        }
+        if self.io.ring_depth < 8 || self.io.ring_depth > 32768 {
+            return bad("io.ring_depth", "must be between 8 and 32768");
+        }
+        if self.group.offsets_topic_num_partitions < 1 {
+            return bad("group.offsets_topic_num_partitions", "must be at least 1");
+        }
+        if self.group.min_session_timeout_ms > self.group.max_session_timeout_ms {
+            return bad("group.min_session_timeout_ms", "must not exceed group.max_session_timeout_ms");
+        }
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(&self.node.data_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_parses() {
+        let t = Tuning::load(None).unwrap();
+        assert_eq!(t.node.listen, "127.0.0.1:9092");
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let text = DEFAULT_TUNING.replace("[io]", "[io]\nbogus = 1");
+        let e = Tuning::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("line") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let text = DEFAULT_TUNING.replace("ring_depth = 256", "ring_depth = 1");
+        let e = Tuning::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("io.ring_depth"), "{e}");
+    }
+}

@@ -1,0 +1,201 @@
+//! One partition replica on its owning shard: the log, the high watermark, the idempotent
+//! producer checks and the wake-ups of fetches waiting for data. Single node: the leader is
+//! the only replica, so the high watermark is the log end offset once a write completes.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use glommio::sync::Semaphore;
+
+use crate::cluster::topic_config::EffectiveConfig;
+use crate::log::batch::{validate_payload, BatchError, BatchInfo};
+use crate::log::{LogError, LogSettings, SharedLog};
+use crate::server::errors as ec;
+
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub index: i32,
+    pub log: SharedLog,
+    write_lock: Semaphore,
+    data_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub base_offset: i64,
+    pub log_append_time_ms: i64,
+    pub log_start_offset: i64,
+}
+
+pub const LEADER_EPOCH: i32 = 0;
+
+fn log_error_code(e: &LogError) -> i16 {
+    match e {
+        LogError::OffsetOutOfRange { .. } => ec::OFFSET_OUT_OF_RANGE,
+        LogError::Io { .. } => ec::KAFKA_STORAGE_ERROR,
+    }
+}
+
+impl Partition {
+    pub async fn open(topic: Arc<str>, index: i32, dir: std::path::PathBuf) -> Result<Partition, LogError> {
+        Ok(Partition {
+            topic,
+            index,
+            log: SharedLog::open(dir).await?,
+            write_lock: Semaphore::new(1),
+            data_waiters: RefCell::new(Vec::new()),
+        })
+    }
+
+    pub fn high_watermark(&self) -> i64 {
+        self.log.log_end_offset() as i64
+    }
+
+    /// Registers interest in the next append (fetch long-poll).
+    pub fn wait_for_data(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.data_waiters.borrow_mut().push(tx);
+        rx
+    }
+
+    fn wake_fetchers(&self) {
+        for w in self.data_waiters.borrow_mut().drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    /// Validates and appends one partition's records; waits for fdatasync when acks=all.
+    pub async fn produce(
+        &self,
+        records: Bytes,
+        acks: i16,
+        cfg: &EffectiveConfig,
+        cache_bytes_max: usize,
+    ) -> Result<Appended, (i16, String)> {
+        let mut infos: Vec<BatchInfo> = Vec::new();
+        if let Err(e) = validate_payload(&records, cfg.max_message_bytes, &mut infos) {
+            let code = match e {
+                BatchError::CorruptCrc => ec::CORRUPT_MESSAGE,
+                BatchError::TooLarge(_) => ec::MESSAGE_TOO_LARGE,
+                BatchError::UnsupportedMagic(_) => ec::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                BatchError::Truncated | BatchError::Malformed(_) => ec::CORRUPT_MESSAGE,
+            };
+            tracing::warn!("rejected produce to {}-{}: {e}", self.topic, self.index);
+            return Err((code, e.to_string()));
+        }
+        if infos.iter().any(|i| i.is_transactional || i.is_control) {
+            return Err((ec::UNSUPPORTED_VERSION, "transactions are not supported yet".into()));
+        }
+        let settings = LogSettings {
+            segment_bytes: cfg.segment_bytes,
+            segment_ms: cfg.segment_ms,
+            retention_ms: cfg.retention_ms,
+            retention_bytes: cfg.retention_bytes,
+            cache_bytes_max,
+        };
+        let _permit = self
+            .write_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| (ec::UNKNOWN_SERVER_ERROR, "partition closed".to_string()))?;
+        // Idempotence: all batches of one request come from one producer in practice; check
+        // each against the state as it would be after the previous ones.
+        if let Some(dup) = self.check_sequences(&infos)? {
+            return Ok(Appended { base_offset: dup as i64, log_append_time_ms: -1, log_start_offset: self.log.log_start_offset() as i64 });
+        }
+        let lat = if cfg.log_append_time { Some(crate::log::now_ms() as i64) } else { None };
+        let base = self
+            .log
+            .append(&records, &infos, &settings, LEADER_EPOCH, lat)
+            .await
+            .map_err(|e| {
+                tracing::error!("append to {}-{} failed: {e}", self.topic, self.index);
+                (log_error_code(&e), e.to_string())
+            })?;
+        {
+            let mut log = self.log.inner.borrow_mut();
+            let mut next = base;
+            for i in &infos {
+                if i.producer_id >= 0 {
+                    log.producers.entry(i.producer_id).or_default().record(
+                        i.producer_epoch,
+                        i.base_sequence,
+                        i.last_sequence,
+                        next,
+                    );
+                }
+                next += i.last_offset_delta as u64 + 1;
+            }
+        }
+        drop(_permit);
+        self.wake_fetchers();
+        if acks == -1 {
+            let end = self.log.log_end_offset();
+            self.log.sync_to(end).await.map_err(|e| {
+                tracing::error!("fdatasync of {}-{} failed: {e}", self.topic, self.index);
+                (ec::KAFKA_STORAGE_ERROR, e.to_string())
+            })?;
+        }
+        Ok(Appended {
+            base_offset: base as i64,
+            log_append_time_ms: lat.unwrap_or(-1),
+            log_start_offset: self.log.log_start_offset() as i64,
+        })
+    }
+
+    /// Returns Some(base offset) for a duplicate of a recent batch, an error for a sequence
+    /// gap or a fenced epoch, None when the batches are new.
+    fn check_sequences(&self, infos: &[BatchInfo]) -> Result<Option<u64>, (i16, String)> {
+        let log = self.log.inner.borrow();
+        for i in infos {
+            if i.producer_id < 0 {
+                continue;
+            }
+            let Some(e) = log.producers.get(&i.producer_id) else {
+                if i.base_sequence != 0 {
+                    return Err((
+                        ec::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        format!("unknown producer {} with sequence {}", i.producer_id, i.base_sequence),
+                    ));
+                }
+                continue;
+            };
+            if i.producer_epoch < e.epoch {
+                return Err((ec::INVALID_PRODUCER_EPOCH, format!("producer epoch {} is fenced by {}", i.producer_epoch, e.epoch)));
+            }
+            if i.producer_epoch > e.epoch {
+                if i.base_sequence != 0 {
+                    return Err((ec::OUT_OF_ORDER_SEQUENCE_NUMBER, "new epoch must start at sequence 0".into()));
+                }
+                continue;
+            }
+            if let Some((_, _, off)) = e.batches.iter().find(|(f, l, _)| *f == i.base_sequence && *l == i.last_sequence) {
+                if infos.len() == 1 {
+                    return Ok(Some(*off));
+                }
+            }
+            let last = e.batches.back().map(|b| b.1).unwrap_or(-1);
+            let expected = if last == i32::MAX { 0 } else { last + 1 };
+            if i.base_sequence != expected {
+                return Err((
+                    ec::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                    format!("expected sequence {expected}, got {}", i.base_sequence),
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Bytes, i16> {
+        if offset < 0 {
+            return Err(ec::OFFSET_OUT_OF_RANGE);
+        }
+        let hwm = self.log.log_end_offset();
+        self.log.read(offset as u64, max_bytes, hwm, LEADER_EPOCH).await.map_err(|e| log_error_code(&e))
+    }
+}
+
+pub type PartitionRef = Rc<Partition>;

@@ -1,0 +1,138 @@
+//! ListOffsets (earliest, latest, max timestamp, by timestamp) and OffsetForLeaderEpoch.
+
+use kafka_protocol::messages::list_offsets_request::ListOffsetsRequest;
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::offset_for_leader_epoch_request::OffsetForLeaderEpochRequest;
+use kafka_protocol::messages::offset_for_leader_epoch_response::{
+    EpochEndOffset, OffsetForLeaderEpochResponse, OffsetForLeaderTopicResult,
+};
+use kafka_protocol::records::RecordBatchDecoder;
+
+use super::util::{per_shard, tn};
+use crate::partition::{Partition, LEADER_EPOCH};
+use crate::server::errors as ec;
+use crate::server::ConnCtx;
+
+pub const EARLIEST: i64 = -2;
+pub const LATEST: i64 = -1;
+pub const MAX_TIMESTAMP: i64 = -3;
+
+/// (error, timestamp, offset)
+async fn lookup(p: &Partition, ts: i64) -> (i16, i64, i64) {
+    match ts {
+        EARLIEST => (ec::NONE, -1, p.log.log_start_offset() as i64),
+        LATEST => (ec::NONE, -1, p.high_watermark()),
+        MAX_TIMESTAMP => {
+            let (max_ts, batch_base) = p.log.inner.borrow().max_timestamp;
+            if max_ts < 0 {
+                return (ec::NONE, -1, -1);
+            }
+            // The record holding the max timestamp inside that batch.
+            match p.log.read(batch_base, 1, p.high_watermark() as u64, LEADER_EPOCH).await {
+                Ok(bytes) => match record_at_or_after(bytes, max_ts) {
+                    Some((t, o)) => (ec::NONE, t, o),
+                    None => (ec::NONE, max_ts, batch_base as i64),
+                },
+                Err(_) => (ec::NONE, -1, -1),
+            }
+        }
+        t if t < 0 => (ec::INVALID_REQUEST, -1, -1),
+        t => match p.log.batch_for_timestamp(t).await {
+            Ok(Some(batch)) => match record_at_or_after(batch, t) {
+                Some((ts, o)) => (ec::NONE, ts, o),
+                None => (ec::NONE, -1, -1),
+            },
+            Ok(None) => (ec::NONE, -1, -1),
+            Err(_) => (ec::KAFKA_STORAGE_ERROR, -1, -1),
+        },
+    }
+}
+
+/// Decodes one batch (off the hot path) and returns the first record with timestamp >= ts.
+fn record_at_or_after(mut batch: bytes::Bytes, ts: i64) -> Option<(i64, i64)> {
+    let set = RecordBatchDecoder::decode(&mut batch).ok()?;
+    set.records.iter().find(|r| r.timestamp >= ts).map(|r| (r.timestamp, r.offset))
+}
+
+pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let node = ctx.shard.node.clone();
+    let mut items = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            let name = t.name.0.to_string();
+            items.push((node.shard_of(&name, p.partition_index), (name, p.partition_index, p.timestamp)));
+        }
+    }
+    let results = per_shard(node.shards(), items, |sh, its: Vec<(String, i32, i64)>| async move {
+        let mut out = Vec::new();
+        for (t, p, ts) in its {
+            match sh.partition(&t, p).await {
+                Some(part) => out.push(lookup(&part, ts).await),
+                None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
+            }
+        }
+        out
+    })
+    .await;
+    let mut results = results.into_iter();
+    let mut resp = ListOffsetsResponse::default();
+    for t in req.topics {
+        let mut tr = ListOffsetsTopicResponse::default();
+        tr.name = t.name.clone();
+        for p in t.partitions {
+            let (code, ts, off) = results.next().unwrap_or((ec::UNKNOWN_SERVER_ERROR, -1, -1));
+            let mut pr = ListOffsetsPartitionResponse::default();
+            pr.partition_index = p.partition_index;
+            pr.error_code = code;
+            pr.timestamp = ts;
+            pr.offset = off;
+            pr.leader_epoch = if code == ec::NONE && version >= 4 { LEADER_EPOCH } else { -1 };
+            tr.partitions.push(pr);
+        }
+        resp.topics.push(tr);
+    }
+    resp
+}
+
+/// Single node with one leader epoch forever: epoch 0 ends at the log end offset.
+pub async fn offset_for_leader_epoch(ctx: &ConnCtx, req: OffsetForLeaderEpochRequest) -> OffsetForLeaderEpochResponse {
+    let node = ctx.shard.node.clone();
+    let mut items = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            let name = t.topic.0.to_string();
+            items.push((node.shard_of(&name, p.partition), (name, p.partition, p.leader_epoch)));
+        }
+    }
+    let results = per_shard(node.shards(), items, |sh, its: Vec<(String, i32, i32)>| async move {
+        let mut out = Vec::new();
+        for (t, p, epoch) in its {
+            match sh.partition(&t, p).await {
+                Some(part) if epoch <= LEADER_EPOCH => out.push((ec::NONE, LEADER_EPOCH, part.high_watermark())),
+                Some(_) => out.push((ec::NONE, -1, -1)),
+                None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
+            }
+        }
+        out
+    })
+    .await;
+    let mut results = results.into_iter();
+    let mut resp = OffsetForLeaderEpochResponse::default();
+    for t in req.topics {
+        let mut tr = OffsetForLeaderTopicResult::default();
+        tr.topic = tn(t.topic.0.as_str());
+        for p in t.partitions {
+            let (code, epoch, end) = results.next().unwrap_or((ec::UNKNOWN_SERVER_ERROR, -1, -1));
+            let mut e = EpochEndOffset::default();
+            e.partition = p.partition;
+            e.error_code = code;
+            e.leader_epoch = epoch;
+            e.end_offset = end;
+            tr.partitions.push(e);
+        }
+        resp.topics.push(tr);
+    }
+    resp
+}

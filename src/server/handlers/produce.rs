@@ -1,0 +1,103 @@
+//! Produce: validate each partition's batches, append on the owning shard, answer per acks.
+
+use bytes::Bytes;
+use kafka_protocol::messages::produce_request::ProduceRequest;
+use kafka_protocol::messages::produce_response::{
+    PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
+};
+
+use super::util::{per_shard, sb};
+use crate::server::errors as ec;
+use crate::server::ConnCtx;
+
+struct Item {
+    topic: String,
+    partition: i32,
+    records: Option<Bytes>,
+}
+
+type Outcome = (i16, i64, i64, i64, Option<String>);
+
+pub async fn handle(ctx: &ConnCtx, req: ProduceRequest) -> Option<ProduceResponse> {
+    let node = ctx.shard.node.clone();
+    let acks = req.acks;
+    let acks_ok = matches!(acks, 0 | 1 | -1);
+    let txn = req.transactional_id.is_some();
+    let mut items = Vec::new();
+    let mut shape: Vec<(String, Vec<(i32, Option<Outcome>)>)> = Vec::new();
+    {
+        let img = node.image();
+        for t in req.topic_data {
+            let name = t.name.0.to_string();
+            let topic = img.topic(&name);
+            let mut parts = Vec::new();
+            for p in t.partition_data {
+                let pre: Option<Outcome> = if !acks_ok {
+                    Some((ec::INVALID_REQUIRED_ACKS, -1, -1, -1, None))
+                } else if txn {
+                    Some((ec::TRANSACTIONAL_ID_AUTHORIZATION_FAILED, -1, -1, -1, Some("transactions are not supported".into())))
+                } else if topic.map(|t| p.index < 0 || p.index >= t.partitions).unwrap_or(true) {
+                    Some((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None))
+                } else if topic.map(|t| t.internal).unwrap_or(false) {
+                    Some((ec::INVALID_TOPIC_EXCEPTION, -1, -1, -1, Some("cannot produce to an internal topic".into())))
+                } else {
+                    items.push((
+                        node.shard_of(&name, p.index),
+                        Item { topic: name.clone(), partition: p.index, records: p.records },
+                    ));
+                    None
+                };
+                parts.push((p.index, pre));
+            }
+            shape.push((name, parts));
+        }
+    }
+    let cache_max = node.tuning.memory.batch_cache_bytes_per_partition;
+    let results = per_shard(node.shards(), items, move |sh, its: Vec<Item>| async move {
+        let futs = its.into_iter().map(|it| {
+            let sh = sh.clone();
+            async move {
+                let Some(records) = it.records.filter(|r| !r.is_empty()) else {
+                    return (ec::CORRUPT_MESSAGE, -1, -1, -1, Some("no records".to_string()));
+                };
+                let Some(part) = sh.partition(&it.topic, it.partition).await else {
+                    return (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None);
+                };
+                let Some(cfg) = sh.node.effective_config(&it.topic) else {
+                    return (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None);
+                };
+                match part.produce(records, acks, &cfg, cache_max).await {
+                    Ok(a) => (ec::NONE, a.base_offset, a.log_append_time_ms, a.log_start_offset, None),
+                    Err((code, msg)) => (code, -1, -1, -1, Some(msg)),
+                }
+            }
+        });
+        futures::future::join_all(futs).await
+    })
+    .await;
+    if acks == 0 {
+        return None;
+    }
+    let mut results = results.into_iter();
+    let mut resp = ProduceResponse::default();
+    for (name, parts) in shape {
+        let mut tr = TopicProduceResponse::default();
+        tr.name = super::util::tn(&name);
+        for (index, pre) in parts {
+            let (code, base, lat, lso, msg) = match pre {
+                Some(o) => o,
+                None => results.next().unwrap_or((ec::UNKNOWN_SERVER_ERROR, -1, -1, -1, None)),
+            };
+            let mut pr = PartitionProduceResponse::default();
+            pr.index = index;
+            pr.error_code = code;
+            pr.base_offset = base;
+            pr.log_append_time_ms = lat;
+            pr.log_start_offset = lso;
+            pr.error_message = msg.map(|m| sb(&m));
+            tr.partition_responses.push(pr);
+        }
+        resp.responses.push(tr);
+    }
+    Some(resp)
+}

@@ -1,0 +1,193 @@
+//! The Kafka listener of a shard: accept, framing (4-byte size + request header), dispatch by
+//! ApiKey to `handlers/<api>.rs`, responses written in request order. Owns connections only;
+//! partition data is reached through the shard module.
+
+pub mod errors;
+pub mod handlers;
+
+use std::rc::Rc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::Decodable;
+use kafka_protocol::protocol::Encodable;
+
+use crate::shard::Shard;
+
+/// What a connection knows about its client, passed to every handler.
+pub struct ConnCtx {
+    pub shard: Rc<Shard>,
+    pub client_id: String,
+    pub client_host: String,
+}
+
+/// Group APIs are advertised once the coordinator answers them.
+const GROUPS_ENABLED: bool = false;
+
+/// The versions we answer, per API: only what works end to end.
+pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
+    let ours = match key {
+        ApiKey::Produce => (3, 11),
+        ApiKey::Fetch => (4, 16),
+        ApiKey::ListOffsets => (1, 8),
+        ApiKey::Metadata => (0, 12),
+        ApiKey::ApiVersions => (0, 4),
+        ApiKey::CreateTopics => (2, 7),
+        ApiKey::DeleteTopics => (1, 6),
+        ApiKey::CreatePartitions => (0, 3),
+        ApiKey::DeleteRecords => (0, 2),
+        ApiKey::DescribeConfigs => (1, 4),
+        ApiKey::AlterConfigs => (0, 2),
+        ApiKey::IncrementalAlterConfigs => (0, 1),
+        ApiKey::InitProducerId => (0, 5),
+        ApiKey::DescribeCluster => (0, 1),
+        ApiKey::OffsetForLeaderEpoch => (2, 4),
+        _ if !GROUPS_ENABLED => return None,
+        ApiKey::FindCoordinator => (0, 4),
+        ApiKey::JoinGroup => (0, 9),
+        ApiKey::SyncGroup => (0, 5),
+        ApiKey::Heartbeat => (0, 4),
+        ApiKey::LeaveGroup => (0, 5),
+        ApiKey::OffsetCommit => (2, 8),
+        ApiKey::OffsetFetch => (1, 8),
+        ApiKey::ListGroups => (0, 4),
+        ApiKey::DescribeGroups => (0, 5),
+        ApiKey::DeleteGroups => (0, 2),
+        ApiKey::OffsetDelete => (0, 0),
+        _ => return None,
+    };
+    let crate_range = key.valid_versions();
+    let min = ours.0.max(crate_range.min);
+    let max = ours.1.min(crate_range.max);
+    (min <= max).then_some((min, max))
+}
+
+pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
+    // Bounded by the process lifetime; each accepted connection is its own task.
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    if let Err(e) = connection(stream, shard).await {
+                        tracing::debug!("connection {peer} closed: {e}");
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+async fn connection(mut stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
+    let _ = stream.set_nodelay(true);
+    let max = shard.node.tuning.memory.request_bytes_max;
+    let host = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let mut ctx = ConnCtx { shard, client_id: String::new(), client_host: host };
+    let mut size_buf = [0u8; 4];
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        if let Err(e) = stream.read_exact(&mut size_buf).await {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                return Ok(());
+            }
+            return Err(e.into());
+        }
+        let size = i32::from_be_bytes(size_buf);
+        if size < 8 || size as usize > max {
+            tracing::warn!(
+                "closing connection from {}: request size {size} outside [8, {max}] (socket.request.max.bytes)",
+                ctx.client_host
+            );
+            return Err(ConnError::Protocol(format!("bad request size {size}")));
+        }
+        let mut frame = vec![0u8; size as usize];
+        stream.read_exact(&mut frame).await?;
+        let frame = Bytes::from(frame);
+        out.clear();
+        match handle_frame(&mut ctx, frame, &mut out).await {
+            Ok(true) => {
+                stream.write_all(&out).await?;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!("closing connection from {} ({}): {e}", ctx.client_host, ctx.client_id);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Decodes one request, runs its handler and encodes the response (size prefix included) into
+/// `out`. Returns false when no response is due (acks=0 produce).
+async fn handle_frame(ctx: &mut ConnCtx, frame: Bytes, out: &mut BytesMut) -> Result<bool, ConnError> {
+    let mut peek = &frame[..];
+    let api_key = peek.get_i16();
+    let version = peek.get_i16();
+    let correlation_id = peek.get_i32();
+    let Ok(key) = ApiKey::try_from(api_key) else {
+        return Err(ConnError::Protocol(format!("unknown api key {api_key}")));
+    };
+    let supported = supported_versions(key);
+    let in_range = matches!(supported, Some((lo, hi)) if version >= lo && version <= hi);
+    if !in_range {
+        if key == ApiKey::ApiVersions {
+            // Kafka answers an unknown ApiVersions version in the v0 format with error 35, so
+            // that the client can retry with a version we know.
+            let resp = handlers::api_versions::response(errors::UNSUPPORTED_VERSION);
+            write_response(out, correlation_id, 0, 0, &ResponseKind::ApiVersions(resp))?;
+            return Ok(true);
+        }
+        return Err(ConnError::Protocol(format!("unsupported version {version} of {key:?}")));
+    }
+    let mut body = frame.clone();
+    let header_version = key.request_header_version(version);
+    let header = RequestHeader::decode(&mut body, header_version)
+        .map_err(|e| ConnError::Protocol(format!("bad request header: {e}")))?;
+    if let Some(cid) = &header.client_id {
+        if ctx.client_id.as_str() != cid.as_str() {
+            ctx.client_id = cid.to_string();
+        }
+    }
+    let req = RequestKind::decode(key, &mut body, version)
+        .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
+    let Some(resp) = handlers::dispatch(ctx, &header, req).await else {
+        return Ok(false);
+    };
+    let header_version = key.response_header_version(version);
+    write_response(out, correlation_id, header_version, version, &resp)?;
+    Ok(true)
+}
+
+fn write_response(
+    out: &mut BytesMut,
+    correlation_id: i32,
+    header_version: i16,
+    version: i16,
+    resp: &ResponseKind,
+) -> Result<(), ConnError> {
+    let start = out.len();
+    out.put_i32(0);
+    let mut h = ResponseHeader::default();
+    h.correlation_id = correlation_id;
+    h.encode(out, header_version).map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
+    resp.encode(out, version).map_err(|e| ConnError::Protocol(format!("encode response: {e}")))?;
+    let len = (out.len() - start - 4) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
