@@ -136,7 +136,21 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             cores.truncate(n);
         }
     }
-    let image = metadata::load_image(&data_dir)?;
+    let mut image = metadata::load_image(&data_dir)?;
+    if image.topic(crate::group::OFFSETS_TOPIC).is_none() {
+        // The compacted internal topic holding committed offsets and group metadata.
+        let mut configs = std::collections::BTreeMap::new();
+        configs.insert("cleanup.policy".to_string(), "compact".to_string());
+        configs.insert("segment.bytes".to_string(), "104857600".to_string());
+        image = image.with_topic(metadata::TopicMeta {
+            name: crate::group::OFFSETS_TOPIC.to_string(),
+            id: uuid::Uuid::new_v4(),
+            partitions: tuning.group.offsets_topic_num_partitions,
+            configs,
+            internal: true,
+        });
+        metadata::save_image(&data_dir, &image)?;
+    }
     let cluster = metadata::load_or_init_cluster(&data_dir)?;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -243,6 +257,16 @@ async fn shard_main(
     shard::install(shard.clone());
     glommio::spawn_local(shard::serve_jobs(rx)).detach();
     shard.open_owned_partitions().await;
+    let gcfg = crate::group::state::GroupConfig {
+        min_session_timeout_ms: node.tuning.group.min_session_timeout_ms,
+        max_session_timeout_ms: node.tuning.group.max_session_timeout_ms,
+        initial_rebalance_delay_ms: node.tuning.group.initial_rebalance_delay_ms,
+        ..Default::default()
+    };
+    let groups = Rc::new(crate::group::GroupShard::new(gcfg));
+    groups.load(&shard).await;
+    *shard.groups.borrow_mut() = Some(groups.clone());
+    glommio::spawn_local(groups.ticker(shard.clone())).detach();
     let listener = bind_listener(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     glommio::spawn_local(crate::server::accept_loop(listener, shard.clone())).detach();
     glommio::spawn_local(retention_loop(shard.clone())).detach();

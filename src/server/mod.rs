@@ -24,7 +24,7 @@ pub struct ConnCtx {
 }
 
 /// Group APIs are advertised once the coordinator answers them.
-const GROUPS_ENABLED: bool = false;
+const GROUPS_ENABLED: bool = true;
 
 /// The versions we answer, per API: only what works end to end.
 pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
