@@ -1,0 +1,308 @@
+//! `suite`: the standard matrix against one broker (produce 1/16 partitions × acks 1/all,
+//! consume, e2e at half the measured max rate) plus the host's physical limits measured in
+//! the same run (O_DIRECT write bandwidth, fdatasync latency, loopback TCP bandwidth), so each
+//! broker figure can be read as a fraction of what the machine can do.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::consume::{ConsumeArgs, From};
+use crate::e2e::E2eArgs;
+use crate::hist::{ms, new_hist, record_us, Report};
+use crate::produce::{CompressionArg, Keys, PartitionsUsed, ProduceArgs};
+use crate::Common;
+
+#[derive(Args, Clone, Debug)]
+pub struct SuiteArgs {
+    /// Directory (on the broker's disk) for the O_DIRECT write and fdatasync probes; skipped
+    /// if absent.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Every step a few seconds long (smoke test).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub struct HostLimits {
+    pub disk_write_mb_s: Option<f64>,
+    pub fdatasync: Option<Histogram<u64>>,
+    pub loopback_mb_s: f64,
+}
+
+/// Sequential O_DIRECT write bandwidth: `total` bytes in 1 MiB aligned writes, then one
+/// fdatasync, timed together.
+pub fn probe_disk_write(dir: &Path, total: usize) -> Result<f64> {
+    const CHUNK: usize = 1 << 20;
+    let path = dir.join(".fjord-bench-probe-write");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("O_DIRECT open {}", path.display()))?;
+    let buf = AlignedBuf::new(CHUNK, 0x5a);
+    let t0 = Instant::now();
+    let mut off = 0u64;
+    while (off as usize) < total {
+        file.write_all_at(buf.as_slice(), off)
+            .context("O_DIRECT write")?;
+        off += CHUNK as u64;
+    }
+    file.sync_data()?;
+    let secs = t0.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(total as f64 / secs / 1e6)
+}
+
+/// Latency of `n` × (4 KiB O_DIRECT write + fdatasync), appending.
+pub fn probe_fdatasync(dir: &Path, n: usize) -> Result<Histogram<u64>> {
+    let path = dir.join(".fjord-bench-probe-sync");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("O_DIRECT open {}", path.display()))?;
+    let buf = AlignedBuf::new(4096, 0xa5);
+    let mut hist = new_hist();
+    for i in 0..n {
+        let t0 = Instant::now();
+        file.write_all_at(buf.as_slice(), (i * 4096) as u64)?;
+        file.sync_data()?;
+        record_us(&mut hist, t0.elapsed());
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(hist)
+}
+
+/// One sender thread writing 1 MiB chunks to one receiver thread over 127.0.0.1.
+pub fn probe_loopback(duration: Duration) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let receiver = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        let t0 = Instant::now();
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok((total, t0.elapsed()));
+            }
+            total += n as u64;
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    let chunk = vec![0x33u8; 1 << 20];
+    let t0 = Instant::now();
+    while t0.elapsed() < duration {
+        s.write_all(&chunk)?;
+    }
+    drop(s);
+    let (bytes, elapsed) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("loopback receiver panicked"))??;
+    Ok(bytes as f64 / elapsed.as_secs_f64() / 1e6)
+}
+
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize, fill: u8) -> AlignedBuf {
+        let storage = vec![fill; len + 4096];
+        let start = (4096 - (storage.as_ptr() as usize % 4096)) % 4096;
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+pub fn measure_host(args: &SuiteArgs) -> Result<HostLimits> {
+    let (disk, sync) = match &args.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let total = if args.quick { 64 << 20 } else { 256 << 20 };
+            (
+                Some(probe_disk_write(dir, total)?),
+                Some(probe_fdatasync(dir, 200)?),
+            )
+        }
+        None => (None, None),
+    };
+    let loopback = probe_loopback(Duration::from_secs(if args.quick { 1 } else { 3 }))?;
+    Ok(HostLimits {
+        disk_write_mb_s: disk,
+        fdatasync: sync,
+        loopback_mb_s: loopback,
+    })
+}
+
+pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
+    let step_s = if args.quick { 3.0 } else { 15.0 };
+    eprintln!("suite: measuring host limits");
+    let host = measure_host(args)?;
+    let mut rows: Vec<(String, Report, Option<f64>)> = Vec::new();
+
+    let mut max_rate_p1 = 0.0f64;
+    for (parts, topic) in [(1, "fjord-bench-suite-p1"), (16, "fjord-bench-suite-p16")] {
+        let (versions, layout) = crate::produce::setup(common, topic, Some(parts))?;
+        for acks in [1i16, -1] {
+            eprintln!("suite: produce {parts} partition(s), acks={acks}");
+            let a = ProduceArgs {
+                topic: topic.into(),
+                create_partitions: None,
+                partitions_used: PartitionsUsed::All,
+                record_size: 1024,
+                batch_records: 100,
+                acks,
+                compression: CompressionArg::None,
+                keys: Keys::None,
+                connections: if parts > 1 { 4 } else { 1 },
+                in_flight: 5,
+                rate: 0,
+                duration: Some(step_s),
+                records: None,
+            };
+            let r = crate::produce::run_with(common, &a, versions.clone(), layout.clone())?;
+            if parts == 1 && acks == 1 {
+                max_rate_p1 = r.records_per_sec();
+            }
+            let frac = host.disk_write_mb_s.map(|d| r.mb_per_sec() / d);
+            let acks_s = if acks == -1 {
+                "all".to_string()
+            } else {
+                acks.to_string()
+            };
+            rows.push((
+                format!("produce 1 KiB, {parts} partition(s), acks={acks_s}"),
+                r,
+                frac,
+            ));
+        }
+        if parts == 16 {
+            eprintln!("suite: consume {topic} from earliest");
+            let c = ConsumeArgs {
+                topic: topic.into(),
+                from: From::Earliest,
+                fetch_max_bytes: 50 << 20,
+                partition_max_bytes: 1 << 20,
+                max_wait_ms: 500,
+                min_bytes: 1,
+                records: None,
+                duration: Some(step_s * 2.0),
+                until_end: true,
+                group: None,
+                check_crc: false,
+            };
+            let r = crate::consume::run_with(common, &c, versions.clone(), layout.clone())?;
+            let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
+            rows.push(("consume 16 partitions from earliest".into(), r, frac));
+        }
+    }
+    let rate = ((max_rate_p1 * 0.5) as u64).max(100);
+    eprintln!("suite: e2e at {rate} records/s");
+    let (versions, layout) = crate::produce::setup(common, "fjord-bench-suite-e2e", Some(1))?;
+    let e = E2eArgs {
+        topic: "fjord-bench-suite-e2e".into(),
+        create_partitions: None,
+        rate,
+        duration: step_s,
+        record_size: 1024,
+    };
+    let r = crate::e2e::run_with(common, &e, versions, layout)?;
+    rows.push((format!("e2e latency at {rate} rec/s (50% of max)"), r, None));
+
+    if common.json {
+        let mut out = json!({
+            "bootstrap": common.bootstrap,
+            "host": {
+                "disk_write_mb_s": host.disk_write_mb_s,
+                "fdatasync_p50_ms": host.fdatasync.as_ref().map(|h| ms(h.value_at_percentile(50.0))),
+                "fdatasync_p99_ms": host.fdatasync.as_ref().map(|h| ms(h.value_at_percentile(99.0))),
+                "loopback_mb_s": host.loopback_mb_s,
+            },
+        });
+        out["steps"] = rows
+            .iter()
+            .map(|(name, r, frac)| {
+                let mut v = r.to_json();
+                v["step"] = json!(name);
+                v["fraction_of_limit"] = json!(frac);
+                v
+            })
+            .collect();
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "fjord-bench suite against {} ({})",
+        common.bootstrap,
+        if args.quick { "quick" } else { "full" }
+    );
+    println!();
+    println!("| measurement | records/s | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | of host limit |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    for (name, r, frac) in &rows {
+        let max = r
+            .latency
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(|h| ms(h.max()));
+        println!(
+            "| {name} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            r.records_per_sec(),
+            r.mb_per_sec(),
+            f(r.latency_ms(50.0)),
+            f(r.latency_ms(99.0)),
+            f(r.latency_ms(99.9)),
+            f(max),
+            r.error_count(),
+            frac.map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    match host.disk_write_mb_s {
+        Some(d) => {
+            println!("| host: O_DIRECT sequential write (1 MiB) | | {d:.1} | | | | | | 100% |")
+        }
+        None => println!("| host: O_DIRECT sequential write | | (no --data-dir) | | | | | | |"),
+    }
+    if let Some(h) = &host.fdatasync {
+        println!(
+            "| host: 4 KiB write + fdatasync | {:.0}/s | | {:.2} | {:.2} | {:.2} | {:.2} | | |",
+            1000.0 / h.mean() * 1000.0,
+            ms(h.value_at_percentile(50.0)),
+            ms(h.value_at_percentile(99.0)),
+            ms(h.value_at_percentile(99.9)),
+            ms(h.max())
+        );
+    }
+    println!(
+        "| host: loopback TCP (1 stream) | | {:.1} | | | | | | 100% |",
+        host.loopback_mb_s
+    );
+    println!();
+    println!("Produce rows are compared with the disk write bandwidth, consume with loopback TCP.");
+    Ok(())
+}
