@@ -171,6 +171,12 @@ mod tests {
     }
 
     #[test]
+    fn examples_parse() {
+        Tuning::parse(include_str!("../../tuning/low-latency.toml"), "low-latency.toml").unwrap();
+        Tuning::parse(include_str!("../../tuning/throughput.toml"), "throughput.toml").unwrap();
+    }
+
+    #[test]
     fn unknown_key_names_line() {
         let text = DEFAULT_TUNING.replace("[io]", "[io]\nbogus = 1");
         let e = Tuning::parse(&text, "x.toml").unwrap_err().to_string();

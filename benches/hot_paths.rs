@@ -1,0 +1,145 @@
+//! Criterion benches of the hot paths: batch validation (CRC32C), DMA append with group commit,
+//! request decode, fetch response assembly.
+
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kafka_protocol::messages::fetch_response::{FetchResponse, FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, ProduceRequest, TopicProduceData};
+use kafka_protocol::messages::TopicName;
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+
+fn batch(records: usize, value_bytes: usize) -> Bytes {
+    let recs: Vec<Record> = (0..records)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: 1_700_000_000_000,
+            key: Some(Bytes::from(format!("key-{i}"))),
+            value: Some(Bytes::from(vec![b'x'; value_bytes])),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(&mut buf, recs.iter(), &RecordEncodeOptions { version: 2, compression: Compression::None })
+        .expect("encode");
+    buf.freeze()
+}
+
+fn validation(c: &mut Criterion) {
+    let mut g = c.benchmark_group("validate_payload");
+    for (n, size) in [(100usize, 1024usize), (1000, 100)] {
+        let b = batch(n, size);
+        g.throughput(Throughput::Bytes(b.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(format!("{n}x{size}B")), &b, |bench, b| {
+            let mut out = Vec::with_capacity(4);
+            bench.iter(|| {
+                out.clear();
+                fjord::log::batch::validate_payload(black_box(b), 16 << 20, &mut out).expect("valid");
+            })
+        });
+    }
+    g.finish();
+}
+
+fn decode_produce(c: &mut Criterion) {
+    let b = batch(100, 1024);
+    let mut pd = PartitionProduceData::default();
+    pd.records = Some(b.clone());
+    let mut td = TopicProduceData::default();
+    td.name = TopicName(StrBytes::from_static_str("bench"));
+    td.partition_data = vec![pd; 8];
+    let mut req = ProduceRequest::default();
+    req.acks = 1;
+    req.topic_data.push(td);
+    let mut buf = BytesMut::new();
+    req.encode(&mut buf, 9).expect("encode");
+    let frame = buf.freeze();
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Bytes(frame.len() as u64));
+    g.bench_function("produce_v9_8x100KiB", |bench| {
+        bench.iter(|| {
+            let mut f = frame.clone();
+            black_box(ProduceRequest::decode(&mut f, 9).expect("decode"))
+        })
+    });
+    g.finish();
+}
+
+fn fetch_assembly(c: &mut Criterion) {
+    let b = batch(100, 1024);
+    let mut g = c.benchmark_group("fetch_response");
+    g.throughput(Throughput::Bytes(b.len() as u64 * 16));
+    g.bench_function("encode_16_partitions", |bench| {
+        let mut out = BytesMut::with_capacity(4 << 20);
+        bench.iter(|| {
+            let mut resp = FetchResponse::default();
+            let mut t = FetchableTopicResponse::default();
+            t.topic = TopicName(StrBytes::from_static_str("bench"));
+            for p in 0..16 {
+                let mut pd = PartitionData::default();
+                pd.partition_index = p;
+                pd.high_watermark = 1000;
+                pd.records = Some(b.clone());
+                t.partitions.push(pd);
+            }
+            resp.responses.push(t);
+            out.clear();
+            resp.encode(&mut out, 12).expect("encode");
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+/// DMA append through the real log (glommio executor, O_DIRECT file, tail-block rewrite).
+fn append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let probe = dir.path().join(".dma-probe");
+    std::fs::write(&probe, vec![1u8; 4096]).expect("probe");
+    let payload = batch(100, 1024);
+    let mut infos = Vec::new();
+    fjord::log::batch::validate_payload(&payload, 16 << 20, &mut infos).expect("valid");
+    let settings = fjord::log::LogSettings {
+        segment_bytes: 1 << 30,
+        segment_ms: u64::MAX / 2,
+        retention_ms: -1,
+        retention_bytes: -1,
+        cache_bytes_max: 8 << 20,
+    };
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().expect("executor");
+    let log_dir = dir.path().join("bench-0");
+    ex.run(async {
+        let f = glommio::io::DmaFile::open(&probe).await.expect("probe open");
+        let _ = f.read_at(0, 4096).await;
+        let _ = f.close().await;
+    });
+    let log = ex.run(fjord::log::SharedLog::open(log_dir)).expect("open log");
+    let mut g = c.benchmark_group("append");
+    g.throughput(Throughput::Bytes(payload.len() as u64));
+    g.sample_size(30);
+    g.bench_function("dma_100x1KiB_acks1", |bench| {
+        bench.iter(|| ex.run(async { log.append(&payload, &infos, &settings, 0, None).await.expect("append") }))
+    });
+    g.bench_function("dma_100x1KiB_acks_all", |bench| {
+        bench.iter(|| {
+            ex.run(async {
+                let o = log.append(&payload, &infos, &settings, 0, None).await.expect("append");
+                log.sync_to(o + 100).await.expect("sync");
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, validation, decode_produce, fetch_assembly, append);
+criterion_main!(benches);

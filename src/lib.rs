@@ -1,0 +1,11 @@
+//! Fjord: a Kafka-compatible, thread-per-core broker. The binary (`src/main.rs`) is a thin
+//! wrapper over `cli`; the modules are public so that benches can reach the hot paths.
+
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod group;
+pub mod log;
+pub mod partition;
+pub mod server;
+pub mod shard;
