@@ -26,6 +26,22 @@ pub struct Cli {
 pub enum Cmd {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Manage topics on a running broker (any Kafka-compatible broker).
+    Topics {
+        /// Broker to talk to.
+        #[arg(long, default_value = "127.0.0.1:9092", value_name = "HOST:PORT")]
+        bootstrap: String,
+        #[command(subcommand)]
+        cmd: crate::admin::TopicsCmd,
+    },
+    /// Inspect consumer groups on a running broker: state, members, assignment, lag.
+    Groups {
+        /// Broker to talk to.
+        #[arg(long, default_value = "127.0.0.1:9092", value_name = "HOST:PORT")]
+        bootstrap: String,
+        #[command(subcommand)]
+        cmd: crate::admin::GroupsCmd,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +66,8 @@ pub struct ServeArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
+        Cmd::Topics { bootstrap, cmd } => crate::admin::topics(&bootstrap, cmd),
+        Cmd::Groups { bootstrap, cmd } => crate::admin::groups(&bootstrap, cmd),
     }
 }
 
@@ -112,7 +130,17 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let probe = write_probe(&data_dir)?;
     raise_fd_limit();
     // Refuse a port another process serves: SO_REUSEPORT would otherwise share it silently.
-    if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+    // A process killed a moment ago can leave its listener open while the kernel tears down
+    // its io_uring: give that a few seconds before calling the port taken.
+    let mut taken = true;
+    for _ in 0..30 {
+        if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+            taken = false;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if taken {
         bail!("cannot listen on {listen}: address already in use");
     }
 
@@ -288,6 +316,29 @@ async fn retention_loop(shard: Rc<Shard>) {
         for p in shard.open_partitions() {
             let Some(cfg) = shard.node.effective_config(&p.topic) else { continue };
             if cfg.compact {
+                // At most one cleaning pass per partition per interval; the heavy part runs
+                // on the blocking pool, so appends on this shard carry on meanwhile.
+                let cs = crate::log::compaction::CleanerSettings {
+                    segment_bytes: cfg.segment_bytes,
+                    delete_retention_ms: cfg.delete_retention_ms,
+                    min_cleanable_dirty_ratio: cfg.min_cleanable_dirty_ratio,
+                };
+                match p.log.compact(&cs, now).await {
+                    Ok(Some(st)) => tracing::info!(
+                        "compacted {}-{}: {} -> {} bytes, {} -> {} segments, kept {} records, dropped {} ({} tombstones)",
+                        p.topic,
+                        p.index,
+                        st.bytes_before,
+                        st.bytes_after,
+                        st.segments_before,
+                        st.segments_after,
+                        st.records_kept,
+                        st.records_dropped,
+                        st.tombstones_dropped
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("compaction of {}-{} failed: {e}", p.topic, p.index),
+                }
                 continue;
             }
             let s = crate::log::LogSettings {

@@ -1,6 +1,7 @@
 //! Fjord: a Kafka-compatible, thread-per-core broker. The binary (`src/main.rs`) is a thin
 //! wrapper over `cli`; the modules are public so that benches can reach the hot paths.
 
+pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;

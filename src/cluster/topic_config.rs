@@ -105,6 +105,10 @@ pub struct EffectiveConfig {
     pub max_message_bytes: usize,
     pub log_append_time: bool,
     pub compact: bool,
+    /// delete.retention.ms: how long compaction keeps a tombstone after its timestamp.
+    pub delete_retention_ms: i64,
+    /// min.cleanable.dirty.ratio: dirty bytes / closed bytes needed before a cleaning pass.
+    pub min_cleanable_dirty_ratio: f64,
 }
 
 impl EffectiveConfig {
@@ -119,6 +123,13 @@ impl EffectiveConfig {
             max_message_bytes: num("max.message.bytes", t.log.max_message_bytes as i64).max(0) as usize,
             log_append_time: get("message.timestamp.type") == "LogAppendTime",
             compact: get("cleanup.policy").contains("compact"),
+            delete_retention_ms: num("delete.retention.ms", 86_400_000).max(0),
+            min_cleanable_dirty_ratio: get("min.cleanable.dirty.ratio")
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .unwrap_or(0.5),
         }
     }
 }

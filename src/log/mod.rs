@@ -6,6 +6,7 @@
 //! by the caller (one writer per partition).
 
 pub mod batch;
+pub mod compaction;
 pub mod index;
 pub mod recovery;
 
@@ -144,6 +145,8 @@ pub struct Log {
     pub producers: std::collections::HashMap<i64, ProducerEntry>,
     /// Max timestamp over the log, with the first offset of the batch holding it.
     pub max_timestamp: (i64, u64),
+    /// Offsets below this were compacted (cleanup.policy=compact); the rest is dirty.
+    pub cleaned_up_to: u64,
 }
 
 /// A partition log shared by the tasks of one shard.
@@ -229,6 +232,7 @@ impl SharedLog {
             .filter_map(|s| s.time_index.last().copied())
             .max_by_key(|(t, _)| *t)
             .unwrap_or((-1, 0));
+        let cleaned_up_to = compaction::read_checkpoint(&dir);
         Ok(SharedLog {
             inner: RefCell::new(Log {
                 dir,
@@ -241,6 +245,7 @@ impl SharedLog {
                 cache_bytes: 0,
                 producers: rec.producers,
                 max_timestamp,
+                cleaned_up_to,
             }),
             syncing: Cell::new(false),
             sync_waiters: RefCell::new(Vec::new()),

@@ -128,6 +128,8 @@ fn scan_segment(
 }
 
 pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
+    // A compaction pass interrupted by a crash leaves `.cleaned` / `.swap` files behind.
+    super::compaction::recover_leftovers(dir)?;
     let mut bases: Vec<u64> = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;

@@ -94,6 +94,10 @@ pub enum ConnError {
     Protocol(String),
 }
 
+/// Responses smaller than this are copied into one buffer and written with one call; larger
+/// record chunks are written from where they are.
+const INLINE_CHUNK_BYTES: usize = 64 * 1024;
+
 async fn connection(mut stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
     let max = shard.node.tuning.memory.request_bytes_max;
@@ -120,9 +124,21 @@ async fn connection(mut stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnE
         stream.read_exact(&mut frame).await?;
         let frame = Bytes::from(frame);
         out.clear();
-        match handle_frame(&mut ctx, frame, &mut out).await {
+        let mut chunks = Vec::new();
+        match handle_frame(&mut ctx, frame, &mut out, &mut chunks).await {
             Ok(true) => {
-                stream.write_all(&out).await?;
+                for c in chunks {
+                    if c.len() < INLINE_CHUNK_BYTES {
+                        out.extend_from_slice(&c);
+                    } else {
+                        stream.write_all(&out).await?;
+                        out.clear();
+                        stream.write_all(&c).await?;
+                    }
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                }
             }
             Ok(false) => {}
             Err(e) => {
@@ -134,8 +150,14 @@ async fn connection(mut stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnE
 }
 
 /// Decodes one request, runs its handler and encodes the response (size prefix included) into
-/// `out`. Returns false when no response is due (acks=0 produce).
-async fn handle_frame(ctx: &mut ConnCtx, frame: Bytes, out: &mut BytesMut) -> Result<bool, ConnError> {
+/// `out`, followed by `chunks` when the handler answered with pre-encoded chunks. Returns false
+/// when no response is due (acks=0 produce).
+async fn handle_frame(
+    ctx: &mut ConnCtx,
+    frame: Bytes,
+    out: &mut BytesMut,
+    chunks: &mut Vec<Bytes>,
+) -> Result<bool, ConnError> {
     let mut peek = &frame[..];
     let api_key = peek.get_i16();
     let version = peek.get_i16();
@@ -166,11 +188,23 @@ async fn handle_frame(ctx: &mut ConnCtx, frame: Bytes, out: &mut BytesMut) -> Re
     }
     let req = RequestKind::decode(key, &mut body, version)
         .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
-    let Some(resp) = handlers::dispatch(ctx, &header, req).await else {
+    let Some(reply) = handlers::dispatch(ctx, &header, req).await else {
         return Ok(false);
     };
     let header_version = key.response_header_version(version);
-    write_response(out, correlation_id, header_version, version, &resp)?;
+    match reply {
+        handlers::Reply::Kind(resp) => write_response(out, correlation_id, header_version, version, &resp)?,
+        handlers::Reply::Encoded(body) => {
+            let start = out.len();
+            out.put_i32(0);
+            let mut h = ResponseHeader::default();
+            h.correlation_id = correlation_id;
+            h.encode(out, header_version).map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
+            let len = out.len() - start - 4 + body.iter().map(|b| b.len()).sum::<usize>();
+            out[start..start + 4].copy_from_slice(&(len as i32).to_be_bytes());
+            *chunks = body;
+        }
+    }
     Ok(true)
 }
 

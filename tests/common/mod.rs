@@ -77,6 +77,11 @@ impl Broker {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // The kernel may keep the listener a moment longer while it tears down io_uring.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 

@@ -14,14 +14,26 @@ use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
 
 use super::ConnCtx;
 
+/// A handler's answer: a response to encode, or a body already encoded in chunks (fetch).
+pub enum Reply {
+    Kind(ResponseKind),
+    Encoded(Vec<bytes::Bytes>),
+}
+
 /// Runs the handler of one request; `None` means no response is due (acks=0 produce).
-pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<ResponseKind> {
+pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<Reply> {
+    if let RequestKind::Fetch(r) = req {
+        return Some(Reply::Encoded(fetch::handle(ctx, header.request_api_version, r).await));
+    }
+    dispatch_kind(ctx, header, req).await.map(Reply::Kind)
+}
+
+async fn dispatch_kind(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<ResponseKind> {
     let v = header.request_api_version;
     Some(match req {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response(0)),
         RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::handle(ctx, v, r).await),
         RequestKind::Produce(r) => return produce::handle(ctx, r).await.map(ResponseKind::Produce),
-        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::handle(ctx, v, r).await),
         RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets::handle(ctx, v, r).await),
         RequestKind::OffsetForLeaderEpoch(r) => {
             ResponseKind::OffsetForLeaderEpoch(list_offsets::offset_for_leader_epoch(ctx, r).await)
