@@ -22,6 +22,9 @@ use batch::{BatchHeader, BatchInfo, HEADER_BYTES};
 
 /// Alignment used for every DMA write: a multiple of any logical block size we meet.
 pub const DMA_ALIGN: u64 = 4096;
+/// The header bytes the broker rewrites when serving a batch (baseOffset, batchLength,
+/// partitionLeaderEpoch); they lie before the CRC'd range.
+const PATCHED_PREFIX_BYTES: usize = 16;
 /// One index entry per this many bytes appended.
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
 
@@ -430,14 +433,29 @@ impl SharedLog {
     }
 
     /// Reads batches starting with the one that holds `offset`, up to `max_bytes` (at least one
-    /// whole batch), below `upper` (the high watermark). The result is the stored bytes.
-    pub async fn read(
+    /// whole batch), below `upper` (the high watermark), as one contiguous buffer.
+    pub async fn read(&self, offset: u64, max_bytes: usize, upper: u64, leader_epoch: i32) -> Result<Bytes, LogError> {
+        let chunks = self.read_chunks(offset, max_bytes, upper, leader_epoch).await?;
+        if chunks.len() == 1 {
+            return Ok(chunks.into_iter().next().unwrap_or_default());
+        }
+        let mut out = BytesMut::with_capacity(chunks.iter().map(|c| c.len()).sum());
+        for c in chunks {
+            out.extend_from_slice(&c);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Like `read`, but as chunks that are served without copying: from the cache, each batch is
+    /// a 16-byte patched header (baseOffset, batchLength, partitionLeaderEpoch) followed by a
+    /// slice of the producer's own bytes; from disk, one buffer.
+    pub async fn read_chunks(
         &self,
         offset: u64,
         max_bytes: usize,
         upper: u64,
         leader_epoch: i32,
-    ) -> Result<Bytes, LogError> {
+    ) -> Result<Vec<Bytes>, LogError> {
         {
             let log = self.inner.borrow();
             if offset < log.log_start_offset || offset > log.log_end_offset {
@@ -448,25 +466,32 @@ impl SharedLog {
                 });
             }
             if offset >= upper {
-                return Ok(Bytes::new());
+                return Ok(Vec::new());
             }
             if let Some(front) = log.cache.front() {
                 if front.base_offset <= offset {
                     let i = log.cache.partition_point(|b| b.last_offset < offset);
-                    let mut out = BytesMut::new();
+                    let mut chunks = Vec::new();
+                    let mut headers = BytesMut::new();
+                    let mut total = 0usize;
                     for b in log.cache.iter().skip(i) {
-                        if b.base_offset >= upper || (!out.is_empty() && out.len() + b.bytes.len() > max_bytes) {
+                        if b.base_offset >= upper || (total > 0 && total + b.bytes.len() > max_bytes) {
                             break;
                         }
-                        let at = out.len();
-                        out.extend_from_slice(&b.bytes);
-                        batch::patch_header(&mut out[at..], b.base_offset as i64, leader_epoch);
+                        if b.bytes.len() < PATCHED_PREFIX_BYTES {
+                            break;
+                        }
+                        headers.extend_from_slice(&b.bytes[..PATCHED_PREFIX_BYTES]);
+                        batch::patch_header(&mut headers, b.base_offset as i64, leader_epoch);
+                        chunks.push(headers.split().freeze());
+                        chunks.push(b.bytes.slice(PATCHED_PREFIX_BYTES..));
+                        total += b.bytes.len();
                     }
-                    return Ok(out.freeze());
+                    return Ok(chunks);
                 }
             }
         }
-        self.read_disk(offset, max_bytes, upper).await
+        Ok(vec![self.read_disk(offset, max_bytes, upper).await?])
     }
 
     async fn read_disk(&self, offset: u64, max_bytes: usize, upper: u64) -> Result<Bytes, LogError> {

@@ -189,12 +189,13 @@ impl Partition {
         Ok(None)
     }
 
-    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Bytes, i16> {
+    /// Stored batches from `offset`, as chunks to be written out without copying.
+    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Vec<Bytes>, i16> {
         if offset < 0 {
             return Err(ec::OFFSET_OUT_OF_RANGE);
         }
         let hwm = self.log.log_end_offset();
-        self.log.read(offset as u64, max_bytes, hwm, LEADER_EPOCH).await.map_err(|e| log_error_code(&e))
+        self.log.read_chunks(offset as u64, max_bytes, hwm, LEADER_EPOCH).await.map_err(|e| log_error_code(&e))
     }
 }
 

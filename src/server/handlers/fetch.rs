@@ -294,7 +294,7 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
             let log_start = p.log.log_start_offset() as i64;
             let limit = w.max_bytes.min(max_bytes);
             match p.read(w.offset, limit).await {
-                Ok(records) => out.push(Got { code: ec::NONE, hwm, log_start, records: vec![records] }),
+                Ok(records) => out.push(Got { code: ec::NONE, hwm, log_start, records }),
                 Err(code) => {
                     if code == ec::OFFSET_OUT_OF_RANGE {
                         tracing::debug!("fetch {}-{} at {} out of range [{log_start}, {hwm}]", w.topic, w.partition, w.offset);
