@@ -150,13 +150,38 @@ pub struct Log {
     pub max_timestamp: (i64, u64),
     /// Offsets below this were compacted (cleanup.policy=compact); the rest is dirty.
     pub cleaned_up_to: u64,
+    /// The next offset to assign: log_end_offset plus what is queued but not yet written.
+    pub next_offset: u64,
+    /// Patched batches queued for the next DMA write, and what they are.
+    pending: Vec<u8>,
+    pending_batches: Vec<PendingBatch>,
 }
+
+/// A batch accepted (offsets assigned) but not yet written.
+struct PendingBatch {
+    base: u64,
+    last: u64,
+    /// Position within `Log::pending`.
+    pos: usize,
+    len: usize,
+    max_ts: i64,
+    producer_id: i64,
+    /// What the cache will hold once written: the producer's bytes (or a patched copy).
+    cache: Bytes,
+}
+
+/// Queued bytes above which a producer waits for the write before queuing more.
+pub const PENDING_BYTES_MAX: usize = 64 << 20;
 
 /// A partition log shared by the tasks of one shard.
 pub struct SharedLog {
     pub inner: RefCell<Log>,
     syncing: Cell<bool>,
     sync_waiters: RefCell<Vec<futures::channel::oneshot::Sender<()>>>,
+    /// A flusher task is writing queued batches.
+    pub flushing: Cell<bool>,
+    /// (offset, waiter): answered once everything below offset is written (or failed).
+    write_waiters: RefCell<Vec<(u64, futures::channel::oneshot::Sender<Result<(), String>>)>>,
 }
 
 async fn open_dma_rw(path: &Path) -> Result<DmaFile, LogError> {
@@ -249,9 +274,14 @@ impl SharedLog {
                 producers: rec.producers,
                 max_timestamp,
                 cleaned_up_to,
+                next_offset: log_end_offset,
+                pending: Vec::new(),
+                pending_batches: Vec::new(),
             }),
             syncing: Cell::new(false),
             sync_waiters: RefCell::new(Vec::new()),
+            flushing: Cell::new(false),
+            write_waiters: RefCell::new(Vec::new()),
         })
     }
 
@@ -316,8 +346,51 @@ impl SharedLog {
         Ok(())
     }
 
-    /// Appends validated batches (`payload` as the producer sent them, `infos` from
-    /// validation). Returns the base offset. Caller holds the partition's write lock.
+    /// Queues validated batches (`payload` as the producer sent them, `infos` from
+    /// validation) for the next write: assigns their offsets and patches a copy of their headers
+    /// now, so that queue order is offset order. Returns (base offset, end offset). The batches
+    /// become readable when a flush round has written them.
+    pub fn enqueue(
+        &self,
+        payload: &Bytes,
+        infos: &[BatchInfo],
+        leader_epoch: i32,
+        log_append_time_ms: Option<i64>,
+    ) -> (u64, u64) {
+        let mut log = self.inner.borrow_mut();
+        let log = &mut *log;
+        let base = log.next_offset;
+        let start = log.pending.len();
+        log.pending.extend_from_slice(payload);
+        let mut next = base;
+        for info in infos {
+            let last = next + info.last_offset_delta as u64;
+            let at = start + info.pos;
+            let b = &mut log.pending[at..at + info.len];
+            batch::patch_header(b, next as i64, leader_epoch);
+            let cache = match log_append_time_ms {
+                Some(t) => {
+                    batch::set_log_append_time(b, t);
+                    Bytes::copy_from_slice(b)
+                }
+                None => payload.slice(info.pos..info.pos + info.len),
+            };
+            log.pending_batches.push(PendingBatch {
+                base: next,
+                last,
+                pos: at,
+                len: info.len,
+                max_ts: log_append_time_ms.unwrap_or(info.max_timestamp),
+                producer_id: info.producer_id,
+                cache,
+            });
+            next = last + 1;
+        }
+        log.next_offset = next;
+        (base, next)
+    }
+
+    /// Queues and writes at once: for a single writer (benches, tests, internal topics).
     pub async fn append(
         &self,
         payload: &Bytes,
@@ -326,78 +399,150 @@ impl SharedLog {
         leader_epoch: i32,
         log_append_time_ms: Option<i64>,
     ) -> Result<u64, LogError> {
-        let now = now_ms();
-        self.maybe_roll(payload.len() as u64, s, now).await?;
-        let (file, path, write_pos, buf, base_offset, new_tail) = {
-            let log = self.inner.borrow();
+        let (base, _) = self.enqueue(payload, infos, leader_epoch, log_append_time_ms);
+        self.flush_round(s).await?;
+        Ok(base)
+    }
+
+    pub fn pending_bytes(&self) -> usize {
+        self.inner.borrow().pending.len()
+    }
+
+    /// A receiver answered once every offset below `end` is written, or the write failed.
+    pub fn wait_written(&self, end: u64) -> futures::channel::oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        if self.inner.borrow().log_end_offset >= end {
+            let _ = tx.send(Ok(()));
+        } else {
+            self.write_waiters.borrow_mut().push((end, tx));
+        }
+        rx
+    }
+
+    /// Writes everything queued in one DMA write (rewriting the partial tail block), then makes
+    /// it readable. Returns false when nothing was queued. One writer at a time: the caller
+    /// holds `flushing`.
+    pub async fn flush_round(&self, s: &LogSettings) -> Result<bool, LogError> {
+        let incoming = self.inner.borrow().pending.len();
+        if incoming == 0 {
+            return Ok(false);
+        }
+        if let Err(e) = self.maybe_roll(incoming as u64, s, now_ms()).await {
+            self.fail_pending(&e.to_string());
+            return Err(e);
+        }
+        let (file, path, write_pos, buf, pending, batches, new_tail) = {
+            let mut log = self.inner.borrow_mut();
+            let log = &mut *log;
+            let pending = std::mem::take(&mut log.pending);
+            let batches = std::mem::take(&mut log.pending_batches);
             let active = log.segments.values().next_back().expect("log always has an active segment");
             let tail_len = log.tail.len();
             debug_assert_eq!(active.size % DMA_ALIGN, tail_len as u64);
+            debug_assert_eq!(batches.first().map(|b| b.base), Some(log.log_end_offset));
             let write_pos = active.size - tail_len as u64;
-            let total = tail_len + payload.len();
+            let total = tail_len + pending.len();
             let buf_len = total.div_ceil(DMA_ALIGN as usize) * DMA_ALIGN as usize;
             let mut buf = active.file.alloc_dma_buffer(buf_len);
             let bytes = buf.as_bytes_mut();
             bytes[..tail_len].copy_from_slice(&log.tail);
-            bytes[tail_len..total].copy_from_slice(payload);
+            bytes[tail_len..total].copy_from_slice(&pending);
             bytes[total..].fill(0);
-            let base_offset = log.log_end_offset;
-            let mut next = base_offset;
-            for info in infos {
-                let b = &mut bytes[tail_len + info.pos..tail_len + info.pos + info.len];
-                batch::patch_header(b, next as i64, leader_epoch);
-                if let Some(t) = log_append_time_ms {
-                    batch::set_log_append_time(b, t);
-                }
-                next += info.last_offset_delta as u64 + 1;
-            }
             let new_tail_len = total % DMA_ALIGN as usize;
             let new_tail = bytes[total - new_tail_len..total].to_vec();
-            (active.file.clone(), active.path.clone(), write_pos, buf, base_offset, new_tail)
+            (active.file.clone(), active.path.clone(), write_pos, buf, pending, batches, new_tail)
         };
         let buf_len = buf.len();
-        let written = file.write_at(buf, write_pos).await.map_err(|e| glommio_io(&path, e))?;
-        if written != buf_len {
-            return Err(LogError::io(&path, std::io::Error::other("short DMA write")));
-        }
-        let mut log = self.inner.borrow_mut();
-        let log = &mut *log;
-        log.tail = new_tail;
-        let mut next = base_offset;
-        let cache_max = s.cache_bytes_max;
-        let active = log.segments.values_mut().next_back().expect("active segment");
-        let seg_pos0 = active.size;
-        for info in infos {
-            let last = next + info.last_offset_delta as u64;
-            let max_ts = log_append_time_ms.unwrap_or(info.max_timestamp);
-            active.note_batch(next, seg_pos0 + info.pos as u64, info.len as u64, max_ts);
-            if max_ts > log.max_timestamp.0 {
-                log.max_timestamp = (max_ts, next);
+        let written = match file.write_at(buf, write_pos).await {
+            Ok(n) if n == buf_len => n,
+            Ok(_) => {
+                let e = LogError::io(&path, std::io::Error::other("short DMA write"));
+                self.fail_batches(&batches, &e.to_string());
+                return Err(e);
             }
-            let bytes = if log_append_time_ms.is_some() {
-                // The stored header differs from the producer's; cache what was stored.
-                let b = &payload[info.pos..info.pos + info.len];
-                let mut m = BytesMut::from(b);
-                if let Some(t) = log_append_time_ms {
-                    batch::set_log_append_time(&mut m, t);
+            Err(e) => {
+                let e = glommio_io(&path, e);
+                self.fail_batches(&batches, &e.to_string());
+                return Err(e);
+            }
+        };
+        debug_assert_eq!(written, buf_len);
+        let end = {
+            let mut log = self.inner.borrow_mut();
+            let log = &mut *log;
+            log.tail = new_tail;
+            let cache_max = s.cache_bytes_max;
+            let active = log.segments.values_mut().next_back().expect("active segment");
+            let seg_pos0 = active.size;
+            let mut end = log.log_end_offset;
+            for b in batches {
+                active.note_batch(b.base, seg_pos0 + b.pos as u64, b.len as u64, b.max_ts);
+                if b.max_ts > log.max_timestamp.0 {
+                    log.max_timestamp = (b.max_ts, b.base);
                 }
-                m.freeze()
+                log.cache_bytes += b.cache.len();
+                log.cache.push_back(batch::StoredBatch {
+                    base_offset: b.base,
+                    last_offset: b.last,
+                    max_timestamp: b.max_ts,
+                    bytes: b.cache,
+                });
+                end = b.last + 1;
+            }
+            active.size += pending.len() as u64;
+            active.next_offset = end;
+            log.log_end_offset = end;
+            while log.cache_bytes > cache_max && log.cache.len() > 1 {
+                if let Some(b) = log.cache.pop_front() {
+                    log.cache_bytes -= b.bytes.len();
+                }
+            }
+            end
+        };
+        self.answer_waiters(end, Ok(()));
+        Ok(true)
+    }
+
+    fn answer_waiters(&self, upto: u64, r: Result<(), String>) {
+        let mut ws = self.write_waiters.borrow_mut();
+        let mut keep = Vec::with_capacity(ws.len());
+        for (off, tx) in ws.drain(..) {
+            if off <= upto {
+                let _ = tx.send(r.clone());
             } else {
-                payload.slice(info.pos..info.pos + info.len)
-            };
-            log.cache_bytes += bytes.len();
-            log.cache.push_back(batch::StoredBatch { base_offset: next, last_offset: last, max_timestamp: max_ts, bytes });
-            next = last + 1;
-        }
-        active.size += payload.len() as u64;
-        active.next_offset = next;
-        log.log_end_offset = next;
-        while log.cache_bytes > cache_max && log.cache.len() > 1 {
-            if let Some(b) = log.cache.pop_front() {
-                log.cache_bytes -= b.bytes.len();
+                keep.push((off, tx));
             }
         }
-        Ok(base_offset)
+        *ws = keep;
+    }
+
+    /// A failed write: nothing queued is stored. Offsets are handed out again from the log end,
+    /// and producers whose batches were lost start over (their next batch gets
+    /// OUT_OF_ORDER_SEQUENCE_NUMBER, and the client re-inits as Kafka clients do).
+    fn fail_batches(&self, batches: &[PendingBatch], msg: &str) {
+        {
+            let mut log = self.inner.borrow_mut();
+            for b in batches {
+                if b.producer_id >= 0 {
+                    log.producers.remove(&b.producer_id);
+                }
+            }
+        }
+        self.fail_pending(msg);
+    }
+
+    fn fail_pending(&self, msg: &str) {
+        {
+            let mut log = self.inner.borrow_mut();
+            let pids: Vec<i64> = log.pending_batches.iter().map(|b| b.producer_id).filter(|p| *p >= 0).collect();
+            for p in pids {
+                log.producers.remove(&p);
+            }
+            log.pending.clear();
+            log.pending_batches.clear();
+            log.next_offset = log.log_end_offset;
+        }
+        self.answer_waiters(u64::MAX, Err(msg.to_string()));
     }
 
     /// Group commit: returns once every offset below `offset` is on stable storage. One

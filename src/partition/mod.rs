@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::channel::oneshot;
-use glommio::sync::Semaphore;
 
 use crate::cluster::topic_config::EffectiveConfig;
 use crate::log::batch::{validate_payload, BatchError, BatchInfo};
@@ -19,8 +18,16 @@ pub struct Partition {
     pub topic: Arc<str>,
     pub index: i32,
     pub log: SharedLog,
-    write_lock: Semaphore,
     data_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+}
+
+/// A produce whose batches are queued: offsets assigned, write pending.
+pub struct Queued {
+    pub base_offset: u64,
+    end_offset: u64,
+    log_append_time_ms: i64,
+    /// None for a duplicate of an already stored batch.
+    written: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +52,6 @@ impl Partition {
             topic,
             index,
             log: SharedLog::open(dir).await?,
-            write_lock: Semaphore::new(1),
             data_waiters: RefCell::new(Vec::new()),
         })
     }
@@ -69,12 +75,20 @@ impl Partition {
 
     /// Validates and appends one partition's records; waits for fdatasync when acks=all.
     pub async fn produce(
-        &self,
+        self: &Rc<Self>,
         records: Bytes,
         acks: i16,
         cfg: &EffectiveConfig,
         cache_bytes_max: usize,
     ) -> Result<Appended, (i16, String)> {
+        let q = self.enqueue(records, cfg, cache_bytes_max)?;
+        self.complete(q, acks).await
+    }
+
+    /// First half of a produce, with no waiting: validates, checks producer sequences, assigns
+    /// offsets and queues the batches for the partition's writer. Requests queued in order get
+    /// offsets in that order.
+    pub fn enqueue(self: &Rc<Self>, records: Bytes, cfg: &EffectiveConfig, cache_bytes_max: usize) -> Result<Queued, (i16, String)> {
         let mut infos: Vec<BatchInfo> = Vec::new();
         if let Err(e) = validate_payload(&records, cfg.max_message_bytes, &mut infos) {
             let code = match e {
@@ -89,32 +103,11 @@ impl Partition {
         if infos.iter().any(|i| i.is_transactional || i.is_control) {
             return Err((ec::UNSUPPORTED_VERSION, "transactions are not supported yet".into()));
         }
-        let settings = LogSettings {
-            segment_bytes: cfg.segment_bytes,
-            segment_ms: cfg.segment_ms,
-            retention_ms: cfg.retention_ms,
-            retention_bytes: cfg.retention_bytes,
-            cache_bytes_max,
-        };
-        let _permit = self
-            .write_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| (ec::UNKNOWN_SERVER_ERROR, "partition closed".to_string()))?;
-        // Idempotence: all batches of one request come from one producer in practice; check
-        // each against the state as it would be after the previous ones.
         if let Some(dup) = self.check_sequences(&infos)? {
-            return Ok(Appended { base_offset: dup as i64, log_append_time_ms: -1, log_start_offset: self.log.log_start_offset() as i64 });
+            return Ok(Queued { base_offset: dup, end_offset: 0, log_append_time_ms: -1, written: None });
         }
         let lat = if cfg.log_append_time { Some(crate::log::now_ms() as i64) } else { None };
-        let base = self
-            .log
-            .append(&records, &infos, &settings, LEADER_EPOCH, lat)
-            .await
-            .map_err(|e| {
-                tracing::error!("append to {}-{} failed: {e}", self.topic, self.index);
-                (log_error_code(&e), e.to_string())
-            })?;
+        let (base, end) = self.log.enqueue(&records, &infos, LEADER_EPOCH, lat);
         {
             let mut log = self.log.inner.borrow_mut();
             let mut next = base;
@@ -130,20 +123,59 @@ impl Partition {
                 next += i.last_offset_delta as u64 + 1;
             }
         }
-        drop(_permit);
-        self.wake_fetchers();
+        let written = self.log.wait_written(end);
+        let settings = LogSettings {
+            segment_bytes: cfg.segment_bytes,
+            segment_ms: cfg.segment_ms,
+            retention_ms: cfg.retention_ms,
+            retention_bytes: cfg.retention_bytes,
+            cache_bytes_max,
+        };
+        self.kick_writer(settings);
+        Ok(Queued { base_offset: base, end_offset: end, log_append_time_ms: lat.unwrap_or(-1), written: Some(written) })
+    }
+
+    /// Second half of a produce: waits for the write (and for fdatasync with acks=all).
+    pub async fn complete(&self, q: Queued, acks: i16) -> Result<Appended, (i16, String)> {
+        let log_start_offset = self.log.log_start_offset() as i64;
+        let Some(written) = q.written else {
+            return Ok(Appended { base_offset: q.base_offset as i64, log_append_time_ms: -1, log_start_offset });
+        };
+        match written.await {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err((ec::KAFKA_STORAGE_ERROR, msg)),
+            Err(_) => return Err((ec::KAFKA_STORAGE_ERROR, "write abandoned".into())),
+        }
         if acks == -1 {
-            let end = self.log.log_end_offset();
-            self.log.sync_to(end).await.map_err(|e| {
+            self.log.sync_to(q.end_offset).await.map_err(|e| {
                 tracing::error!("fdatasync of {}-{} failed: {e}", self.topic, self.index);
                 (ec::KAFKA_STORAGE_ERROR, e.to_string())
             })?;
         }
-        Ok(Appended {
-            base_offset: base as i64,
-            log_append_time_ms: lat.unwrap_or(-1),
-            log_start_offset: self.log.log_start_offset() as i64,
+        Ok(Appended { base_offset: q.base_offset as i64, log_append_time_ms: q.log_append_time_ms, log_start_offset })
+    }
+
+    /// Starts the partition's writer task unless it runs: it writes queued batches, one DMA
+    /// write per round, until nothing is queued. Appends that arrive during a write go together
+    /// in the next one (group write).
+    fn kick_writer(self: &Rc<Self>, settings: LogSettings) {
+        if self.log.flushing.get() {
+            return;
+        }
+        self.log.flushing.set(true);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            // Bounded by the queue: each round writes everything queued so far.
+            loop {
+                match me.log.flush_round(&settings).await {
+                    Ok(true) => me.wake_fetchers(),
+                    Ok(false) => break,
+                    Err(e) => tracing::error!("write to {}-{} failed: {e}", me.topic, me.index),
+                }
+            }
+            me.log.flushing.set(false);
         })
+        .detach();
     }
 
     /// Returns Some(base offset) for a duplicate of a recent batch, an error for a sequence

@@ -16,7 +16,7 @@ use kafka_protocol::protocol::Encodable;
 
 use crate::shard::Shard;
 
-/// What a connection knows about its client, passed to every handler.
+/// What a request's handler knows about its client.
 pub struct ConnCtx {
     pub shard: Rc<Shard>,
     pub client_id: String,
@@ -98,65 +98,116 @@ pub enum ConnError {
 /// record chunks are written from where they are.
 const INLINE_CHUNK_BYTES: usize = 64 * 1024;
 
-async fn connection(mut stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
+/// Requests one connection may have read but not yet answered.
+const IN_FLIGHT_MAX: usize = 32;
+
+/// Lets a connection read its next request before the current one is answered. A handler
+/// releases it once its order-sensitive part is done (produce: batches queued); otherwise it
+/// is released when the handler finishes. Responses always go out in request order.
+pub struct OrderGate(std::cell::RefCell<Option<futures::channel::oneshot::Sender<()>>>);
+
+impl OrderGate {
+    pub fn release(&self) {
+        if let Some(tx) = self.0.borrow_mut().take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+type Answer = Result<Option<(BytesMut, Vec<Bytes>)>, ConnError>;
+
+async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
     let max = shard.node.tuning.memory.request_bytes_max;
-    let host = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-    let mut ctx = ConnCtx { shard, client_id: String::new(), client_host: host };
+    let host: Rc<str> = Rc::from(stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default());
+    let (mut rd, wr) = futures::AsyncReadExt::split(stream);
+    let (mut tx, rx) = futures::channel::mpsc::channel::<glommio::Task<Answer>>(IN_FLIGHT_MAX);
+    let writer = glommio::spawn_local(write_loop(wr, rx, host.clone()));
     let mut size_buf = [0u8; 4];
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    loop {
-        if let Err(e) = stream.read_exact(&mut size_buf).await {
+    let read_result = loop {
+        if let Err(e) = rd.read_exact(&mut size_buf).await {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                return Ok(());
+                break Ok(());
             }
-            return Err(e.into());
+            break Err(e.into());
         }
         let size = i32::from_be_bytes(size_buf);
         if size < 8 || size as usize > max {
-            tracing::warn!(
-                "closing connection from {}: request size {size} outside [8, {max}] (socket.request.max.bytes)",
-                ctx.client_host
-            );
+            tracing::warn!("closing connection from {host}: request size {size} outside [8, {max}] (socket.request.max.bytes)");
             return Err(ConnError::Protocol(format!("bad request size {size}")));
         }
         let mut frame = vec![0u8; size as usize];
-        stream.read_exact(&mut frame).await?;
+        if let Err(e) = rd.read_exact(&mut frame).await {
+            break Err(e.into());
+        }
         let frame = Bytes::from(frame);
-        out.clear();
-        let mut chunks = Vec::new();
-        match handle_frame(&mut ctx, frame, &mut out, &mut chunks).await {
-            Ok(true) => {
+        let (gate_tx, gate_rx) = futures::channel::oneshot::channel();
+        let (shard, host2) = (shard.clone(), host.clone());
+        let task = glommio::spawn_local(async move {
+            let gate = OrderGate(std::cell::RefCell::new(Some(gate_tx)));
+            let mut out = BytesMut::new();
+            let mut chunks = Vec::new();
+            let r = handle_frame(shard, host2, frame, &mut out, &mut chunks, &gate).await;
+            drop(gate);
+            r.map(|due| due.then_some((out, chunks)))
+        });
+        if futures::SinkExt::send(&mut tx, task).await.is_err() {
+            break Ok(());
+        }
+        let _ = gate_rx.await;
+    };
+    drop(tx);
+    let write_result = writer.await;
+    read_result.and(write_result)
+}
+
+/// Writes answers in request order; stops (closing the connection) at the first protocol error.
+async fn write_loop(
+    mut wr: futures::io::WriteHalf<TcpStream>,
+    mut rx: futures::channel::mpsc::Receiver<glommio::Task<Answer>>,
+    host: Rc<str>,
+) -> Result<(), ConnError> {
+    use futures::StreamExt;
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    while let Some(task) = rx.next().await {
+        match task.await {
+            Ok(Some((head, chunks))) => {
+                out.clear();
+                out.extend_from_slice(&head);
                 for c in chunks {
                     if c.len() < INLINE_CHUNK_BYTES {
                         out.extend_from_slice(&c);
                     } else {
-                        stream.write_all(&out).await?;
+                        wr.write_all(&out).await?;
                         out.clear();
-                        stream.write_all(&c).await?;
+                        wr.write_all(&c).await?;
                     }
                 }
                 if !out.is_empty() {
-                    stream.write_all(&out).await?;
+                    wr.write_all(&out).await?;
                 }
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => {
-                tracing::warn!("closing connection from {} ({}): {e}", ctx.client_host, ctx.client_id);
+                tracing::warn!("closing connection from {host}: {e}");
+                let _ = wr.close().await;
                 return Err(e);
             }
         }
     }
+    Ok(())
 }
 
 /// Decodes one request, runs its handler and encodes the response (size prefix included) into
 /// `out`, followed by `chunks` when the handler answered with pre-encoded chunks. Returns false
 /// when no response is due (acks=0 produce).
 async fn handle_frame(
-    ctx: &mut ConnCtx,
+    shard: Rc<Shard>,
+    client_host: Rc<str>,
     frame: Bytes,
     out: &mut BytesMut,
     chunks: &mut Vec<Bytes>,
+    gate: &OrderGate,
 ) -> Result<bool, ConnError> {
     let mut peek = &frame[..];
     let api_key = peek.get_i16();
@@ -181,14 +232,14 @@ async fn handle_frame(
     let header_version = key.request_header_version(version);
     let header = RequestHeader::decode(&mut body, header_version)
         .map_err(|e| ConnError::Protocol(format!("bad request header: {e}")))?;
-    if let Some(cid) = &header.client_id {
-        if ctx.client_id.as_str() != cid.as_str() {
-            ctx.client_id = cid.to_string();
-        }
-    }
+    let ctx = ConnCtx {
+        shard,
+        client_id: header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+        client_host: client_host.to_string(),
+    };
     let req = RequestKind::decode(key, &mut body, version)
         .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
-    let Some(reply) = handlers::dispatch(ctx, &header, req).await else {
+    let Some(reply) = handlers::dispatch(&ctx, &header, req, gate).await else {
         return Ok(false);
     };
     let header_version = key.response_header_version(version);

@@ -12,7 +12,7 @@ pub mod util;
 
 use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
 
-use super::ConnCtx;
+use super::{ConnCtx, OrderGate};
 
 /// A handler's answer: a response to encode, or a body already encoded in chunks (fetch).
 pub enum Reply {
@@ -21,11 +21,13 @@ pub enum Reply {
 }
 
 /// Runs the handler of one request; `None` means no response is due (acks=0 produce).
-pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<Reply> {
-    if let RequestKind::Fetch(r) = req {
-        return Some(Reply::Encoded(fetch::handle(ctx, header.request_api_version, r).await));
+/// `gate` lets the connection read its next request early (see `OrderGate`).
+pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind, gate: &OrderGate) -> Option<Reply> {
+    match req {
+        RequestKind::Fetch(r) => Some(Reply::Encoded(fetch::handle(ctx, header.request_api_version, r).await)),
+        RequestKind::Produce(r) => produce::handle(ctx, r, gate).await.map(|r| Reply::Kind(ResponseKind::Produce(r))),
+        other => dispatch_kind(ctx, header, other).await.map(Reply::Kind),
     }
-    dispatch_kind(ctx, header, req).await.map(Reply::Kind)
 }
 
 async fn dispatch_kind(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<ResponseKind> {
@@ -33,7 +35,6 @@ async fn dispatch_kind(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) 
     Some(match req {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response(0)),
         RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::handle(ctx, v, r).await),
-        RequestKind::Produce(r) => return produce::handle(ctx, r).await.map(ResponseKind::Produce),
         RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets::handle(ctx, v, r).await),
         RequestKind::OffsetForLeaderEpoch(r) => {
             ResponseKind::OffsetForLeaderEpoch(list_offsets::offset_for_leader_epoch(ctx, r).await)

@@ -14,11 +14,13 @@ struct Item {
     topic: String,
     partition: i32,
     records: Option<Bytes>,
+    /// Set on one item per shard: fired once that shard has queued all its batches.
+    queued: Option<futures::channel::oneshot::Sender<()>>,
 }
 
 type Outcome = (i16, i64, i64, i64, Option<String>);
 
-pub async fn handle(ctx: &ConnCtx, req: ProduceRequest) -> Option<ProduceResponse> {
+pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::OrderGate) -> Option<ProduceResponse> {
     let node = ctx.shard.node.clone();
     let acks = req.acks;
     let acks_ok = matches!(acks, 0 | 1 | -1);
@@ -43,7 +45,7 @@ pub async fn handle(ctx: &ConnCtx, req: ProduceRequest) -> Option<ProduceRespons
                 } else {
                     items.push((
                         node.shard_of(&name, p.index),
-                        Item { topic: name.clone(), partition: p.index, records: p.records },
+                        Item { topic: name.clone(), partition: p.index, records: p.records, queued: None },
                     ));
                     None
                 };
@@ -53,28 +55,68 @@ pub async fn handle(ctx: &ConnCtx, req: ProduceRequest) -> Option<ProduceRespons
         }
     }
     let cache_max = node.tuning.memory.batch_cache_bytes_per_partition;
-    let results = per_shard(node.shards(), items, move |sh, its: Vec<Item>| async move {
-        let futs = its.into_iter().map(|it| {
-            let sh = sh.clone();
-            async move {
+    // Each shard queues its partitions' batches, reports that through `queued`, then waits for
+    // the writes. Once every shard has queued, the connection may read its next request: its
+    // batches will be written after these (pipelining without reordering).
+    let shards = node.shards();
+    let mut items = items;
+    let mut queued_rxs = Vec::new();
+    let mut has_sender = vec![false; shards];
+    for (shard, it) in items.iter_mut() {
+        if !has_sender[*shard] {
+            has_sender[*shard] = true;
+            let (tx, rx) = futures::channel::oneshot::channel::<()>();
+            it.queued = Some(tx);
+            queued_rxs.push(rx);
+        }
+    }
+    let results = per_shard(shards, items, move |sh, its: Vec<Item>| {
+        async move {
+            let mut queued = Vec::with_capacity(its.len());
+            let mut senders = Vec::new();
+            for mut it in its {
+                if let Some(tx) = it.queued.take() {
+                    senders.push(tx);
+                }
                 let Some(records) = it.records.filter(|r| !r.is_empty()) else {
-                    return (ec::CORRUPT_MESSAGE, -1, -1, -1, Some("no records".to_string()));
+                    queued.push(Err((ec::CORRUPT_MESSAGE, "no records".to_string())));
+                    continue;
                 };
                 let Some(part) = sh.partition(&it.topic, it.partition).await else {
-                    return (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None);
+                    queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
+                    continue;
                 };
                 let Some(cfg) = sh.node.effective_config(&it.topic) else {
-                    return (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None);
+                    queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
+                    continue;
                 };
-                match part.produce(records, acks, &cfg, cache_max).await {
-                    Ok(a) => (ec::NONE, a.base_offset, a.log_append_time_ms, a.log_start_offset, None),
-                    Err((code, msg)) => (code, -1, -1, -1, Some(msg)),
-                }
+                queued.push(part.enqueue(records, &cfg, cache_max).map(|q| (part, q)));
             }
-        });
-        futures::future::join_all(futs).await
-    })
-    .await;
+            for tx in senders {
+                let _ = tx.send(());
+            }
+            let futs = queued.into_iter().map(|q| async move {
+                let r = match q {
+                    Ok((part, q)) => part.complete(q, acks).await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(a) => (ec::NONE, a.base_offset, a.log_append_time_ms, a.log_start_offset, None),
+                    Err((code, msg)) => (code, -1, -1, -1, (!msg.is_empty()).then_some(msg)),
+                }
+            });
+            futures::future::join_all(futs).await
+        }
+    });
+    let all_queued = futures::future::join_all(queued_rxs);
+    futures::pin_mut!(results);
+    let results = match futures::future::select(all_queued, results).await {
+        futures::future::Either::Left((_, results)) => {
+            gate.release();
+            results.await
+        }
+        futures::future::Either::Right((results, _)) => results,
+    };
     if acks == 0 {
         return None;
     }
