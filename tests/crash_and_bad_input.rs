@@ -76,7 +76,7 @@ fn kill9_during_acks_all_loses_no_acknowledged_record() {
             let v = format!("r{round}-{i}");
             let _ = p.send(BaseRecord::<(), _>::to("crash").payload(&v));
             i += 1;
-            if i % 200 == 0 {
+            if i.is_multiple_of(200) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

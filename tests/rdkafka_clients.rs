@@ -1,5 +1,7 @@
 //! The broker as a separate process, driven by librdkafka through the `rdkafka` crate.
 
+#![allow(clippy::type_complexity)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -60,7 +60,7 @@ impl Client {
         if rh.correlation_id != self.correlation_id {
             bail!("correlation id mismatch");
         }
-        Ok(R::Response::decode(&mut b, version)?)
+        R::Response::decode(&mut b, version)
     }
 }
 
@@ -144,7 +144,7 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
     match cmd {
         TopicsCmd::List { all } => {
             let md = metadata(&mut c, None)?;
-            println!("{:<40} {:>10}  {}", "TOPIC", "PARTITIONS", "ID");
+            println!("{:<40} {:>10}  ID", "TOPIC", "PARTITIONS");
             let mut rows: Vec<_> = md.topics.iter().filter(|t| all || !t.is_internal).collect();
             rows.sort_by(|a, b| a.name.as_ref().map(|n| n.0.as_str()).cmp(&b.name.as_ref().map(|n| n.0.as_str())));
             for t in rows {
@@ -234,7 +234,7 @@ pub fn groups(bootstrap: &str, cmd: GroupsCmd) -> anyhow::Result<()> {
             if resp.error_code != 0 {
                 bail!("list groups: {}", err_name(resp.error_code));
             }
-            println!("{:<40} {:<22} {}", "GROUP", "STATE", "PROTOCOL TYPE");
+            println!("{:<40} {:<22} PROTOCOL TYPE", "GROUP", "STATE");
             let mut gs = resp.groups;
             gs.sort_by(|a, b| a.group_id.0.as_str().cmp(b.group_id.0.as_str()));
             for g in gs {
@@ -276,7 +276,7 @@ pub fn groups(bootstrap: &str, cmd: GroupsCmd) -> anyhow::Result<()> {
             if resp.error_code != 0 {
                 bail!("offsets of {group}: {}", err_name(resp.error_code));
             }
-            println!("{:<30} {:>9} {:>12} {:>12} {:>10}  {}", "TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG", "MEMBER");
+            println!("{:<30} {:>9} {:>12} {:>12} {:>10}  MEMBER", "TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG");
             for t in resp.topics {
                 let name = t.name.0.to_string();
                 let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();

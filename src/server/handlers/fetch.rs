@@ -240,47 +240,6 @@ fn encode_response(version: i16, topics: Vec<(FetchableTopicResponse, Vec<Vec<By
     chunks
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kafka_protocol::protocol::Decodable;
-
-    /// The hand-assembled body decodes, with kafka-protocol, to the same response.
-    #[test]
-    fn spliced_encoding_matches_kafka_protocol() {
-        for version in [4i16, 7, 11, 12, 13, 16] {
-            let mut tr = FetchableTopicResponse::default();
-            tr.topic = tn("t");
-            tr.topic_id = uuid::Uuid::from_u128(7);
-            let mut recs = Vec::new();
-            for p in 0..3 {
-                let mut pd = PartitionData::default();
-                pd.partition_index = p;
-                pd.high_watermark = 10 + p as i64;
-                pd.records = Some(Bytes::new());
-                tr.partitions.push(pd);
-                recs.push(vec![Bytes::from(vec![p as u8; 10_000]), Bytes::from(vec![9u8; 100])]);
-            }
-            let chunks = encode_response(version, vec![(tr, recs)]);
-            let mut body = BytesMut::new();
-            for c in chunks {
-                body.put_slice(&c);
-            }
-            let mut b = body.freeze();
-            let r = FetchResponse::decode(&mut b, version).unwrap();
-            assert_eq!(b.len(), 0, "v{version}: whole body consumed");
-            let parts = &r.responses[0].partitions;
-            assert_eq!(parts.len(), 3);
-            for (p, pd) in parts.iter().enumerate() {
-                assert_eq!(pd.high_watermark, 10 + p as i64);
-                let rec = pd.records.as_ref().unwrap();
-                assert_eq!(rec.len(), 10_100);
-                assert_eq!(rec[0], p as u8);
-                assert_eq!(rec[10_099], 9);
-            }
-        }
-    }
-}
 
 async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) -> Vec<Got> {
     per_shard(shards, wants, move |sh, ws: Vec<Want>| async move {
@@ -347,4 +306,46 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
     let timer = glommio::timer::sleep(left);
     futures::pin_mut!(timer);
     let _ = futures::future::select(futures::future::select_all(waits), timer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::protocol::Decodable;
+
+    /// The hand-assembled body decodes, with kafka-protocol, to the same response.
+    #[test]
+    fn spliced_encoding_matches_kafka_protocol() {
+        for version in [4i16, 7, 11, 12, 13, 16] {
+            let mut tr = FetchableTopicResponse::default();
+            tr.topic = tn("t");
+            tr.topic_id = uuid::Uuid::from_u128(7);
+            let mut recs = Vec::new();
+            for p in 0..3 {
+                let mut pd = PartitionData::default();
+                pd.partition_index = p;
+                pd.high_watermark = 10 + p as i64;
+                pd.records = Some(Bytes::new());
+                tr.partitions.push(pd);
+                recs.push(vec![Bytes::from(vec![p as u8; 10_000]), Bytes::from(vec![9u8; 100])]);
+            }
+            let chunks = encode_response(version, vec![(tr, recs)]);
+            let mut body = BytesMut::new();
+            for c in chunks {
+                body.put_slice(&c);
+            }
+            let mut b = body.freeze();
+            let r = FetchResponse::decode(&mut b, version).unwrap();
+            assert_eq!(b.len(), 0, "v{version}: whole body consumed");
+            let parts = &r.responses[0].partitions;
+            assert_eq!(parts.len(), 3);
+            for (p, pd) in parts.iter().enumerate() {
+                assert_eq!(pd.high_watermark, 10 + p as i64);
+                let rec = pd.records.as_ref().unwrap();
+                assert_eq!(rec.len(), 10_100);
+                assert_eq!(rec[0], p as u8);
+                assert_eq!(rec[10_099], 9);
+            }
+        }
+    }
 }

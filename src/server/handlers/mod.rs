@@ -16,7 +16,7 @@ use super::{ConnCtx, OrderGate};
 
 /// A handler's answer: a response to encode, or a body already encoded in chunks (fetch).
 pub enum Reply {
-    Kind(ResponseKind),
+    Kind(Box<ResponseKind>),
     Encoded(Vec<bytes::Bytes>),
 }
 
@@ -25,8 +25,8 @@ pub enum Reply {
 pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind, gate: &OrderGate) -> Option<Reply> {
     match req {
         RequestKind::Fetch(r) => Some(Reply::Encoded(fetch::handle(ctx, header.request_api_version, r).await)),
-        RequestKind::Produce(r) => produce::handle(ctx, r, gate).await.map(|r| Reply::Kind(ResponseKind::Produce(r))),
-        other => dispatch_kind(ctx, header, other).await.map(Reply::Kind),
+        RequestKind::Produce(r) => produce::handle(ctx, r, gate).await.map(|r| Reply::Kind(Box::new(ResponseKind::Produce(r)))),
+        other => dispatch_kind(ctx, header, other).await.map(|k| Reply::Kind(Box::new(k))),
     }
 }
 

@@ -23,7 +23,7 @@ type Outcome = (i16, i64, i64, i64, Option<String>);
 pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::OrderGate) -> Option<ProduceResponse> {
     let node = ctx.shard.node.clone();
     let acks = req.acks;
-    let acks_ok = matches!(acks, 0 | 1 | -1);
+    let acks_ok = (-1..=1).contains(&acks);
     let txn = req.transactional_id.is_some();
     let mut items = Vec::new();
     let mut shape: Vec<(String, Vec<(i32, Option<Outcome>)>)> = Vec::new();

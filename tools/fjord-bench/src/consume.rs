@@ -294,7 +294,9 @@ async fn consume_task(
         if sh.should_stop() {
             break;
         }
-        if let Some(new) = assignment.borrow_mut().take() {
+        // Take the new assignment first: the borrow must end before the awaits below.
+        let next = assignment.borrow_mut().take();
+        if let Some(new) = next {
             let layout = TopicLayout {
                 topic: sh.params.topic.clone(),
                 partitions: new.clone(),

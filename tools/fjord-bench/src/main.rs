@@ -2,6 +2,8 @@
 //! Kafka-compatible broker (Fjord, Kafka, Redpanda), plus a fake broker (`sink`) to show the
 //! tool is not the bottleneck and a `suite` that measures a broker against the host's limits.
 
+#![allow(clippy::type_complexity)]
+
 mod consume;
 mod e2e;
 mod hist;
