@@ -5,6 +5,7 @@
 #![allow(clippy::type_complexity)]
 
 pub mod admin;
+pub mod alloc;
 pub mod cli;
 pub mod cluster;
 pub mod config;

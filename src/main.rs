@@ -2,6 +2,9 @@
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: fjord::alloc::LazyHugeAlloc = fjord::alloc::LazyHugeAlloc;
+
 fn main() {
     let args = fjord::cli::Cli::parse();
     let code = match fjord::cli::run(args) {
