@@ -5,11 +5,17 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kafka_protocol::messages::fetch_response::{FetchResponse, FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::produce_request::{PartitionProduceData, ProduceRequest, TopicProduceData};
+use kafka_protocol::messages::fetch_response::{
+    FetchResponse, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::produce_request::{
+    PartitionProduceData, ProduceRequest, TopicProduceData,
+};
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 
 fn batch(records: usize, value_bytes: usize) -> Bytes {
     let recs: Vec<Record> = (0..records)
@@ -30,8 +36,15 @@ fn batch(records: usize, value_bytes: usize) -> Bytes {
         })
         .collect();
     let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(&mut buf, recs.iter(), &RecordEncodeOptions { version: 2, compression: Compression::None })
-        .expect("encode");
+    RecordBatchEncoder::encode(
+        &mut buf,
+        recs.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode");
     buf.freeze()
 }
 
@@ -40,13 +53,18 @@ fn validation(c: &mut Criterion) {
     for (n, size) in [(100usize, 1024usize), (1000, 100)] {
         let b = batch(n, size);
         g.throughput(Throughput::Bytes(b.len() as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(format!("{n}x{size}B")), &b, |bench, b| {
-            let mut out = Vec::with_capacity(4);
-            bench.iter(|| {
-                out.clear();
-                fjord::log::batch::validate_payload(black_box(b), 16 << 20, &mut out).expect("valid");
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{n}x{size}B")),
+            &b,
+            |bench, b| {
+                let mut out = Vec::with_capacity(4);
+                bench.iter(|| {
+                    out.clear();
+                    fjord::log::batch::validate_payload(black_box(b), 16 << 20, &mut out)
+                        .expect("valid");
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -116,24 +134,39 @@ fn append(c: &mut Criterion) {
         retention_bytes: -1,
         cache_bytes_max: 8 << 20,
     };
-    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().expect("executor");
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .expect("executor");
     let log_dir = dir.path().join("bench-0");
     ex.run(async {
-        let f = glommio::io::DmaFile::open(&probe).await.expect("probe open");
+        let f = glommio::io::DmaFile::open(&probe)
+            .await
+            .expect("probe open");
         let _ = f.read_at(0, 4096).await;
         let _ = f.close().await;
     });
-    let log = ex.run(fjord::log::SharedLog::open(log_dir)).expect("open log");
+    let log = ex
+        .run(fjord::log::SharedLog::open(log_dir))
+        .expect("open log");
     let mut g = c.benchmark_group("append");
     g.throughput(Throughput::Bytes(payload.len() as u64));
     g.sample_size(30);
     g.bench_function("dma_100x1KiB_acks1", |bench| {
-        bench.iter(|| ex.run(async { log.append(&payload, &infos, &settings, 0, None).await.expect("append") }))
+        bench.iter(|| {
+            ex.run(async {
+                log.append(&payload, &infos, &settings, 0, None)
+                    .await
+                    .expect("append")
+            })
+        })
     });
     g.bench_function("dma_100x1KiB_acks_all", |bench| {
         bench.iter(|| {
             ex.run(async {
-                let o = log.append(&payload, &infos, &settings, 0, None).await.expect("append");
+                let o = log
+                    .append(&payload, &infos, &settings, 0, None)
+                    .await
+                    .expect("append");
                 log.sync_to(o + 100).await.expect("sync");
             })
         })

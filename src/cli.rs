@@ -16,7 +16,11 @@ use crate::config::Tuning;
 use crate::shard::{self, Job, Node, Shard};
 
 #[derive(Parser, Debug)]
-#[command(name = "fjord", version, about = "A Kafka-compatible, thread-per-core message broker")]
+#[command(
+    name = "fjord",
+    version,
+    about = "A Kafka-compatible, thread-per-core message broker"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -26,6 +30,8 @@ pub struct Cli {
 pub enum Cmd {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Measure this host and write a tuning file for it.
+    Tune(crate::tune::TuneArgs),
     /// Manage topics on a running broker (any Kafka-compatible broker).
     Topics {
         /// Broker to talk to.
@@ -66,6 +72,7 @@ pub struct ServeArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
+        Cmd::Tune(a) => crate::tune::run(a),
         Cmd::Topics { bootstrap, cmd } => crate::admin::topics(&bootstrap, cmd),
         Cmd::Groups { bootstrap, cmd } => crate::admin::groups(&bootstrap, cmd),
     }
@@ -74,13 +81,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn raise_fd_limit() {
     // Every partition keeps its segment files open: lift the soft limit to the hard one.
     unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
@@ -94,9 +107,12 @@ const PROBE_FILE: &str = ".dma-probe";
 
 fn write_probe(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     let p = data_dir.join(PROBE_FILE);
-    let ok = std::fs::metadata(&p).map(|m| m.len() >= 4096).unwrap_or(false);
+    let ok = std::fs::metadata(&p)
+        .map(|m| m.len() >= 4096)
+        .unwrap_or(false);
     if !ok {
-        std::fs::write(&p, vec![0x5au8; 4096]).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(&p, vec![0x5au8; 4096])
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(p)
 }
@@ -119,14 +135,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
     });
     let (adv_host, adv_port) = match advertised.rsplit_once(':') {
-        Some((h, p)) => (h.trim_matches(|c| c == '[' || c == ']').to_string(), p.parse::<i32>().ok()),
+        Some((h, p)) => (
+            h.trim_matches(|c| c == '[' || c == ']').to_string(),
+            p.parse::<i32>().ok(),
+        ),
         None => (String::new(), None),
     };
     let Some(adv_port) = adv_port.filter(|_| !adv_host.is_empty()) else {
         bail!("--advertise must be HOST:PORT, got {advertised:?}");
     };
     let data_dir = tuning.data_dir();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let probe = write_probe(&data_dir)?;
     raise_fd_limit();
     // Refuse a port another process serves: SO_REUSEPORT would otherwise share it silently.
@@ -144,8 +164,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         bail!("cannot listen on {listen}: address already in use");
     }
 
-    let online: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
-    let mut cores: Vec<usize> = if tuning.shards.cores.is_empty() { online.clone() } else { tuning.shards.cores.clone() };
+    let online: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let mut cores: Vec<usize> = if tuning.shards.cores.is_empty() {
+        online.clone()
+    } else {
+        tuning.shards.cores.clone()
+    };
     if cores.is_empty() {
         cores.push(0);
     }
@@ -209,17 +237,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let status = status_tx.clone();
         let probe = probe.clone();
         let pin = tuning.shards.pin;
+        let st = tuning.for_core(core);
         let builder = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("fjord-shard-{i}"))
-            .io_memory(tuning.memory.io_memory_bytes)
-            .ring_depth(tuning.io.ring_depth)
-            .spin_before_park(Duration::from_micros(tuning.io.spin_before_park_us));
+            .io_memory(st.io_memory_bytes)
+            .ring_depth(st.ring_depth)
+            .spin_before_park(Duration::from_micros(st.spin_before_park_us));
         let h = builder
             .spawn(move || async move {
                 if pin {
                     core_affinity::set_for_current(core_affinity::CoreId { id: core });
                 }
-                if let Err(e) = shard_main(i, node, rx, probe, listen, status.clone()).await {
+                if let Err(e) = shard_main(i, st, node, rx, probe, listen, status.clone()).await {
                     let _ = status.send(Err(format!("shard {i}: {e:#}")));
                 }
             })
@@ -240,8 +269,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cores,
         data_dir.display()
     );
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
     let sig = signals.forever().next();
     tracing::info!("signal {sig:?}: shutting down");
     node.shutting_down.store(true, Ordering::SeqCst);
@@ -266,6 +298,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 async fn shard_main(
     id: usize,
+    st: crate::config::ShardTuning,
     node: Arc<Node>,
     rx: flume::Receiver<Job>,
     probe: PathBuf,
@@ -279,7 +312,7 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot open probe file {}: {e}", probe.display()))?;
     let _ = f.read_at(0, 4096).await;
     let _ = f.close().await;
-    let shard = Rc::new(Shard::new(id, node.clone()));
+    let shard = Rc::new(Shard::new(id, st, node.clone()));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);
     shard::install(shard.clone());
@@ -295,7 +328,8 @@ async fn shard_main(
     groups.load(&shard).await;
     *shard.groups.borrow_mut() = Some(groups.clone());
     glommio::spawn_local(groups.ticker(shard.clone())).detach();
-    let listener = bind_listener(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener = bind_listener(listen, &node.tuning.net)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     glommio::spawn_local(crate::server::accept_loop(listener, shard.clone())).detach();
     glommio::spawn_local(retention_loop(shard.clone())).detach();
     let _ = status.send(Ok(id));
@@ -314,7 +348,9 @@ async fn retention_loop(shard: Rc<Shard>) {
         glommio::timer::sleep(every).await;
         let now = crate::log::now_ms();
         for p in shard.open_partitions() {
-            let Some(cfg) = shard.node.effective_config(&p.topic) else { continue };
+            let Some(cfg) = shard.node.effective_config(&p.topic) else {
+                continue;
+            };
             if cfg.compact {
                 // At most one cleaning pass per partition per interval; the heavy part runs
                 // on the blocking pool, so appends on this shard carry on meanwhile.
@@ -346,7 +382,7 @@ async fn retention_loop(shard: Rc<Shard>) {
                 segment_ms: cfg.segment_ms,
                 retention_ms: cfg.retention_ms,
                 retention_bytes: cfg.retention_bytes,
-                cache_bytes_max: shard.node.tuning.memory.batch_cache_bytes_per_partition,
+                cache_bytes_max: shard.tuning.batch_cache_bytes_per_partition,
             };
             let n = p.log.enforce_retention(&s, now).await;
             if n > 0 {
@@ -358,13 +394,27 @@ async fn retention_loop(shard: Rc<Shard>) {
 
 /// One listener per shard on the same port (SO_REUSEPORT); SO_REUSEADDR so that a restart does
 /// not wait for the previous run's TIME_WAIT connections.
-fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+fn bind_listener(
+    addr: std::net::SocketAddr,
+    net: &crate::config::NetSection,
+) -> std::io::Result<glommio::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
     let sk = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     sk.set_reuse_address(true)?;
     sk.set_reuse_port(true)?;
+    // Accepted sockets inherit the listener's buffer sizes.
+    if net.socket_send_buffer_bytes > 0 {
+        sk.set_send_buffer_size(net.socket_send_buffer_bytes)?;
+    }
+    if net.socket_recv_buffer_bytes > 0 {
+        sk.set_recv_buffer_size(net.socket_recv_buffer_bytes)?;
+    }
     sk.bind(&addr.into())?;
     sk.listen(1024)?;
     // Safety: the fd is a freshly bound, listening TCP socket we own and hand over whole.

@@ -14,3 +14,4 @@ pub mod log;
 pub mod partition;
 pub mod server;
 pub mod shard;
+pub mod tune;

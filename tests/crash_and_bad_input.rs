@@ -11,10 +11,14 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::Broker;
-use kafka_protocol::messages::produce_request::{PartitionProduceData, ProduceRequest, TopicProduceData};
+use kafka_protocol::messages::produce_request::{
+    PartitionProduceData, ProduceRequest, TopicProduceData,
+};
 use kafka_protocol::messages::{ApiKey, ProduceResponse, RequestHeader, TopicName};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -35,13 +39,20 @@ impl ProducerContext for Acked {
 }
 
 fn read_all(b: &Broker, topic: &str, partitions: i32) -> HashSet<String> {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", b.bootstrap()).set("group.id", "crash-reader").create().unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "crash-reader")
+        .create()
+        .unwrap();
     let mut tpl = TopicPartitionList::new();
     let mut end = 0i64;
     for p in 0..partitions {
-        let (_, hi) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        let (_, hi) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
         end += hi;
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
     let mut out = HashSet::new();
@@ -89,7 +100,10 @@ fn kill9_during_acks_all_loses_no_acknowledged_record() {
         let acked_now = acked.lock().unwrap().clone();
         assert!(!acked_now.is_empty(), "some records were acknowledged");
         let missing: Vec<_> = acked_now.difference(&stored).take(5).collect();
-        assert!(missing.is_empty(), "round {round}: acknowledged records lost after kill -9: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged records lost after kill -9: {missing:?}"
+        );
     }
 }
 
@@ -100,7 +114,8 @@ fn frame(api: ApiKey, version: i16, body: &impl Encodable) -> Vec<u8> {
     h.correlation_id = 7;
     h.client_id = Some(StrBytes::from_static_str("raw-test"));
     let mut buf = BytesMut::new();
-    h.encode(&mut buf, api.request_header_version(version)).unwrap();
+    h.encode(&mut buf, api.request_header_version(version))
+        .unwrap();
     body.encode(&mut buf, version).unwrap();
     let mut out = (buf.len() as i32).to_be_bytes().to_vec();
     out.extend_from_slice(&buf);
@@ -136,7 +151,11 @@ fn produce_raw(b: &Broker, topic: &str, batch: bytes::Bytes) -> i16 {
     s.write_all(&frame(ApiKey::Produce, 9, &req)).unwrap();
     let body = read_response(&mut s).expect("produce response");
     let mut buf = bytes::Bytes::from(body);
-    let _ = kafka_protocol::messages::ResponseHeader::decode(&mut buf, ApiKey::Produce.response_header_version(9)).unwrap();
+    let _ = kafka_protocol::messages::ResponseHeader::decode(
+        &mut buf,
+        ApiKey::Produce.response_header_version(9),
+    )
+    .unwrap();
     let resp = ProduceResponse::decode(&mut buf, 9).unwrap();
     resp.responses[0].partition_responses[0].error_code
 }
@@ -160,7 +179,15 @@ fn batch(n: usize, value_len: usize) -> bytes::Bytes {
         })
         .collect();
     let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(&mut buf, records.iter(), &RecordEncodeOptions { version: 2, compression: Compression::None }).unwrap();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        records.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
     buf.freeze()
 }
 
@@ -168,9 +195,12 @@ fn batch(n: usize, value_len: usize) -> bytes::Bytes {
 fn malformed_input_gets_kafka_errors_and_broker_stays_up() {
     let b = Broker::start_with(&["--cores", "2"]);
     // Create the topic through a real client first.
-    let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", b.bootstrap()).create().unwrap();
-    p.send(BaseRecord::<(), _>::to("bad").payload("good")).unwrap();
+    let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .unwrap();
+    p.send(BaseRecord::<(), _>::to("bad").payload("good"))
+        .unwrap();
     p.flush(Duration::from_secs(10)).unwrap();
 
     // 1. CRC mismatch → CORRUPT_MESSAGE (2).
@@ -218,8 +248,14 @@ fn malformed_input_gets_kafka_errors_and_broker_stays_up() {
         let _ = s.read_to_end(&mut sink);
     }
     // 8. The broker is up and the stored data is intact: 1 + 3 records.
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", b.bootstrap()).set("group.id", "x").create().unwrap();
-    let (lo, hi) = c.fetch_watermarks("bad", 0, Duration::from_secs(10)).unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
+    let (lo, hi) = c
+        .fetch_watermarks("bad", 0, Duration::from_secs(10))
+        .unwrap();
     assert_eq!((lo, hi), (0, 4));
     assert!(b.log().contains("CRC"), "a log line names the CRC mismatch");
 }
@@ -230,7 +266,10 @@ fn malformed_input_gets_kafka_errors_and_broker_stays_up() {
 #[test]
 fn random_frames_never_take_the_broker_down() {
     let b = Broker::start_with(&["--cores", "2"]);
-    let seed: u64 = std::env::var("FJORD_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f00d);
+    let seed: u64 = std::env::var("FJORD_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_f00d);
     eprintln!("random_frames seed {seed} (FJORD_FUZZ_SEED to replay)");
     let mut x = seed;
     let mut rnd = move || {
@@ -346,7 +385,12 @@ fn random_frames_never_take_the_broker_down() {
         let _ = s.read_to_end(&mut sink);
     }
     // Still up: a real client gets metadata.
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", b.bootstrap()).set("group.id", "x").create().unwrap();
-    c.fetch_metadata(None, Duration::from_secs(10)).expect("broker still answers after random frames");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
+    c.fetch_metadata(None, Duration::from_secs(10))
+        .expect("broker still answers after random frames");
     assert!(!b.log().contains("panicked"), "no panic in the broker log");
 }

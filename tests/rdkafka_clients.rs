@@ -18,7 +18,9 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 fn producer(b: &Broker, extra: &[(&str, &str)]) -> ThreadedProducer<DefaultProducerContext> {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", b.bootstrap()).set("linger.ms", "5").set("message.timeout.ms", "30000");
+    c.set("bootstrap.servers", b.bootstrap())
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
     for (k, v) in extra {
         c.set(*k, *v);
     }
@@ -26,7 +28,10 @@ fn producer(b: &Broker, extra: &[(&str, &str)]) -> ThreadedProducer<DefaultProdu
 }
 
 fn admin(b: &Broker) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new().set("bootstrap.servers", b.bootstrap()).create().expect("admin")
+    ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .expect("admin")
 }
 
 fn create_topic(b: &Broker, name: &str, partitions: i32, configs: &[(&str, &str)]) {
@@ -35,14 +40,20 @@ fn create_topic(b: &Broker, name: &str, partitions: i32, configs: &[(&str, &str)
     for (k, v) in configs {
         t = t.set(k, v);
     }
-    let r = futures::executor::block_on(a.create_topics(&[t], &AdminOptions::new())).expect("create_topics");
+    let r = futures::executor::block_on(a.create_topics(&[t], &AdminOptions::new()))
+        .expect("create_topics");
     for x in r {
         x.expect("topic created");
     }
 }
 
 /// Reads every record of `topic` partitions from the beginning until `expected` records arrive.
-fn consume_all(b: &Broker, topic: &str, partitions: i32, expected: usize) -> Vec<(i32, i64, Option<Vec<u8>>, Vec<u8>, Option<i64>)> {
+fn consume_all(
+    b: &Broker,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+) -> Vec<(i32, i64, Option<Vec<u8>>, Vec<u8>, Option<i64>)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", b.bootstrap())
         .set("group.id", "unused-assign-only")
@@ -51,7 +62,8 @@ fn consume_all(b: &Broker, topic: &str, partitions: i32, expected: usize) -> Vec
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
@@ -59,7 +71,13 @@ fn consume_all(b: &Broker, topic: &str, partitions: i32, expected: usize) -> Vec
     while out.len() < expected && std::time::Instant::now() < deadline {
         if let Some(m) = c.poll(Duration::from_millis(200)) {
             let m = m.expect("consume error");
-            out.push((m.partition(), m.offset(), m.key().map(|k| k.to_vec()), m.payload().unwrap_or_default().to_vec(), m.timestamp().to_millis()));
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.key().map(|k| k.to_vec()),
+                m.payload().unwrap_or_default().to_vec(),
+                m.timestamp().to_millis(),
+            ));
         }
     }
     out
@@ -117,14 +135,18 @@ fn all_compression_codecs_round_trip() {
         let p = producer(&b, &[("compression.codec", codec)]);
         for i in 0..500 {
             let v = format!("{codec}-value-{i}-{}", "x".repeat(i % 50));
-            p.send(BaseRecord::<(), _>::to(&topic).payload(&v)).expect("send");
+            p.send(BaseRecord::<(), _>::to(&topic).payload(&v))
+                .expect("send");
         }
         p.flush(Duration::from_secs(30)).expect("flush");
         let got = consume_all(&b, &topic, 1, 500);
         assert_eq!(got.len(), 500, "{codec}");
         for (i, (_, off, _, val, _)) in got.iter().enumerate() {
             assert_eq!(*off, i as i64);
-            assert_eq!(std::str::from_utf8(val).unwrap(), format!("{codec}-value-{i}-{}", "x".repeat(i % 50)));
+            assert_eq!(
+                std::str::from_utf8(val).unwrap(),
+                format!("{codec}-value-{i}-{}", "x".repeat(i % 50))
+            );
         }
     }
 }
@@ -136,22 +158,40 @@ fn list_offsets_by_timestamp_earliest_latest() {
     let p = producer(&b, &[("linger.ms", "0")]);
     let base = 1_700_000_000_000i64;
     for i in 0..100i64 {
-        p.send(BaseRecord::<(), _>::to("times").payload("v").timestamp(base + i * 1000)).expect("send");
+        p.send(
+            BaseRecord::<(), _>::to("times")
+                .payload("v")
+                .timestamp(base + i * 1000),
+        )
+        .expect("send");
         if i % 10 == 9 {
             p.flush(Duration::from_secs(10)).unwrap();
         }
     }
     p.flush(Duration::from_secs(10)).unwrap();
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", b.bootstrap()).set("group.id", "x").create().unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("times", 0, Offset::Offset(base + 42_500)).unwrap();
-    let r = c.offsets_for_times(tpl, Duration::from_secs(10)).expect("offsets_for_times");
-    assert_eq!(r.find_partition("times", 0).unwrap().offset(), Offset::Offset(43));
+    tpl.add_partition_offset("times", 0, Offset::Offset(base + 42_500))
+        .unwrap();
+    let r = c
+        .offsets_for_times(tpl, Duration::from_secs(10))
+        .expect("offsets_for_times");
+    assert_eq!(
+        r.find_partition("times", 0).unwrap().offset(),
+        Offset::Offset(43)
+    );
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("times", 0, Offset::Offset(base + 999_000)).unwrap();
+    tpl.add_partition_offset("times", 0, Offset::Offset(base + 999_000))
+        .unwrap();
     let r = c.offsets_for_times(tpl, Duration::from_secs(10)).unwrap();
     assert_eq!(r.find_partition("times", 0).unwrap().offset(), Offset::End);
-    let (lo, hi) = c.fetch_watermarks("times", 0, Duration::from_secs(10)).unwrap();
+    let (lo, hi) = c
+        .fetch_watermarks("times", 0, Duration::from_secs(10))
+        .unwrap();
     assert_eq!((lo, hi), (0, 100));
 }
 
@@ -172,24 +212,48 @@ fn create_delete_grow_topics_and_errors() {
         &opts,
     ))
     .unwrap();
-    let codes: Vec<String> = r.iter().map(|x| format!("{:?}", x.as_ref().unwrap_err().1)).collect();
-    assert_eq!(codes, vec!["TopicAlreadyExists", "InvalidTopic", "InvalidReplicationFactor", "InvalidConfig"]);
+    let codes: Vec<String> = r
+        .iter()
+        .map(|x| format!("{:?}", x.as_ref().unwrap_err().1))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            "TopicAlreadyExists",
+            "InvalidTopic",
+            "InvalidReplicationFactor",
+            "InvalidConfig"
+        ]
+    );
     // Grow to 5 partitions; shrinking is refused.
-    let r = futures::executor::block_on(a.create_partitions(&[NewPartitions::new("admin-t", 5)], &opts)).unwrap();
+    let r = futures::executor::block_on(
+        a.create_partitions(&[NewPartitions::new("admin-t", 5)], &opts),
+    )
+    .unwrap();
     r[0].as_ref().expect("grow");
-    let r = futures::executor::block_on(a.create_partitions(&[NewPartitions::new("admin-t", 3)], &opts)).unwrap();
+    let r = futures::executor::block_on(
+        a.create_partitions(&[NewPartitions::new("admin-t", 3)], &opts),
+    )
+    .unwrap();
     assert!(r[0].is_err());
-    let md = a.inner().fetch_metadata(Some("admin-t"), Duration::from_secs(5)).unwrap();
+    let md = a
+        .inner()
+        .fetch_metadata(Some("admin-t"), Duration::from_secs(5))
+        .unwrap();
     assert_eq!(md.topics()[0].partitions().len(), 5);
     // Produce into a new partition works.
     let p = producer(&b, &[]);
-    p.send(BaseRecord::<(), _>::to("admin-t").partition(4).payload("x")).unwrap();
+    p.send(BaseRecord::<(), _>::to("admin-t").partition(4).payload("x"))
+        .unwrap();
     p.flush(Duration::from_secs(10)).unwrap();
     // Delete; then it is gone from metadata and its data directory is removed.
     let r = futures::executor::block_on(a.delete_topics(&["admin-t"], &opts)).unwrap();
     r[0].as_ref().expect("delete");
     assert!(!b.data().join("admin-t-4").exists());
-    let md = a.inner().fetch_metadata(None, Duration::from_secs(5)).unwrap();
+    let md = a
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(5))
+        .unwrap();
     assert!(md.topics().iter().all(|t| t.name() != "admin-t"));
     let r = futures::executor::block_on(a.delete_topics(&["admin-t"], &opts)).unwrap();
     assert!(r[0].is_err());
@@ -201,7 +265,12 @@ fn idempotent_producer_and_restart_keep_everything() {
     create_topic(&b, "idem", 3, &[]);
     let p = producer(&b, &[("enable.idempotence", "true"), ("acks", "all")]);
     for i in 0..3000 {
-        p.send(BaseRecord::to("idem").key(&format!("k{}", i % 7)).payload(&format!("{i}"))).unwrap();
+        p.send(
+            BaseRecord::to("idem")
+                .key(&format!("k{}", i % 7))
+                .payload(&format!("{i}")),
+        )
+        .unwrap();
     }
     p.flush(Duration::from_secs(30)).expect("flush");
     drop(p);
@@ -213,7 +282,9 @@ fn idempotent_producer_and_restart_keep_everything() {
     assert_eq!(got.len(), 3000, "records survive a restart");
     // The producer state was rebuilt: a new idempotent producer appends after the old data.
     let p = producer(&b, &[("enable.idempotence", "true")]);
-    p.send(BaseRecord::to("idem").key("k0").payload("after")).unwrap();
-    p.flush(Duration::from_secs(30)).expect("flush after restart");
+    p.send(BaseRecord::to("idem").key("k0").payload("after"))
+        .unwrap();
+    p.flush(Duration::from_secs(30))
+        .expect("flush after restart");
     assert_eq!(consume_all(&b, "idem", 3, 3001).len(), 3001);
 }

@@ -29,9 +29,13 @@ fn err_name(code: i16) -> String {
 
 impl Client {
     pub fn connect(addr: &str) -> anyhow::Result<Client> {
-        let stream = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+        let stream =
+            TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Client { stream, correlation_id: 0 })
+        Ok(Client {
+            stream,
+            correlation_id: 0,
+        })
     }
 
     pub fn call<R: Request>(&mut self, version: i16, req: &R) -> anyhow::Result<R::Response> {
@@ -48,7 +52,9 @@ impl Client {
         frame.extend_from_slice(&buf);
         self.stream.write_all(&frame)?;
         let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).context("broker closed the connection")?;
+        self.stream
+            .read_exact(&mut len)
+            .context("broker closed the connection")?;
         let n = i32::from_be_bytes(len);
         if !(4..=(256 << 20)).contains(&n) {
             bail!("bad response size {n}");
@@ -56,7 +62,10 @@ impl Client {
         let mut body = vec![0u8; n as usize];
         self.stream.read_exact(&mut body)?;
         let mut b = Bytes::from(body);
-        let rh = ResponseHeader::decode(&mut b, <R::Response as HeaderVersion>::header_version(version))?;
+        let rh = ResponseHeader::decode(
+            &mut b,
+            <R::Response as HeaderVersion>::header_version(version),
+        )?;
         if rh.correlation_id != self.correlation_id {
             bail!("correlation id mismatch");
         }
@@ -110,7 +119,11 @@ fn metadata(c: &mut Client, topics: Option<Vec<String>>) -> anyhow::Result<Metad
 }
 
 /// (earliest, latest) per partition.
-fn offsets(c: &mut Client, topic: &str, partitions: &[i32]) -> anyhow::Result<BTreeMap<i32, (i64, i64)>> {
+fn offsets(
+    c: &mut Client,
+    topic: &str,
+    partitions: &[i32],
+) -> anyhow::Result<BTreeMap<i32, (i64, i64)>> {
     let mut out = BTreeMap::new();
     for ts in [-2i64, -1] {
         let mut req = ListOffsetsRequest::default();
@@ -146,7 +159,12 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             let md = metadata(&mut c, None)?;
             println!("{:<40} {:>10}  ID", "TOPIC", "PARTITIONS");
             let mut rows: Vec<_> = md.topics.iter().filter(|t| all || !t.is_internal).collect();
-            rows.sort_by(|a, b| a.name.as_ref().map(|n| n.0.as_str()).cmp(&b.name.as_ref().map(|n| n.0.as_str())));
+            rows.sort_by(|a, b| {
+                a.name
+                    .as_ref()
+                    .map(|n| n.0.as_str())
+                    .cmp(&b.name.as_ref().map(|n| n.0.as_str()))
+            });
             for t in rows {
                 let name = t.name.as_ref().map(|n| n.0.to_string()).unwrap_or_default();
                 println!("{:<40} {:>10}  {}", name, t.partitions.len(), t.topic_id);
@@ -154,20 +172,38 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
         }
         TopicsCmd::Describe { topic } => {
             let md = metadata(&mut c, Some(vec![topic.clone()]))?;
-            let t = md.topics.first().ok_or_else(|| anyhow!("no answer for {topic}"))?;
+            let t = md
+                .topics
+                .first()
+                .ok_or_else(|| anyhow!("no answer for {topic}"))?;
             if t.error_code != 0 {
                 bail!("{topic}: {}", err_name(t.error_code));
             }
-            println!("Topic: {topic}  Id: {}  Partitions: {}  Internal: {}", t.topic_id, t.partitions.len(), t.is_internal);
+            println!(
+                "Topic: {topic}  Id: {}  Partitions: {}  Internal: {}",
+                t.topic_id,
+                t.partitions.len(),
+                t.is_internal
+            );
             let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
             let offs = offsets(&mut c, &topic, &parts)?;
-            println!("{:>9} {:>7} {:>12} {:>12} {:>10}", "PARTITION", "LEADER", "EARLIEST", "LATEST", "ISR");
+            println!(
+                "{:>9} {:>7} {:>12} {:>12} {:>10}",
+                "PARTITION", "LEADER", "EARLIEST", "LATEST", "ISR"
+            );
             let mut sorted: Vec<_> = t.partitions.iter().collect();
             sorted.sort_by_key(|p| p.partition_index);
             for p in sorted {
                 let (lo, hi) = offs.get(&p.partition_index).copied().unwrap_or((-1, -1));
                 let isr: Vec<String> = p.isr_nodes.iter().map(|b| b.0.to_string()).collect();
-                println!("{:>9} {:>7} {:>12} {:>12} {:>10}", p.partition_index, p.leader_id.0, lo, hi, isr.join(","));
+                println!(
+                    "{:>9} {:>7} {:>12} {:>12} {:>10}",
+                    p.partition_index,
+                    p.leader_id.0,
+                    lo,
+                    hi,
+                    isr.join(",")
+                );
             }
             let mut req = DescribeConfigsRequest::default();
             let mut r = describe_configs_request::DescribeConfigsResource::default();
@@ -178,12 +214,24 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             println!("Configs:");
             for res in resp.results {
                 for cfg in res.configs {
-                    let src = if cfg.config_source == 1 { " (topic)" } else { "" };
-                    println!("  {}={}{src}", cfg.name, cfg.value.map(|v| v.to_string()).unwrap_or_default());
+                    let src = if cfg.config_source == 1 {
+                        " (topic)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "  {}={}{src}",
+                        cfg.name,
+                        cfg.value.map(|v| v.to_string()).unwrap_or_default()
+                    );
                 }
             }
         }
-        TopicsCmd::Create { topic, partitions, configs } => {
+        TopicsCmd::Create {
+            topic,
+            partitions,
+            configs,
+        } => {
             let mut req = CreateTopicsRequest::default();
             req.timeout_ms = 30_000;
             let mut t = create_topics_request::CreatableTopic::default();
@@ -191,7 +239,9 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             t.num_partitions = partitions;
             t.replication_factor = -1;
             for kv in configs {
-                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--config wants KEY=VALUE, got {kv:?}"))?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--config wants KEY=VALUE, got {kv:?}"))?;
                 let mut cfg = create_topics_request::CreatableTopicConfig::default();
                 cfg.name = sb(k);
                 cfg.value = Some(sb(v));
@@ -204,7 +254,9 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                     bail!(
                         "cannot create {topic}: {}{}",
                         err_name(r.error_code),
-                        r.error_message.map(|m| format!(": {m}")).unwrap_or_default()
+                        r.error_message
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
                     );
                 }
             }
@@ -238,18 +290,27 @@ pub fn groups(bootstrap: &str, cmd: GroupsCmd) -> anyhow::Result<()> {
             let mut gs = resp.groups;
             gs.sort_by(|a, b| a.group_id.0.as_str().cmp(b.group_id.0.as_str()));
             for g in gs {
-                println!("{:<40} {:<22} {}", g.group_id.0, g.group_state, g.protocol_type);
+                println!(
+                    "{:<40} {:<22} {}",
+                    g.group_id.0, g.group_state, g.protocol_type
+                );
             }
         }
         GroupsCmd::Describe { group } => {
             let mut req = DescribeGroupsRequest::default();
             req.groups.push(GroupId(sb(&group)));
             let resp = c.call(5, &req)?;
-            let g = resp.groups.first().ok_or_else(|| anyhow!("no answer for {group}"))?;
+            let g = resp
+                .groups
+                .first()
+                .ok_or_else(|| anyhow!("no answer for {group}"))?;
             if g.error_code != 0 {
                 bail!("{group}: {}", err_name(g.error_code));
             }
-            println!("Group: {group}  State: {}  Protocol: {} {}", g.group_state, g.protocol_type, g.protocol_data);
+            println!(
+                "Group: {group}  State: {}  Protocol: {} {}",
+                g.group_state, g.protocol_type, g.protocol_data
+            );
             let mut owner: BTreeMap<(String, i32), String> = BTreeMap::new();
             println!("Members: {}", g.members.len());
             for m in &g.members {
@@ -266,8 +327,18 @@ pub fn groups(bootstrap: &str, cmd: GroupsCmd) -> anyhow::Result<()> {
                         }
                     }
                 }
-                let inst = m.group_instance_id.as_ref().map(|i| format!(" instance={i}")).unwrap_or_default();
-                println!("  {} client={} host={}{inst} partitions=[{}]", m.member_id, m.client_id, m.client_host, assigned.join(","));
+                let inst = m
+                    .group_instance_id
+                    .as_ref()
+                    .map(|i| format!(" instance={i}"))
+                    .unwrap_or_default();
+                println!(
+                    "  {} client={} host={}{inst} partitions=[{}]",
+                    m.member_id,
+                    m.client_id,
+                    m.client_host,
+                    assigned.join(",")
+                );
             }
             let mut req = OffsetFetchRequest::default();
             req.group_id = GroupId(sb(&group));
@@ -276,16 +347,29 @@ pub fn groups(bootstrap: &str, cmd: GroupsCmd) -> anyhow::Result<()> {
             if resp.error_code != 0 {
                 bail!("offsets of {group}: {}", err_name(resp.error_code));
             }
-            println!("{:<30} {:>9} {:>12} {:>12} {:>10}  MEMBER", "TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG");
+            println!(
+                "{:<30} {:>9} {:>12} {:>12} {:>10}  MEMBER",
+                "TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG"
+            );
             for t in resp.topics {
                 let name = t.name.0.to_string();
                 let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
                 let offs = offsets(&mut c, &name, &parts).unwrap_or_default();
                 for p in t.partitions {
                     let end = offs.get(&p.partition_index).map(|o| o.1).unwrap_or(-1);
-                    let lag = if p.committed_offset >= 0 && end >= 0 { (end - p.committed_offset).to_string() } else { "-".into() };
-                    let m = owner.get(&(name.clone(), p.partition_index)).cloned().unwrap_or_else(|| "-".into());
-                    println!("{:<30} {:>9} {:>12} {:>12} {:>10}  {m}", name, p.partition_index, p.committed_offset, end, lag);
+                    let lag = if p.committed_offset >= 0 && end >= 0 {
+                        (end - p.committed_offset).to_string()
+                    } else {
+                        "-".into()
+                    };
+                    let m = owner
+                        .get(&(name.clone(), p.partition_index))
+                        .cloned()
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<30} {:>9} {:>12} {:>12} {:>10}  {m}",
+                        name, p.partition_index, p.committed_offset, end, lag
+                    );
                 }
             }
         }

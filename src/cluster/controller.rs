@@ -28,18 +28,30 @@ fn check_new_topic(node: &Node, t: &NewTopic) -> OpResult<()> {
         metadata::valid_topic_name(&t.name).map_err(|m| (ec::INVALID_TOPIC_EXCEPTION, m))?;
     }
     if node.image().topic(&t.name).is_some() {
-        return Err((ec::TOPIC_ALREADY_EXISTS, format!("Topic '{}' already exists.", t.name)));
+        return Err((
+            ec::TOPIC_ALREADY_EXISTS,
+            format!("Topic '{}' already exists.", t.name),
+        ));
     }
     if t.partitions < 1 || t.partitions > PARTITIONS_MAX {
-        return Err((ec::INVALID_PARTITIONS, format!("Number of partitions must be between 1 and {PARTITIONS_MAX}.")));
+        return Err((
+            ec::INVALID_PARTITIONS,
+            format!("Number of partitions must be between 1 and {PARTITIONS_MAX}."),
+        ));
     }
     if t.replication_factor == 0 || t.replication_factor < -1 {
-        return Err((ec::INVALID_REPLICATION_FACTOR, "Replication factor must be larger than 0.".into()));
+        return Err((
+            ec::INVALID_REPLICATION_FACTOR,
+            "Replication factor must be larger than 0.".into(),
+        ));
     }
     if t.replication_factor > 1 {
         return Err((
             ec::INVALID_REPLICATION_FACTOR,
-            format!("Replication factor: {} larger than available brokers: 1.", t.replication_factor),
+            format!(
+                "Replication factor: {} larger than available brokers: 1.",
+                t.replication_factor
+            ),
         ));
     }
     for (k, v) in &t.configs {
@@ -49,7 +61,11 @@ fn check_new_topic(node: &Node, t: &NewTopic) -> OpResult<()> {
 }
 
 /// Creates topics (or only validates them). Runs on the controller shard.
-pub async fn create_topics(node: Arc<Node>, topics: Vec<NewTopic>, validate_only: bool) -> Vec<OpResult<Arc<TopicMeta>>> {
+pub async fn create_topics(
+    node: Arc<Node>,
+    topics: Vec<NewTopic>,
+    validate_only: bool,
+) -> Vec<OpResult<Arc<TopicMeta>>> {
     let target = node.controller_shard();
     invoke(target, move |sh| async move {
         let node = sh.node.clone();
@@ -73,7 +89,10 @@ pub async fn create_topics(node: Arc<Node>, topics: Vec<NewTopic>, validate_only
             let next = node.image().with_topic(meta);
             if let Err(e) = metadata::save_image(&node.data_dir, &next) {
                 tracing::error!("cannot persist metadata: {e}");
-                out.push(Err((ec::KAFKA_STORAGE_ERROR, format!("cannot persist metadata: {e}"))));
+                out.push(Err((
+                    ec::KAFKA_STORAGE_ERROR,
+                    format!("cannot persist metadata: {e}"),
+                )));
                 continue;
             }
             let created = next.topic(&t.name).cloned();
@@ -96,14 +115,24 @@ pub async fn delete_topic(node: Arc<Node>, name: String) -> OpResult<()> {
     invoke(target, move |sh| async move {
         let node = sh.node.clone();
         let Some(t) = node.image().topic(&name).cloned() else {
-            return Err((ec::UNKNOWN_TOPIC_OR_PARTITION, "This server does not host this topic-partition.".into()));
+            return Err((
+                ec::UNKNOWN_TOPIC_OR_PARTITION,
+                "This server does not host this topic-partition.".into(),
+            ));
         };
         if t.internal {
-            return Err((ec::INVALID_TOPIC_EXCEPTION, "internal topics cannot be deleted".into()));
+            return Err((
+                ec::INVALID_TOPIC_EXCEPTION,
+                "internal topics cannot be deleted".into(),
+            ));
         }
         let next = node.image().without_topic(&name);
-        metadata::save_image(&node.data_dir, &next)
-            .map_err(|e| (ec::KAFKA_STORAGE_ERROR, format!("cannot persist metadata: {e}")))?;
+        metadata::save_image(&node.data_dir, &next).map_err(|e| {
+            (
+                ec::KAFKA_STORAGE_ERROR,
+                format!("cannot persist metadata: {e}"),
+            )
+        })?;
         node.meta.store(Arc::new(next));
         let futs = (0..shards).map(|s| {
             let n = name.clone();
@@ -125,7 +154,12 @@ pub async fn delete_topic(node: Arc<Node>, name: String) -> OpResult<()> {
 }
 
 /// Grows a topic's partition count (never shrinks).
-pub async fn create_partitions(node: Arc<Node>, name: String, count: i32, validate_only: bool) -> OpResult<()> {
+pub async fn create_partitions(
+    node: Arc<Node>,
+    name: String,
+    count: i32,
+    validate_only: bool,
+) -> OpResult<()> {
     let target = node.controller_shard();
     invoke(target, move |sh| async move {
         let node = sh.node.clone();
@@ -168,9 +202,16 @@ pub async fn alter_topic_configs(
     invoke(target, move |sh| async move {
         let node = sh.node.clone();
         let Some(t) = node.image().topic(&name).cloned() else {
-            return Err((ec::UNKNOWN_TOPIC_OR_PARTITION, format!("Topic {name} does not exist")));
+            return Err((
+                ec::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("Topic {name} does not exist"),
+            ));
         };
-        let mut configs = if incremental { t.configs.clone() } else { BTreeMap::new() };
+        let mut configs = if incremental {
+            t.configs.clone()
+        } else {
+            BTreeMap::new()
+        };
         for (k, op, v) in ops {
             match (op, v) {
                 (0, Some(v)) => {
@@ -179,16 +220,29 @@ pub async fn alter_topic_configs(
                 }
                 (0, None) if !incremental => {}
                 (1, _) => {
-                    topic_config::def(&k).ok_or((ec::INVALID_CONFIG, format!("Unknown topic config name: {k}")))?;
+                    topic_config::def(&k).ok_or((
+                        ec::INVALID_CONFIG,
+                        format!("Unknown topic config name: {k}"),
+                    ))?;
                     configs.remove(&k);
                 }
                 (2 | 3, Some(v)) => {
-                    let d = topic_config::def(&k).ok_or((ec::INVALID_CONFIG, format!("Unknown topic config name: {k}")))?;
+                    let d = topic_config::def(&k).ok_or((
+                        ec::INVALID_CONFIG,
+                        format!("Unknown topic config name: {k}"),
+                    ))?;
                     if d.kind != topic_config::ConfigType::List {
                         return Err((ec::INVALID_CONFIG, format!("Config {k} is not a list")));
                     }
-                    let current = configs.get(&k).cloned().unwrap_or_else(|| topic_config::default_value(&k, &node.tuning));
-                    let mut items: Vec<String> = current.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                    let current = configs
+                        .get(&k)
+                        .cloned()
+                        .unwrap_or_else(|| topic_config::default_value(&k, &node.tuning));
+                    let mut items: Vec<String> = current
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect();
                     for x in v.split(',').map(|s| s.trim().to_string()) {
                         if op == 2 && !items.contains(&x) {
                             items.push(x);
@@ -200,7 +254,12 @@ pub async fn alter_topic_configs(
                     topic_config::validate(&k, &joined).map_err(|m| (ec::INVALID_CONFIG, m))?;
                     configs.insert(k, joined);
                 }
-                _ => return Err((ec::INVALID_REQUEST, format!("invalid operation {op} for {k}"))),
+                _ => {
+                    return Err((
+                        ec::INVALID_REQUEST,
+                        format!("invalid operation {op} for {k}"),
+                    ))
+                }
             }
         }
         if validate_only {
@@ -209,8 +268,12 @@ pub async fn alter_topic_configs(
         let mut meta = (*t).clone();
         meta.configs = configs;
         let next = node.image().with_topic(meta);
-        metadata::save_image(&node.data_dir, &next)
-            .map_err(|e| (ec::KAFKA_STORAGE_ERROR, format!("cannot persist metadata: {e}")))?;
+        metadata::save_image(&node.data_dir, &next).map_err(|e| {
+            (
+                ec::KAFKA_STORAGE_ERROR,
+                format!("cannot persist metadata: {e}"),
+            )
+        })?;
         node.meta.store(Arc::new(next));
         Ok(())
     })
@@ -226,9 +289,16 @@ pub async fn allocate_producer_id(node: Arc<Node>) -> OpResult<i64> {
         let id = node.next_producer_id.load(Ordering::Relaxed);
         if id >= node.producer_id_block_end.load(Ordering::Relaxed) {
             let end = id + metadata::PRODUCER_ID_BLOCK;
-            let c = metadata::ClusterFile { cluster_id: node.cluster_id.clone(), producer_id_block_end: end };
-            metadata::save_cluster(&node.data_dir, &c)
-                .map_err(|e| (ec::KAFKA_STORAGE_ERROR, format!("cannot persist producer id block: {e}")))?;
+            let c = metadata::ClusterFile {
+                cluster_id: node.cluster_id.clone(),
+                producer_id_block_end: end,
+            };
+            metadata::save_cluster(&node.data_dir, &c).map_err(|e| {
+                (
+                    ec::KAFKA_STORAGE_ERROR,
+                    format!("cannot persist producer id block: {e}"),
+                )
+            })?;
             node.producer_id_block_end.store(end, Ordering::Relaxed);
         }
         node.next_producer_id.store(id + 1, Ordering::Relaxed);

@@ -102,7 +102,10 @@ pub fn load_image(data_dir: &Path) -> std::io::Result<MetadataImage> {
 pub fn save_image(data_dir: &Path, img: &MetadataImage) -> std::io::Result<()> {
     let dir = meta_dir(data_dir);
     std::fs::create_dir_all(&dir)?;
-    let f = TopicsFile { version: 1, topics: img.topics.values().map(|t| (**t).clone()).collect() };
+    let f = TopicsFile {
+        version: 1,
+        topics: img.topics.values().map(|t| (**t).clone()).collect(),
+    };
     let bytes = serde_json::to_vec_pretty(&f).map_err(std::io::Error::other)?;
     write_atomic(&dir.join("topics.json"), &bytes)
 }
@@ -112,11 +115,15 @@ pub fn load_or_init_cluster(data_dir: &Path) -> std::io::Result<ClusterFile> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("cluster.json");
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| std::io::Error::other(format!("{}: damaged cluster file: {e}", path.display()))),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::other(format!("{}: damaged cluster file: {e}", path.display()))
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = Uuid::new_v4();
-            let c = ClusterFile { cluster_id: base64_url(id.as_bytes()), producer_id_block_end: 0 };
+            let c = ClusterFile {
+                cluster_id: base64_url(id.as_bytes()),
+                producer_id_block_end: 0,
+            };
             save_cluster(data_dir, &c)?;
             Ok(c)
         }
@@ -160,7 +167,10 @@ pub fn valid_topic_name(name: &str) -> Result<(), String> {
     if name.len() > 249 {
         return Err("Topic name is illegal, it can't be longer than 249 characters".into());
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+    {
         return Err(format!(
             "Topic name \"{name}\" is illegal, it contains a character other than ASCII alphanumerics, '.', '_' and '-'"
         ));
@@ -171,7 +181,11 @@ pub fn valid_topic_name(name: &str) -> Result<(), String> {
 /// Stable partition → shard placement (FNV-1a of the topic name and partition).
 pub fn shard_of(topic: &str, partition: i32, shards: usize) -> usize {
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in topic.as_bytes().iter().chain(partition.to_be_bytes().iter()) {
+    for b in topic
+        .as_bytes()
+        .iter()
+        .chain(partition.to_be_bytes().iter())
+    {
         h ^= *b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }

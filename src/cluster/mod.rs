@@ -2,6 +2,6 @@
 //! controller operations that change it. Changes are serialized on the controller shard and
 //! persisted before they become visible. Never touches partition data.
 
+pub mod controller;
 pub mod metadata;
 pub mod topic_config;
-pub mod controller;

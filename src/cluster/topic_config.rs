@@ -23,18 +23,78 @@ pub struct ConfigDef {
 }
 
 pub const TOPIC_CONFIGS: &[ConfigDef] = &[
-    ConfigDef { name: "cleanup.policy", kind: ConfigType::List, choices: &["delete", "compact"], min: 0 },
-    ConfigDef { name: "compression.type", kind: ConfigType::String, choices: &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], min: 0 },
-    ConfigDef { name: "delete.retention.ms", kind: ConfigType::Long, choices: &[], min: 0 },
-    ConfigDef { name: "max.message.bytes", kind: ConfigType::Int, choices: &[], min: 0 },
-    ConfigDef { name: "message.timestamp.type", kind: ConfigType::String, choices: &["CreateTime", "LogAppendTime"], min: 0 },
-    ConfigDef { name: "min.cleanable.dirty.ratio", kind: ConfigType::Double, choices: &[], min: 0 },
-    ConfigDef { name: "min.insync.replicas", kind: ConfigType::Int, choices: &[], min: 1 },
-    ConfigDef { name: "retention.bytes", kind: ConfigType::Long, choices: &[], min: -1 },
-    ConfigDef { name: "retention.ms", kind: ConfigType::Long, choices: &[], min: -1 },
-    ConfigDef { name: "segment.bytes", kind: ConfigType::Int, choices: &[], min: 14 },
-    ConfigDef { name: "segment.ms", kind: ConfigType::Long, choices: &[], min: 1 },
-    ConfigDef { name: "unclean.leader.election.enable", kind: ConfigType::Boolean, choices: &[], min: 0 },
+    ConfigDef {
+        name: "cleanup.policy",
+        kind: ConfigType::List,
+        choices: &["delete", "compact"],
+        min: 0,
+    },
+    ConfigDef {
+        name: "compression.type",
+        kind: ConfigType::String,
+        choices: &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"],
+        min: 0,
+    },
+    ConfigDef {
+        name: "delete.retention.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 0,
+    },
+    ConfigDef {
+        name: "max.message.bytes",
+        kind: ConfigType::Int,
+        choices: &[],
+        min: 0,
+    },
+    ConfigDef {
+        name: "message.timestamp.type",
+        kind: ConfigType::String,
+        choices: &["CreateTime", "LogAppendTime"],
+        min: 0,
+    },
+    ConfigDef {
+        name: "min.cleanable.dirty.ratio",
+        kind: ConfigType::Double,
+        choices: &[],
+        min: 0,
+    },
+    ConfigDef {
+        name: "min.insync.replicas",
+        kind: ConfigType::Int,
+        choices: &[],
+        min: 1,
+    },
+    ConfigDef {
+        name: "retention.bytes",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: -1,
+    },
+    ConfigDef {
+        name: "retention.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: -1,
+    },
+    ConfigDef {
+        name: "segment.bytes",
+        kind: ConfigType::Int,
+        choices: &[],
+        min: 14,
+    },
+    ConfigDef {
+        name: "segment.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 1,
+    },
+    ConfigDef {
+        name: "unclean.leader.election.enable",
+        kind: ConfigType::Boolean,
+        choices: &[],
+        min: 0,
+    },
 ];
 
 pub fn def(name: &str) -> Option<&'static ConfigDef> {
@@ -43,7 +103,9 @@ pub fn def(name: &str) -> Option<&'static ConfigDef> {
 
 /// Checks one topic config entry; the message is what the client sees.
 pub fn validate(name: &str, value: &str) -> Result<(), String> {
-    let Some(d) = def(name) else { return Err(format!("Unknown topic config name: {name}")) };
+    let Some(d) = def(name) else {
+        return Err(format!("Unknown topic config name: {name}"));
+    };
     let bad = || Err(format!("Invalid value {value} for configuration {name}"));
     match d.kind {
         ConfigType::Long | ConfigType::Int => match value.trim().parse::<i64>() {
@@ -66,7 +128,11 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
             }
         }
         ConfigType::List => {
-            let ok = value.split(',').map(str::trim).all(|v| d.choices.contains(&v)) && !value.trim().is_empty();
+            let ok = value
+                .split(',')
+                .map(str::trim)
+                .all(|v| d.choices.contains(&v))
+                && !value.trim().is_empty();
             if ok {
                 Ok(())
             } else {
@@ -113,14 +179,20 @@ pub struct EffectiveConfig {
 
 impl EffectiveConfig {
     pub fn resolve(overrides: &BTreeMap<String, String>, t: &Tuning) -> EffectiveConfig {
-        let get = |k: &str| overrides.get(k).cloned().unwrap_or_else(|| default_value(k, t));
+        let get = |k: &str| {
+            overrides
+                .get(k)
+                .cloned()
+                .unwrap_or_else(|| default_value(k, t))
+        };
         let num = |k: &str, d: i64| get(k).trim().parse::<i64>().unwrap_or(d);
         EffectiveConfig {
             segment_bytes: num("segment.bytes", t.log.segment_bytes as i64).max(14) as u64,
             segment_ms: num("segment.ms", t.log.segment_ms as i64).max(1) as u64,
             retention_ms: num("retention.ms", t.log.retention_ms),
             retention_bytes: num("retention.bytes", t.log.retention_bytes),
-            max_message_bytes: num("max.message.bytes", t.log.max_message_bytes as i64).max(0) as usize,
+            max_message_bytes: num("max.message.bytes", t.log.max_message_bytes as i64).max(0)
+                as usize,
             log_append_time: get("message.timestamp.type") == "LogAppendTime",
             compact: get("cleanup.policy").contains("compact"),
             delete_retention_ms: num("delete.retention.ms", 86_400_000).max(0),

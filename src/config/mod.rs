@@ -12,11 +12,18 @@ pub const DEFAULT_TUNING: &str = include_str!("../../tuning/default.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: {key}: {message}")]
-    Invalid { path: String, key: String, message: String },
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +36,29 @@ pub struct Tuning {
     pub log: LogSection,
     pub group: GroupSection,
     pub net: NetSection,
+    /// Per-core overrides, `[[core]]` tables: the first one naming a core wins.
+    #[serde(default)]
+    pub core: Vec<CoreSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreSection {
+    /// Cores this section applies to.
+    pub ids: Vec<usize>,
+    pub batch_cache_bytes_per_partition: Option<usize>,
+    pub io_memory_bytes: Option<usize>,
+    pub ring_depth: Option<usize>,
+    pub spin_before_park_us: Option<u64>,
+}
+
+/// The settings one shard runs with: the node-wide values with its core's overrides applied.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardTuning {
+    pub batch_cache_bytes_per_partition: usize,
+    pub io_memory_bytes: usize,
+    pub ring_depth: usize,
+    pub spin_before_park_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +106,10 @@ pub struct LogSection {
     pub num_partitions: i32,
     pub auto_create_topics: bool,
     pub message_timestamp_type: String,
+    /// "acks": fdatasync before answering acks=all only; "always": before answering any write.
+    pub fsync: String,
+    /// Wait this long before starting an fdatasync so that one covers more writes.
+    pub group_commit_window_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,9 +133,17 @@ impl Tuning {
         let t: Tuning = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| format!("line {}: ", text[..s.start.min(text.len())].lines().count().max(1)))
+                .map(|s| {
+                    format!(
+                        "line {}: ",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
                 .unwrap_or_default();
-            ConfigError::Parse { path: path.to_string(), message: format!("{line}{}", e.message()) }
+            ConfigError::Parse {
+                path: path.to_string(),
+                message: format!("{line}{}", e.message()),
+            }
         })?;
         t.validate(path)?;
         Ok(t)
@@ -111,8 +153,10 @@ impl Tuning {
         match file {
             None => Tuning::parse(DEFAULT_TUNING, "tuning/default.toml (embedded)"),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::Read { path: p.display().to_string(), source: e })?;
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source: e,
+                })?;
                 Tuning::parse(&text, &p.display().to_string())
             }
         }
@@ -120,10 +164,17 @@ impl Tuning {
 
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let bad = |key: &str, message: &str| {
-            Err(ConfigError::Invalid { path: path.to_string(), key: key.to_string(), message: message.to_string() })
+            Err(ConfigError::Invalid {
+                path: path.to_string(),
+                key: key.to_string(),
+                message: message.to_string(),
+            })
         };
         if self.node.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad("node.listen", "must be HOST:PORT with an IP address, e.g. 127.0.0.1:9092");
+            return bad(
+                "node.listen",
+                "must be HOST:PORT with an IP address, e.g. 127.0.0.1:9092",
+            );
         }
         if self.node.data_dir.is_empty() {
             return bad("node.data_dir", "must not be empty");
@@ -137,8 +188,14 @@ impl Tuning {
         if self.log.max_message_bytes < 1024 {
             return bad("log.max_message_bytes", "must be at least 1024");
         }
-        if !matches!(self.log.message_timestamp_type.as_str(), "CreateTime" | "LogAppendTime") {
-            return bad("log.message_timestamp_type", "must be CreateTime or LogAppendTime");
+        if !matches!(
+            self.log.message_timestamp_type.as_str(),
+            "CreateTime" | "LogAppendTime"
+        ) {
+            return bad(
+                "log.message_timestamp_type",
+                "must be CreateTime or LogAppendTime",
+            );
         }
         if self.memory.request_bytes_max < 1024 {
             return bad("memory.request_bytes_max", "must be at least 1024");
@@ -146,13 +203,72 @@ impl Tuning {
         if self.io.ring_depth < 8 || self.io.ring_depth > 32768 {
             return bad("io.ring_depth", "must be between 8 and 32768");
         }
+        if !matches!(self.log.fsync.as_str(), "acks" | "always") {
+            return bad("log.fsync", "must be \"acks\" or \"always\"");
+        }
+        if self.log.group_commit_window_us > 1_000_000 {
+            return bad(
+                "log.group_commit_window_us",
+                "must be at most 1000000 (1 s)",
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.core.iter().enumerate() {
+            let key = |k: &str| format!("core[{i}].{k}");
+            if c.ids.is_empty() {
+                return bad(&key("ids"), "must name at least one core");
+            }
+            for id in &c.ids {
+                if !seen.insert(*id) {
+                    return bad(
+                        &key("ids"),
+                        &format!("core {id} is named by two [[core]] sections"),
+                    );
+                }
+            }
+            if let Some(r) = c.ring_depth {
+                if !(8..=32768).contains(&r) {
+                    return bad(&key("ring_depth"), "must be between 8 and 32768");
+                }
+            }
+            if let Some(m) = c.io_memory_bytes {
+                if m < 1 << 20 {
+                    return bad(&key("io_memory_bytes"), "must be at least 1 MiB");
+                }
+            }
+        }
         if self.group.offsets_topic_num_partitions < 1 {
             return bad("group.offsets_topic_num_partitions", "must be at least 1");
         }
         if self.group.min_session_timeout_ms > self.group.max_session_timeout_ms {
-            return bad("group.min_session_timeout_ms", "must not exceed group.max_session_timeout_ms");
+            return bad(
+                "group.min_session_timeout_ms",
+                "must not exceed group.max_session_timeout_ms",
+            );
         }
         Ok(())
+    }
+
+    pub fn for_core(&self, core: usize) -> ShardTuning {
+        let mut t = ShardTuning {
+            batch_cache_bytes_per_partition: self.memory.batch_cache_bytes_per_partition,
+            io_memory_bytes: self.memory.io_memory_bytes,
+            ring_depth: self.io.ring_depth,
+            spin_before_park_us: self.io.spin_before_park_us,
+        };
+        if let Some(c) = self.core.iter().find(|c| c.ids.contains(&core)) {
+            t.batch_cache_bytes_per_partition = c
+                .batch_cache_bytes_per_partition
+                .unwrap_or(t.batch_cache_bytes_per_partition);
+            t.io_memory_bytes = c.io_memory_bytes.unwrap_or(t.io_memory_bytes);
+            t.ring_depth = c.ring_depth.unwrap_or(t.ring_depth);
+            t.spin_before_park_us = c.spin_before_park_us.unwrap_or(t.spin_before_park_us);
+        }
+        t
+    }
+
+    pub fn fsync_always(&self) -> bool {
+        self.log.fsync == "always"
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -171,16 +287,40 @@ mod tests {
     }
 
     #[test]
+    fn core_overrides_apply() {
+        let text = format!("{DEFAULT_TUNING}\n[[core]]\nids = [1]\nring_depth = 64\n");
+        let t = Tuning::parse(&text, "x.toml").unwrap();
+        assert_eq!(t.for_core(1).ring_depth, 64);
+        assert_eq!(t.for_core(0).ring_depth, t.io.ring_depth);
+        let dup = format!("{DEFAULT_TUNING}\n[[core]]\nids = [1]\n[[core]]\nids = [1]\n");
+        assert!(Tuning::parse(&dup, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("core[1].ids"));
+    }
+
+    #[test]
     fn examples_parse() {
-        Tuning::parse(include_str!("../../tuning/low-latency.toml"), "low-latency.toml").unwrap();
-        Tuning::parse(include_str!("../../tuning/throughput.toml"), "throughput.toml").unwrap();
+        Tuning::parse(
+            include_str!("../../tuning/low-latency.toml"),
+            "low-latency.toml",
+        )
+        .unwrap();
+        Tuning::parse(
+            include_str!("../../tuning/throughput.toml"),
+            "throughput.toml",
+        )
+        .unwrap();
     }
 
     #[test]
     fn unknown_key_names_line() {
         let text = DEFAULT_TUNING.replace("[io]", "[io]\nbogus = 1");
         let e = Tuning::parse(&text, "x.toml").unwrap_err().to_string();
-        assert!(e.contains("x.toml") && e.contains("line") && e.contains("bogus"), "{e}");
+        assert!(
+            e.contains("x.toml") && e.contains("line") && e.contains("bogus"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -4,8 +4,14 @@
 use std::rc::Rc;
 
 use bytes::Bytes;
-use kafka_protocol::messages::describe_groups_response::{DescribeGroupsResponse, DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::delete_groups_response::{
+    DeletableGroupResult, DeleteGroupsResponse,
+};
+use kafka_protocol::messages::describe_groups_response::{
+    DescribeGroupsResponse, DescribedGroup, DescribedGroupMember,
+};
 use kafka_protocol::messages::find_coordinator_response::{Coordinator, FindCoordinatorResponse};
+use kafka_protocol::messages::heartbeat_response::HeartbeatResponse;
 use kafka_protocol::messages::join_group_response::{JoinGroupResponse, JoinGroupResponseMember};
 use kafka_protocol::messages::leave_group_response::{LeaveGroupResponse, MemberResponse};
 use kafka_protocol::messages::list_groups_response::{ListGroupsResponse, ListedGroup};
@@ -16,25 +22,28 @@ use kafka_protocol::messages::offset_delete_response::{
     OffsetDeleteResponse, OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
 };
 use kafka_protocol::messages::offset_fetch_response::{
-    OffsetFetchResponse, OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
-    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+    OffsetFetchResponse, OffsetFetchResponseGroup, OffsetFetchResponsePartition,
+    OffsetFetchResponsePartitions, OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
-use kafka_protocol::messages::delete_groups_response::{DeletableGroupResult, DeleteGroupsResponse};
-use kafka_protocol::messages::heartbeat_response::HeartbeatResponse;
 use kafka_protocol::messages::sync_group_response::SyncGroupResponse;
 use kafka_protocol::messages::{BrokerId, GroupId, RequestHeader, RequestKind, ResponseKind};
 use kafka_protocol::protocol::StrBytes;
 
 use super::records::{OffsetValue, OffsetsKey};
 use super::state::{self, HeartbeatRequest, JoinRequest, LeaveMember, SyncRequest};
-use super::{offsets_partition_for, GroupShard, GROUP_ID_BYTES_MAX, OFFSETS_TOPIC, OFFSET_METADATA_BYTES_MAX};
+use super::{
+    offsets_partition_for, GroupShard, GROUP_ID_BYTES_MAX, OFFSETS_TOPIC, OFFSET_METADATA_BYTES_MAX,
+};
 use crate::server::errors as ec;
 use crate::server::handlers::util::{sb, tn};
 use crate::server::ConnCtx;
 use crate::shard::{invoke, Node, Shard};
 
 fn coordinator_shard(node: &Node, group: &str) -> usize {
-    node.shard_of(OFFSETS_TOPIC, offsets_partition_for(group, node.tuning.group.offsets_topic_num_partitions))
+    node.shard_of(
+        OFFSETS_TOPIC,
+        offsets_partition_for(group, node.tuning.group.offsets_topic_num_partitions),
+    )
 }
 
 fn valid_group(group: &str) -> bool {
@@ -64,13 +73,21 @@ fn s(x: &StrBytes) -> String {
     x.as_str().to_string()
 }
 
-pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<ResponseKind> {
+pub async fn dispatch(
+    ctx: &ConnCtx,
+    header: &RequestHeader,
+    req: RequestKind,
+) -> Option<ResponseKind> {
     let v = header.request_api_version;
     Some(match req {
         RequestKind::FindCoordinator(r) => {
             let node = &ctx.shard.node;
             let mut resp = FindCoordinatorResponse::default();
-            let keys: Vec<StrBytes> = if v >= 4 { r.coordinator_keys.clone() } else { vec![r.key.clone()] };
+            let keys: Vec<StrBytes> = if v >= 4 {
+                r.coordinator_keys.clone()
+            } else {
+                vec![r.key.clone()]
+            };
             let mut out = Vec::new();
             for k in keys {
                 let mut c = Coordinator::default();
@@ -121,7 +138,11 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                 session_timeout_ms: r.session_timeout_ms,
                 rebalance_timeout_ms: if v >= 1 { r.rebalance_timeout_ms } else { -1 },
                 protocol_type: s(&r.protocol_type),
-                protocols: r.protocols.iter().map(|p| (s(&p.name), p.metadata.clone())).collect(),
+                protocols: r
+                    .protocols
+                    .iter()
+                    .map(|p| (s(&p.name), p.metadata.clone()))
+                    .collect(),
                 require_known_member_id: v >= 4,
             };
             let out = on_coordinator(ctx, &group, move |sh, g| async move {
@@ -138,14 +159,24 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                     if v >= 7 {
                         resp.protocol_type = j.protocol_type.as_deref().map(sb);
                     }
-                    resp.protocol_name = j.protocol_name.as_deref().map(sb).or_else(|| if v < 7 { Some(sb("")) } else { None });
+                    resp.protocol_name = j.protocol_name.as_deref().map(sb).or_else(|| {
+                        if v < 7 {
+                            Some(sb(""))
+                        } else {
+                            None
+                        }
+                    });
                     resp.leader = sb(&j.leader);
                     resp.member_id = sb(&j.member_id);
                     resp.skip_assignment = j.skip_assignment && v >= 9;
                     for m in j.members {
                         let mut rm = JoinGroupResponseMember::default();
                         rm.member_id = sb(&m.member_id);
-                        rm.group_instance_id = if v >= 5 { m.group_instance_id.as_deref().map(sb) } else { None };
+                        rm.group_instance_id = if v >= 5 {
+                            m.group_instance_id.as_deref().map(sb)
+                        } else {
+                            None
+                        };
                         rm.metadata = m.metadata;
                         resp.members.push(rm);
                     }
@@ -167,9 +198,17 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                 group_instance_id: r.group_instance_id.as_ref().map(s),
                 protocol_type: r.protocol_type.as_ref().map(s),
                 protocol_name: r.protocol_name.as_ref().map(s),
-                assignments: r.assignments.iter().map(|a| (s(&a.member_id), a.assignment.clone())).collect(),
+                assignments: r
+                    .assignments
+                    .iter()
+                    .map(|a| (s(&a.member_id), a.assignment.clone()))
+                    .collect(),
             };
-            let out = on_coordinator(ctx, &group, move |sh, g| async move { g.sync(&sh, sr).await.ok() }).await.flatten();
+            let out = on_coordinator(ctx, &group, move |sh, g| async move {
+                g.sync(&sh, sr).await.ok()
+            })
+            .await
+            .flatten();
             match out {
                 None => resp.error_code = ec::COORDINATOR_NOT_AVAILABLE,
                 Some(x) => {
@@ -215,13 +254,25 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                 return Some(ResponseKind::LeaveGroup(resp));
             }
             let members: Vec<LeaveMember> = if v >= 3 {
-                r.members.iter().map(|m| LeaveMember { member_id: s(&m.member_id), group_instance_id: m.group_instance_id.as_ref().map(s) }).collect()
+                r.members
+                    .iter()
+                    .map(|m| LeaveMember {
+                        member_id: s(&m.member_id),
+                        group_instance_id: m.group_instance_id.as_ref().map(s),
+                    })
+                    .collect()
             } else {
-                vec![LeaveMember { member_id: s(&r.member_id), group_instance_id: None }]
+                vec![LeaveMember {
+                    member_id: s(&r.member_id),
+                    group_instance_id: None,
+                }]
             };
             let g2 = group.clone();
             let out = on_coordinator(ctx, &group, move |sh, g| async move {
-                let (top, per, actions) = g.coord.borrow_mut().leave(crate::log::now_ms(), &g2, &members);
+                let (top, per, actions) =
+                    g.coord
+                        .borrow_mut()
+                        .leave(crate::log::now_ms(), &g2, &members);
                 g.apply(&sh, actions);
                 (top, per)
             })
@@ -251,7 +302,11 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
             let node = ctx.shard.node.clone();
             let filter: Vec<String> = r.states_filter.iter().map(|x| x.to_string()).collect();
             let futs = (0..node.shards()).map(|i| {
-                invoke(i, |sh| async move { groups_of(&sh).map(|g| g.coord.borrow().list()).unwrap_or_default() })
+                invoke(i, |sh| async move {
+                    groups_of(&sh)
+                        .map(|g| g.coord.borrow().list())
+                        .unwrap_or_default()
+                })
             });
             let mut resp = ListGroupsResponse::default();
             for list in futures::future::join_all(futs).await {
@@ -283,7 +338,10 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                     continue;
                 }
                 let g2 = group.clone();
-                let d = on_coordinator(ctx, &group, move |_sh, g| async move { g.coord.borrow().describe(&g2) }).await;
+                let d = on_coordinator(ctx, &group, move |_sh, g| async move {
+                    g.coord.borrow().describe(&g2)
+                })
+                .await;
                 match d {
                     None => dg.error_code = ec::COORDINATOR_NOT_AVAILABLE,
                     Some(None) => dg.group_state = sb("Dead"),
@@ -294,7 +352,11 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                         for m in d.members {
                             let mut dm = DescribedGroupMember::default();
                             dm.member_id = sb(&m.member_id);
-                            dm.group_instance_id = if v >= 4 { m.group_instance_id.as_deref().map(sb) } else { None };
+                            dm.group_instance_id = if v >= 4 {
+                                m.group_instance_id.as_deref().map(sb)
+                            } else {
+                                None
+                            };
                             dm.client_id = sb(&m.client_id);
                             dm.client_host = sb(&m.client_host);
                             dm.member_metadata = m.metadata;
@@ -321,7 +383,12 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                 let g2 = group.clone();
                 let out = on_coordinator(ctx, &group, move |sh, g| async move {
                     let r = g.coord.borrow_mut().delete(&g2);
-                    let had_offsets = g.offsets.borrow().get(&g2).map(|o| !o.is_empty()).unwrap_or(false);
+                    let had_offsets = g
+                        .offsets
+                        .borrow()
+                        .get(&g2)
+                        .map(|o| !o.is_empty())
+                        .unwrap_or(false);
                     match r {
                         Ok(()) => {}
                         // A group known only by its offsets can be deleted too.
@@ -331,7 +398,17 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                     let removed = g.offsets.borrow_mut().remove(&g2).unwrap_or_default();
                     let mut kvs: Vec<(Vec<u8>, Option<Vec<u8>>)> = removed
                         .into_keys()
-                        .map(|(t, p)| (OffsetsKey::Offset { group: g2.clone(), topic: t, partition: p }.encode(), None))
+                        .map(|(t, p)| {
+                            (
+                                OffsetsKey::Offset {
+                                    group: g2.clone(),
+                                    topic: t,
+                                    partition: p,
+                                }
+                                .encode(),
+                                None,
+                            )
+                        })
                         .collect();
                     kvs.push((OffsetsKey::Group { group: g2.clone() }.encode(), None));
                     match super::append_records(&sh, &g2, kvs).await {
@@ -352,7 +429,15 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                 resp.error_code = ec::INVALID_GROUP_ID;
                 return Some(ResponseKind::OffsetDelete(resp));
             }
-            let parts: Vec<(String, i32)> = r.topics.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.name.0.to_string(), p.partition_index))).collect();
+            let parts: Vec<(String, i32)> = r
+                .topics
+                .iter()
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .map(move |p| (t.name.0.to_string(), p.partition_index))
+                })
+                .collect();
             let g2 = group.clone();
             let out = on_coordinator(ctx, &group, move |sh, g| async move {
                 let st = g.coord.borrow().state(&g2);
@@ -370,13 +455,28 @@ pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -
                         per.push(ec::GROUP_SUBSCRIBED_TO_TOPIC);
                         continue;
                     }
-                    if g.offsets.borrow_mut().get_mut(&g2).and_then(|o| o.remove(&(t.clone(), p))).is_some() {
-                        kvs.push((OffsetsKey::Offset { group: g2.clone(), topic: t, partition: p }.encode(), None));
+                    if g.offsets
+                        .borrow_mut()
+                        .get_mut(&g2)
+                        .and_then(|o| o.remove(&(t.clone(), p)))
+                        .is_some()
+                    {
+                        kvs.push((
+                            OffsetsKey::Offset {
+                                group: g2.clone(),
+                                topic: t,
+                                partition: p,
+                            }
+                            .encode(),
+                            None,
+                        ));
                     }
                     per.push(ec::NONE);
                 }
                 if !kvs.is_empty() {
-                    super::append_records(&sh, &g2, kvs).await.map_err(|_| ec::KAFKA_STORAGE_ERROR)?;
+                    super::append_records(&sh, &g2, kvs)
+                        .await
+                        .map_err(|_| ec::KAFKA_STORAGE_ERROR)?;
                 }
                 Ok(per)
             })
@@ -425,10 +525,17 @@ async fn offset_commit(
             let topic = img.topic(&name);
             let mut row = Vec::new();
             for p in &t.partitions {
-                let meta = p.committed_metadata.as_ref().map(|m| m.to_string()).unwrap_or_default();
+                let meta = p
+                    .committed_metadata
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
                 if !valid_group(&group) {
                     row.push(Some(ec::INVALID_GROUP_ID));
-                } else if topic.map(|t| p.partition_index < 0 || p.partition_index >= t.partitions).unwrap_or(true) {
+                } else if topic
+                    .map(|t| p.partition_index < 0 || p.partition_index >= t.partitions)
+                    .unwrap_or(true)
+                {
                     row.push(Some(ec::UNKNOWN_TOPIC_OR_PARTITION));
                 } else if meta.len() > OFFSET_METADATA_BYTES_MAX {
                     row.push(Some(12)); // OFFSET_METADATA_TOO_LARGE
@@ -457,14 +564,26 @@ async fn offset_commit(
         let instance = r.group_instance_id.as_ref().map(s);
         let g2 = group.clone();
         on_coordinator(ctx, &group, move |sh, g| async move {
-            if let Err(code) = g.coord.borrow().validate_commit(&g2, generation, &member, instance.as_deref()) {
+            if let Err(code) =
+                g.coord
+                    .borrow()
+                    .validate_commit(&g2, generation, &member, instance.as_deref())
+            {
                 return code;
             }
             g.coord.borrow_mut().ensure_group(&g2);
             let kvs = commits
                 .iter()
                 .map(|(t, p, v)| {
-                    (OffsetsKey::Offset { group: g2.clone(), topic: t.clone(), partition: *p }.encode(), Some(v.encode()))
+                    (
+                        OffsetsKey::Offset {
+                            group: g2.clone(),
+                            topic: t.clone(),
+                            partition: *p,
+                        }
+                        .encode(),
+                        Some(v.encode()),
+                    )
                 })
                 .collect();
             if let Err(e) = super::append_records(&sh, &g2, kvs).await {
@@ -496,7 +615,11 @@ async fn offset_commit(
 }
 
 /// One group's committed offsets: None topics means every committed partition.
-async fn fetch_group(ctx: &ConnCtx, group: String, topics: Option<Vec<(String, Vec<i32>)>>) -> Result<Vec<(String, Vec<(i32, i64, i32, String)>)>, i16> {
+async fn fetch_group(
+    ctx: &ConnCtx,
+    group: String,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> Result<Vec<(String, Vec<(i32, i64, i32, String)>)>, i16> {
     if !valid_group(&group) {
         return Err(ec::INVALID_GROUP_ID);
     }
@@ -524,8 +647,13 @@ async fn fetch_group(ctx: &ConnCtx, group: String, topics: Option<Vec<(String, V
                 if let Some(c) = committed {
                     for ((t, p), v) in c {
                         match out.last_mut() {
-                            Some((lt, rows)) if lt == t => rows.push((*p, v.offset, v.leader_epoch, v.metadata.clone())),
-                            _ => out.push((t.clone(), vec![(*p, v.offset, v.leader_epoch, v.metadata.clone())])),
+                            Some((lt, rows)) if lt == t => {
+                                rows.push((*p, v.offset, v.leader_epoch, v.metadata.clone()))
+                            }
+                            _ => out.push((
+                                t.clone(),
+                                vec![(*p, v.offset, v.leader_epoch, v.metadata.clone())],
+                            )),
                         }
                     }
                 }
@@ -545,7 +673,11 @@ async fn offset_fetch(
     let mut resp = OffsetFetchResponse::default();
     if v >= 8 {
         for g in r.groups {
-            let topics = g.topics.map(|ts| ts.into_iter().map(|t| (t.name.0.to_string(), t.partition_indexes)).collect());
+            let topics = g.topics.map(|ts| {
+                ts.into_iter()
+                    .map(|t| (t.name.0.to_string(), t.partition_indexes))
+                    .collect()
+            });
             let mut rg = OffsetFetchResponseGroup::default();
             rg.group_id = g.group_id.clone();
             match fetch_group(ctx, g.group_id.0.to_string(), topics).await {
@@ -570,7 +702,11 @@ async fn offset_fetch(
         }
         return resp;
     }
-    let topics = r.topics.map(|ts| ts.into_iter().map(|t| (t.name.0.to_string(), t.partition_indexes)).collect());
+    let topics = r.topics.map(|ts| {
+        ts.into_iter()
+            .map(|t| (t.name.0.to_string(), t.partition_indexes))
+            .collect()
+    });
     match fetch_group(ctx, r.group_id.0.to_string(), topics).await {
         Err(code) => {
             if v >= 2 {

@@ -14,7 +14,9 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
-use kafka_protocol::records::{Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 
 use crate::log::now_ms;
 use crate::shard::Shard;
@@ -58,7 +60,10 @@ impl GroupShard {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
         GroupShard {
-            coord: RefCell::new(GroupCoordinator::with_config(cfg, seed ^ (std::process::id() as u64) << 32)),
+            coord: RefCell::new(GroupCoordinator::with_config(
+                cfg,
+                seed ^ (std::process::id() as u64) << 32,
+            )),
             offsets: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
@@ -71,7 +76,11 @@ impl GroupShard {
         t
     }
 
-    pub fn join(self: &Rc<Self>, shard: &Rc<Shard>, req: state::JoinRequest) -> oneshot::Receiver<JoinResponse> {
+    pub fn join(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        req: state::JoinRequest,
+    ) -> oneshot::Receiver<JoinResponse> {
         let (tx, rx) = oneshot::channel();
         let token = self.token();
         self.pending.borrow_mut().insert(token, Pending::Join(tx));
@@ -80,7 +89,11 @@ impl GroupShard {
         rx
     }
 
-    pub fn sync(self: &Rc<Self>, shard: &Rc<Shard>, req: state::SyncRequest) -> oneshot::Receiver<SyncResponse> {
+    pub fn sync(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        req: state::SyncRequest,
+    ) -> oneshot::Receiver<SyncResponse> {
         let (tx, rx) = oneshot::channel();
         let token = self.token();
         self.pending.borrow_mut().insert(token, Pending::Sync(tx));
@@ -105,11 +118,15 @@ impl GroupShard {
                 }
                 Action::GroupChanged { group_id } => {
                     let value = self.coord.borrow().group_metadata(&group_id);
-                    let key = OffsetsKey::Group { group: group_id.clone() }.encode();
+                    let key = OffsetsKey::Group {
+                        group: group_id.clone(),
+                    }
+                    .encode();
                     let value = value.map(|v| v.encode());
                     let shard = shard.clone();
                     glommio::spawn_local(async move {
-                        if let Err(e) = append_records(&shard, &group_id, vec![(key, value)]).await {
+                        if let Err(e) = append_records(&shard, &group_id, vec![(key, value)]).await
+                        {
                             tracing::warn!("cannot persist metadata of group {group_id}: {e}");
                         }
                     })
@@ -128,24 +145,35 @@ impl GroupShard {
             if shard.node.shard_of(OFFSETS_TOPIC, p) != shard.id {
                 continue;
             }
-            let Some(part) = shard.partition(OFFSETS_TOPIC, p).await else { continue };
+            let Some(part) = shard.partition(OFFSETS_TOPIC, p).await else {
+                continue;
+            };
             let mut offset = part.log.log_start_offset();
             let end = part.log.log_end_offset();
             // Bounded by the log: each pass advances past at least one batch.
             while offset < end {
-                let Ok(bytes) = part.log.read(offset, 1 << 20, end, 0).await else { break };
+                let Ok(bytes) = part.log.read(offset, 1 << 20, end, 0).await else {
+                    break;
+                };
                 if bytes.is_empty() {
                     break;
                 }
                 let mut buf = bytes.clone();
                 let mut last = offset;
                 while buf.len() >= crate::log::batch::HEADER_BYTES {
-                    let Ok(set) = RecordBatchDecoder::decode(&mut buf) else { break };
+                    let Ok(set) = RecordBatchDecoder::decode(&mut buf) else {
+                        break;
+                    };
                     for r in set.records {
                         last = last.max(r.offset as u64);
                         let Some(k) = r.key.as_ref() else { continue };
                         match OffsetsRecord::decode(k, r.value.as_deref()) {
-                            Ok(OffsetsRecord::Offset { group, topic, partition, value }) => {
+                            Ok(OffsetsRecord::Offset {
+                                group,
+                                topic,
+                                partition,
+                                value,
+                            }) => {
                                 let mut offs = self.offsets.borrow_mut();
                                 let g = offs.entry(group).or_default();
                                 match value {
@@ -161,7 +189,9 @@ impl GroupShard {
                             Ok(OffsetsRecord::Group { group, value }) => {
                                 groups.insert(group, value);
                             }
-                            Err(e) => tracing::warn!("skipping undecodable __consumer_offsets record: {e}"),
+                            Err(e) => tracing::warn!(
+                                "skipping undecodable __consumer_offsets record: {e}"
+                            ),
                         }
                     }
                 }
@@ -202,10 +232,17 @@ impl GroupShard {
 }
 
 /// Appends key/value records for `group` to its `__consumer_offsets` partition (acks=all).
-pub async fn append_records(shard: &Rc<Shard>, group: &str, kvs: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), String> {
+pub async fn append_records(
+    shard: &Rc<Shard>,
+    group: &str,
+    kvs: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<(), String> {
     let n = shard.node.tuning.group.offsets_topic_num_partitions;
     let p = offsets_partition_for(group, n);
-    let part = shard.partition(OFFSETS_TOPIC, p).await.ok_or("offsets partition unavailable")?;
+    let part = shard
+        .partition(OFFSETS_TOPIC, p)
+        .await
+        .ok_or("offsets partition unavailable")?;
     let ts = now_ms() as i64;
     let records: Vec<Record> = kvs
         .into_iter()
@@ -227,9 +264,22 @@ pub async fn append_records(shard: &Rc<Shard>, group: &str, kvs: Vec<(Vec<u8>, O
         })
         .collect();
     let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(&mut buf, records.iter(), &RecordEncodeOptions { version: 2, compression: Compression::None })
-        .map_err(|e| e.to_string())?;
-    let cfg = shard.node.effective_config(OFFSETS_TOPIC).ok_or("offsets topic missing")?;
-    let cache = shard.node.tuning.memory.batch_cache_bytes_per_partition;
-    part.produce(buf.freeze(), -1, &cfg, cache).await.map(|_| ()).map_err(|(_, m)| m)
+    RecordBatchEncoder::encode(
+        &mut buf,
+        records.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = shard
+        .node
+        .effective_config(OFFSETS_TOPIC)
+        .ok_or("offsets topic missing")?;
+    let cache = shard.tuning.batch_cache_bytes_per_partition;
+    part.produce(buf.freeze(), -1, &cfg, cache)
+        .await
+        .map(|_| ())
+        .map_err(|(_, m)| m)
 }

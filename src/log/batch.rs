@@ -261,11 +261,20 @@ pub mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         out.clear();
-        assert_eq!(validate_payload(&bad, 1 << 20, &mut out), Err(BatchError::CorruptCrc));
+        assert_eq!(
+            validate_payload(&bad, 1 << 20, &mut out),
+            Err(BatchError::CorruptCrc)
+        );
         out.clear();
-        assert_eq!(validate_payload(&b[..40], 1 << 20, &mut out), Err(BatchError::Truncated));
+        assert_eq!(
+            validate_payload(&b[..40], 1 << 20, &mut out),
+            Err(BatchError::Truncated)
+        );
         out.clear();
-        assert!(matches!(validate_payload(&b, 10, &mut out), Err(BatchError::TooLarge(_))));
+        assert!(matches!(
+            validate_payload(&b, 10, &mut out),
+            Err(BatchError::TooLarge(_))
+        ));
     }
 
     #[test]

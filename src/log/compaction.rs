@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::records::{Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions};
+use kafka_protocol::records::{
+    Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
+};
 
 use super::batch::{self, BatchHeader, HEADER_BYTES, LOG_OVERHEAD};
 use super::{segment_file_name, LogError, Segment, SharedLog, INDEX_INTERVAL_BYTES};
@@ -54,12 +56,19 @@ pub enum CleanError {
         source: std::io::Error,
     },
     #[error("{path}: malformed batch at byte {pos}: {message}")]
-    Malformed { path: String, pos: u64, message: String },
+    Malformed {
+        path: String,
+        pos: u64,
+        message: String,
+    },
 }
 
 impl CleanError {
     fn io(path: &Path, source: std::io::Error) -> Self {
-        CleanError::Io { path: path.display().to_string(), source }
+        CleanError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -149,7 +158,10 @@ impl OffsetMap {
 }
 
 pub fn read_checkpoint(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join(CHECKPOINT_FILE)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    std::fs::read_to_string(dir.join(CHECKPOINT_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn write_checkpoint(dir: &Path, offset: u64) -> std::io::Result<()> {
@@ -165,13 +177,26 @@ pub fn dirty_ratio(closed: &[SegmentSnapshot], cleaned_up_to: u64) -> f64 {
     if total == 0 {
         return 0.0;
     }
-    let dirty: u64 = closed.iter().filter(|s| s.base_offset >= cleaned_up_to).map(|s| s.size).sum();
+    let dirty: u64 = closed
+        .iter()
+        .filter(|s| s.base_offset >= cleaned_up_to)
+        .map(|s| s.size)
+        .sum();
     dirty as f64 / total as f64
 }
 
-fn is_tombstone_expired(r: &Record, h: &BatchHeader<'_>, delete_retention_ms: i64, now_ms: i64) -> bool {
+fn is_tombstone_expired(
+    r: &Record,
+    h: &BatchHeader<'_>,
+    delete_retention_ms: i64,
+    now_ms: i64,
+) -> bool {
     // With LogAppendTime the batch's max timestamp is when the broker stored the record.
-    let ts = if h.is_log_append_time() { h.max_timestamp() } else { r.timestamp };
+    let ts = if h.is_log_append_time() {
+        h.max_timestamp()
+    } else {
+        r.timestamp
+    };
     delete_retention_ms >= 0 && ts.saturating_add(delete_retention_ms) <= now_ms
 }
 
@@ -244,7 +269,10 @@ pub fn clean_batch(
         return Ok(());
     }
     let mut enc = BytesMut::new();
-    let opts = RecordEncodeOptions { version: 2, compression: set.compression };
+    let opts = RecordEncodeOptions {
+        version: 2,
+        compression: set.compression,
+    };
     RecordBatchEncoder::encode(&mut enc, kept.iter(), &opts).map_err(|e| e.to_string())?;
     if enc.len() < HEADER_BYTES {
         return Err("re-encoded batch is shorter than a header".into());
@@ -273,11 +301,20 @@ struct BatchReader {
 impl BatchReader {
     fn open(seg: &SegmentSnapshot) -> Result<BatchReader, CleanError> {
         let f = std::fs::File::open(&seg.path).map_err(|e| CleanError::io(&seg.path, e))?;
-        Ok(BatchReader { r: BufReader::with_capacity(1 << 20, f), path: seg.path.clone(), pos: 0, size: seg.size })
+        Ok(BatchReader {
+            r: BufReader::with_capacity(1 << 20, f),
+            path: seg.path.clone(),
+            pos: 0,
+            size: seg.size,
+        })
     }
 
     fn malformed(&self, message: &str) -> CleanError {
-        CleanError::Malformed { path: self.path.display().to_string(), pos: self.pos, message: message.into() }
+        CleanError::Malformed {
+            path: self.path.display().to_string(),
+            pos: self.pos,
+            message: message.into(),
+        }
     }
 
     /// The next batch with the file position it starts at, or None at the end.
@@ -289,7 +326,9 @@ impl BatchReader {
             return Err(self.malformed("bytes after the last batch"));
         }
         let mut head = [0u8; LOG_OVERHEAD];
-        self.r.read_exact(&mut head).map_err(|e| CleanError::io(&self.path, e))?;
+        self.r
+            .read_exact(&mut head)
+            .map_err(|e| CleanError::io(&self.path, e))?;
         let len = i32::from_be_bytes([head[8], head[9], head[10], head[11]]);
         if len < (HEADER_BYTES - LOG_OVERHEAD) as i32 || len as usize > BATCH_BYTES_MAX {
             return Err(self.malformed("bad batch length"));
@@ -300,7 +339,9 @@ impl BatchReader {
         }
         let mut b = vec![0u8; total as usize];
         b[..LOG_OVERHEAD].copy_from_slice(&head);
-        self.r.read_exact(&mut b[LOG_OVERHEAD..]).map_err(|e| CleanError::io(&self.path, e))?;
+        self.r
+            .read_exact(&mut b[LOG_OVERHEAD..])
+            .map_err(|e| CleanError::io(&self.path, e))?;
         let at = self.pos;
         self.pos += total;
         Ok(Some((at, Bytes::from(b))))
@@ -324,7 +365,8 @@ struct GroupWriter {
 impl GroupWriter {
     fn create(dir: &Path, base: u64) -> Result<GroupWriter, CleanError> {
         let cleaned_path = dir.join(segment_file_name(base, "cleaned"));
-        let f = std::fs::File::create(&cleaned_path).map_err(|e| CleanError::io(&cleaned_path, e))?;
+        let f =
+            std::fs::File::create(&cleaned_path).map_err(|e| CleanError::io(&cleaned_path, e))?;
         Ok(GroupWriter {
             members: Vec::new(),
             in_bytes: 0,
@@ -358,7 +400,9 @@ impl GroupWriter {
             }
             at += total;
         }
-        self.w.write_all(batches).map_err(|e| CleanError::io(&self.cleaned_path, e))?;
+        self.w
+            .write_all(batches)
+            .map_err(|e| CleanError::io(&self.cleaned_path, e))?;
         self.size += batches.len() as u64;
         Ok(())
     }
@@ -366,11 +410,18 @@ impl GroupWriter {
     /// Makes the file durable and marks it complete by renaming it to `.swap`.
     fn finish(self) -> Result<CleanedGroup, CleanError> {
         let path = self.cleaned_path.clone();
-        let f = self.w.into_inner().map_err(|e| CleanError::io(&path, e.into_error()))?;
+        let f = self
+            .w
+            .into_inner()
+            .map_err(|e| CleanError::io(&path, e.into_error()))?;
         f.sync_all().map_err(|e| CleanError::io(&path, e))?;
         let swap_path = path.with_extension("swap");
         std::fs::rename(&path, &swap_path).map_err(|e| CleanError::io(&swap_path, e))?;
-        let base_offset = self.members.first().map(|m| m.0).unwrap_or(self.next_offset);
+        let base_offset = self
+            .members
+            .first()
+            .map(|m| m.0)
+            .unwrap_or(self.next_offset);
         Ok(CleanedGroup {
             members: self.members,
             base_offset,
@@ -415,14 +466,26 @@ pub fn clean_log(
             break;
         }
     }
-    let Some(mapped_end) = mapped_end else { return Ok(None) };
+    let Some(mapped_end) = mapped_end else {
+        return Ok(None);
+    };
 
     // Pass 2: rewrite every segment below the end of the mapped range, grouping neighbours
     // whose original sizes fit in one segment (so tiny cleaned segments merge on later passes).
     let mut stats = CleanStats::default();
     let mut done: Vec<CleanedGroup> = Vec::new();
     let mut current: Option<GroupWriter> = None;
-    let r = rewrite(dir, closed, mapped_end, &map, s, now_ms, &mut stats, &mut done, &mut current);
+    let r = rewrite(
+        dir,
+        closed,
+        mapped_end,
+        &map,
+        s,
+        now_ms,
+        &mut stats,
+        &mut done,
+        &mut current,
+    );
     if let Err(e) = r {
         discard(&done, dir);
         if let Some(g) = current {
@@ -432,7 +495,11 @@ pub fn clean_log(
     }
     stats.bytes_after = done.iter().map(|g| g.size).sum();
     stats.segments_after = done.len();
-    Ok(Some(CleanOutcome { groups: done, cleaned_up_to: mapped_end, stats }))
+    Ok(Some(CleanOutcome {
+        groups: done,
+        cleaned_up_to: mapped_end,
+        stats,
+    }))
 }
 
 /// Pass 2 proper: see `clean_log`. Completed groups go to `done`; the one being written stays
@@ -453,7 +520,9 @@ fn rewrite(
     for seg in closed.iter().filter(|x| x.base_offset < mapped_end) {
         stats.bytes_before += seg.size;
         stats.segments_before += 1;
-        let fits = current.as_ref().is_some_and(|g| g.in_bytes + seg.size <= s.segment_bytes);
+        let fits = current
+            .as_ref()
+            .is_some_and(|g| g.in_bytes + seg.size <= s.segment_bytes);
         if !fits {
             if let Some(g) = current.take() {
                 done.push(g.finish()?);
@@ -474,7 +543,9 @@ fn rewrite(
     if let Some(g) = current.take() {
         done.push(g.finish()?);
     }
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CleanError::io(dir, e))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CleanError::io(dir, e))
 }
 
 /// Recovery of leftovers of an interrupted pass: a `.cleaned` file may be incomplete and is
@@ -494,7 +565,11 @@ pub fn recover_leftovers(dir: &Path) -> std::io::Result<()> {
     }
     for swap in &swaps {
         let log = swap.with_extension("log");
-        tracing::warn!("completing interrupted compaction swap {} -> {}", swap.display(), log.display());
+        tracing::warn!(
+            "completing interrupted compaction swap {} -> {}",
+            swap.display(),
+            log.display()
+        );
         // Stale indexes of the replaced segment must not be trusted by a later size match.
         let _ = std::fs::remove_file(log.with_extension("index"));
         let _ = std::fs::remove_file(log.with_extension("timeindex"));
@@ -509,7 +584,11 @@ pub fn recover_leftovers(dir: &Path) -> std::io::Result<()> {
 impl SharedLog {
     /// One cleaning pass when the dirty ratio calls for it. Appends continue meanwhile: only
     /// closed segments are read and replaced, and no borrow is held across an await.
-    pub async fn compact(&self, s: &CleanerSettings, now: u64) -> Result<Option<CleanStats>, LogError> {
+    pub async fn compact(
+        &self,
+        s: &CleanerSettings,
+        now: u64,
+    ) -> Result<Option<CleanStats>, LogError> {
         let (dir, closed, cleaned_up_to) = {
             let log = self.inner.borrow();
             let active_base = log.segments.keys().next_back().copied().unwrap_or(0);
@@ -534,7 +613,9 @@ impl SharedLog {
             .spawn_blocking(move || clean_log(&dir2, &closed2, cleaned_up_to, &s2, now as i64))
             .await
             .map_err(|e| LogError::io(&dir, std::io::Error::other(e.to_string())))?;
-        let Some(outcome) = outcome else { return Ok(None) };
+        let Some(outcome) = outcome else {
+            return Ok(None);
+        };
         let mut applied = 0usize;
         let mut aborted = false;
         let groups = outcome.groups;
@@ -575,7 +656,10 @@ impl SharedLog {
                     (
                         x.path.clone(),
                         x.size,
-                        x.offset_index.iter().map(|(o, p)| (*o as i64, *p as i64)).collect(),
+                        x.offset_index
+                            .iter()
+                            .map(|(o, p)| (*o as i64, *p as i64))
+                            .collect(),
                         x.time_index.iter().map(|(t, o)| (*t, *o as i64)).collect(),
                     )
                 })
@@ -589,15 +673,25 @@ impl SharedLog {
                     tracing::warn!("could not fsync {}: {e}", dir2.display());
                 }
                 for (path, size, oi, ti) in new_indexes {
-                    if let Err(e) = super::index::write_index(&path.with_extension("index"), size, &oi)
-                        .and_then(|_| super::index::write_index(&path.with_extension("timeindex"), size, &ti))
+                    if let Err(e) =
+                        super::index::write_index(&path.with_extension("index"), size, &oi)
+                            .and_then(|_| {
+                                super::index::write_index(
+                                    &path.with_extension("timeindex"),
+                                    size,
+                                    &ti,
+                                )
+                            })
                     {
                         tracing::warn!("could not write index of {}: {e}", path.display());
                     }
                 }
                 if let Some(c) = checkpoint {
                     if let Err(e) = write_checkpoint(&dir2, c) {
-                        tracing::warn!("could not write cleaner checkpoint in {}: {e}", dir2.display());
+                        tracing::warn!(
+                            "could not write cleaner checkpoint in {}: {e}",
+                            dir2.display()
+                        );
                     }
                 }
             })
@@ -623,13 +717,17 @@ impl SharedLog {
         let mut log = self.inner.borrow_mut();
         let log = &mut *log;
         let active_base = log.segments.keys().next_back().copied().unwrap_or(0);
-        let unchanged =
-            g.members.iter().all(|(b, sz)| *b < active_base && log.segments.get(b).is_some_and(|x| x.size == *sz));
+        let unchanged = g
+            .members
+            .iter()
+            .all(|(b, sz)| *b < active_base && log.segments.get(b).is_some_and(|x| x.size == *sz));
         if !unchanged {
             drop(file);
             return Ok(false);
         }
-        let Some(first) = g.members.first().map(|m| m.0) else { return Ok(false) };
+        let Some(first) = g.members.first().map(|m| m.0) else {
+            return Ok(false);
+        };
         let log_path = dir.join(segment_file_name(first, "log"));
         // Later members go first: if we crash before the rename, the `.swap` still exists and
         // recovery completes it.
@@ -642,7 +740,11 @@ impl SharedLog {
         let _ = std::fs::remove_file(log_path.with_extension("index"));
         let _ = std::fs::remove_file(log_path.with_extension("timeindex"));
         std::fs::rename(&g.swap_path, &log_path).map_err(|e| LogError::io(&log_path, e))?;
-        let created_ms = log.segments.get(&first).map(|x| x.created_ms).unwrap_or_else(super::now_ms);
+        let created_ms = log
+            .segments
+            .get(&first)
+            .map(|x| x.created_ms)
+            .unwrap_or_else(super::now_ms);
         for (b, _) in &g.members {
             // Readers holding the old Rc<DmaFile> keep reading the unlinked old file.
             log.segments.remove(b);
@@ -663,7 +765,11 @@ impl SharedLog {
             },
         );
         // The cache must not serve records the cleaner removed.
-        while log.cache.front().is_some_and(|b| b.base_offset < g.next_offset) {
+        while log
+            .cache
+            .front()
+            .is_some_and(|b| b.base_offset < g.next_offset)
+        {
             if let Some(b) = log.cache.pop_front() {
                 log.cache_bytes -= b.bytes.len();
             }
@@ -710,7 +816,15 @@ mod tests {
             })
             .collect();
         let mut b = BytesMut::new();
-        RecordBatchEncoder::encode(&mut b, recs.iter(), &RecordEncodeOptions { version: 2, compression: c }).unwrap();
+        RecordBatchEncoder::encode(
+            &mut b,
+            recs.iter(),
+            &RecordEncodeOptions {
+                version: 2,
+                compression: c,
+            },
+        )
+        .unwrap();
         b.to_vec()
     }
 
@@ -719,7 +833,8 @@ mod tests {
         let mut out = Vec::new();
         for set in RecordBatchDecoder::decode_all(&mut buf).unwrap() {
             for r in set.records {
-                let s = |b: &Option<Bytes>| b.as_ref().map(|x| String::from_utf8(x.to_vec()).unwrap());
+                let s =
+                    |b: &Option<Bytes>| b.as_ref().map(|x| String::from_utf8(x.to_vec()).unwrap());
                 out.push((r.offset, s(&r.key), s(&r.value)));
             }
         }
@@ -737,8 +852,11 @@ mod tests {
         v
     }
 
-    const S: CleanerSettings =
-        CleanerSettings { segment_bytes: 1 << 20, delete_retention_ms: 86_400_000, min_cleanable_dirty_ratio: 0.5 };
+    const S: CleanerSettings = CleanerSettings {
+        segment_bytes: 1 << 20,
+        delete_retention_ms: 86_400_000,
+        min_cleanable_dirty_ratio: 0.5,
+    };
 
     fn clean_bytes(data: &[u8], s: &CleanerSettings, now: i64) -> (Vec<u8>, CleanStats) {
         let mut map = OffsetMap::default();
@@ -755,10 +873,33 @@ mod tests {
 
     #[test]
     fn compaction_keeps_latest_per_key_with_offsets() {
-        for c in [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd] {
-            let mut data =
-                batch(0, &[(Some("a"), Some("a0")), (Some("b"), Some("b0")), (Some("a"), Some("a1"))], 1000, c);
-            data.extend(batch(3, &[(Some("c"), Some("c0")), (None, Some("nokey")), (Some("b"), Some("b1"))], 2000, c));
+        for c in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let mut data = batch(
+                0,
+                &[
+                    (Some("a"), Some("a0")),
+                    (Some("b"), Some("b0")),
+                    (Some("a"), Some("a1")),
+                ],
+                1000,
+                c,
+            );
+            data.extend(batch(
+                3,
+                &[
+                    (Some("c"), Some("c0")),
+                    (None, Some("nokey")),
+                    (Some("b"), Some("b1")),
+                ],
+                2000,
+                c,
+            ));
             data.extend(batch(6, &[(Some("a"), Some("a2"))], 3000, c));
             let (out, stats) = clean_bytes(&data, &S, 10_000);
             let got = decode_all(&out);
@@ -786,30 +927,63 @@ mod tests {
 
     #[test]
     fn compaction_tombstones_kept_until_delete_retention() {
-        let mut data = batch(0, &[(Some("k"), Some("v0")), (Some("x"), Some("x0"))], 1000, Compression::None);
+        let mut data = batch(
+            0,
+            &[(Some("k"), Some("v0")), (Some("x"), Some("x0"))],
+            1000,
+            Compression::None,
+        );
         data.extend(batch(2, &[(Some("k"), None)], 5000, Compression::None));
         // Young tombstone: kept, older value of its key dropped.
         let (out, stats) = clean_bytes(&data, &S, 6000);
-        assert_eq!(decode_all(&out), vec![(1, Some("x".into()), Some("x0".into())), (2, Some("k".into()), None)]);
+        assert_eq!(
+            decode_all(&out),
+            vec![
+                (1, Some("x".into()), Some("x0".into())),
+                (2, Some("k".into()), None)
+            ]
+        );
         assert_eq!(stats.tombstones_dropped, 0);
         // Past delete.retention.ms after its timestamp: dropped too.
-        let s = CleanerSettings { delete_retention_ms: 100, ..S };
+        let s = CleanerSettings {
+            delete_retention_ms: 100,
+            ..S
+        };
         let (out, stats) = clean_bytes(&data, &s, 5100);
-        assert_eq!(decode_all(&out), vec![(1, Some("x".into()), Some("x0".into()))]);
+        assert_eq!(
+            decode_all(&out),
+            vec![(1, Some("x".into()), Some("x0".into()))]
+        );
         assert_eq!(stats.tombstones_dropped, 1);
         // A value written after the tombstone supersedes it.
-        data.extend(batch(3, &[(Some("k"), Some("v1"))], 7000, Compression::None));
+        data.extend(batch(
+            3,
+            &[(Some("k"), Some("v1"))],
+            7000,
+            Compression::None,
+        ));
         let (out, _) = clean_bytes(&data, &S, 8000);
         assert_eq!(
             decode_all(&out),
-            vec![(1, Some("x".into()), Some("x0".into())), (3, Some("k".into()), Some("v1".into()))]
+            vec![
+                (1, Some("x".into()), Some("x0".into())),
+                (3, Some("k".into()), Some("v1".into()))
+            ]
         );
     }
 
     #[test]
     fn compaction_log_append_time_flag_survives_rewrite() {
-        let mut b =
-            batch(0, &[(Some("a"), Some("1")), (Some("a"), Some("2")), (Some("b"), Some("3"))], 10, Compression::None);
+        let mut b = batch(
+            0,
+            &[
+                (Some("a"), Some("1")),
+                (Some("a"), Some("2")),
+                (Some("b"), Some("3")),
+            ],
+            10,
+            Compression::None,
+        );
         batch::set_log_append_time(&mut b, 777);
         let (out, _) = clean_bytes(&b, &S, 1000);
         let h = BatchHeader::new(&out);
@@ -828,7 +1002,12 @@ mod tests {
             let h = BatchHeader::new(&b);
             next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
         }
-        SegmentSnapshot { base_offset: base, next_offset: next, size: all.len() as u64, path }
+        SegmentSnapshot {
+            base_offset: base,
+            next_offset: next,
+            size: all.len() as u64,
+            path,
+        }
     }
 
     #[test]
@@ -839,14 +1018,34 @@ mod tests {
         let mut closed = Vec::new();
         for seg in 0..4u64 {
             let base = seg * 3;
-            let kv: Vec<(String, String)> = (0..3).map(|i| (format!("k{i}"), format!("v{}", base + i))).collect();
-            let kv: Vec<(Option<&str>, Option<&str>)> =
-                kv.iter().map(|(k, v)| (Some(k.as_str()), Some(v.as_str()))).collect();
-            closed.push(write_segment(dir, base, &[batch(base as i64, &kv, 1000, Compression::Lz4)]));
+            let kv: Vec<(String, String)> = (0..3)
+                .map(|i| (format!("k{i}"), format!("v{}", base + i)))
+                .collect();
+            let kv: Vec<(Option<&str>, Option<&str>)> = kv
+                .iter()
+                .map(|(k, v)| (Some(k.as_str()), Some(v.as_str())))
+                .collect();
+            closed.push(write_segment(
+                dir,
+                base,
+                &[batch(base as i64, &kv, 1000, Compression::Lz4)],
+            ));
         }
-        let active = write_segment(dir, 12, &[batch(12, &[(Some("k0"), Some("v12"))], 1000, Compression::None)]);
+        let active = write_segment(
+            dir,
+            12,
+            &[batch(
+                12,
+                &[(Some("k0"), Some("v12"))],
+                1000,
+                Compression::None,
+            )],
+        );
         assert_eq!(dirty_ratio(&closed, 0), 1.0);
-        let s = CleanerSettings { segment_bytes: 10_000, ..S };
+        let s = CleanerSettings {
+            segment_bytes: 10_000,
+            ..S
+        };
         let out = clean_log(dir, &closed, 0, &s, 2000).unwrap().unwrap();
         assert_eq!(out.cleaned_up_to, 12);
         assert_eq!(out.groups.len(), 1, "small segments merge into one");
@@ -886,16 +1085,34 @@ mod tests {
         let s0 = write_segment(
             dir,
             0,
-            &[batch(0, &[(Some("a"), Some("a0")), (Some("b"), Some("b0"))], 1, Compression::None)],
+            &[batch(
+                0,
+                &[(Some("a"), Some("a0")), (Some("b"), Some("b0"))],
+                1,
+                Compression::None,
+            )],
         );
-        let s1 = write_segment(dir, 2, &[batch(2, &[(Some("a"), Some("a2"))], 1, Compression::None)]);
-        let s = CleanerSettings { segment_bytes: 1, ..S };
+        let s1 = write_segment(
+            dir,
+            2,
+            &[batch(2, &[(Some("a"), Some("a2"))], 1, Compression::None)],
+        );
+        let s = CleanerSettings {
+            segment_bytes: 1,
+            ..S
+        };
         let out = clean_log(dir, &[s0, s1], 2, &s, 10).unwrap().unwrap();
         assert_eq!(out.groups.len(), 2, "segment_bytes too small to merge");
         let g0 = std::fs::read(&out.groups[0].swap_path).unwrap();
-        assert_eq!(decode_all(&g0), vec![(1, Some("b".into()), Some("b0".into()))]);
+        assert_eq!(
+            decode_all(&g0),
+            vec![(1, Some("b".into()), Some("b0".into()))]
+        );
         let g1 = std::fs::read(&out.groups[1].swap_path).unwrap();
-        assert_eq!(decode_all(&g1), vec![(2, Some("a".into()), Some("a2".into()))]);
+        assert_eq!(
+            decode_all(&g1),
+            vec![(2, Some("a".into()), Some("a2".into()))]
+        );
         discard(&out.groups, dir);
         assert!(!out.groups[0].swap_path.exists());
     }

@@ -42,7 +42,10 @@ pub enum LogError {
 
 impl LogError {
     pub fn io(path: &Path, source: impl Into<std::io::Error>) -> Self {
-        LogError::Io { path: path.display().to_string(), source: source.into() }
+        LogError::Io {
+            path: path.display().to_string(),
+            source: source.into(),
+        }
     }
 }
 
@@ -102,9 +105,16 @@ impl Segment {
     }
 
     fn write_indexes(&self) -> std::io::Result<()> {
-        let oi: Vec<(i64, i64)> =
-            self.offset_index.iter().map(|(o, p)| (*o as i64, *p as i64)).collect();
-        let ti: Vec<(i64, i64)> = self.time_index.iter().map(|(t, o)| (*t, *o as i64)).collect();
+        let oi: Vec<(i64, i64)> = self
+            .offset_index
+            .iter()
+            .map(|(o, p)| (*o as i64, *p as i64))
+            .collect();
+        let ti: Vec<(i64, i64)> = self
+            .time_index
+            .iter()
+            .map(|(t, o)| (*t, *o as i64))
+            .collect();
         index::write_index(&self.path.with_extension("index"), self.size, &oi)?;
         index::write_index(&self.path.with_extension("timeindex"), self.size, &ti)
     }
@@ -170,9 +180,6 @@ struct PendingBatch {
     cache: Bytes,
 }
 
-/// Queued bytes above which a producer waits for the write before queuing more.
-pub const PENDING_BYTES_MAX: usize = 64 << 20;
-
 /// A partition log shared by the tasks of one shard.
 pub struct SharedLog {
     pub inner: RefCell<Log>,
@@ -230,8 +237,14 @@ impl SharedLog {
                 },
             );
         }
-        let log_end_offset = segments.values().next_back().map(|s| s.next_offset).unwrap_or(0);
-        let mut log_start_offset = rec.log_start_offset.max(segments.keys().next().copied().unwrap_or(0));
+        let log_end_offset = segments
+            .values()
+            .next_back()
+            .map(|s| s.next_offset)
+            .unwrap_or(0);
+        let mut log_start_offset = rec
+            .log_start_offset
+            .max(segments.keys().next().copied().unwrap_or(0));
         if log_start_offset > log_end_offset {
             log_start_offset = log_end_offset;
         }
@@ -296,7 +309,9 @@ impl SharedLog {
     async fn maybe_roll(&self, incoming: u64, s: &LogSettings, now: u64) -> Result<(), LogError> {
         let (roll, old_file, old_path) = {
             let log = self.inner.borrow();
-            let Some(active) = log.segments.values().next_back() else { return Ok(()) };
+            let Some(active) = log.segments.values().next_back() else {
+                return Ok(());
+            };
             let full = active.size > 0 && active.size + incoming > s.segment_bytes;
             let old = active.size > 0 && now.saturating_sub(active.created_ms) >= s.segment_ms;
             (full || old, active.file.clone(), active.path.clone())
@@ -305,9 +320,22 @@ impl SharedLog {
             return Ok(());
         }
         // Close the old segment: drop its zero padding, make it durable, persist its indexes.
-        let size = self.inner.borrow().segments.values().next_back().map(|a| a.size).unwrap_or(0);
-        old_file.truncate(size).await.map_err(|e| glommio_io(&old_path, e))?;
-        old_file.fdatasync().await.map_err(|e| glommio_io(&old_path, e))?;
+        let size = self
+            .inner
+            .borrow()
+            .segments
+            .values()
+            .next_back()
+            .map(|a| a.size)
+            .unwrap_or(0);
+        old_file
+            .truncate(size)
+            .await
+            .map_err(|e| glommio_io(&old_path, e))?;
+        old_file
+            .fdatasync()
+            .await
+            .map_err(|e| glommio_io(&old_path, e))?;
         {
             let log = self.inner.borrow();
             if let Some(active) = log.segments.values().next_back() {
@@ -404,12 +432,19 @@ impl SharedLog {
         Ok(base)
     }
 
+    pub fn is_syncing(&self) -> bool {
+        self.syncing.get()
+    }
+
     pub fn pending_bytes(&self) -> usize {
         self.inner.borrow().pending.len()
     }
 
     /// A receiver answered once every offset below `end` is written, or the write failed.
-    pub fn wait_written(&self, end: u64) -> futures::channel::oneshot::Receiver<Result<(), String>> {
+    pub fn wait_written(
+        &self,
+        end: u64,
+    ) -> futures::channel::oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = futures::channel::oneshot::channel();
         if self.inner.borrow().log_end_offset >= end {
             let _ = tx.send(Ok(()));
@@ -436,7 +471,11 @@ impl SharedLog {
             let log = &mut *log;
             let pending = std::mem::take(&mut log.pending);
             let batches = std::mem::take(&mut log.pending_batches);
-            let active = log.segments.values().next_back().expect("log always has an active segment");
+            let active = log
+                .segments
+                .values()
+                .next_back()
+                .expect("log always has an active segment");
             let tail_len = log.tail.len();
             debug_assert_eq!(active.size % DMA_ALIGN, tail_len as u64);
             debug_assert_eq!(batches.first().map(|b| b.base), Some(log.log_end_offset));
@@ -450,7 +489,15 @@ impl SharedLog {
             bytes[total..].fill(0);
             let new_tail_len = total % DMA_ALIGN as usize;
             let new_tail = bytes[total - new_tail_len..total].to_vec();
-            (active.file.clone(), active.path.clone(), write_pos, buf, pending, batches, new_tail)
+            (
+                active.file.clone(),
+                active.path.clone(),
+                write_pos,
+                buf,
+                pending,
+                batches,
+                new_tail,
+            )
         };
         let buf_len = buf.len();
         let written = match file.write_at(buf, write_pos).await {
@@ -472,7 +519,11 @@ impl SharedLog {
             let log = &mut *log;
             log.tail = new_tail;
             let cache_max = s.cache_bytes_max;
-            let active = log.segments.values_mut().next_back().expect("active segment");
+            let active = log
+                .segments
+                .values_mut()
+                .next_back()
+                .expect("active segment");
             let seg_pos0 = active.size;
             let mut end = log.log_end_offset;
             for b in batches {
@@ -534,7 +585,12 @@ impl SharedLog {
     fn fail_pending(&self, msg: &str) {
         {
             let mut log = self.inner.borrow_mut();
-            let pids: Vec<i64> = log.pending_batches.iter().map(|b| b.producer_id).filter(|p| *p >= 0).collect();
+            let pids: Vec<i64> = log
+                .pending_batches
+                .iter()
+                .map(|b| b.producer_id)
+                .filter(|p| *p >= 0)
+                .collect();
             for p in pids {
                 log.producers.remove(&p);
             }
@@ -579,8 +635,16 @@ impl SharedLog {
 
     /// Reads batches starting with the one that holds `offset`, up to `max_bytes` (at least one
     /// whole batch), below `upper` (the high watermark), as one contiguous buffer.
-    pub async fn read(&self, offset: u64, max_bytes: usize, upper: u64, leader_epoch: i32) -> Result<Bytes, LogError> {
-        let chunks = self.read_chunks(offset, max_bytes, upper, leader_epoch).await?;
+    pub async fn read(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        upper: u64,
+        leader_epoch: i32,
+    ) -> Result<Bytes, LogError> {
+        let chunks = self
+            .read_chunks(offset, max_bytes, upper, leader_epoch)
+            .await?;
         if chunks.len() == 1 {
             return Ok(chunks.into_iter().next().unwrap_or_default());
         }
@@ -620,7 +684,9 @@ impl SharedLog {
                     let mut headers = BytesMut::new();
                     let mut total = 0usize;
                     for b in log.cache.iter().skip(i) {
-                        if b.base_offset >= upper || (total > 0 && total + b.bytes.len() > max_bytes) {
+                        if b.base_offset >= upper
+                            || (total > 0 && total + b.bytes.len() > max_bytes)
+                        {
                             break;
                         }
                         if b.bytes.len() < PATCHED_PREFIX_BYTES {
@@ -639,7 +705,12 @@ impl SharedLog {
         Ok(vec![self.read_disk(offset, max_bytes, upper).await?])
     }
 
-    async fn read_disk(&self, offset: u64, max_bytes: usize, upper: u64) -> Result<Bytes, LogError> {
+    async fn read_disk(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        upper: u64,
+    ) -> Result<Bytes, LogError> {
         let mut out = BytesMut::new();
         let mut want = offset;
         // Bounded by the number of segments: each pass finishes one segment.
@@ -653,12 +724,21 @@ impl SharedLog {
                         None => break,
                     },
                 };
-                (seg.file.clone(), seg.path.clone(), seg.position_for(want), seg.size, seg.next_offset)
+                (
+                    seg.file.clone(),
+                    seg.path.clone(),
+                    seg.position_for(want),
+                    seg.size,
+                    seg.next_offset,
+                )
             };
             while pos < size {
                 let budget = max_bytes.saturating_sub(out.len()) as u64;
                 let chunk = budget.clamp(64 * 1024, 8 << 20).min(size - pos) as usize;
-                let rr = file.read_at(pos, chunk).await.map_err(|e| glommio_io(&path, e))?;
+                let rr = file
+                    .read_at(pos, chunk)
+                    .await
+                    .map_err(|e| glommio_io(&path, e))?;
                 let data: &[u8] = &rr;
                 let mut at = 0usize;
                 while at + HEADER_BYTES <= data.len() {
@@ -693,7 +773,10 @@ impl SharedLog {
                     let h = BatchHeader::new(data);
                     let total = h.total_bytes();
                     let last = h.base_offset() as u64 + h.last_offset_delta().max(0) as u64;
-                    let whole = file.read_at(pos, total).await.map_err(|e| glommio_io(&path, e))?;
+                    let whole = file
+                        .read_at(pos, total)
+                        .await
+                        .map_err(|e| glommio_io(&path, e))?;
                     if whole.len() < total {
                         break;
                     }
@@ -730,14 +813,20 @@ impl SharedLog {
                     let i = seg.time_index.partition_point(|(t, _)| *t < ts);
                     // The batch that raised the max to >= ts, or a later one; start a bit earlier
                     // from the previous entry so that no batch with ts in range is skipped.
-                    let from = if i == 0 { seg.base_offset } else { seg.time_index[i - 1].1 };
+                    let from = if i == 0 {
+                        seg.base_offset
+                    } else {
+                        seg.time_index[i - 1].1
+                    };
                     found = Some(from.max(log.log_start_offset));
                     break;
                 }
             }
             found
         };
-        let Some(mut from) = start else { return Ok(None) };
+        let Some(mut from) = start else {
+            return Ok(None);
+        };
         let upper = self.log_end_offset();
         // Scan forward batch by batch until one holds a timestamp >= ts (bounded by the log).
         for _ in 0..10_000_000u32 {
@@ -771,10 +860,12 @@ impl SharedLog {
             let mut log = self.inner.borrow_mut();
             let new_start = offset.min(log.log_end_offset).max(log.log_start_offset);
             log.log_start_offset = new_start;
-            recovery::write_log_start_offset(&log.dir, new_start).map_err(|e| LogError::io(&log.dir, e))?;
+            recovery::write_log_start_offset(&log.dir, new_start)
+                .map_err(|e| LogError::io(&log.dir, e))?;
             new_start
         };
-        self.remove_segments_where(|seg, _| seg.next_offset <= new_start).await;
+        self.remove_segments_where(|seg, _| seg.next_offset <= new_start)
+            .await;
         Ok(new_start)
     }
 
@@ -783,13 +874,20 @@ impl SharedLog {
         let mut removed = 0;
         if s.retention_ms >= 0 {
             let cutoff = now as i64 - s.retention_ms;
-            removed += self.remove_segments_where(|seg, _| seg.max_timestamp < cutoff).await;
+            removed += self
+                .remove_segments_where(|seg, _| seg.max_timestamp < cutoff)
+                .await;
         }
         if s.retention_bytes >= 0 {
             let total: u64 = self.inner.borrow().segments.values().map(|x| x.size).sum();
             let mut excess = total as i64 - s.retention_bytes;
-            let mut sizes: Vec<(u64, u64)> =
-                self.inner.borrow().segments.values().map(|x| (x.base_offset, x.size)).collect();
+            let mut sizes: Vec<(u64, u64)> = self
+                .inner
+                .borrow()
+                .segments
+                .values()
+                .map(|x| (x.base_offset, x.size))
+                .collect();
             sizes.pop();
             let mut doomed = std::collections::HashSet::new();
             for (b, sz) in sizes {
@@ -803,7 +901,9 @@ impl SharedLog {
                     break;
                 }
             }
-            removed += self.remove_segments_where(|seg, _| doomed.contains(&seg.base_offset)).await;
+            removed += self
+                .remove_segments_where(|seg, _| doomed.contains(&seg.base_offset))
+                .await;
         }
         removed
     }
@@ -833,7 +933,12 @@ impl SharedLog {
                 }
             }
             let start = log.log_start_offset;
-            while log.cache.front().map(|b| b.last_offset < start).unwrap_or(false) {
+            while log
+                .cache
+                .front()
+                .map(|b| b.last_offset < start)
+                .unwrap_or(false)
+            {
                 if let Some(b) = log.cache.pop_front() {
                     log.cache_bytes -= b.bytes.len();
                 }

@@ -38,7 +38,10 @@ pub fn write_log_start_offset(dir: &Path, offset: u64) -> std::io::Result<()> {
 }
 
 fn read_log_start_offset(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join(LSO_FILE)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    std::fs::read_to_string(dir.join(LSO_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 struct ScanResult {
@@ -81,7 +84,8 @@ fn scan_segment(
         }
         let h = BatchHeader::new(&header);
         let total = h.total_bytes() as u64;
-        if h.batch_length() < (HEADER_BYTES - 12) as i32 || h.magic() != 2 || pos + total > file_len {
+        if h.batch_length() < (HEADER_BYTES - 12) as i32 || h.magic() != 2 || pos + total > file_len
+        {
             break;
         }
         let base = h.base_offset();
@@ -151,7 +155,10 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         let is_last = i + 1 == n;
         if let Some(p) = prev_next {
             if base < p {
-                tracing::warn!("segment {} overlaps its predecessor; removing it", path.display());
+                tracing::warn!(
+                    "segment {} overlaps its predecessor; removing it",
+                    path.display()
+                );
                 remove_segment_files(&path);
                 continue;
             }
@@ -168,7 +175,9 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
                     scan.valid_bytes
                 );
                 stop_here = true;
-            } else if file_len - scan.valid_bytes >= DMA_ALIGN || !is_zero_tail(&path, scan.valid_bytes)? {
+            } else if file_len - scan.valid_bytes >= DMA_ALIGN
+                || !is_zero_tail(&path, scan.valid_bytes)?
+            {
                 tracing::warn!(
                     "truncating {} from {} to {} bytes (torn or corrupt tail)",
                     path.display(),
@@ -192,9 +201,16 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
                     ti.into_iter().map(|(t, o)| (t, o as u64)).collect(),
                 ),
                 _ => {
-                    let oi: Vec<(i64, i64)> =
-                        scan.offset_index.iter().map(|(o, p)| (*o as i64, *p as i64)).collect();
-                    let ti: Vec<(i64, i64)> = scan.time_index.iter().map(|(t, o)| (*t, *o as i64)).collect();
+                    let oi: Vec<(i64, i64)> = scan
+                        .offset_index
+                        .iter()
+                        .map(|(o, p)| (*o as i64, *p as i64))
+                        .collect();
+                    let ti: Vec<(i64, i64)> = scan
+                        .time_index
+                        .iter()
+                        .map(|(t, o)| (*t, *o as i64))
+                        .collect();
                     let _ = index::write_index(&path.with_extension("index"), size, &oi);
                     let _ = index::write_index(&path.with_extension("timeindex"), size, &ti);
                     (scan.offset_index, scan.time_index)
@@ -246,7 +262,11 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         }
     }
     let log_start_offset = read_log_start_offset(dir);
-    Ok(Recovered { segments, log_start_offset, producers })
+    Ok(Recovered {
+        segments,
+        log_start_offset,
+        producers,
+    })
 }
 
 fn is_zero_tail(path: &Path, from: u64) -> std::io::Result<bool> {
@@ -294,7 +314,10 @@ mod tests {
         assert_eq!(r.segments.len(), 1);
         assert_eq!(r.segments[0].next_offset, 5);
         assert_eq!(r.segments[0].size, (b1.len() + b2.len()) as u64);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), (b1.len() + b2.len()) as u64);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            (b1.len() + b2.len()) as u64
+        );
     }
 
     #[test]
@@ -326,7 +349,11 @@ mod tests {
                 b.extend_from_slice(&bytes);
                 bytes = b;
             }
-            std::fs::write(d.path().join(crate::log::segment_file_name(0, "log")), &bytes).unwrap();
+            std::fs::write(
+                d.path().join(crate::log::segment_file_name(0, "log")),
+                &bytes,
+            )
+            .unwrap();
             let r = recover(d.path()).unwrap();
             assert!(r.segments[0].size <= bytes.len() as u64, "seed {seed}");
         }

@@ -47,7 +47,11 @@ fn log_error_code(e: &LogError) -> i16 {
 }
 
 impl Partition {
-    pub async fn open(topic: Arc<str>, index: i32, dir: std::path::PathBuf) -> Result<Partition, LogError> {
+    pub async fn open(
+        topic: Arc<str>,
+        index: i32,
+        dir: std::path::PathBuf,
+    ) -> Result<Partition, LogError> {
         Ok(Partition {
             topic,
             index,
@@ -82,13 +86,18 @@ impl Partition {
         cache_bytes_max: usize,
     ) -> Result<Appended, (i16, String)> {
         let q = self.enqueue(records, cfg, cache_bytes_max)?;
-        self.complete(q, acks).await
+        self.complete(q, acks == -1, 0).await
     }
 
     /// First half of a produce, with no waiting: validates, checks producer sequences, assigns
     /// offsets and queues the batches for the partition's writer. Requests queued in order get
     /// offsets in that order.
-    pub fn enqueue(self: &Rc<Self>, records: Bytes, cfg: &EffectiveConfig, cache_bytes_max: usize) -> Result<Queued, (i16, String)> {
+    pub fn enqueue(
+        self: &Rc<Self>,
+        records: Bytes,
+        cfg: &EffectiveConfig,
+        cache_bytes_max: usize,
+    ) -> Result<Queued, (i16, String)> {
         let mut infos: Vec<BatchInfo> = Vec::new();
         if let Err(e) = validate_payload(&records, cfg.max_message_bytes, &mut infos) {
             let code = match e {
@@ -101,12 +110,24 @@ impl Partition {
             return Err((code, e.to_string()));
         }
         if infos.iter().any(|i| i.is_transactional || i.is_control) {
-            return Err((ec::UNSUPPORTED_VERSION, "transactions are not supported yet".into()));
+            return Err((
+                ec::UNSUPPORTED_VERSION,
+                "transactions are not supported yet".into(),
+            ));
         }
         if let Some(dup) = self.check_sequences(&infos)? {
-            return Ok(Queued { base_offset: dup, end_offset: 0, log_append_time_ms: -1, written: None });
+            return Ok(Queued {
+                base_offset: dup,
+                end_offset: 0,
+                log_append_time_ms: -1,
+                written: None,
+            });
         }
-        let lat = if cfg.log_append_time { Some(crate::log::now_ms() as i64) } else { None };
+        let lat = if cfg.log_append_time {
+            Some(crate::log::now_ms() as i64)
+        } else {
+            None
+        };
         let (base, end) = self.log.enqueue(&records, &infos, LEADER_EPOCH, lat);
         {
             let mut log = self.log.inner.borrow_mut();
@@ -132,27 +153,49 @@ impl Partition {
             cache_bytes_max,
         };
         self.kick_writer(settings);
-        Ok(Queued { base_offset: base, end_offset: end, log_append_time_ms: lat.unwrap_or(-1), written: Some(written) })
+        Ok(Queued {
+            base_offset: base,
+            end_offset: end,
+            log_append_time_ms: lat.unwrap_or(-1),
+            written: Some(written),
+        })
     }
 
-    /// Second half of a produce: waits for the write (and for fdatasync with acks=all).
-    pub async fn complete(&self, q: Queued, acks: i16) -> Result<Appended, (i16, String)> {
+    /// Second half of a produce: waits for the write, then for fdatasync when `sync` (acks=all,
+    /// or the fsync policy says every write), after an optional group-commit window.
+    pub async fn complete(
+        &self,
+        q: Queued,
+        sync: bool,
+        commit_window_us: u64,
+    ) -> Result<Appended, (i16, String)> {
         let log_start_offset = self.log.log_start_offset() as i64;
         let Some(written) = q.written else {
-            return Ok(Appended { base_offset: q.base_offset as i64, log_append_time_ms: -1, log_start_offset });
+            return Ok(Appended {
+                base_offset: q.base_offset as i64,
+                log_append_time_ms: -1,
+                log_start_offset,
+            });
         };
         match written.await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err((ec::KAFKA_STORAGE_ERROR, msg)),
             Err(_) => return Err((ec::KAFKA_STORAGE_ERROR, "write abandoned".into())),
         }
-        if acks == -1 {
+        if sync {
+            if commit_window_us > 0 && !self.log.is_syncing() {
+                glommio::timer::sleep(std::time::Duration::from_micros(commit_window_us)).await;
+            }
             self.log.sync_to(q.end_offset).await.map_err(|e| {
                 tracing::error!("fdatasync of {}-{} failed: {e}", self.topic, self.index);
                 (ec::KAFKA_STORAGE_ERROR, e.to_string())
             })?;
         }
-        Ok(Appended { base_offset: q.base_offset as i64, log_append_time_ms: q.log_append_time_ms, log_start_offset })
+        Ok(Appended {
+            base_offset: q.base_offset as i64,
+            log_append_time_ms: q.log_append_time_ms,
+            log_start_offset,
+        })
     }
 
     /// Starts the partition's writer task unless it runs: it writes queued batches, one DMA
@@ -190,21 +233,37 @@ impl Partition {
                 if i.base_sequence != 0 {
                     return Err((
                         ec::OUT_OF_ORDER_SEQUENCE_NUMBER,
-                        format!("unknown producer {} with sequence {}", i.producer_id, i.base_sequence),
+                        format!(
+                            "unknown producer {} with sequence {}",
+                            i.producer_id, i.base_sequence
+                        ),
                     ));
                 }
                 continue;
             };
             if i.producer_epoch < e.epoch {
-                return Err((ec::INVALID_PRODUCER_EPOCH, format!("producer epoch {} is fenced by {}", i.producer_epoch, e.epoch)));
+                return Err((
+                    ec::INVALID_PRODUCER_EPOCH,
+                    format!(
+                        "producer epoch {} is fenced by {}",
+                        i.producer_epoch, e.epoch
+                    ),
+                ));
             }
             if i.producer_epoch > e.epoch {
                 if i.base_sequence != 0 {
-                    return Err((ec::OUT_OF_ORDER_SEQUENCE_NUMBER, "new epoch must start at sequence 0".into()));
+                    return Err((
+                        ec::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        "new epoch must start at sequence 0".into(),
+                    ));
                 }
                 continue;
             }
-            if let Some((_, _, off)) = e.batches.iter().find(|(f, l, _)| *f == i.base_sequence && *l == i.last_sequence) {
+            if let Some((_, _, off)) = e
+                .batches
+                .iter()
+                .find(|(f, l, _)| *f == i.base_sequence && *l == i.last_sequence)
+            {
                 if infos.len() == 1 {
                     return Ok(Some(*off));
                 }
@@ -227,7 +286,10 @@ impl Partition {
             return Err(ec::OFFSET_OUT_OF_RANGE);
         }
         let hwm = self.log.log_end_offset();
-        self.log.read_chunks(offset as u64, max_bytes, hwm, LEADER_EPOCH).await.map_err(|e| log_error_code(&e))
+        self.log
+            .read_chunks(offset as u64, max_bytes, hwm, LEADER_EPOCH)
+            .await
+            .map_err(|e| log_error_code(&e))
     }
 }
 

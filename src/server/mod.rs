@@ -71,7 +71,10 @@ pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
             Ok(stream) => {
                 let shard = shard.clone();
                 glommio::spawn_local(async move {
-                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
                     if let Err(e) = connection(stream, shard).await {
                         tracing::debug!("connection {peer} closed: {e}");
                     }
@@ -119,7 +122,12 @@ type Answer = Result<Option<(BytesMut, Vec<Bytes>)>, ConnError>;
 async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
     let max = shard.node.tuning.memory.request_bytes_max;
-    let host: Rc<str> = Rc::from(stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default());
+    let host: Rc<str> = Rc::from(
+        stream
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+    );
     let (mut rd, wr) = futures::AsyncReadExt::split(stream);
     let (mut tx, rx) = futures::channel::mpsc::channel::<glommio::Task<Answer>>(IN_FLIGHT_MAX);
     let writer = glommio::spawn_local(write_loop(wr, rx, host.clone()));
@@ -226,7 +234,9 @@ async fn handle_frame(
             write_response(out, correlation_id, 0, 0, &ResponseKind::ApiVersions(resp))?;
             return Ok(true);
         }
-        return Err(ConnError::Protocol(format!("unsupported version {version} of {key:?}")));
+        return Err(ConnError::Protocol(format!(
+            "unsupported version {version} of {key:?}"
+        )));
     }
     let mut body = frame.clone();
     let header_version = key.request_header_version(version);
@@ -234,7 +244,11 @@ async fn handle_frame(
         .map_err(|e| ConnError::Protocol(format!("bad request header: {e}")))?;
     let ctx = ConnCtx {
         shard,
-        client_id: header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+        client_id: header
+            .client_id
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
         client_host: client_host.to_string(),
     };
     let req = RequestKind::decode(key, &mut body, version)
@@ -244,13 +258,16 @@ async fn handle_frame(
     };
     let header_version = key.response_header_version(version);
     match reply {
-        handlers::Reply::Kind(resp) => write_response(out, correlation_id, header_version, version, &resp)?,
+        handlers::Reply::Kind(resp) => {
+            write_response(out, correlation_id, header_version, version, &resp)?
+        }
         handlers::Reply::Encoded(body) => {
             let start = out.len();
             out.put_i32(0);
             let mut h = ResponseHeader::default();
             h.correlation_id = correlation_id;
-            h.encode(out, header_version).map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
+            h.encode(out, header_version)
+                .map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
             let len = out.len() - start - 4 + body.iter().map(|b| b.len()).sum::<usize>();
             out[start..start + 4].copy_from_slice(&(len as i32).to_be_bytes());
             *chunks = body;
@@ -270,8 +287,10 @@ fn write_response(
     out.put_i32(0);
     let mut h = ResponseHeader::default();
     h.correlation_id = correlation_id;
-    h.encode(out, header_version).map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
-    resp.encode(out, version).map_err(|e| ConnError::Protocol(format!("encode response: {e}")))?;
+    h.encode(out, header_version)
+        .map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
+    resp.encode(out, version)
+        .map_err(|e| ConnError::Protocol(format!("encode response: {e}")))?;
     let len = (out.len() - start - 4) as i32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())

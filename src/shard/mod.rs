@@ -56,12 +56,15 @@ impl Node {
     }
     pub fn effective_config(&self, topic: &str) -> Option<EffectiveConfig> {
         let img = self.image();
-        img.topic(topic).map(|t| EffectiveConfig::resolve(&t.configs, &self.tuning))
+        img.topic(topic)
+            .map(|t| EffectiveConfig::resolve(&t.configs, &self.tuning))
     }
 }
 
 pub struct Shard {
     pub id: usize,
+    /// This shard's memory and I/O settings (tuning file, with its core's overrides).
+    pub tuning: crate::config::ShardTuning,
     pub node: Arc<Node>,
     partitions: RefCell<HashMap<(Arc<str>, i32), PartitionRef>>,
     open_lock: Semaphore,
@@ -85,9 +88,10 @@ pub fn install(shard: Rc<Shard>) {
 }
 
 impl Shard {
-    pub fn new(id: usize, node: Arc<Node>) -> Shard {
+    pub fn new(id: usize, tuning: crate::config::ShardTuning, node: Arc<Node>) -> Shard {
         Shard {
             id,
+            tuning,
             node,
             partitions: RefCell::new(HashMap::new()),
             open_lock: Semaphore::new(1),
@@ -133,8 +137,13 @@ impl Shard {
 
     /// Drops a deleted topic's partitions from this shard and removes their directories.
     pub fn drop_topic(&self, topic: &str) {
-        let doomed: Vec<(Arc<str>, i32)> =
-            self.partitions.borrow().keys().filter(|(t, _)| &**t == topic).cloned().collect();
+        let doomed: Vec<(Arc<str>, i32)> = self
+            .partitions
+            .borrow()
+            .keys()
+            .filter(|(t, _)| &**t == topic)
+            .cloned()
+            .collect();
         for k in doomed {
             self.partitions.borrow_mut().remove(&k);
         }

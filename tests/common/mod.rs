@@ -66,7 +66,10 @@ impl Broker {
     }
 
     pub fn log_path(&self) -> PathBuf {
-        self._tmp.as_ref().map(|t| t.path().join("broker.log")).unwrap_or_else(|| PathBuf::from("/tmp/fjord-broker.log"))
+        self._tmp
+            .as_ref()
+            .map(|t| t.path().join("broker.log"))
+            .unwrap_or_else(|| PathBuf::from("/tmp/fjord-broker.log"))
     }
 
     pub fn log(&self) -> String {
@@ -79,7 +82,9 @@ impl Broker {
             let _ = c.wait();
             // The kernel may keep the listener a moment longer while it tears down io_uring.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+            while Instant::now() < deadline
+                && TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok()
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -140,5 +145,10 @@ pub fn wait_port(addr: SocketAddr, timeout: Duration) {
 }
 
 pub fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }

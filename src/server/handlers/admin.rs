@@ -5,19 +5,29 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kafka_protocol::messages::alter_configs_request::AlterConfigsRequest;
-use kafka_protocol::messages::alter_configs_response::{AlterConfigsResourceResponse, AlterConfigsResponse};
+use kafka_protocol::messages::alter_configs_response::{
+    AlterConfigsResourceResponse, AlterConfigsResponse,
+};
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsRequest;
-use kafka_protocol::messages::create_partitions_response::{CreatePartitionsResponse, CreatePartitionsTopicResult};
+use kafka_protocol::messages::create_partitions_response::{
+    CreatePartitionsResponse, CreatePartitionsTopicResult,
+};
 use kafka_protocol::messages::create_topics_request::CreateTopicsRequest;
-use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult, CreateTopicsResponse};
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult, CreateTopicsResponse,
+};
 use kafka_protocol::messages::delete_records_request::DeleteRecordsRequest;
 use kafka_protocol::messages::delete_records_response::{
     DeleteRecordsPartitionResult, DeleteRecordsResponse, DeleteRecordsTopicResult,
 };
 use kafka_protocol::messages::delete_topics_request::DeleteTopicsRequest;
-use kafka_protocol::messages::delete_topics_response::{DeletableTopicResult, DeleteTopicsResponse};
+use kafka_protocol::messages::delete_topics_response::{
+    DeletableTopicResult, DeleteTopicsResponse,
+};
 use kafka_protocol::messages::describe_cluster_request::DescribeClusterRequest;
-use kafka_protocol::messages::describe_cluster_response::{DescribeClusterBroker, DescribeClusterResponse};
+use kafka_protocol::messages::describe_cluster_response::{
+    DescribeClusterBroker, DescribeClusterResponse,
+};
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsRequest;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResponse, DescribeConfigsResult,
@@ -49,14 +59,28 @@ pub async fn create_topics(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTop
     let mut pre: Vec<Option<(i16, String)>> = Vec::new();
     for t in &req.topics {
         let name = t.name.0.to_string();
-        if req.topics.iter().filter(|o| o.name.0.as_str() == name).count() > 1 {
-            pre.push(Some((ec::INVALID_REQUEST, "Duplicate topic name in request".into())));
+        if req
+            .topics
+            .iter()
+            .filter(|o| o.name.0.as_str() == name)
+            .count()
+            > 1
+        {
+            pre.push(Some((
+                ec::INVALID_REQUEST,
+                "Duplicate topic name in request".into(),
+            )));
             continue;
         }
         if !t.assignments.is_empty() {
-            let bad = t.assignments.iter().any(|a| a.broker_ids.iter().any(|b| b.0 != node.node_id) || a.broker_ids.len() != 1);
+            let bad = t.assignments.iter().any(|a| {
+                a.broker_ids.iter().any(|b| b.0 != node.node_id) || a.broker_ids.len() != 1
+            });
             if bad {
-                pre.push(Some((ec::INVALID_REPLICA_ASSIGNMENT, "Replica assignment names brokers that do not exist".into())));
+                pre.push(Some((
+                    ec::INVALID_REPLICA_ASSIGNMENT,
+                    "Replica assignment names brokers that do not exist".into(),
+                )));
                 continue;
             }
         }
@@ -76,19 +100,27 @@ pub async fn create_topics(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTop
         news.push(NewTopic {
             name,
             partitions,
-            replication_factor: if t.assignments.is_empty() { t.replication_factor } else { 1 },
+            replication_factor: if t.assignments.is_empty() {
+                t.replication_factor
+            } else {
+                1
+            },
             configs,
             internal: false,
         });
         pre.push(None);
     }
-    let mut results = controller::create_topics(Arc::clone(&node), news, req.validate_only).await.into_iter();
+    let mut results = controller::create_topics(Arc::clone(&node), news, req.validate_only)
+        .await
+        .into_iter();
     for (t, pre) in req.topics.iter().zip(pre) {
         let mut r = CreatableTopicResult::default();
         r.name = t.name.clone();
         let outcome = match pre {
             Some(e) => Err(e),
-            None => results.next().unwrap_or(Err((ec::UNKNOWN_SERVER_ERROR, "missing result".into()))),
+            None => results
+                .next()
+                .unwrap_or(Err((ec::UNKNOWN_SERVER_ERROR, "missing result".into()))),
         };
         match outcome {
             Ok(meta) => {
@@ -100,8 +132,14 @@ pub async fn create_topics(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTop
                     let mut c = CreatableTopicConfigs::default();
                     c.name = sb(d.name);
                     let explicit = meta.configs.get(d.name);
-                    c.value = Some(sb(&explicit.cloned().unwrap_or_else(|| topic_config::default_value(d.name, &node.tuning))));
-                    c.config_source = if explicit.is_some() { SOURCE_TOPIC } else { SOURCE_DEFAULT };
+                    c.value = Some(sb(&explicit
+                        .cloned()
+                        .unwrap_or_else(|| topic_config::default_value(d.name, &node.tuning))));
+                    c.config_source = if explicit.is_some() {
+                        SOURCE_TOPIC
+                    } else {
+                        SOURCE_DEFAULT
+                    };
                     cfgs.push(c);
                 }
                 r.configs = Some(cfgs);
@@ -119,13 +157,23 @@ pub async fn create_topics(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTop
     resp
 }
 
-pub async fn delete_topics(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+pub async fn delete_topics(
+    ctx: &ConnCtx,
+    version: i16,
+    req: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = DeleteTopicsResponse::default();
     let targets: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
-        req.topics.iter().map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id)).collect()
+        req.topics
+            .iter()
+            .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
+            .collect()
     } else {
-        req.topic_names.iter().map(|n| (Some(n.0.to_string()), uuid::Uuid::nil())).collect()
+        req.topic_names
+            .iter()
+            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+            .collect()
     };
     for (name, id) in targets {
         let mut r = DeletableTopicResult::default();
@@ -134,7 +182,10 @@ pub async fn delete_topics(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest
             None => node.image().topic_by_id(&id).map(|t| t.name.clone()),
         };
         r.name = resolved.as_deref().map(tn);
-        r.topic_id = resolved.as_deref().and_then(|n| node.image().topic(n).map(|t| t.id)).unwrap_or(id);
+        r.topic_id = resolved
+            .as_deref()
+            .and_then(|n| node.image().topic(n).map(|t| t.id))
+            .unwrap_or(id);
         match resolved {
             None => r.error_code = ec::UNKNOWN_TOPIC_ID,
             Some(n) => {
@@ -149,14 +200,22 @@ pub async fn delete_topics(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest
     resp
 }
 
-pub async fn create_partitions(ctx: &ConnCtx, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+pub async fn create_partitions(
+    ctx: &ConnCtx,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = CreatePartitionsResponse::default();
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default();
         r.name = t.name.clone();
-        if let Err((code, msg)) =
-            controller::create_partitions(Arc::clone(&node), t.name.0.to_string(), t.count, req.validate_only).await
+        if let Err((code, msg)) = controller::create_partitions(
+            Arc::clone(&node),
+            t.name.0.to_string(),
+            t.count,
+            req.validate_only,
+        )
+        .await
         {
             r.error_code = code;
             r.error_message = Some(sb(&msg));
@@ -172,33 +231,40 @@ pub async fn delete_records(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteR
     for t in &req.topics {
         for p in &t.partitions {
             let name = t.name.0.to_string();
-            items.push((node.shard_of(&name, p.partition_index), (name, p.partition_index, p.offset)));
+            items.push((
+                node.shard_of(&name, p.partition_index),
+                (name, p.partition_index, p.offset),
+            ));
         }
     }
-    let results = per_shard(node.shards(), items, |sh, its: Vec<(String, i32, i64)>| async move {
-        let mut out = Vec::new();
-        for (t, p, off) in its {
-            let Some(part) = sh.partition(&t, p).await else {
-                out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1));
-                continue;
-            };
-            let hwm = part.high_watermark();
-            // -1 means "up to the high watermark", as in Kafka.
-            let target = if off == -1 { hwm } else { off };
-            if target < 0 || target > hwm {
-                out.push((ec::OFFSET_OUT_OF_RANGE, -1));
-                continue;
-            }
-            match part.log.delete_records_before(target as u64).await {
-                Ok(low) => out.push((ec::NONE, low as i64)),
-                Err(e) => {
-                    tracing::error!("delete records on {t}-{p}: {e}");
-                    out.push((ec::KAFKA_STORAGE_ERROR, -1))
+    let results = per_shard(
+        node.shards(),
+        items,
+        |sh, its: Vec<(String, i32, i64)>| async move {
+            let mut out = Vec::new();
+            for (t, p, off) in its {
+                let Some(part) = sh.partition(&t, p).await else {
+                    out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1));
+                    continue;
+                };
+                let hwm = part.high_watermark();
+                // -1 means "up to the high watermark", as in Kafka.
+                let target = if off == -1 { hwm } else { off };
+                if target < 0 || target > hwm {
+                    out.push((ec::OFFSET_OUT_OF_RANGE, -1));
+                    continue;
+                }
+                match part.log.delete_records_before(target as u64).await {
+                    Ok(low) => out.push((ec::NONE, low as i64)),
+                    Err(e) => {
+                        tracing::error!("delete records on {t}-{p}: {e}");
+                        out.push((ec::KAFKA_STORAGE_ERROR, -1))
+                    }
                 }
             }
-        }
-        out
-    })
+            out
+        },
+    )
     .await;
     let mut results = results.into_iter();
     let mut resp = DeleteRecordsResponse::default();
@@ -230,7 +296,10 @@ fn config_type_code(k: ConfigType) -> i8 {
     }
 }
 
-pub async fn describe_configs(ctx: &ConnCtx, req: DescribeConfigsRequest) -> DescribeConfigsResponse {
+pub async fn describe_configs(
+    ctx: &ConnCtx,
+    req: DescribeConfigsRequest,
+) -> DescribeConfigsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = DescribeConfigsResponse::default();
     for res in req.resources {
@@ -254,8 +323,14 @@ pub async fn describe_configs(ctx: &ConnCtx, req: DescribeConfigsRequest) -> Des
                             let explicit = t.configs.get(d.name);
                             let mut c = DescribeConfigsResourceResult::default();
                             c.name = sb(d.name);
-                            c.value = Some(sb(&explicit.cloned().unwrap_or_else(|| topic_config::default_value(d.name, &node.tuning))));
-                            c.config_source = if explicit.is_some() { SOURCE_TOPIC } else { SOURCE_DEFAULT };
+                            c.value = Some(sb(&explicit.cloned().unwrap_or_else(|| {
+                                topic_config::default_value(d.name, &node.tuning)
+                            })));
+                            c.config_source = if explicit.is_some() {
+                                SOURCE_TOPIC
+                            } else {
+                                SOURCE_DEFAULT
+                            };
                             c.config_type = config_type_code(d.kind);
                             r.configs.push(c);
                         }
@@ -264,13 +339,28 @@ pub async fn describe_configs(ctx: &ConnCtx, req: DescribeConfigsRequest) -> Des
             }
             RESOURCE_BROKER => {
                 let broker_cfgs = [
-                    ("auto.create.topics.enable", node.tuning.log.auto_create_topics.to_string()),
+                    (
+                        "auto.create.topics.enable",
+                        node.tuning.log.auto_create_topics.to_string(),
+                    ),
                     ("num.partitions", node.tuning.log.num_partitions.to_string()),
-                    ("log.segment.bytes", node.tuning.log.segment_bytes.to_string()),
+                    (
+                        "log.segment.bytes",
+                        node.tuning.log.segment_bytes.to_string(),
+                    ),
                     ("log.retention.ms", node.tuning.log.retention_ms.to_string()),
-                    ("message.max.bytes", node.tuning.log.max_message_bytes.to_string()),
-                    ("offsets.topic.num.partitions", node.tuning.group.offsets_topic_num_partitions.to_string()),
-                    ("socket.request.max.bytes", node.tuning.memory.request_bytes_max.to_string()),
+                    (
+                        "message.max.bytes",
+                        node.tuning.log.max_message_bytes.to_string(),
+                    ),
+                    (
+                        "offsets.topic.num.partitions",
+                        node.tuning.group.offsets_topic_num_partitions.to_string(),
+                    ),
+                    (
+                        "socket.request.max.bytes",
+                        node.tuning.memory.request_bytes_max.to_string(),
+                    ),
                 ];
                 for (k, v) in broker_cfgs.iter().filter(|(k, _)| wanted(k)) {
                     let mut c = DescribeConfigsResourceResult::default();
@@ -302,7 +392,17 @@ pub async fn alter_configs(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConf
             r.error_code = ec::INVALID_REQUEST;
             r.error_message = Some(sb("only topic configs can be altered"));
         } else {
-            let ops = res.configs.iter().map(|c| (c.name.to_string(), 0i8, c.value.as_ref().map(|v| v.to_string()))).collect();
+            let ops = res
+                .configs
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.to_string(),
+                        0i8,
+                        c.value.as_ref().map(|v| v.to_string()),
+                    )
+                })
+                .collect();
             if let Err((code, msg)) = controller::alter_topic_configs(
                 Arc::clone(&node),
                 res.resource_name.to_string(),
@@ -321,7 +421,10 @@ pub async fn alter_configs(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConf
     resp
 }
 
-pub async fn incremental_alter_configs(ctx: &ConnCtx, req: IncrementalAlterConfigsRequest) -> IncrementalAlterConfigsResponse {
+pub async fn incremental_alter_configs(
+    ctx: &ConnCtx,
+    req: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = IncrementalAlterConfigsResponse::default();
     for res in req.resources {
@@ -335,7 +438,13 @@ pub async fn incremental_alter_configs(ctx: &ConnCtx, req: IncrementalAlterConfi
             let ops = res
                 .configs
                 .iter()
-                .map(|c| (c.name.to_string(), c.config_operation, c.value.as_ref().map(|v| v.to_string())))
+                .map(|c| {
+                    (
+                        c.name.to_string(),
+                        c.config_operation,
+                        c.value.as_ref().map(|v| v.to_string()),
+                    )
+                })
                 .collect();
             if let Err((code, msg)) = controller::alter_topic_configs(
                 Arc::clone(&node),

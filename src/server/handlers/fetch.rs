@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::fetch_request::FetchRequest;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 #[cfg(test)]
 use kafka_protocol::messages::fetch_response::FetchResponse;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::BrokerId;
 use kafka_protocol::protocol::Encodable;
 
@@ -51,14 +51,22 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     {
         let img = node.image();
         for t in &req.topics {
-            let meta = if version >= 13 { img.topic_by_id(&t.topic_id) } else { img.topic(t.topic.0.as_str()) };
-            let name = meta.map(|m| m.name.clone()).unwrap_or_else(|| t.topic.0.to_string());
+            let meta = if version >= 13 {
+                img.topic_by_id(&t.topic_id)
+            } else {
+                img.topic(t.topic.0.as_str())
+            };
+            let name = meta
+                .map(|m| m.name.clone())
+                .unwrap_or_else(|| t.topic.0.to_string());
             let mut parts = Vec::new();
             for p in &t.partitions {
                 let pre = match meta {
                     None if version >= 13 => Some(ec::UNKNOWN_TOPIC_ID),
                     None => Some(ec::UNKNOWN_TOPIC_OR_PARTITION),
-                    Some(m) if p.partition < 0 || p.partition >= m.partitions => Some(ec::UNKNOWN_TOPIC_OR_PARTITION),
+                    Some(m) if p.partition < 0 || p.partition >= m.partitions => {
+                        Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
+                    }
                     Some(_) if p.partition_max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
                     Some(_) => {
                         wants.push((
@@ -78,7 +86,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             layout.push((name, t.topic_id, parts));
         }
     }
-    let max_bytes = if req.max_bytes <= 0 { i32::MAX as usize } else { req.max_bytes as usize };
+    let max_bytes = if req.max_bytes <= 0 {
+        i32::MAX as usize
+    } else {
+        req.max_bytes as usize
+    };
     let min_bytes = req.min_bytes.max(0) as usize;
     let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
     let shards = node.shards();
@@ -87,7 +99,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         got = read_round(shards, wants.clone(), max_bytes).await;
         let total: usize = got.iter().map(|g| g.bytes()).sum();
         let any_error = got.iter().any(|g| g.code != ec::NONE);
-        if total >= min_bytes.max(1) || any_error || wants.is_empty() || Instant::now() >= deadline {
+        if total >= min_bytes.max(1) || any_error || wants.is_empty() || Instant::now() >= deadline
+        {
             break;
         }
         wait_for_data(shards, &wants, &got, deadline).await;
@@ -132,7 +145,12 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                     records_of.push(Vec::new());
                 }
                 None => {
-                    let g = got.next().unwrap_or(Got { code: ec::UNKNOWN_SERVER_ERROR, hwm: -1, log_start: -1, records: Vec::new() });
+                    let g = got.next().unwrap_or(Got {
+                        code: ec::UNKNOWN_SERVER_ERROR,
+                        hwm: -1,
+                        log_start: -1,
+                        records: Vec::new(),
+                    });
                     pd.error_code = g.code;
                     pd.high_watermark = g.hwm;
                     pd.last_stable_offset = g.hwm;
@@ -170,7 +188,10 @@ fn put_array_len(b: &mut BytesMut, flexible: bool, n: usize) {
 /// Encodes the FetchResponse body by hand around kafka-protocol's encoding of each partition's
 /// fixed fields, splicing the record chunks in by reference. Falls back to kafka-protocol's own
 /// encoding of a partition (one copy) if its layout is not the one expected.
-fn encode_response(version: i16, topics: Vec<(FetchableTopicResponse, Vec<Vec<Bytes>>)>) -> Vec<Bytes> {
+fn encode_response(
+    version: i16,
+    topics: Vec<(FetchableTopicResponse, Vec<Vec<Bytes>>)>,
+) -> Vec<Bytes> {
     let flexible = version >= 12;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut head = BytesMut::with_capacity(256);
@@ -240,25 +261,44 @@ fn encode_response(version: i16, topics: Vec<(FetchableTopicResponse, Vec<Vec<By
     chunks
 }
 
-
 async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) -> Vec<Got> {
     per_shard(shards, wants, move |sh, ws: Vec<Want>| async move {
         let mut out = Vec::with_capacity(ws.len());
         for w in ws {
             let Some(p) = sh.partition(&w.topic, w.partition).await else {
-                out.push(Got { code: ec::UNKNOWN_TOPIC_OR_PARTITION, hwm: -1, log_start: -1, records: Vec::new() });
+                out.push(Got {
+                    code: ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    hwm: -1,
+                    log_start: -1,
+                    records: Vec::new(),
+                });
                 continue;
             };
             let hwm = p.high_watermark();
             let log_start = p.log.log_start_offset() as i64;
             let limit = w.max_bytes.min(max_bytes);
             match p.read(w.offset, limit).await {
-                Ok(records) => out.push(Got { code: ec::NONE, hwm, log_start, records }),
+                Ok(records) => out.push(Got {
+                    code: ec::NONE,
+                    hwm,
+                    log_start,
+                    records,
+                }),
                 Err(code) => {
                     if code == ec::OFFSET_OUT_OF_RANGE {
-                        tracing::debug!("fetch {}-{} at {} out of range [{log_start}, {hwm}]", w.topic, w.partition, w.offset);
+                        tracing::debug!(
+                            "fetch {}-{} at {} out of range [{log_start}, {hwm}]",
+                            w.topic,
+                            w.partition,
+                            w.offset
+                        );
                     }
-                    out.push(Got { code, hwm, log_start, records: Vec::new() })
+                    out.push(Got {
+                        code,
+                        hwm,
+                        log_start,
+                        records: Vec::new(),
+                    })
                 }
             }
         }
@@ -278,25 +318,28 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
         if its.is_empty() {
             continue;
         }
-        waits.push(Box::pin(crate::shard::invoke(shard, move |sh| async move {
-            let mut rxs = Vec::new();
-            for (t, p, seen) in &its {
-                if let Some(part) = sh.partition(t, *p).await {
-                    if part.high_watermark() > *seen {
-                        return;
+        waits.push(Box::pin(crate::shard::invoke(
+            shard,
+            move |sh| async move {
+                let mut rxs = Vec::new();
+                for (t, p, seen) in &its {
+                    if let Some(part) = sh.partition(t, *p).await {
+                        if part.high_watermark() > *seen {
+                            return;
+                        }
+                        rxs.push(part.wait_for_data());
                     }
-                    rxs.push(part.wait_for_data());
                 }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let timer = glommio::timer::sleep(left);
-            futures::pin_mut!(timer);
-            if rxs.is_empty() {
-                timer.await;
-            } else {
-                let _ = futures::future::select(futures::future::select_all(rxs), timer).await;
-            }
-        })));
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timer = glommio::timer::sleep(left);
+                futures::pin_mut!(timer);
+                if rxs.is_empty() {
+                    timer.await;
+                } else {
+                    let _ = futures::future::select(futures::future::select_all(rxs), timer).await;
+                }
+            },
+        )));
     }
     if waits.is_empty() {
         return;
@@ -327,7 +370,10 @@ mod tests {
                 pd.high_watermark = 10 + p as i64;
                 pd.records = Some(Bytes::new());
                 tr.partitions.push(pd);
-                recs.push(vec![Bytes::from(vec![p as u8; 10_000]), Bytes::from(vec![9u8; 100])]);
+                recs.push(vec![
+                    Bytes::from(vec![p as u8; 10_000]),
+                    Bytes::from(vec![9u8; 100]),
+                ]);
             }
             let chunks = encode_response(version, vec![(tr, recs)]);
             let mut body = BytesMut::new();

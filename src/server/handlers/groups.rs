@@ -4,6 +4,10 @@ use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
 
 use crate::server::ConnCtx;
 
-pub async fn dispatch(ctx: &ConnCtx, header: &RequestHeader, req: RequestKind) -> Option<ResponseKind> {
+pub async fn dispatch(
+    ctx: &ConnCtx,
+    header: &RequestHeader,
+    req: RequestKind,
+) -> Option<ResponseKind> {
     crate::group::handlers::dispatch(ctx, header, req).await
 }

@@ -30,7 +30,11 @@ async fn lookup(p: &Partition, ts: i64) -> (i16, i64, i64) {
                 return (ec::NONE, -1, -1);
             }
             // The record holding the max timestamp inside that batch.
-            match p.log.read(batch_base, 1, p.high_watermark() as u64, LEADER_EPOCH).await {
+            match p
+                .log
+                .read(batch_base, 1, p.high_watermark() as u64, LEADER_EPOCH)
+                .await
+            {
                 Ok(bytes) => match record_at_or_after(bytes, max_ts) {
                     Some((t, o)) => (ec::NONE, t, o),
                     None => (ec::NONE, max_ts, batch_base as i64),
@@ -53,7 +57,10 @@ async fn lookup(p: &Partition, ts: i64) -> (i16, i64, i64) {
 /// Decodes one batch (off the hot path) and returns the first record with timestamp >= ts.
 fn record_at_or_after(mut batch: bytes::Bytes, ts: i64) -> Option<(i64, i64)> {
     let set = RecordBatchDecoder::decode(&mut batch).ok()?;
-    set.records.iter().find(|r| r.timestamp >= ts).map(|r| (r.timestamp, r.offset))
+    set.records
+        .iter()
+        .find(|r| r.timestamp >= ts)
+        .map(|r| (r.timestamp, r.offset))
 }
 
 pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> ListOffsetsResponse {
@@ -62,19 +69,26 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> Lis
     for t in &req.topics {
         for p in &t.partitions {
             let name = t.name.0.to_string();
-            items.push((node.shard_of(&name, p.partition_index), (name, p.partition_index, p.timestamp)));
+            items.push((
+                node.shard_of(&name, p.partition_index),
+                (name, p.partition_index, p.timestamp),
+            ));
         }
     }
-    let results = per_shard(node.shards(), items, |sh, its: Vec<(String, i32, i64)>| async move {
-        let mut out = Vec::new();
-        for (t, p, ts) in its {
-            match sh.partition(&t, p).await {
-                Some(part) => out.push(lookup(&part, ts).await),
-                None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
+    let results = per_shard(
+        node.shards(),
+        items,
+        |sh, its: Vec<(String, i32, i64)>| async move {
+            let mut out = Vec::new();
+            for (t, p, ts) in its {
+                match sh.partition(&t, p).await {
+                    Some(part) => out.push(lookup(&part, ts).await),
+                    None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
+                }
             }
-        }
-        out
-    })
+            out
+        },
+    )
     .await;
     let mut results = results.into_iter();
     let mut resp = ListOffsetsResponse::default();
@@ -88,7 +102,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> Lis
             pr.error_code = code;
             pr.timestamp = ts;
             pr.offset = off;
-            pr.leader_epoch = if code == ec::NONE && version >= 4 { LEADER_EPOCH } else { -1 };
+            pr.leader_epoch = if code == ec::NONE && version >= 4 {
+                LEADER_EPOCH
+            } else {
+                -1
+            };
             tr.partitions.push(pr);
         }
         resp.topics.push(tr);
@@ -97,26 +115,38 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> Lis
 }
 
 /// Single node with one leader epoch forever: epoch 0 ends at the log end offset.
-pub async fn offset_for_leader_epoch(ctx: &ConnCtx, req: OffsetForLeaderEpochRequest) -> OffsetForLeaderEpochResponse {
+pub async fn offset_for_leader_epoch(
+    ctx: &ConnCtx,
+    req: OffsetForLeaderEpochRequest,
+) -> OffsetForLeaderEpochResponse {
     let node = ctx.shard.node.clone();
     let mut items = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
             let name = t.topic.0.to_string();
-            items.push((node.shard_of(&name, p.partition), (name, p.partition, p.leader_epoch)));
+            items.push((
+                node.shard_of(&name, p.partition),
+                (name, p.partition, p.leader_epoch),
+            ));
         }
     }
-    let results = per_shard(node.shards(), items, |sh, its: Vec<(String, i32, i32)>| async move {
-        let mut out = Vec::new();
-        for (t, p, epoch) in its {
-            match sh.partition(&t, p).await {
-                Some(part) if epoch <= LEADER_EPOCH => out.push((ec::NONE, LEADER_EPOCH, part.high_watermark())),
-                Some(_) => out.push((ec::NONE, -1, -1)),
-                None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
+    let results = per_shard(
+        node.shards(),
+        items,
+        |sh, its: Vec<(String, i32, i32)>| async move {
+            let mut out = Vec::new();
+            for (t, p, epoch) in its {
+                match sh.partition(&t, p).await {
+                    Some(part) if epoch <= LEADER_EPOCH => {
+                        out.push((ec::NONE, LEADER_EPOCH, part.high_watermark()))
+                    }
+                    Some(_) => out.push((ec::NONE, -1, -1)),
+                    None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
+                }
             }
-        }
-        out
-    })
+            out
+        },
+    )
     .await;
     let mut results = results.into_iter();
     let mut resp = OffsetForLeaderEpochResponse::default();

@@ -57,7 +57,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
         }
         return resp;
     }
-    let auto_create = node.tuning.log.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let auto_create =
+        node.tuning.log.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
     let mut to_create = Vec::new();
     let mut order: Vec<(Option<String>, uuid::Uuid)> = Vec::new();
     {

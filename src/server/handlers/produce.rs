@@ -20,7 +20,11 @@ struct Item {
 
 type Outcome = (i16, i64, i64, i64, Option<String>);
 
-pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::OrderGate) -> Option<ProduceResponse> {
+pub async fn handle(
+    ctx: &ConnCtx,
+    req: ProduceRequest,
+    gate: &crate::server::OrderGate,
+) -> Option<ProduceResponse> {
     let node = ctx.shard.node.clone();
     let acks = req.acks;
     let acks_ok = (-1..=1).contains(&acks);
@@ -37,15 +41,35 @@ pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::Or
                 let pre: Option<Outcome> = if !acks_ok {
                     Some((ec::INVALID_REQUIRED_ACKS, -1, -1, -1, None))
                 } else if txn {
-                    Some((ec::TRANSACTIONAL_ID_AUTHORIZATION_FAILED, -1, -1, -1, Some("transactions are not supported".into())))
-                } else if topic.map(|t| p.index < 0 || p.index >= t.partitions).unwrap_or(true) {
+                    Some((
+                        ec::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                        -1,
+                        -1,
+                        -1,
+                        Some("transactions are not supported".into()),
+                    ))
+                } else if topic
+                    .map(|t| p.index < 0 || p.index >= t.partitions)
+                    .unwrap_or(true)
+                {
                     Some((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None))
                 } else if topic.map(|t| t.internal).unwrap_or(false) {
-                    Some((ec::INVALID_TOPIC_EXCEPTION, -1, -1, -1, Some("cannot produce to an internal topic".into())))
+                    Some((
+                        ec::INVALID_TOPIC_EXCEPTION,
+                        -1,
+                        -1,
+                        -1,
+                        Some("cannot produce to an internal topic".into()),
+                    ))
                 } else {
                     items.push((
                         node.shard_of(&name, p.index),
-                        Item { topic: name.clone(), partition: p.index, records: p.records, queued: None },
+                        Item {
+                            topic: name.clone(),
+                            partition: p.index,
+                            records: p.records,
+                            queued: None,
+                        },
                     ));
                     None
                 };
@@ -54,7 +78,8 @@ pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::Or
             shape.push((name, parts));
         }
     }
-    let cache_max = node.tuning.memory.batch_cache_bytes_per_partition;
+    let sync = acks == -1 || node.tuning.fsync_always();
+    let window_us = node.tuning.log.group_commit_window_us;
     // Each shard queues its partitions' batches, reports that through `queued`, then waits for
     // the writes. Once every shard has queued, the connection may read its next request: its
     // batches will be written after these (pipelining without reordering).
@@ -70,43 +95,50 @@ pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::Or
             queued_rxs.push(rx);
         }
     }
-    let results = per_shard(shards, items, move |sh, its: Vec<Item>| {
-        async move {
-            let mut queued = Vec::with_capacity(its.len());
-            let mut senders = Vec::new();
-            for mut it in its {
-                if let Some(tx) = it.queued.take() {
-                    senders.push(tx);
-                }
-                let Some(records) = it.records.filter(|r| !r.is_empty()) else {
-                    queued.push(Err((ec::CORRUPT_MESSAGE, "no records".to_string())));
-                    continue;
-                };
-                let Some(part) = sh.partition(&it.topic, it.partition).await else {
-                    queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
-                    continue;
-                };
-                let Some(cfg) = sh.node.effective_config(&it.topic) else {
-                    queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
-                    continue;
-                };
-                queued.push(part.enqueue(records, &cfg, cache_max).map(|q| (part, q)));
+    let results = per_shard(shards, items, move |sh, its: Vec<Item>| async move {
+        let mut queued = Vec::with_capacity(its.len());
+        let mut senders = Vec::new();
+        for mut it in its {
+            if let Some(tx) = it.queued.take() {
+                senders.push(tx);
             }
-            for tx in senders {
-                let _ = tx.send(());
-            }
-            let futs = queued.into_iter().map(|q| async move {
-                let r = match q {
-                    Ok((part, q)) => part.complete(q, acks).await,
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(a) => (ec::NONE, a.base_offset, a.log_append_time_ms, a.log_start_offset, None),
-                    Err((code, msg)) => (code, -1, -1, -1, (!msg.is_empty()).then_some(msg)),
-                }
-            });
-            futures::future::join_all(futs).await
+            let Some(records) = it.records.filter(|r| !r.is_empty()) else {
+                queued.push(Err((ec::CORRUPT_MESSAGE, "no records".to_string())));
+                continue;
+            };
+            let Some(part) = sh.partition(&it.topic, it.partition).await else {
+                queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
+                continue;
+            };
+            let Some(cfg) = sh.node.effective_config(&it.topic) else {
+                queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
+                continue;
+            };
+            queued.push(
+                part.enqueue(records, &cfg, sh.tuning.batch_cache_bytes_per_partition)
+                    .map(|q| (part, q)),
+            );
         }
+        for tx in senders {
+            let _ = tx.send(());
+        }
+        let futs = queued.into_iter().map(|q| async move {
+            let r = match q {
+                Ok((part, q)) => part.complete(q, sync, window_us).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(a) => (
+                    ec::NONE,
+                    a.base_offset,
+                    a.log_append_time_ms,
+                    a.log_start_offset,
+                    None,
+                ),
+                Err((code, msg)) => (code, -1, -1, -1, (!msg.is_empty()).then_some(msg)),
+            }
+        });
+        futures::future::join_all(futs).await
     });
     let all_queued = futures::future::join_all(queued_rxs);
     futures::pin_mut!(results);
@@ -128,7 +160,9 @@ pub async fn handle(ctx: &ConnCtx, req: ProduceRequest, gate: &crate::server::Or
         for (index, pre) in parts {
             let (code, base, lat, lso, msg) = match pre {
                 Some(o) => o,
-                None => results.next().unwrap_or((ec::UNKNOWN_SERVER_ERROR, -1, -1, -1, None)),
+                None => results
+                    .next()
+                    .unwrap_or((ec::UNKNOWN_SERVER_ERROR, -1, -1, -1, None)),
             };
             let mut pr = PartitionProduceResponse::default();
             pr.index = index;

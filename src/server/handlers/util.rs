@@ -26,7 +26,8 @@ where
     Fut: Future<Output = Vec<O>> + 'static,
 {
     let n = items.len();
-    let mut buckets: Vec<(Vec<usize>, Vec<I>)> = (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+    let mut buckets: Vec<(Vec<usize>, Vec<I>)> =
+        (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
     for (i, (shard, item)) in items.into_iter().enumerate() {
         let b = &mut buckets[shard.min(shards - 1)];
         b.0.push(i);
@@ -49,5 +50,7 @@ where
             out[i] = Some(o);
         }
     }
-    out.into_iter().map(|o| o.expect("every item answered by its shard")).collect()
+    out.into_iter()
+        .map(|o| o.expect("every item answered by its shard"))
+        .collect()
 }
