@@ -106,6 +106,8 @@ pub enum GroupsCmd {
 
 fn metadata(c: &mut Client, topics: Option<Vec<String>>) -> anyhow::Result<MetadataResponse> {
     let mut req = MetadataRequest::default();
+    // Looking at a topic must never create it.
+    req.allow_auto_topic_creation = false;
     req.topics = topics.map(|ts| {
         ts.into_iter()
             .map(|t| {

@@ -1,0 +1,156 @@
+//! The command line as an operator uses it: admin subcommands against a running broker,
+//! `fjord tune`, and clear one-line errors for bad flags and bad tuning files.
+
+mod common;
+
+use std::process::Command;
+
+use common::Broker;
+
+fn fjord(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args(args)
+        .output()
+        .expect("run fjord");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn topics_and_groups_admin_commands() {
+    let b = Broker::start();
+    let bs = b.bootstrap();
+    let (ok, out, err) = fjord(&[
+        "topics",
+        "--bootstrap",
+        &bs,
+        "create",
+        "cli-t",
+        "--partitions",
+        "3",
+        "--config",
+        "retention.ms=60000",
+    ]);
+    assert!(ok, "create: {out} {err}");
+    let (ok, _, err) = fjord(&[
+        "topics",
+        "--bootstrap",
+        &bs,
+        "create",
+        "cli-t",
+        "--partitions",
+        "3",
+    ]);
+    assert!(
+        !ok && err.contains("TopicAlreadyExists"),
+        "duplicate create: {err}"
+    );
+    let (ok, out, _) = fjord(&["topics", "--bootstrap", &bs, "list"]);
+    assert!(
+        ok && out.contains("cli-t") && !out.contains("__consumer_offsets"),
+        "{out}"
+    );
+    let (ok, out, err) = fjord(&["topics", "--bootstrap", &bs, "describe", "cli-t"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Partitions: 3") && out.contains("retention.ms=60000 (topic)"),
+        "{out}"
+    );
+
+    // A group with a committed offset, through a real client.
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    for i in 0..10 {
+        p.send(
+            BaseRecord::<(), _>::to("cli-t")
+                .partition(1)
+                .payload(&format!("{i}")),
+        )
+        .unwrap();
+    }
+    p.flush(std::time::Duration::from_secs(10)).unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("group.id", "cli-group")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("cli-t", 1, Offset::Offset(4))
+        .unwrap();
+    c.commit(&tpl, CommitMode::Sync).expect("commit");
+    let (ok, out, err) = fjord(&["groups", "--bootstrap", &bs, "list"]);
+    assert!(ok && out.contains("cli-group"), "{out} {err}");
+    let (ok, out, err) = fjord(&["groups", "--bootstrap", &bs, "describe", "cli-group"]);
+    assert!(ok, "{err}");
+    // partition 1: committed 4, log end 10, lag 6
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("cli-t") && l.split_whitespace().nth(1) == Some("1"))
+        .unwrap_or_default();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[1..5], &["1", "4", "10", "6"], "{out}");
+
+    let (ok, _, err) = fjord(&["topics", "--bootstrap", &bs, "delete", "cli-t"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = fjord(&["topics", "--bootstrap", &bs, "describe", "cli-t"]);
+    assert!(!ok && err.contains("UnknownTopicOrPartition"), "{err}");
+}
+
+#[test]
+fn bad_flags_and_bad_tuning_files_are_refused_in_one_line() {
+    let (ok, _, err) = fjord(&["serve", "--cores", "0"]);
+    assert!(!ok && err.contains("--cores"), "{err}");
+    let (ok, _, err) = fjord(&["serve", "--listen", "not-an-address"]);
+    assert!(!ok && err.contains("--listen"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let text = fjord::config::DEFAULT_TUNING.replace("[io]", "[io]\nring_dept = 5");
+    std::fs::write(&bad, text).unwrap();
+    let (ok, _, err) = fjord(&["serve", "--config", bad.to_str().unwrap()]);
+    assert!(!ok, "unknown key refused");
+    let line = err.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("bad.toml") && line.contains("line") && line.contains("ring_dept"),
+        "{err}"
+    );
+    let (ok, _, err) = fjord(&["serve", "--config", "/no/such/file.toml"]);
+    assert!(!ok && err.contains("/no/such/file.toml"), "{err}");
+    let (ok, _, err) = fjord(&["topics", "--bootstrap", "127.0.0.1:1", "list"]);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn tune_writes_a_file_serve_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("host.toml");
+    let data = dir.path().join("data");
+    let (ok, _, err) = fjord(&[
+        "tune",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--bytes",
+        "8388608",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("Written by `fjord tune`") && text.contains("fdatasync p50"),
+        "{text}"
+    );
+    fjord::config::Tuning::parse(&text, "host.toml").expect("the generated file parses");
+    assert!(
+        !data.join(".fjord-tune-scratch").exists(),
+        "scratch file removed"
+    );
+}
