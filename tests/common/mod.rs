@@ -26,8 +26,13 @@ impl Broker {
     }
 
     pub fn start_with(extra: &[&str]) -> Broker {
+        Broker::start_in(None, extra)
+    }
+
+    /// Like `start_with`, with the data directory given (e.g. on a special file system).
+    pub fn start_in(data_dir: Option<PathBuf>, extra: &[&str]) -> Broker {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let data_dir = tmp.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| tmp.path().join("data"));
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut b = Broker {
             child: None,
