@@ -285,6 +285,10 @@ fn confluent_kafka_python_consumer_protocol() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_ne!(status.code(), Some(2), "confluent_kafka missing: pip install confluent-kafka");
+    assert_ne!(
+        status.code(),
+        Some(2),
+        "confluent_kafka missing: pip install confluent-kafka"
+    );
     assert!(status.success(), "kip848.py failed: {status}");
 }

@@ -117,7 +117,7 @@ fn metadata(c: &mut Client, topics: Option<Vec<String>>) -> anyhow::Result<Metad
             })
             .collect()
     });
-    c.call(9, &req)
+    c.call(12, &req)
 }
 
 /// (earliest, latest) per partition.

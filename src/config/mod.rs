@@ -119,6 +119,28 @@ pub struct GroupSection {
     pub initial_rebalance_delay_ms: u64,
     pub min_session_timeout_ms: i32,
     pub max_session_timeout_ms: i32,
+    /// KIP-848 groups: group.consumer.heartbeat.interval.ms.
+    #[serde(default = "default_consumer_heartbeat_interval_ms")]
+    pub consumer_heartbeat_interval_ms: i32,
+    /// KIP-848 groups: group.consumer.session.timeout.ms.
+    #[serde(default = "default_consumer_session_timeout_ms")]
+    pub consumer_session_timeout_ms: i32,
+    /// KIP-848 groups: the assignor used when members name none ("uniform" or "range"),
+    /// the first of Kafka's group.consumer.assignors.
+    #[serde(default = "default_consumer_assignor")]
+    pub consumer_assignor: String,
+}
+
+fn default_consumer_heartbeat_interval_ms() -> i32 {
+    5_000
+}
+
+fn default_consumer_session_timeout_ms() -> i32 {
+    45_000
+}
+
+fn default_consumer_assignor() -> String {
+    "uniform".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +261,20 @@ impl Tuning {
         }
         if self.group.offsets_topic_num_partitions < 1 {
             return bad("group.offsets_topic_num_partitions", "must be at least 1");
+        }
+        if self.group.consumer_heartbeat_interval_ms < 1
+            || self.group.consumer_heartbeat_interval_ms >= self.group.consumer_session_timeout_ms
+        {
+            return bad(
+                "group.consumer_heartbeat_interval_ms",
+                "must be at least 1 and below group.consumer_session_timeout_ms",
+            );
+        }
+        if !matches!(self.group.consumer_assignor.as_str(), "uniform" | "range") {
+            return bad(
+                "group.consumer_assignor",
+                "must be \"uniform\" or \"range\"",
+            );
         }
         if self.group.min_session_timeout_ms > self.group.max_session_timeout_ms {
             return bad(

@@ -148,7 +148,11 @@ pub struct HeartbeatResponse {
 
 impl HeartbeatResponse {
     fn error(code: ErrorCode, message: String) -> HeartbeatResponse {
-        HeartbeatResponse { error_code: code, error_message: Some(message), ..Default::default() }
+        HeartbeatResponse {
+            error_code: code,
+            error_message: Some(message),
+            ..Default::default()
+        }
     }
 }
 
@@ -208,8 +212,12 @@ impl Member {
 
     /// The existing topics this member subscribes to.
     fn resolved_topics(&self, topics: &dyn TopicSource) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> =
-            self.subscribed_names.iter().filter(|t| topics.partition_count(t).is_some()).cloned().collect();
+        let mut out: BTreeSet<String> = self
+            .subscribed_names
+            .iter()
+            .filter(|t| topics.partition_count(t).is_some())
+            .cloned()
+            .collect();
         if let Some((_, re)) = &self.subscribed_regex {
             topics.for_each_topic(&mut |t| {
                 if re.is_match(t) {
@@ -309,11 +317,10 @@ impl Group {
             GroupState::Empty
         } else if self.group_epoch != self.assignment_epoch {
             GroupState::Assigning
-        } else if self
-            .members
-            .values()
-            .any(|m| m.epoch != STATIC_LEAVE_EPOCH && (m.epoch != self.assignment_epoch || m.state != MemberState::Stable))
-        {
+        } else if self.members.values().any(|m| {
+            m.epoch != STATIC_LEAVE_EPOCH
+                && (m.epoch != self.assignment_epoch || m.state != MemberState::Stable)
+        }) {
             GroupState::Reconciling
         } else {
             GroupState::Stable
@@ -322,7 +329,9 @@ impl Group {
 
     /// Replaces `member_id`'s holdings, keeping `owners` in step.
     fn set_holdings(&mut self, member_id: &str, assigned: Assignment, revoking: Assignment) {
-        let Some(m) = self.members.get_mut(member_id) else { return };
+        let Some(m) = self.members.get_mut(member_id) else {
+            return;
+        };
         for (t, ps) in m.assigned.iter().chain(m.revoking.iter()) {
             for p in ps {
                 let key = (t.clone(), *p);
@@ -335,7 +344,10 @@ impl Group {
             for p in ps {
                 let prev = self.owners.insert((t.clone(), *p), member_id.to_owned());
                 // Reconciliation only hands out free partitions; a second owner is a bug.
-                debug_assert!(prev.is_none(), "{t}-{p} given to {member_id} while held by {prev:?}");
+                debug_assert!(
+                    prev.is_none(),
+                    "{t}-{p} given to {member_id} while held by {prev:?}"
+                );
             }
         }
         m.assigned = assigned;
@@ -374,7 +386,15 @@ impl Group {
 
     /// Bumps the group epoch if what the assignor sees changed, and recomputes the target
     /// assignment if it is behind the group epoch.
-    fn refresh_target(&mut self, topics: &dyn TopicSource, default_assignor: Assignor) {
+    /// `changed`: the heartbeat changed membership or a subscription. One heartbeat bumps the
+    /// group epoch at most once.
+    fn refresh_target(
+        &mut self,
+        topics: &dyn TopicSource,
+        default_assignor: Assignor,
+        changed: bool,
+    ) {
+        let mut bump = changed;
         let mut subs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut counts: BTreeMap<String, i32> = BTreeMap::new();
         for m in self.members.values() {
@@ -388,11 +408,14 @@ impl Group {
         }
         if counts != self.subscribed {
             self.subscribed = counts;
-            self.group_epoch += 1;
+            bump = true;
         }
         let assignor = self.preferred_assignor(default_assignor);
         if assignor != self.assignor {
             self.assignor = assignor;
+            bump = true;
+        }
+        if bump {
             self.group_epoch += 1;
         }
         if self.group_epoch > self.assignment_epoch {
@@ -403,7 +426,9 @@ impl Group {
 
     /// Kafka's CurrentAssignmentBuilder: moves `member_id` one step towards its target.
     fn reconcile(&mut self, member_id: &str, owned: Option<&Assignment>, now_ms: u64) {
-        let Some(m) = self.members.get(member_id) else { return };
+        let Some(m) = self.members.get(member_id) else {
+            return;
+        };
         let from_epoch = match m.state {
             MemberState::Stable if m.epoch == self.assignment_epoch => return,
             MemberState::Stable | MemberState::UnreleasedPartitions => m.epoch,
@@ -448,23 +473,32 @@ impl Group {
         let target_epoch = self.assignment_epoch;
         let rebalance_timeout_ms = m.rebalance_timeout_ms;
         let old_epoch = m.epoch;
-        let (state, epoch, assigned, revoke) = if !revoking.is_empty() && owns_any(owned, &revoking) {
+        let (state, epoch, assigned, revoke) = if !revoking.is_empty() && owns_any(owned, &revoking)
+        {
             (MemberState::UnrevokedPartitions, from_epoch, kept, revoking)
         } else {
             for (t, ps) in pending {
                 kept.entry(t).or_default().extend(ps);
             }
-            let state = if unreleased { MemberState::UnreleasedPartitions } else { MemberState::Stable };
+            let state = if unreleased {
+                MemberState::UnreleasedPartitions
+            } else {
+                MemberState::Stable
+            };
             (state, target_epoch, kept, Assignment::new())
         };
         self.set_holdings(member_id, assigned, revoke);
-        let Some(m) = self.members.get_mut(member_id) else { return };
+        let Some(m) = self.members.get_mut(member_id) else {
+            return;
+        };
         if epoch != old_epoch {
             m.previous_epoch = old_epoch;
             m.epoch = epoch;
         }
         m.revocation_deadline_ms = match (state, m.state) {
-            (MemberState::UnrevokedPartitions, MemberState::UnrevokedPartitions) => m.revocation_deadline_ms,
+            (MemberState::UnrevokedPartitions, MemberState::UnrevokedPartitions) => {
+                m.revocation_deadline_ms
+            }
             (MemberState::UnrevokedPartitions, _) => Some(now_ms + rebalance_timeout_ms),
             _ => None,
         };
@@ -475,12 +509,18 @@ impl Group {
 /// True if `owned` may still hold any partition of `parts` (unknown ownership counts as yes).
 fn owns_any(owned: Option<&Assignment>, parts: &Assignment) -> bool {
     let Some(owned) = owned else { return true };
-    parts.iter().any(|(t, ps)| owned.get(t).is_some_and(|o| ps.iter().any(|p| o.contains(p))))
+    parts.iter().any(|(t, ps)| {
+        owned
+            .get(t)
+            .is_some_and(|o| ps.iter().any(|p| o.contains(p)))
+    })
 }
 
 fn is_subset(owned: Option<&Assignment>, of: &Assignment) -> bool {
     let Some(owned) = owned else { return false };
-    owned.iter().all(|(t, ps)| ps.is_empty() || of.get(t).is_some_and(|o| ps.is_subset(o)))
+    owned
+        .iter()
+        .all(|(t, ps)| ps.is_empty() || of.get(t).is_some_and(|o| ps.is_subset(o)))
 }
 
 /// Runs `assignor` over members' resolved subscriptions and the partition counts; `prev` is the
@@ -499,10 +539,20 @@ pub fn assign(
 
 /// Per topic, its subscribers sorted by member id get contiguous ranges; the first
 /// `partitions % members` get one more.
-fn assign_range(subs: &BTreeMap<String, BTreeSet<String>>, counts: &BTreeMap<String, i32>) -> BTreeMap<String, Assignment> {
-    let mut out: BTreeMap<String, Assignment> = subs.keys().map(|m| (m.clone(), Assignment::new())).collect();
+fn assign_range(
+    subs: &BTreeMap<String, BTreeSet<String>>,
+    counts: &BTreeMap<String, i32>,
+) -> BTreeMap<String, Assignment> {
+    let mut out: BTreeMap<String, Assignment> = subs
+        .keys()
+        .map(|m| (m.clone(), Assignment::new()))
+        .collect();
     for (t, &n) in counts {
-        let members: Vec<&String> = subs.iter().filter(|(_, ts)| ts.contains(t)).map(|(m, _)| m).collect();
+        let members: Vec<&String> = subs
+            .iter()
+            .filter(|(_, ts)| ts.contains(t))
+            .map(|(m, _)| m)
+            .collect();
         if members.is_empty() || n <= 0 {
             continue;
         }
@@ -512,7 +562,9 @@ fn assign_range(subs: &BTreeMap<String, BTreeSet<String>>, counts: &BTreeMap<Str
         for (i, m) in members.into_iter().enumerate() {
             let len = base + i32::from((i as i32) < extra);
             if len > 0 {
-                out.entry(m.clone()).or_default().insert(t.clone(), (start..start + len).collect());
+                out.entry(m.clone())
+                    .or_default()
+                    .insert(t.clone(), (start..start + len).collect());
             }
             start += len;
         }
@@ -547,7 +599,15 @@ fn assign_uniform(
     }
     let subscribers: BTreeMap<&String, Vec<&String>> = counts
         .keys()
-        .map(|t| (t, subs.iter().filter(|(_, ts)| ts.contains(t)).map(|(m, _)| m).collect()))
+        .map(|t| {
+            (
+                t,
+                subs.iter()
+                    .filter(|(_, ts)| ts.contains(t))
+                    .map(|(m, _)| m)
+                    .collect(),
+            )
+        })
         .collect();
     // The rest goes to the least loaded eligible member.
     for (t, &n) in counts {
@@ -559,7 +619,9 @@ fn assign_uniform(
             if owner.contains_key(&(t.clone(), p)) {
                 continue;
             }
-            let Some(m) = eligible.iter().min_by_key(|m| (load[**m], **m)) else { continue };
+            let Some(m) = eligible.iter().min_by_key(|m| (load[**m], **m)) else {
+                continue;
+            };
             owner.insert((t.clone(), p), (*m).clone());
             *load.get_mut(*m).expect("member has a load") += 1;
         }
@@ -577,7 +639,9 @@ fn assign_uniform(
             }
             let from = owner[&key].clone();
             let eligible = &subscribers[&key.0];
-            let Some(to) = eligible.iter().min_by_key(|m| (load[**m], **m)) else { continue };
+            let Some(to) = eligible.iter().min_by_key(|m| (load[**m], **m)) else {
+                continue;
+            };
             if load[*to] + 1 < load[&from] {
                 let to = (*to).clone();
                 *load.get_mut(&from).expect("load") -= 1;
@@ -591,7 +655,10 @@ fn assign_uniform(
             break;
         }
     }
-    let mut out: BTreeMap<String, Assignment> = subs.keys().map(|m| (m.clone(), Assignment::new())).collect();
+    let mut out: BTreeMap<String, Assignment> = subs
+        .keys()
+        .map(|m| (m.clone(), Assignment::new()))
+        .collect();
     for ((t, p), m) in owner {
         out.entry(m).or_default().entry(t).or_default().insert(p);
     }
@@ -616,7 +683,12 @@ pub struct Expired {
 
 impl ConsumerGroups {
     pub fn new(cfg: ConsumerConfig, id_seed: u64) -> ConsumerGroups {
-        ConsumerGroups { cfg, groups: BTreeMap::new(), id_seed, id_counter: 0 }
+        ConsumerGroups {
+            cfg,
+            groups: BTreeMap::new(),
+            id_seed,
+            id_counter: 0,
+        }
     }
 
     pub fn config(&self) -> &ConsumerConfig {
@@ -631,7 +703,9 @@ impl ConsumerGroups {
     fn new_member_id(&mut self) -> String {
         let mut next = || {
             self.id_counter += 1;
-            let mut z = self.id_seed.wrapping_add(self.id_counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut z = self
+                .id_seed
+                .wrapping_add(self.id_counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
@@ -646,10 +720,17 @@ impl ConsumerGroups {
 
     /// True if the group exists and has members: the classic protocol cannot take it over.
     pub fn is_active(&self, group_id: &str) -> bool {
-        self.groups.get(group_id).is_some_and(|g| !g.members.is_empty())
+        self.groups
+            .get(group_id)
+            .is_some_and(|g| !g.members.is_empty())
     }
 
-    pub fn heartbeat(&mut self, now_ms: u64, topics: &dyn TopicSource, req: HeartbeatRequest) -> HeartbeatResponse {
+    pub fn heartbeat(
+        &mut self,
+        now_ms: u64,
+        topics: &dyn TopicSource,
+        req: HeartbeatRequest,
+    ) -> HeartbeatResponse {
         match self.heartbeat_inner(now_ms, topics, req) {
             Ok(r) => r,
             Err((code, msg)) => HeartbeatResponse::error(code, msg),
@@ -683,19 +764,27 @@ impl ConsumerGroups {
             if req.rebalance_timeout_ms == -1 {
                 return bad("RebalanceTimeoutMs must be provided in first request.");
             }
-            if req.owned.as_ref().is_some_and(|o| o.values().any(|ps| !ps.is_empty())) {
+            if req
+                .owned
+                .as_ref()
+                .is_some_and(|o| o.values().any(|ps| !ps.is_empty()))
+            {
                 return bad("TopicPartitions must be empty when (re-)joining.");
             }
             if req.subscribed_topic_names.is_none() && req.subscribed_topic_regex.is_none() {
-                return bad("SubscribedTopicNames or SubscribedTopicRegex must be set in first request.");
+                return bad(
+                    "SubscribedTopicNames or SubscribedTopicRegex must be set in first request.",
+                );
             }
         }
         let assignor = match req.server_assignor.as_deref() {
             None => None,
-            Some(a) => Some(
-                Assignor::parse(a)
-                    .ok_or((ec::UNSUPPORTED_ASSIGNOR, format!("ServerAssignor {a} is not supported. Supported assignors: uniform, range.")))?,
-            ),
+            Some(a) => Some(Assignor::parse(a).ok_or((
+                ec::UNSUPPORTED_ASSIGNOR,
+                format!(
+                    "ServerAssignor {a} is not supported. Supported assignors: uniform, range."
+                ),
+            ))?),
         };
         let regex = match req.subscribed_topic_regex.as_deref() {
             None => None,
@@ -703,8 +792,14 @@ impl ConsumerGroups {
             Some(r) => Some(Some((
                 r.to_owned(),
                 // Kafka matches the whole topic name (RE2J `matches`).
-                regex::Regex::new(&format!("^(?:{r})$"))
-                    .map_err(|e| (ec::INVALID_REGULAR_EXPRESSION, format!("SubscribedTopicRegex `{r}` is not a valid regular expression: {e}")))?,
+                regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| {
+                    (
+                        ec::INVALID_REGULAR_EXPRESSION,
+                        format!(
+                            "SubscribedTopicRegex `{r}` is not a valid regular expression: {e}"
+                        ),
+                    )
+                })?,
             ))),
         };
         if epoch == LEAVE_EPOCH || epoch == STATIC_LEAVE_EPOCH {
@@ -714,9 +809,24 @@ impl ConsumerGroups {
         let default_assignor = self.cfg.default_assignor;
         let session_timeout_ms = self.cfg.session_timeout_ms;
         let max_size = self.cfg.max_size;
-        let member_id = if req.member_id.is_empty() { self.new_member_id() } else { req.member_id.clone() };
-        if epoch != 0 && !self.groups.get(&req.group_id).is_some_and(|g| g.members.contains_key(&member_id)) {
-            return Err((ec::UNKNOWN_MEMBER_ID, format!("Member {member_id} is not a member of group {}.", req.group_id)));
+        let member_id = if req.member_id.is_empty() {
+            self.new_member_id()
+        } else {
+            req.member_id.clone()
+        };
+        if epoch != 0
+            && !self
+                .groups
+                .get(&req.group_id)
+                .is_some_and(|g| g.members.contains_key(&member_id))
+        {
+            return Err((
+                ec::UNKNOWN_MEMBER_ID,
+                format!(
+                    "Member {member_id} is not a member of group {}.",
+                    req.group_id
+                ),
+            ));
         }
         let group = self
             .groups
@@ -737,7 +847,9 @@ impl ConsumerGroups {
                         }
                         // The static member rejoins under a new id and takes over its old
                         // assignment without a rebalance.
-                        let Some(old_m) = group.members.get(&old).cloned() else { unreachable!("checked above") };
+                        let Some(old_m) = group.members.get(&old).cloned() else {
+                            unreachable!("checked above")
+                        };
                         group.set_holdings(&old, Assignment::new(), Assignment::new());
                         group.members.remove(&old);
                         let mut m = Member::new(member_id.clone(), now_ms, session_timeout_ms);
@@ -770,7 +882,10 @@ impl ConsumerGroups {
                     if group.members.len() >= max_size {
                         return Err((ec::GROUP_MAX_SIZE_REACHED, format!("The consumer group has reached its maximum capacity of {max_size} members.")));
                     }
-                    group.members.insert(member_id.clone(), Member::new(member_id.clone(), now_ms, session_timeout_ms));
+                    group.members.insert(
+                        member_id.clone(),
+                        Member::new(member_id.clone(), now_ms, session_timeout_ms),
+                    );
                     changed = true;
                 }
                 if let Some(inst) = &req.instance_id {
@@ -779,7 +894,6 @@ impl ConsumerGroups {
             }
         }
 
-        let group_assignment_epoch = group.assignment_epoch;
         let m = group.members.get_mut(&member_id).expect("member present");
         if epoch != 0 {
             if epoch > m.epoch {
@@ -790,14 +904,15 @@ impl ConsumerGroups {
             }
             // A member that missed the response bumping its epoch may come back once with the
             // previous epoch, as long as it owns nothing it was not given.
-            if epoch < m.epoch && (epoch != m.previous_epoch || !is_subset(req.owned.as_ref(), &m.assigned)) {
+            if epoch < m.epoch
+                && (epoch != m.previous_epoch || !is_subset(req.owned.as_ref(), &m.assigned))
+            {
                 return Err((
                     ec::FENCED_MEMBER_EPOCH,
                     format!("The consumer group member has a smaller member epoch ({epoch}) than the one known by the group coordinator ({}). The member must abandon all its partitions and rejoin.", m.epoch),
                 ));
             }
         }
-        let _ = group_assignment_epoch;
         if req.instance_id.is_some() {
             m.instance_id = req.instance_id.clone();
         }
@@ -829,14 +944,16 @@ impl ConsumerGroups {
             changed = true;
         }
         m.session_deadline_ms = now_ms + session_timeout_ms;
-        let assigned_before = if epoch == 0 { None } else { Some(m.assigned.clone()) };
-        if changed {
-            group.group_epoch += 1;
-        }
-        group.refresh_target(topics, default_assignor);
+        let assigned_before = if epoch == 0 {
+            None
+        } else {
+            Some(m.assigned.clone())
+        };
+        group.refresh_target(topics, default_assignor, changed);
         group.reconcile(&member_id, req.owned.as_ref(), now_ms);
         let m = &group.members[&member_id];
-        let send_assignment = epoch == 0 || req.owned.is_some() || assigned_before.as_ref() != Some(&m.assigned);
+        let send_assignment =
+            epoch == 0 || req.owned.is_some() || assigned_before.as_ref() != Some(&m.assigned);
         Ok(HeartbeatResponse {
             error_code: ec::NONE,
             error_message: None,
@@ -848,12 +965,24 @@ impl ConsumerGroups {
     }
 
     fn leave(&mut self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, (ErrorCode, String)> {
-        let unknown = || (ec::UNKNOWN_MEMBER_ID, format!("Member {} is not a member of group {}.", req.member_id, req.group_id));
+        let unknown = || {
+            (
+                ec::UNKNOWN_MEMBER_ID,
+                format!(
+                    "Member {} is not a member of group {}.",
+                    req.member_id, req.group_id
+                ),
+            )
+        };
         let group = self.groups.get_mut(&req.group_id).ok_or_else(unknown)?;
         let member_id = if group.members.contains_key(&req.member_id) {
             req.member_id.clone()
         } else {
-            req.instance_id.as_ref().and_then(|i| group.static_members.get(i)).cloned().ok_or_else(unknown)?
+            req.instance_id
+                .as_ref()
+                .and_then(|i| group.static_members.get(i))
+                .cloned()
+                .ok_or_else(unknown)?
         };
         if req.member_epoch == STATIC_LEAVE_EPOCH {
             // Kept with its partitions until its session expires or it rejoins.
@@ -882,41 +1011,72 @@ impl ConsumerGroups {
                 .values()
                 .filter(|m| m.deadline_ms() <= now_ms)
                 .map(|m| {
-                    let why = if m.session_deadline_ms <= now_ms { "session timeout" } else { "revocation timeout" };
+                    let why = if m.session_deadline_ms <= now_ms {
+                        "session timeout"
+                    } else {
+                        "revocation timeout"
+                    };
                     (m.id.clone(), why)
                 })
                 .collect();
             for (id, reason) in due {
                 g.remove_member(&id);
-                out.push(Expired { group_id: g.id.clone(), member_id: id, reason });
+                out.push(Expired {
+                    group_id: g.id.clone(),
+                    member_id: id,
+                    reason,
+                });
             }
         }
         out
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.groups.values().flat_map(|g| g.members.values().map(Member::deadline_ms)).min()
+        self.groups
+            .values()
+            .flat_map(|g| g.members.values().map(Member::deadline_ms))
+            .min()
     }
 
     /// OffsetCommit from a consumer group (`None`: not a consumer group, classic rules apply).
     /// Kafka's ConsumerGroup.validateOffsetCommit.
-    pub fn validate_commit(&self, group_id: &str, member_id: &str, member_epoch: i32) -> Option<Result<(), ErrorCode>> {
+    pub fn validate_commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        member_epoch: i32,
+    ) -> Option<Result<(), ErrorCode>> {
         let g = self.groups.get(group_id)?;
         // Admin clients and manual commits, allowed while the group is empty.
         if member_epoch < 0 && g.members.is_empty() {
             return Some(Ok(()));
         }
-        let Some(m) = g.members.get(member_id) else { return Some(Err(ec::UNKNOWN_MEMBER_ID)) };
-        Some(if member_epoch != m.epoch { Err(ec::STALE_MEMBER_EPOCH) } else { Ok(()) })
+        let Some(m) = g.members.get(member_id) else {
+            return Some(Err(ec::UNKNOWN_MEMBER_ID));
+        };
+        Some(if member_epoch != m.epoch {
+            Err(ec::STALE_MEMBER_EPOCH)
+        } else {
+            Ok(())
+        })
     }
 
     /// OffsetFetch v9 from a consumer group member; `member_epoch` -1 is an admin fetch.
-    pub fn validate_fetch(&self, group_id: &str, member_id: Option<&str>, member_epoch: i32) -> Result<(), ErrorCode> {
-        let Some(g) = self.groups.get(group_id) else { return Ok(()) };
+    pub fn validate_fetch(
+        &self,
+        group_id: &str,
+        member_id: Option<&str>,
+        member_epoch: i32,
+    ) -> Result<(), ErrorCode> {
+        let Some(g) = self.groups.get(group_id) else {
+            return Ok(());
+        };
         if member_epoch == -1 {
             return Ok(());
         }
-        let Some(m) = member_id.and_then(|id| g.members.get(id)) else { return Err(ec::UNKNOWN_MEMBER_ID) };
+        let Some(m) = member_id.and_then(|id| g.members.get(id)) else {
+            return Err(ec::UNKNOWN_MEMBER_ID);
+        };
         if member_epoch != m.epoch {
             return Err(ec::STALE_MEMBER_EPOCH);
         }
@@ -929,7 +1089,10 @@ impl ConsumerGroups {
 
     /// (group id, state name) for ListGroups.
     pub fn list(&self) -> Vec<(String, String)> {
-        self.groups.values().map(|g| (g.id.clone(), g.state().as_str().to_owned())).collect()
+        self.groups
+            .values()
+            .map(|g| (g.id.clone(), g.state().as_str().to_owned()))
+            .collect()
     }
 
     pub fn describe(&self, group_id: &str) -> Option<GroupDescription> {
@@ -980,17 +1143,30 @@ impl ConsumerGroups {
                 for (t, ps) in m.assigned.iter().chain(m.revoking.iter()) {
                     for p in ps {
                         if let Some(o) = seen.insert((t.clone(), *p), &m.id) {
-                            return Err(format!("group {}: {t}-{p} held by {o} and {}", g.id, m.id));
+                            return Err(format!(
+                                "group {}: {t}-{p} held by {o} and {}",
+                                g.id, m.id
+                            ));
                         }
                     }
                 }
                 if m.epoch > g.assignment_epoch {
-                    return Err(format!("member {} epoch {} ahead of assignment epoch {}", m.id, m.epoch, g.assignment_epoch));
+                    return Err(format!(
+                        "member {} epoch {} ahead of assignment epoch {}",
+                        m.id, m.epoch, g.assignment_epoch
+                    ));
                 }
             }
-            let owners: BTreeMap<(String, i32), &str> = g.owners.iter().map(|(k, v)| (k.clone(), v.as_str())).collect();
+            let owners: BTreeMap<(String, i32), &str> = g
+                .owners
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str()))
+                .collect();
             if owners != seen {
-                return Err(format!("group {}: owners map out of step with members", g.id));
+                return Err(format!(
+                    "group {}: owners map out of step with members",
+                    g.id
+                ));
             }
         }
         Ok(())
@@ -1036,12 +1212,26 @@ mod tests {
 
     impl Client {
         fn new(id: &str, subs: &[&str]) -> Client {
-            Client { id: id.into(), epoch: 0, owned: Assignment::new(), subs: subs.iter().map(|s| s.to_string()).collect(), joined: false }
+            Client {
+                id: id.into(),
+                epoch: 0,
+                owned: Assignment::new(),
+                subs: subs.iter().map(|s| s.to_string()).collect(),
+                joined: false,
+            }
         }
 
-        fn beat(&mut self, c: &mut ConsumerGroups, now: u64, t: &BTreeMap<String, i32>) -> HeartbeatResponse {
+        fn beat(
+            &mut self,
+            c: &mut ConsumerGroups,
+            now: u64,
+            t: &BTreeMap<String, i32>,
+        ) -> HeartbeatResponse {
             let req = if !self.joined {
-                join(&self.id, &self.subs.iter().map(String::as_str).collect::<Vec<_>>())
+                join(
+                    &self.id,
+                    &self.subs.iter().map(String::as_str).collect::<Vec<_>>(),
+                )
             } else {
                 HeartbeatRequest {
                     group_id: "g".into(),
@@ -1092,7 +1282,12 @@ mod tests {
         Ok(())
     }
 
-    fn converge(c: &mut ConsumerGroups, cs: &mut [Client], now: &mut u64, t: &BTreeMap<String, i32>) {
+    fn converge(
+        c: &mut ConsumerGroups,
+        cs: &mut [Client],
+        now: &mut u64,
+        t: &BTreeMap<String, i32>,
+    ) {
         for _ in 0..20 {
             for cl in cs.iter_mut() {
                 cl.beat(c, *now, t);
@@ -1166,7 +1361,16 @@ mod tests {
         converge(&mut c, &mut cs, &mut now, &t);
         assert_eq!(cs[0].count(), 3);
         assert_eq!(cs[1].count(), 3);
-        let r = c.heartbeat(now, &t, HeartbeatRequest { group_id: "g".into(), member_id: "B".into(), member_epoch: -1, ..Default::default() });
+        let r = c.heartbeat(
+            now,
+            &t,
+            HeartbeatRequest {
+                group_id: "g".into(),
+                member_id: "B".into(),
+                member_epoch: -1,
+                ..Default::default()
+            },
+        );
         assert_eq!((r.error_code, r.member_epoch), (0, -1));
         cs.truncate(1);
         converge(&mut c, &mut cs, &mut now, &t);
@@ -1215,20 +1419,42 @@ mod tests {
         let mut r = join("m", &["a"]);
         r.group_id = String::new();
         assert_eq!(c.heartbeat(0, &t, r).error_code, ec::INVALID_REQUEST);
-        let r = HeartbeatRequest { group_id: "g".into(), member_id: "x".into(), member_epoch: 3, ..Default::default() };
+        let r = HeartbeatRequest {
+            group_id: "g".into(),
+            member_id: "x".into(),
+            member_epoch: 3,
+            ..Default::default()
+        };
         assert_eq!(c.heartbeat(0, &t, r).error_code, ec::UNKNOWN_MEMBER_ID);
         assert_eq!(c.heartbeat(0, &t, join("m", &["a"])).member_epoch, 1);
-        let r = HeartbeatRequest { group_id: "g".into(), member_id: "m".into(), member_epoch: 5, ..Default::default() };
+        let r = HeartbeatRequest {
+            group_id: "g".into(),
+            member_id: "m".into(),
+            member_epoch: 5,
+            ..Default::default()
+        };
         assert_eq!(c.heartbeat(0, &t, r).error_code, ec::FENCED_MEMBER_EPOCH);
         let mut r = join("m", &["a"]);
         r.subscribed_topic_regex = Some("(".into());
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::INVALID_REGULAR_EXPRESSION);
+        assert_eq!(
+            c.heartbeat(0, &t, r).error_code,
+            ec::INVALID_REGULAR_EXPRESSION
+        );
         // Offsets: stale epoch, unknown member.
         assert_eq!(c.validate_commit("g", "m", 1), Some(Ok(())));
-        assert_eq!(c.validate_commit("g", "m", 0), Some(Err(ec::STALE_MEMBER_EPOCH)));
-        assert_eq!(c.validate_commit("g", "z", 1), Some(Err(ec::UNKNOWN_MEMBER_ID)));
+        assert_eq!(
+            c.validate_commit("g", "m", 0),
+            Some(Err(ec::STALE_MEMBER_EPOCH))
+        );
+        assert_eq!(
+            c.validate_commit("g", "z", 1),
+            Some(Err(ec::UNKNOWN_MEMBER_ID))
+        );
         assert_eq!(c.validate_commit("other", "m", 1), None);
-        assert_eq!(c.validate_fetch("g", Some("m"), 0), Err(ec::STALE_MEMBER_EPOCH));
+        assert_eq!(
+            c.validate_fetch("g", Some("m"), 0),
+            Err(ec::STALE_MEMBER_EPOCH)
+        );
         assert_eq!(c.validate_fetch("g", None, -1), Ok(()));
         assert_eq!(c.delete("g"), Err(ec::NON_EMPTY_GROUP));
     }
@@ -1263,7 +1489,14 @@ mod tests {
         let r = c.heartbeat(
             4,
             &t,
-            HeartbeatRequest { group_id: "g".into(), member_id: "A".into(), member_epoch: 1, owned: Some(a.owned.clone()), rebalance_timeout_ms: -1, ..Default::default() },
+            HeartbeatRequest {
+                group_id: "g".into(),
+                member_id: "A".into(),
+                member_epoch: 1,
+                owned: Some(a.owned.clone()),
+                rebalance_timeout_ms: -1,
+                ..Default::default()
+            },
         );
         assert_eq!((r.error_code, r.member_epoch), (0, 2));
     }
@@ -1278,8 +1511,17 @@ mod tests {
         let epoch = resp.member_epoch;
         let mut r = join("s2", &["a"]);
         r.instance_id = Some("i1".into());
-        assert_eq!(c.heartbeat(1, &t, r.clone()).error_code, ec::UNRELEASED_INSTANCE_ID);
-        let leave = HeartbeatRequest { group_id: "g".into(), member_id: "s1".into(), member_epoch: -2, instance_id: Some("i1".into()), ..Default::default() };
+        assert_eq!(
+            c.heartbeat(1, &t, r.clone()).error_code,
+            ec::UNRELEASED_INSTANCE_ID
+        );
+        let leave = HeartbeatRequest {
+            group_id: "g".into(),
+            member_id: "s1".into(),
+            member_epoch: -2,
+            instance_id: Some("i1".into()),
+            ..Default::default()
+        };
         assert_eq!(c.heartbeat(2, &t, leave).member_epoch, -2);
         let resp = c.heartbeat(3, &t, r);
         assert_eq!(resp.error_code, 0);
@@ -1313,17 +1555,28 @@ mod tests {
         r.subscribed_topic_names = None;
         r.subscribed_topic_regex = Some("orders-.*".into());
         let a = c.heartbeat(0, &t, r).assignment.unwrap();
-        assert_eq!(a.keys().cloned().collect::<Vec<_>>(), vec!["orders-1", "orders-2"]);
+        assert_eq!(
+            a.keys().cloned().collect::<Vec<_>>(),
+            vec!["orders-1", "orders-2"]
+        );
     }
 
     #[test]
     fn range_assignor() {
-        let subs: BTreeMap<String, BTreeSet<String>> =
-            [("m1", vec!["a", "b"]), ("m2", vec!["a"]), ("m3", vec!["a", "b"])]
-                .iter()
-                .map(|(m, ts)| (m.to_string(), ts.iter().map(|t| t.to_string()).collect()))
-                .collect();
-        let out = assign(Assignor::Range, &subs, &topics(&[("a", 7), ("b", 3)]), &BTreeMap::new());
+        let subs: BTreeMap<String, BTreeSet<String>> = [
+            ("m1", vec!["a", "b"]),
+            ("m2", vec!["a"]),
+            ("m3", vec!["a", "b"]),
+        ]
+        .iter()
+        .map(|(m, ts)| (m.to_string(), ts.iter().map(|t| t.to_string()).collect()))
+        .collect();
+        let out = assign(
+            Assignor::Range,
+            &subs,
+            &topics(&[("a", 7), ("b", 3)]),
+            &BTreeMap::new(),
+        );
         assert_eq!(out["m1"]["a"], (0..3).collect());
         assert_eq!(out["m2"]["a"], (3..5).collect());
         assert_eq!(out["m3"]["a"], (5..7).collect());
@@ -1338,18 +1591,37 @@ mod tests {
 
     #[test]
     fn uniform_is_balanced_and_sticky() {
-        let subs: BTreeMap<String, BTreeSet<String>> =
-            ["m1", "m2", "m3"].iter().map(|m| (m.to_string(), ["a", "b"].iter().map(|t| t.to_string()).collect())).collect();
+        let subs: BTreeMap<String, BTreeSet<String>> = ["m1", "m2", "m3"]
+            .iter()
+            .map(|m| {
+                (
+                    m.to_string(),
+                    ["a", "b"].iter().map(|t| t.to_string()).collect(),
+                )
+            })
+            .collect();
         let counts = topics(&[("a", 5), ("b", 6)]);
         let first = assign(Assignor::Uniform, &subs, &counts, &BTreeMap::new());
-        let loads: Vec<usize> = first.values().map(|a| a.values().map(BTreeSet::len).sum()).collect();
-        assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "{loads:?}");
+        let loads: Vec<usize> = first
+            .values()
+            .map(|a| a.values().map(BTreeSet::len).sum())
+            .collect();
+        assert!(
+            loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1,
+            "{loads:?}"
+        );
         // A fourth member takes from each without moving anything else.
         let mut subs4 = subs.clone();
         subs4.insert("m4".into(), subs["m1"].clone());
         let second = assign(Assignor::Uniform, &subs4, &counts, &first);
-        let loads: Vec<usize> = second.values().map(|a| a.values().map(BTreeSet::len).sum()).collect();
-        assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "{loads:?}");
+        let loads: Vec<usize> = second
+            .values()
+            .map(|a| a.values().map(BTreeSet::len).sum())
+            .collect();
+        assert!(
+            loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1,
+            "{loads:?}"
+        );
         for m in ["m1", "m2", "m3"] {
             for (t, ps) in &second[m] {
                 assert!(ps.is_subset(&first[m][t]), "{m} gained {t} {ps:?}");
@@ -1362,7 +1634,10 @@ mod tests {
     /// believe they share one, and once quiet the group converges to a balanced assignment.
     #[test]
     fn randomized_schedules_never_double_assign() {
-        let seed0: u64 = std::env::var("FJORD_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+        let seed0: u64 = std::env::var("FJORD_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed);
         for run in 0..200u64 {
             let seed = seed0.wrapping_add(run);
             if let Err(e) = std::panic::catch_unwind(|| simulate(seed)) {
@@ -1381,7 +1656,13 @@ mod tests {
             rng % n.max(1)
         };
         let mut t = topics(&[("a", 1 + rand(8) as i32), ("b", 1 + rand(5) as i32)]);
-        let mut c = ConsumerGroups::new(ConsumerConfig { session_timeout_ms: 20_000, ..Default::default() }, seed);
+        let mut c = ConsumerGroups::new(
+            ConsumerConfig {
+                session_timeout_ms: 20_000,
+                ..Default::default()
+            },
+            seed,
+        );
         let mut clients: Vec<Client> = Vec::new();
         let mut stalled: BTreeSet<String> = BTreeSet::new();
         let mut next_id = 0;
@@ -1392,13 +1673,25 @@ mod tests {
             match rand(20) {
                 0..=1 if clients.len() < 6 => {
                     next_id += 1;
-                    clients.push(Client::new(&format!("c{next_id}"), subs_choices[rand(3) as usize]));
+                    clients.push(Client::new(
+                        &format!("c{next_id}"),
+                        subs_choices[rand(3) as usize],
+                    ));
                 }
                 2 if !clients.is_empty() => {
                     let i = rand(clients.len() as u64) as usize;
                     let cl = clients.remove(i);
                     if cl.joined {
-                        c.heartbeat(now, &t, HeartbeatRequest { group_id: "g".into(), member_id: cl.id, member_epoch: -1, ..Default::default() });
+                        c.heartbeat(
+                            now,
+                            &t,
+                            HeartbeatRequest {
+                                group_id: "g".into(),
+                                member_id: cl.id,
+                                member_epoch: -1,
+                                ..Default::default()
+                            },
+                        );
                     }
                 }
                 3 if !clients.is_empty() => {
@@ -1445,14 +1738,29 @@ mod tests {
         if clients.is_empty() {
             return;
         }
-        assert_eq!(c.state("g"), Some(GroupState::Stable), "seed {seed}: {:?}", c.describe("g"));
+        assert_eq!(
+            c.state("g"),
+            Some(GroupState::Stable),
+            "seed {seed}: {:?}",
+            c.describe("g")
+        );
         let d = c.describe("g").unwrap();
         for m in &d.members {
             assert_eq!(m.assignment, m.target_assignment, "seed {seed}");
         }
-        let total: usize = d.members.iter().map(|m| m.assignment.values().map(BTreeSet::len).sum::<usize>()).sum();
-        let wanted: BTreeSet<&str> = clients.iter().flat_map(|c| c.subs.iter().map(String::as_str)).collect();
+        let total: usize = d
+            .members
+            .iter()
+            .map(|m| m.assignment.values().map(BTreeSet::len).sum::<usize>())
+            .sum();
+        let wanted: BTreeSet<&str> = clients
+            .iter()
+            .flat_map(|c| c.subs.iter().map(String::as_str))
+            .collect();
         let expect: i32 = wanted.iter().map(|w| t[*w]).sum();
-        assert_eq!(total as i32, expect, "seed {seed}: every subscribed partition assigned");
+        assert_eq!(
+            total as i32, expect,
+            "seed {seed}: every subscribed partition assigned"
+        );
     }
 }

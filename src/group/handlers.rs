@@ -301,17 +301,21 @@ pub async fn dispatch(
         RequestKind::ListGroups(r) => {
             let node = ctx.shard.node.clone();
             let filter: Vec<String> = r.states_filter.iter().map(|x| x.to_string()).collect();
+            let types: Vec<String> = r.types_filter.iter().map(|x| x.to_string()).collect();
             let futs = (0..node.shards()).map(|i| {
                 invoke(i, |sh| async move {
                     groups_of(&sh)
-                        .map(|g| g.coord.borrow().list())
+                        .map(|g| super::consumer_handlers::list(&g))
                         .unwrap_or_default()
                 })
             });
             let mut resp = ListGroupsResponse::default();
             for list in futures::future::join_all(futs).await {
-                for (g, ptype, st) in list {
+                for (g, ptype, st, gtype) in list {
                     if !filter.is_empty() && !filter.iter().any(|f| f.eq_ignore_ascii_case(&st)) {
+                        continue;
+                    }
+                    if !types.is_empty() && !types.iter().any(|t| t.eq_ignore_ascii_case(gtype)) {
                         continue;
                     }
                     let mut lg = ListedGroup::default();
@@ -319,6 +323,9 @@ pub async fn dispatch(
                     lg.protocol_type = sb(&ptype);
                     if v >= 4 {
                         lg.group_state = sb(&st);
+                    }
+                    if v >= 5 {
+                        lg.group_type = sb(gtype);
                     }
                     resp.groups.push(lg);
                 }
@@ -382,7 +389,7 @@ pub async fn dispatch(
                 }
                 let g2 = group.clone();
                 let out = on_coordinator(ctx, &group, move |sh, g| async move {
-                    let r = g.coord.borrow_mut().delete(&g2);
+                    let r = super::consumer_handlers::delete_group(&g, &g2);
                     let had_offsets = g
                         .offsets
                         .borrow()
@@ -441,13 +448,16 @@ pub async fn dispatch(
             let g2 = group.clone();
             let out = on_coordinator(ctx, &group, move |sh, g| async move {
                 let st = g.coord.borrow().state(&g2);
-                let known = st.is_some() || g.offsets.borrow().contains_key(&g2);
+                let known = st.is_some()
+                    || g.consumer.borrow().contains(&g2)
+                    || g.offsets.borrow().contains_key(&g2);
                 if !known {
                     return Err(ec::GROUP_ID_NOT_FOUND);
                 }
                 // Members consuming the group's topics keep their offsets (conservative: any
                 // non-empty group counts as subscribed).
-                let busy = matches!(st, Some(s) if s != state::GroupState::Empty);
+                let busy = matches!(st, Some(s) if s != state::GroupState::Empty)
+                    || g.consumer.borrow().is_active(&g2);
                 let mut per = Vec::new();
                 let mut kvs = Vec::new();
                 for (t, p) in parts {
@@ -500,6 +510,12 @@ pub async fn dispatch(
                 }
             }
             ResponseKind::OffsetDelete(resp)
+        }
+        RequestKind::ConsumerGroupHeartbeat(r) => {
+            ResponseKind::ConsumerGroupHeartbeat(super::consumer_handlers::heartbeat(ctx, r).await)
+        }
+        RequestKind::ConsumerGroupDescribe(r) => {
+            ResponseKind::ConsumerGroupDescribe(super::consumer_handlers::describe(ctx, v, r).await)
         }
         other => {
             tracing::warn!("no handler for {:?}", std::mem::discriminant(&other));
@@ -564,14 +580,15 @@ async fn offset_commit(
         let instance = r.group_instance_id.as_ref().map(s);
         let g2 = group.clone();
         on_coordinator(ctx, &group, move |sh, g| async move {
-            if let Err(code) =
-                g.coord
-                    .borrow()
-                    .validate_commit(&g2, generation, &member, instance.as_deref())
-            {
+            if let Err(code) = super::consumer_handlers::validate_commit(
+                &g,
+                &g2,
+                generation,
+                &member,
+                instance.as_deref(),
+            ) {
                 return code;
             }
-            g.coord.borrow_mut().ensure_group(&g2);
             let kvs = commits
                 .iter()
                 .map(|(t, p, v)| {
@@ -680,7 +697,16 @@ async fn offset_fetch(
             });
             let mut rg = OffsetFetchResponseGroup::default();
             rg.group_id = g.group_id.clone();
-            match fetch_group(ctx, g.group_id.0.to_string(), topics).await {
+            let gid = g.group_id.0.to_string();
+            if let Err(code) =
+                super::consumer_handlers::validate_fetch(ctx, &gid, g.member_id, g.member_epoch)
+                    .await
+            {
+                rg.error_code = code;
+                resp.groups.push(rg);
+                continue;
+            }
+            match fetch_group(ctx, gid, topics).await {
                 Err(code) => rg.error_code = code,
                 Ok(rows) => {
                     for (t, ps) in rows {

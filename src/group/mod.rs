@@ -3,7 +3,12 @@
 //! This module is the I/O shell on the shard that owns a group's `__consumer_offsets`
 //! partition: it feeds requests and time to the state machine, answers pending requests, and
 //! persists commits and group metadata in that partition. It never touches other partitions.
+//! KIP-848 consumer groups (`group.protocol=consumer`) have their own state machine in
+//! `consumer_group.rs`, driven by `consumer_handlers.rs`; a group id belongs to one protocol at a
+//! time.
 
+pub mod consumer_group;
+pub mod consumer_handlers;
 pub mod handlers;
 pub mod records;
 pub mod state;
@@ -47,6 +52,8 @@ enum Pending {
 /// The coordinator state of one shard: every group whose offsets partition this shard owns.
 pub struct GroupShard {
     pub coord: RefCell<GroupCoordinator>,
+    /// KIP-848 consumer groups.
+    pub consumer: RefCell<consumer_group::ConsumerGroups>,
     /// group → (topic, partition) → committed offset.
     pub offsets: RefCell<HashMap<String, BTreeMap<(String, i32), OffsetValue>>>,
     pending: RefCell<HashMap<Token, Pending>>,
@@ -63,6 +70,10 @@ impl GroupShard {
             coord: RefCell::new(GroupCoordinator::with_config(
                 cfg,
                 seed ^ (std::process::id() as u64) << 32,
+            )),
+            consumer: RefCell::new(consumer_group::ConsumerGroups::new(
+                Default::default(),
+                seed.rotate_left(17) ^ std::process::id() as u64,
             )),
             offsets: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
@@ -82,6 +93,13 @@ impl GroupShard {
         req: state::JoinRequest,
     ) -> oneshot::Receiver<JoinResponse> {
         let (tx, rx) = oneshot::channel();
+        // A consumer-protocol group with members cannot be joined by a classic member; an empty
+        // one becomes a classic group (Kafka's conversion).
+        if self.consumer.borrow().is_active(&req.group_id) {
+            let _ = tx.send(consumer_handlers::classic_join_refused(&req));
+            return rx;
+        }
+        let _ = self.consumer.borrow_mut().delete(&req.group_id);
         let token = self.token();
         self.pending.borrow_mut().insert(token, Pending::Join(tx));
         let actions = self.coord.borrow_mut().join(now_ms(), token, req);
@@ -138,6 +156,9 @@ impl GroupShard {
 
     /// Loads committed offsets and group metadata from this shard's offsets partitions.
     pub async fn load(self: &Rc<Self>, shard: &Rc<Shard>) {
+        self.consumer
+            .borrow_mut()
+            .set_config(consumer_handlers::consumer_config(&shard.node.tuning));
         let n = shard.node.tuning.group.offsets_topic_num_partitions;
         let mut groups: HashMap<String, Option<GroupMetadataValue>> = HashMap::new();
         let mut loaded = 0usize;
@@ -222,11 +243,25 @@ impl GroupShard {
     pub async fn ticker(self: Rc<Self>, shard: Rc<Shard>) {
         loop {
             let now = now_ms();
-            let next = self.coord.borrow().next_deadline_ms().unwrap_or(now + 100);
+            let classic = self.coord.borrow().next_deadline_ms();
+            let consumer = self.consumer.borrow().next_deadline_ms();
+            let next = classic
+                .into_iter()
+                .chain(consumer)
+                .min()
+                .unwrap_or(now + 100);
             let wait = next.saturating_sub(now).clamp(5, 100);
             glommio::timer::sleep(std::time::Duration::from_millis(wait)).await;
             let actions = self.coord.borrow_mut().tick(now_ms());
             self.apply(&shard, actions);
+            for e in self.consumer.borrow_mut().tick(now_ms()) {
+                tracing::info!(
+                    "consumer group {}: member {} fenced ({})",
+                    e.group_id,
+                    e.member_id,
+                    e.reason
+                );
+            }
         }
     }
 }

@@ -454,23 +454,56 @@ impl SharedLog {
         rx
     }
 
-    /// Writes everything queued in one DMA write (rewriting the partial tail block), then makes
-    /// it readable. Returns false when nothing was queued. One writer at a time: the caller
-    /// holds `flushing`.
+    /// Writes what is queued, up to the end of the active segment, in one DMA write (rewriting
+    /// the partial tail block), then makes it readable. Returns false when nothing was queued.
+    /// One writer at a time: the caller holds `flushing` and calls again while this returns true.
     pub async fn flush_round(&self, s: &LogSettings) -> Result<bool, LogError> {
-        let incoming = self.inner.borrow().pending.len();
-        if incoming == 0 {
+        let first = self.inner.borrow().pending_batches.first().map(|b| b.len);
+        let Some(first) = first else {
             return Ok(false);
-        }
-        if let Err(e) = self.maybe_roll(incoming as u64, s, now_ms()).await {
+        };
+        if let Err(e) = self.maybe_roll(first as u64, s, now_ms()).await {
             self.fail_pending(&e.to_string());
             return Err(e);
         }
         let (file, path, write_pos, buf, pending, batches, new_tail) = {
             let mut log = self.inner.borrow_mut();
             let log = &mut *log;
-            let pending = std::mem::take(&mut log.pending);
-            let batches = std::mem::take(&mut log.pending_batches);
+            // Take the batches that fit in the active segment (at least one): a segment never
+            // grows far past segment.bytes however much was queued.
+            let active_size = log
+                .segments
+                .values()
+                .next_back()
+                .map(|a| a.size)
+                .unwrap_or(0);
+            let room = s.segment_bytes.saturating_sub(active_size) as usize;
+            let mut take = 0usize;
+            let mut bytes_taken = 0usize;
+            for b in &log.pending_batches {
+                if take > 0 && bytes_taken + b.len > room {
+                    break;
+                }
+                take += 1;
+                bytes_taken += b.len;
+            }
+            let (pending, batches) = if take == log.pending_batches.len() {
+                (
+                    std::mem::take(&mut log.pending),
+                    std::mem::take(&mut log.pending_batches),
+                )
+            } else {
+                let rest_bytes = log.pending.split_off(bytes_taken);
+                let rest_batches = log.pending_batches.split_off(take);
+                let taken = (
+                    std::mem::replace(&mut log.pending, rest_bytes),
+                    std::mem::replace(&mut log.pending_batches, rest_batches),
+                );
+                for b in log.pending_batches.iter_mut() {
+                    b.pos -= bytes_taken;
+                }
+                taken
+            };
             let active = log
                 .segments
                 .values()

@@ -50,12 +50,14 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::SyncGroup => (0, 5),
         ApiKey::Heartbeat => (0, 4),
         ApiKey::LeaveGroup => (0, 5),
-        ApiKey::OffsetCommit => (2, 8),
-        ApiKey::OffsetFetch => (1, 8),
-        ApiKey::ListGroups => (0, 4),
+        ApiKey::OffsetCommit => (2, 9),
+        ApiKey::OffsetFetch => (1, 9),
+        ApiKey::ListGroups => (0, 5),
         ApiKey::DescribeGroups => (0, 5),
         ApiKey::DeleteGroups => (0, 2),
         ApiKey::OffsetDelete => (0, 0),
+        ApiKey::ConsumerGroupHeartbeat => (0, 1),
+        ApiKey::ConsumerGroupDescribe => (0, 1),
         _ => return None,
     };
     let crate_range = key.valid_versions();
