@@ -208,17 +208,28 @@ async fn write_loop(
     Ok(())
 }
 
-/// Decodes one request, runs its handler and encodes the response (size prefix included) into
-/// `out`, followed by `chunks` when the handler answered with pre-encoded chunks. Returns false
-/// when no response is due (acks=0 produce).
-async fn handle_frame(
-    shard: Rc<Shard>,
-    client_host: Rc<str>,
-    frame: Bytes,
-    out: &mut BytesMut,
-    chunks: &mut Vec<Bytes>,
-    gate: &OrderGate,
-) -> Result<bool, ConnError> {
+/// A request frame, decoded.
+pub enum Decoded {
+    /// ApiVersions at a version we do not know: answered in the v0 format.
+    UnknownApiVersionsVersion { correlation_id: i32 },
+    Request {
+        key: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        header: RequestHeader,
+        req: RequestKind,
+    },
+}
+
+/// Decodes a request frame (without its size prefix): header, API key and version checks,
+/// body. Errors are the cases where Kafka closes the connection. Public for the fuzz targets.
+pub fn decode_request(frame: &Bytes) -> Result<Decoded, ConnError> {
+    if frame.len() < 8 {
+        return Err(ConnError::Protocol(format!(
+            "frame of {} bytes is shorter than a header",
+            frame.len()
+        )));
+    }
     let mut peek = &frame[..];
     let api_key = peek.get_i16();
     let version = peek.get_i16();
@@ -230,20 +241,53 @@ async fn handle_frame(
     let in_range = matches!(supported, Some((lo, hi)) if version >= lo && version <= hi);
     if !in_range {
         if key == ApiKey::ApiVersions {
-            // Kafka answers an unknown ApiVersions version in the v0 format with error 35, so
-            // that the client can retry with a version we know.
-            let resp = handlers::api_versions::response(errors::UNSUPPORTED_VERSION);
-            write_response(out, correlation_id, 0, 0, &ResponseKind::ApiVersions(resp))?;
-            return Ok(true);
+            return Ok(Decoded::UnknownApiVersionsVersion { correlation_id });
         }
         return Err(ConnError::Protocol(format!(
             "unsupported version {version} of {key:?}"
         )));
     }
     let mut body = frame.clone();
-    let header_version = key.request_header_version(version);
-    let header = RequestHeader::decode(&mut body, header_version)
+    let header = RequestHeader::decode(&mut body, key.request_header_version(version))
         .map_err(|e| ConnError::Protocol(format!("bad request header: {e}")))?;
+    let req = RequestKind::decode(key, &mut body, version)
+        .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
+    Ok(Decoded::Request {
+        key,
+        version,
+        correlation_id,
+        header,
+        req,
+    })
+}
+
+/// Decodes one request, runs its handler and encodes the response (size prefix included) into
+/// `out`, followed by `chunks` when the handler answered with pre-encoded chunks. Returns false
+/// when no response is due (acks=0 produce).
+async fn handle_frame(
+    shard: Rc<Shard>,
+    client_host: Rc<str>,
+    frame: Bytes,
+    out: &mut BytesMut,
+    chunks: &mut Vec<Bytes>,
+    gate: &OrderGate,
+) -> Result<bool, ConnError> {
+    let (key, version, correlation_id, header, req) = match decode_request(&frame)? {
+        Decoded::UnknownApiVersionsVersion { correlation_id } => {
+            // Kafka answers an unknown ApiVersions version in the v0 format with error 35, so
+            // that the client can retry with a version we know.
+            let resp = handlers::api_versions::response(errors::UNSUPPORTED_VERSION);
+            write_response(out, correlation_id, 0, 0, &ResponseKind::ApiVersions(resp))?;
+            return Ok(true);
+        }
+        Decoded::Request {
+            key,
+            version,
+            correlation_id,
+            header,
+            req,
+        } => (key, version, correlation_id, header, req),
+    };
     let ctx = ConnCtx {
         shard,
         client_id: header
@@ -253,8 +297,6 @@ async fn handle_frame(
             .unwrap_or_default(),
         client_host: client_host.to_string(),
     };
-    let req = RequestKind::decode(key, &mut body, version)
-        .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
     let Some(reply) = handlers::dispatch(&ctx, &header, req, gate).await else {
         return Ok(false);
     };
