@@ -4,6 +4,7 @@
 
 #![allow(clippy::type_complexity)]
 
+mod commits;
 mod consume;
 mod e2e;
 mod hist;
@@ -97,6 +98,8 @@ enum Command {
     E2e(e2e::E2eArgs),
     /// A minimal fake broker that discards produced data and serves a fixed batch.
     Sink(sink::SinkArgs),
+    /// Simple OffsetCommit requests over many group ids; report commits/s and latency.
+    Commits(commits::CommitsArgs),
     /// Run the standard matrix against a broker and print one markdown table.
     Suite(suite::SuiteArgs),
 }
@@ -206,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::E2e(a) => e2e::run(&common, &a)?.print(common.json),
         Command::Sink(a) => sink::run(&common, &a)?,
         Command::Suite(a) => suite::run(&common, &a)?,
+        Command::Commits(a) => commits::run(&common, &a)?,
     }
     Ok(())
 }

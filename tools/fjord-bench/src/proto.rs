@@ -46,6 +46,8 @@ pub fn implemented(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::SyncGroup => (0, 5),
         ApiKey::Heartbeat => (0, 4),
         ApiKey::LeaveGroup => (0, 5),
+        // Kafka 4 accepts only v2+ (KIP-896); v10 would address topics by id.
+        ApiKey::OffsetCommit => (2, 9),
         _ => return None,
     })
 }
