@@ -288,3 +288,64 @@ fn idempotent_producer_and_restart_keep_everything() {
         .expect("flush after restart");
     assert_eq!(consume_all(&b, "idem", 3, 3001).len(), 3001);
 }
+
+#[test]
+fn alter_and_describe_topic_configs() {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let b = Broker::start();
+    create_topic(&b, "cfg-t", 1, &[("retention.ms", "3600000")]);
+    let a = admin(&b);
+    let opts = AdminOptions::new();
+    let describe = |name: &str| -> String {
+        let r = futures::executor::block_on(
+            a.describe_configs(&[ResourceSpecifier::Topic("cfg-t")], &opts),
+        )
+        .unwrap();
+        let res = r[0].as_ref().expect("describe");
+        res.get(name)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(describe("retention.ms"), "3600000");
+    assert_eq!(describe("cleanup.policy"), "delete");
+    // AlterConfigs replaces the whole set: retention.ms goes back to its default.
+    let r = futures::executor::block_on(a.alter_configs(
+        &[AlterConfig::new(ResourceSpecifier::Topic("cfg-t")).set("max.message.bytes", "2000")],
+        &opts,
+    ))
+    .unwrap();
+    r[0].as_ref().expect("alter");
+    assert_eq!(describe("max.message.bytes"), "2000");
+    assert_eq!(describe("retention.ms"), "604800000");
+    // The new limit applies to produce at once.
+    let p = producer(
+        &b,
+        &[
+            ("message.max.bytes", "100000"),
+            ("message.timeout.ms", "5000"),
+        ],
+    );
+    let big = "x".repeat(5000);
+    p.send(BaseRecord::<(), _>::to("cfg-t").payload(&big))
+        .unwrap();
+    p.flush(Duration::from_secs(10)).unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
+    assert_eq!(
+        c.fetch_watermarks("cfg-t", 0, Duration::from_secs(5))
+            .unwrap(),
+        (0, 0),
+        "oversized batch refused"
+    );
+    // A bad value is refused (INVALID_CONFIG; the rdkafka crate 0.39 does not surface the
+    // per-resource error of AlterConfigs, the Python test checks the code) and changes nothing.
+    let _ = futures::executor::block_on(a.alter_configs(
+        &[AlterConfig::new(ResourceSpecifier::Topic("cfg-t")).set("retention.ms", "soon")],
+        &opts,
+    ));
+    assert_eq!(describe("retention.ms"), "604800000");
+    assert_eq!(describe("max.message.bytes"), "2000");
+}

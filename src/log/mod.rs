@@ -85,6 +85,22 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// A new, empty active segment starting at `base`.
+    fn empty(base: u64, file: DmaFile, path: PathBuf, now_ms: u64) -> Segment {
+        Segment {
+            base_offset: base,
+            next_offset: base,
+            size: 0,
+            file: Rc::new(file),
+            path,
+            offset_index: Vec::new(),
+            time_index: Vec::new(),
+            max_timestamp: -1,
+            created_ms: now_ms,
+            bytes_since_index: 0,
+        }
+    }
+
     fn note_batch(&mut self, base_offset: u64, pos: u64, len: u64, max_ts: i64) {
         if self.offset_index.is_empty() || self.bytes_since_index >= INDEX_INTERVAL_BYTES {
             self.offset_index.push((base_offset, pos));
@@ -252,21 +268,7 @@ impl SharedLog {
             let base = log_start_offset;
             let path = dir.join(segment_file_name(base, "log"));
             let file = open_dma_rw(&path).await?;
-            segments.insert(
-                base,
-                Segment {
-                    base_offset: base,
-                    next_offset: base,
-                    size: 0,
-                    file: Rc::new(file),
-                    path,
-                    offset_index: Vec::new(),
-                    time_index: Vec::new(),
-                    max_timestamp: -1,
-                    created_ms: now_ms(),
-                    bytes_since_index: 0,
-                },
-            );
+            segments.insert(base, Segment::empty(base, file, path, now_ms()));
         }
         let max_timestamp = segments
             .values()
@@ -356,21 +358,8 @@ impl SharedLog {
         let flushed = log.log_end_offset;
         log.flushed_offset = log.flushed_offset.max(flushed);
         log.tail.clear();
-        log.segments.insert(
-            base,
-            Segment {
-                base_offset: base,
-                next_offset: base,
-                size: 0,
-                file: Rc::new(file),
-                path,
-                offset_index: Vec::new(),
-                time_index: Vec::new(),
-                max_timestamp: -1,
-                created_ms: now,
-                bytes_since_index: 0,
-            },
-        );
+        log.segments
+            .insert(base, Segment::empty(base, file, path, now));
         Ok(())
     }
 

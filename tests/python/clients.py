@@ -164,6 +164,26 @@ def confluent_checks():
     third, _ = ck_consume(group, topic, 1, 20, idle_after_assign=1.5)
     check(third == [], f"confluent: third consumer re-read {len(third)} records: {third[:5]}")
 
+    step("confluent-kafka: incremental_alter_configs, describe_configs, bad values refused")
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+    res = ConfigResource("topic", topic, incremental_configs=[
+        ConfigEntry("retention.ms", "120000", incremental_operation=AlterConfigOpType.SET)])
+    for _, f in admin.incremental_alter_configs([res]).items():
+        f.result(timeout=15)
+    got = {}
+    for _, f in admin.describe_configs([ConfigResource("topic", topic)]).items():
+        got = {k: v.value for k, v in f.result(timeout=15).items()}
+    check(got.get("retention.ms") == "120000", f"confluent: retention.ms after alter is {got.get('retention.ms')}")
+    bad = ConfigResource("topic", topic, incremental_configs=[
+        ConfigEntry("retention.ms", "soon", incremental_operation=AlterConfigOpType.SET)])
+    for _, f in admin.incremental_alter_configs([bad]).items():
+        try:
+            f.result(timeout=15)
+            check(False, "confluent: a bad retention.ms was accepted")
+        except confluent_kafka.KafkaException as e:
+            code = e.args[0].code()
+            check(code == KafkaError.INVALID_CONFIG, f"confluent: bad config gave {e}, want INVALID_CONFIG")
+
     fs = admin.delete_topics([topic], operation_timeout=10)
     for t, f in fs.items():
         f.result(timeout=15)

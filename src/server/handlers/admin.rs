@@ -381,6 +381,32 @@ pub async fn describe_configs(
     resp
 }
 
+/// One resource of AlterConfigs / IncrementalAlterConfigs: (error code, message) on failure.
+async fn alter_resource(
+    node: &Arc<crate::shard::Node>,
+    resource_type: i8,
+    name: &str,
+    ops: Vec<(String, i8, Option<String>)>,
+    incremental: bool,
+    validate_only: bool,
+) -> Option<(i16, String)> {
+    if resource_type != RESOURCE_TOPIC {
+        return Some((
+            ec::INVALID_REQUEST,
+            "only topic configs can be altered".into(),
+        ));
+    }
+    controller::alter_topic_configs(
+        Arc::clone(node),
+        name.to_string(),
+        ops,
+        incremental,
+        validate_only,
+    )
+    .await
+    .err()
+}
+
 pub async fn alter_configs(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConfigsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = AlterConfigsResponse::default();
@@ -388,33 +414,30 @@ pub async fn alter_configs(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConf
         let mut r = AlterConfigsResourceResponse::default();
         r.resource_type = res.resource_type;
         r.resource_name = res.resource_name.clone();
-        if res.resource_type != RESOURCE_TOPIC {
-            r.error_code = ec::INVALID_REQUEST;
-            r.error_message = Some(sb("only topic configs can be altered"));
-        } else {
-            let ops = res
-                .configs
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.to_string(),
-                        0i8,
-                        c.value.as_ref().map(|v| v.to_string()),
-                    )
-                })
-                .collect();
-            if let Err((code, msg)) = controller::alter_topic_configs(
-                Arc::clone(&node),
-                res.resource_name.to_string(),
-                ops,
-                false,
-                req.validate_only,
-            )
-            .await
-            {
-                r.error_code = code;
-                r.error_message = Some(sb(&msg));
-            }
+        // AlterConfigs replaces the whole set: every entry is a "set" (op 0).
+        let ops = res
+            .configs
+            .iter()
+            .map(|c| {
+                (
+                    c.name.to_string(),
+                    0i8,
+                    c.value.as_ref().map(|v| v.to_string()),
+                )
+            })
+            .collect();
+        if let Some((code, msg)) = alter_resource(
+            &node,
+            res.resource_type,
+            res.resource_name.as_str(),
+            ops,
+            false,
+            req.validate_only,
+        )
+        .await
+        {
+            r.error_code = code;
+            r.error_message = Some(sb(&msg));
         }
         resp.responses.push(r);
     }
@@ -431,33 +454,29 @@ pub async fn incremental_alter_configs(
         let mut r = IncResourceResponse::default();
         r.resource_type = res.resource_type;
         r.resource_name = res.resource_name.clone();
-        if res.resource_type != RESOURCE_TOPIC {
-            r.error_code = ec::INVALID_REQUEST;
-            r.error_message = Some(sb("only topic configs can be altered"));
-        } else {
-            let ops = res
-                .configs
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.to_string(),
-                        c.config_operation,
-                        c.value.as_ref().map(|v| v.to_string()),
-                    )
-                })
-                .collect();
-            if let Err((code, msg)) = controller::alter_topic_configs(
-                Arc::clone(&node),
-                res.resource_name.to_string(),
-                ops,
-                true,
-                req.validate_only,
-            )
-            .await
-            {
-                r.error_code = code;
-                r.error_message = Some(sb(&msg));
-            }
+        let ops = res
+            .configs
+            .iter()
+            .map(|c| {
+                (
+                    c.name.to_string(),
+                    c.config_operation,
+                    c.value.as_ref().map(|v| v.to_string()),
+                )
+            })
+            .collect();
+        if let Some((code, msg)) = alter_resource(
+            &node,
+            res.resource_type,
+            res.resource_name.as_str(),
+            ops,
+            true,
+            req.validate_only,
+        )
+        .await
+        {
+            r.error_code = code;
+            r.error_message = Some(sb(&msg));
         }
         resp.responses.push(r);
     }
