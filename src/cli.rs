@@ -375,6 +375,8 @@ async fn retention_loop(shard: Rc<Shard>) {
                     Ok(None) => {}
                     Err(e) => tracing::warn!("compaction of {}-{} failed: {e}", p.topic, p.index),
                 }
+            }
+            if !cfg.delete {
                 continue;
             }
             let s = crate::log::LogSettings {

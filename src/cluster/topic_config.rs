@@ -171,6 +171,8 @@ pub struct EffectiveConfig {
     pub max_message_bytes: usize,
     pub log_append_time: bool,
     pub compact: bool,
+    /// cleanup.policy includes "delete": time and size retention apply ("compact,delete" does both).
+    pub delete: bool,
     /// delete.retention.ms: how long compaction keeps a tombstone after its timestamp.
     pub delete_retention_ms: i64,
     /// min.cleanable.dirty.ratio: dirty bytes / closed bytes needed before a cleaning pass.
@@ -195,6 +197,7 @@ impl EffectiveConfig {
                 as usize,
             log_append_time: get("message.timestamp.type") == "LogAppendTime",
             compact: get("cleanup.policy").contains("compact"),
+            delete: get("cleanup.policy").contains("delete"),
             delete_retention_ms: num("delete.retention.ms", 86_400_000).max(0),
             min_cleanable_dirty_ratio: get("min.cleanable.dirty.ratio")
                 .trim()
@@ -217,5 +220,19 @@ mod tests {
         assert!(validate("cleanup.policy", "bogus").is_err());
         assert!(validate("no.such", "1").is_err());
         assert!(validate("segment.bytes", "99999999999").is_err());
+    }
+
+    #[test]
+    fn cleanup_policy_flags() {
+        let t = Tuning::load(None).unwrap();
+        let mut o = BTreeMap::new();
+        let e = EffectiveConfig::resolve(&o, &t);
+        assert!(e.delete && !e.compact);
+        o.insert("cleanup.policy".to_string(), "compact,delete".to_string());
+        let e = EffectiveConfig::resolve(&o, &t);
+        assert!(e.delete && e.compact);
+        o.insert("cleanup.policy".to_string(), "compact".to_string());
+        let e = EffectiveConfig::resolve(&o, &t);
+        assert!(!e.delete && e.compact);
     }
 }
