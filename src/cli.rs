@@ -347,6 +347,11 @@ async fn retention_loop(shard: Rc<Shard>) {
     loop {
         glommio::timer::sleep(every).await;
         let now = crate::log::now_ms();
+        // Partitions opened since the last pass shrank everyone's share of the cache budget.
+        let cap = shard.cache_cap();
+        for p in shard.open_partitions() {
+            p.log.trim_cache(cap);
+        }
         for p in shard.open_partitions() {
             let Some(cfg) = shard.node.effective_config(&p.topic) else {
                 continue;
@@ -384,7 +389,7 @@ async fn retention_loop(shard: Rc<Shard>) {
                 segment_ms: cfg.segment_ms,
                 retention_ms: cfg.retention_ms,
                 retention_bytes: cfg.retention_bytes,
-                cache_bytes_max: shard.tuning.batch_cache_bytes_per_partition,
+                cache_bytes_max: cap,
             };
             let n = p.log.enforce_retention(&s, now).await;
             if n > 0 {

@@ -190,6 +190,12 @@ fn render(m: &Measured, data_dir: &Path) -> String {
         "batch_cache_bytes_per_partition",
         cache.to_string(),
     );
+    // A quarter of each core's share of memory for its partitions' caches.
+    set(
+        &mut text,
+        "batch_cache_bytes_per_shard",
+        (per_core_mem / 4).to_string(),
+    );
     set(&mut text, "io_memory_bytes", io_memory.to_string());
     set(&mut text, "group_commit_window_us", window_us.to_string());
     let writes: Vec<String> = m

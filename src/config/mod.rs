@@ -47,6 +47,7 @@ pub struct CoreSection {
     /// Cores this section applies to.
     pub ids: Vec<usize>,
     pub batch_cache_bytes_per_partition: Option<usize>,
+    pub batch_cache_bytes_per_shard: Option<usize>,
     pub io_memory_bytes: Option<usize>,
     pub ring_depth: Option<usize>,
     pub spin_before_park_us: Option<u64>,
@@ -56,6 +57,7 @@ pub struct CoreSection {
 #[derive(Debug, Clone, Copy)]
 pub struct ShardTuning {
     pub batch_cache_bytes_per_partition: usize,
+    pub batch_cache_bytes_per_shard: usize,
     pub io_memory_bytes: usize,
     pub ring_depth: usize,
     pub spin_before_park_us: u64,
@@ -83,6 +85,8 @@ pub struct ShardsSection {
 #[serde(deny_unknown_fields)]
 pub struct MemorySection {
     pub batch_cache_bytes_per_partition: usize,
+    /// All partition caches of one shard together stay within this.
+    pub batch_cache_bytes_per_shard: usize,
     pub request_bytes_max: usize,
     pub io_memory_bytes: usize,
 }
@@ -288,6 +292,7 @@ impl Tuning {
     pub fn for_core(&self, core: usize) -> ShardTuning {
         let mut t = ShardTuning {
             batch_cache_bytes_per_partition: self.memory.batch_cache_bytes_per_partition,
+            batch_cache_bytes_per_shard: self.memory.batch_cache_bytes_per_shard,
             io_memory_bytes: self.memory.io_memory_bytes,
             ring_depth: self.io.ring_depth,
             spin_before_park_us: self.io.spin_before_park_us,
@@ -296,6 +301,9 @@ impl Tuning {
             t.batch_cache_bytes_per_partition = c
                 .batch_cache_bytes_per_partition
                 .unwrap_or(t.batch_cache_bytes_per_partition);
+            t.batch_cache_bytes_per_shard = c
+                .batch_cache_bytes_per_shard
+                .unwrap_or(t.batch_cache_bytes_per_shard);
             t.io_memory_bytes = c.io_memory_bytes.unwrap_or(t.io_memory_bytes);
             t.ring_depth = c.ring_depth.unwrap_or(t.ring_depth);
             t.spin_before_park_us = c.spin_before_park_us.unwrap_or(t.spin_before_park_us);

@@ -312,7 +312,7 @@ pub async fn append_records(
         .node
         .effective_config(OFFSETS_TOPIC)
         .ok_or("offsets topic missing")?;
-    let cache = shard.tuning.batch_cache_bytes_per_partition;
+    let cache = shard.cache_cap();
     part.produce(buf.freeze(), -1, &cfg, cache)
         .await
         .map(|_| ())

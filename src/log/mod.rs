@@ -421,6 +421,16 @@ impl SharedLog {
         Ok(base)
     }
 
+    /// Drops the oldest cached batches beyond `max` bytes (the newest one always stays).
+    pub fn trim_cache(&self, max: usize) {
+        let mut log = self.inner.borrow_mut();
+        while log.cache_bytes > max && log.cache.len() > 1 {
+            if let Some(b) = log.cache.pop_front() {
+                log.cache_bytes -= b.bytes.len();
+            }
+        }
+    }
+
     pub fn is_syncing(&self) -> bool {
         self.syncing.get()
     }

@@ -131,6 +131,15 @@ impl Shard {
         }
     }
 
+    /// Each partition's cache cap: its own limit, or its share of the shard's budget when many
+    /// partitions live here.
+    pub fn cache_cap(&self) -> usize {
+        let n = self.partitions.borrow().len().max(1);
+        self.tuning
+            .batch_cache_bytes_per_partition
+            .min(self.tuning.batch_cache_bytes_per_shard / n)
+    }
+
     pub fn open_partitions(&self) -> Vec<PartitionRef> {
         self.partitions.borrow().values().cloned().collect()
     }

@@ -115,7 +115,7 @@ pub async fn handle(
                 continue;
             };
             queued.push(
-                part.enqueue(records, &cfg, sh.tuning.batch_cache_bytes_per_partition)
+                part.enqueue(records, &cfg, sh.cache_cap())
                     .map(|q| (part, q)),
             );
         }
