@@ -28,6 +28,26 @@ pub struct SuiteArgs {
     /// Every step a few seconds long (smoke test).
     #[arg(long)]
     pub quick: bool,
+    /// The broker's process id, to report its resident memory after the 10,000-partition step
+    /// (read from /proc/PID/status; same host only).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Partitions of the many-partitions step.
+    #[arg(long, default_value_t = 10_000)]
+    pub many_partitions: i32,
+}
+
+/// Resident set size of a process, in MiB, from /proc.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 pub struct HostLimits {
@@ -216,9 +236,84 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
             };
             let r = crate::consume::run_with(common, &c, versions.clone(), layout.clone())?;
             let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
-            rows.push(("consume 16 partitions from earliest".into(), r, frac));
+            rows.push((
+                "consume 16 partitions from earliest (mostly not in cache)".into(),
+                r,
+                frac,
+            ));
         }
     }
+
+    // Data still in the broker's cache: a fresh topic small enough to stay there (about
+    // 6 MiB per partition), read right after it is written.
+    {
+        let topic = "fjord-bench-suite-cached";
+        let (versions, layout) = crate::produce::setup(common, topic, Some(16))?;
+        eprintln!("suite: fill {topic}, then consume it from the cache");
+        let fill = ProduceArgs {
+            topic: topic.into(),
+            create_partitions: None,
+            partitions_used: PartitionsUsed::All,
+            record_size: 1024,
+            batch_records: 100,
+            acks: 1,
+            compression: CompressionArg::None,
+            keys: Keys::None,
+            connections: 1,
+            in_flight: 5,
+            rate: 0,
+            duration: None,
+            records: Some(16 * 6_000),
+        };
+        crate::produce::run_with(common, &fill, versions.clone(), layout.clone())?;
+        let c = ConsumeArgs {
+            topic: topic.into(),
+            from: From::Earliest,
+            fetch_max_bytes: 50 << 20,
+            partition_max_bytes: 1 << 20,
+            max_wait_ms: 500,
+            min_bytes: 1,
+            records: None,
+            duration: Some(step_s * 2.0),
+            until_end: true,
+            group: None,
+            check_crc: false,
+        };
+        let r = crate::consume::run_with(common, &c, versions, layout)?;
+        let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
+        rows.push((
+            "consume 16 partitions from the broker's cache".into(),
+            r,
+            frac,
+        ));
+    }
+
+    // Many partitions: produce round robin over all of them, then the broker's memory.
+    let many = args.many_partitions.max(1);
+    let rss_after_many = {
+        let topic = format!("fjord-bench-suite-p{many}");
+        eprintln!("suite: produce over {many} partitions");
+        let (versions, layout) = crate::produce::setup(common, &topic, Some(many))?;
+        let a = ProduceArgs {
+            topic: topic.clone(),
+            create_partitions: None,
+            partitions_used: PartitionsUsed::All,
+            record_size: 1024,
+            batch_records: 100,
+            acks: 1,
+            compression: CompressionArg::None,
+            keys: Keys::None,
+            connections: 4,
+            in_flight: 5,
+            rate: 0,
+            duration: Some(step_s),
+            records: None,
+        };
+        let r = crate::produce::run_with(common, &a, versions, layout)?;
+        let frac = host.disk_write_mb_s.map(|d| r.mb_per_sec() / d);
+        rows.push((format!("produce 1 KiB, {many} partitions, acks=1"), r, frac));
+        args.broker_pid.and_then(rss_mib)
+    };
     let rate = ((max_rate_p1 * 0.5) as u64).max(100);
     eprintln!("suite: e2e at {rate} records/s");
     let (versions, layout) = crate::produce::setup(common, "fjord-bench-suite-e2e", Some(1))?;
@@ -241,6 +336,7 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
                 "fdatasync_p99_ms": host.fdatasync.as_ref().map(|h| ms(h.value_at_percentile(99.0))),
                 "loopback_mb_s": host.loopback_mb_s,
             },
+            "broker_rss_mib_after_many_partitions": rss_after_many,
         });
         out["steps"] = rows
             .iter()
@@ -302,6 +398,12 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         "| host: loopback TCP (1 stream) | | {:.1} | | | | | | 100% |",
         host.loopback_mb_s
     );
+    match rss_after_many {
+        Some(m) => println!(
+            "| broker resident memory after the {many}-partition step | | {m:.0} MiB | | | | | | |"
+        ),
+        None => println!("| broker resident memory | | (give --broker-pid) | | | | | | |"),
+    }
     println!();
     println!("Produce rows are compared with the disk write bandwidth, consume with loopback TCP.");
     Ok(())
