@@ -217,7 +217,7 @@ pub enum Decoded {
         version: i16,
         correlation_id: i32,
         header: RequestHeader,
-        req: RequestKind,
+        req: Box<RequestKind>,
     },
 }
 
@@ -257,7 +257,7 @@ pub fn decode_request(frame: &Bytes) -> Result<Decoded, ConnError> {
         version,
         correlation_id,
         header,
-        req,
+        req: Box::new(req),
     })
 }
 
@@ -297,7 +297,7 @@ async fn handle_frame(
             .unwrap_or_default(),
         client_host: client_host.to_string(),
     };
-    let Some(reply) = handlers::dispatch(&ctx, &header, req, gate).await else {
+    let Some(reply) = handlers::dispatch(&ctx, &header, *req, gate).await else {
         return Ok(false);
     };
     let header_version = key.response_header_version(version);
