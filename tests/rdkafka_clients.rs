@@ -349,3 +349,61 @@ fn alter_and_describe_topic_configs() {
     assert_eq!(describe("retention.ms"), "604800000");
     assert_eq!(describe("max.message.bytes"), "2000");
 }
+
+#[test]
+fn delete_records_moves_the_log_start_and_consumers_follow() {
+    let mut b = Broker::start();
+    create_topic(&b, "dr", 1, &[("segment.bytes", "4096")]);
+    let p = producer(&b, &[("linger.ms", "0"), ("batch.num.messages", "1")]);
+    for i in 0..200 {
+        p.send(BaseRecord::<(), _>::to("dr").payload(&format!("{i:0100}")))
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let a = admin(&b);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("dr", 0, Offset::Offset(150))
+        .unwrap();
+    let r = futures::executor::block_on(a.delete_records(&tpl, &AdminOptions::new()))
+        .expect("delete_records");
+    let low = r.find_partition("dr", 0).unwrap();
+    assert_eq!(low.offset(), Offset::Offset(150), "low watermark");
+    assert!(low.error().is_ok(), "{:?}", low.error());
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
+    assert_eq!(
+        c.fetch_watermarks("dr", 0, Duration::from_secs(5)).unwrap(),
+        (150, 200)
+    );
+    // A consumer from the beginning starts at the new log start.
+    let got = consume_all(&b, "dr", 1, 50);
+    assert_eq!(got.len(), 50);
+    assert_eq!(got[0].1, 150);
+    // Beyond the high watermark is refused; the log start survives a restart.
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("dr", 0, Offset::Offset(500))
+        .unwrap();
+    let r = futures::executor::block_on(a.delete_records(&tpl, &AdminOptions::new()));
+    let bad = r
+        .map(|t| {
+            t.find_partition("dr", 0)
+                .map(|p| p.error().is_err())
+                .unwrap_or(true)
+        })
+        .unwrap_or(true);
+    assert!(bad, "deleting past the high watermark is refused");
+    b.restart();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
+    assert_eq!(
+        c.fetch_watermarks("dr", 0, Duration::from_secs(10))
+            .unwrap(),
+        (150, 200)
+    );
+}
