@@ -8,7 +8,7 @@ pub mod handlers;
 use std::rc::Rc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::Decodable;
@@ -157,7 +157,27 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             let gate = OrderGate(std::cell::RefCell::new(Some(gate_tx)));
             let mut out = BytesMut::new();
             let mut chunks = Vec::new();
-            let r = handle_frame(shard, host2, frame, &mut out, &mut chunks, &gate).await;
+            // A bug in one handler closes this connection with a log line; it must not take
+            // the shard (and every other connection on it) down.
+            let r = std::panic::AssertUnwindSafe(handle_frame(
+                shard,
+                host2,
+                frame,
+                &mut out,
+                &mut chunks,
+                &gate,
+            ))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!("request handler panicked: {what}");
+                Err(ConnError::Protocol(format!("internal error: {what}")))
+            });
             drop(gate);
             r.map(|due| due.then_some((out, chunks)))
         });
