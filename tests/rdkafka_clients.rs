@@ -407,3 +407,38 @@ fn delete_records_moves_the_log_start_and_consumers_follow() {
         (150, 200)
     );
 }
+
+#[test]
+fn recreated_topic_does_not_resurrect_old_data() {
+    let mut b = Broker::start();
+    create_topic(&b, "ghost-src", 1, &[]);
+    let p = producer(&b, &[]);
+    for i in 0..10 {
+        p.send(BaseRecord::<(), _>::to("ghost-src").payload(&format!("{i}")))
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    drop(p);
+    assert!(b.stop().success());
+    // What a crash between a delete's metadata write and its directory removal leaves behind.
+    let src = b.data().join("ghost-src-0");
+    let dst = b.data().join("ghost-0");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    b.spawn();
+    create_topic(&b, "ghost", 1, &[]);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "x")
+        .create()
+        .unwrap();
+    assert_eq!(
+        c.fetch_watermarks("ghost", 0, Duration::from_secs(10))
+            .unwrap(),
+        (0, 0),
+        "a new topic starts empty"
+    );
+}

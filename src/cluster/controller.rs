@@ -86,6 +86,9 @@ pub async fn create_topics(
                 out.push(Ok(Arc::new(meta)));
                 continue;
             }
+            // A crash between a delete's metadata write and its directory removal leaves old
+            // data behind: it must not reappear in a new topic of the same name.
+            remove_stale_partition_dirs(&node, &meta.name, 0..meta.partitions);
             let next = node.image().with_topic(meta);
             if let Err(e) = metadata::save_image(&node.data_dir, &next) {
                 tracing::error!("cannot persist metadata: {e}");
@@ -106,6 +109,21 @@ pub async fn create_topics(
         out
     })
     .await
+}
+
+fn remove_stale_partition_dirs(node: &Node, topic: &str, partitions: std::ops::Range<i32>) {
+    for p in partitions {
+        let dir = metadata::partition_dir(&node.data_dir, topic, p);
+        if dir.exists() {
+            tracing::warn!(
+                "removing stale data of a deleted {topic}-{p} at {}",
+                dir.display()
+            );
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::error!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
 }
 
 /// Deletes a topic: unpublish, tell every shard to drop its partitions, remove the data.
@@ -178,6 +196,7 @@ pub async fn create_partitions(
         if validate_only {
             return Ok(());
         }
+        remove_stale_partition_dirs(&node, &name, t.partitions..count);
         let mut meta = (*t).clone();
         meta.partitions = count;
         let next = node.image().with_topic(meta);
