@@ -677,10 +677,12 @@ fn two_groups_on_one_topic_each_see_every_record() {
         !p1.is_empty() && !p2.is_empty(),
         "both gx members got partitions: {p1:?} {p2:?}"
     );
-    assert!(
-        p1.is_disjoint(&p2),
-        "gx members read the same partition: {p1:?} {p2:?}"
-    );
+    // The two members may have read the same partition one after the other: when the second
+    // kcat joins after the first generation formed (a slow start past the 3 s initial
+    // rebalance delay), the first member reads until the rebalance moves half of the partitions
+    // over, and records it read but had not committed yet are read again (at-least-once, as in
+    // Kafka). Exclusive ownership per generation is checked by the three-member test, which
+    // logs generations.
     // Each group committed its own offsets: the end of every partition.
     let parts = [0, 1, 2, 3];
     for g in ["gx", "gy"] {
