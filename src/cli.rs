@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -225,8 +225,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         mesh: senders,
         next_producer_id: AtomicI64::new(cluster.producer_id_block_end),
         producer_id_block_end: AtomicI64::new(cluster.producer_id_block_end),
-        shutting_down: AtomicBool::new(false),
-        stopped: Mutex::new(0),
         tuning: tuning.clone(),
     });
 
@@ -276,7 +274,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     .context("cannot install signal handlers")?;
     let sig = signals.forever().next();
     tracing::info!("signal {sig:?}: shutting down");
-    node.shutting_down.store(true, Ordering::SeqCst);
     for tx in &node.mesh {
         let job: Job = Box::new(|| {
             Box::pin(async {

@@ -435,10 +435,6 @@ impl SharedLog {
         self.syncing.get()
     }
 
-    pub fn pending_bytes(&self) -> usize {
-        self.inner.borrow().pending.len()
-    }
-
     /// A receiver answered once every offset below `end` is written, or the write failed.
     pub fn wait_written(
         &self,
@@ -985,11 +981,6 @@ impl SharedLog {
             tracing::info!("deleted segment {}", seg.path.display());
         }
         n
-    }
-
-    /// Total bytes on disk.
-    pub fn size_bytes(&self) -> u64 {
-        self.inner.borrow().segments.values().map(|s| s.size).sum()
     }
 
     /// Flushes everything appended so far (shutdown).

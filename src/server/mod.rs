@@ -23,9 +23,6 @@ pub struct ConnCtx {
     pub client_host: String,
 }
 
-/// Group APIs are advertised once the coordinator answers them.
-const GROUPS_ENABLED: bool = true;
-
 /// The versions we answer, per API: only what works end to end.
 pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
     let ours = match key {
@@ -44,7 +41,6 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::InitProducerId => (0, 5),
         ApiKey::DescribeCluster => (0, 1),
         ApiKey::OffsetForLeaderEpoch => (2, 4),
-        _ if !GROUPS_ENABLED => return None,
         ApiKey::FindCoordinator => (0, 4),
         ApiKey::JoinGroup => (0, 9),
         ApiKey::SyncGroup => (0, 5),

@@ -8,8 +8,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI64};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use futures::channel::oneshot;
@@ -36,9 +36,6 @@ pub struct Node {
     pub mesh: Vec<flume::Sender<Job>>,
     pub next_producer_id: AtomicI64,
     pub producer_id_block_end: AtomicI64,
-    pub shutting_down: AtomicBool,
-    /// Set once per shard when it finished its shutdown flush.
-    pub stopped: Mutex<usize>,
 }
 
 impl Node {

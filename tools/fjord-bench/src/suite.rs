@@ -177,6 +177,48 @@ pub fn measure_host(args: &SuiteArgs) -> Result<HostLimits> {
     })
 }
 
+/// The suite's produce step: 1 KiB records, 100 per batch, 5 requests in flight per connection.
+fn suite_produce(
+    topic: impl Into<String>,
+    acks: i16,
+    connections: u64,
+    duration: Option<f64>,
+    records: Option<u64>,
+) -> ProduceArgs {
+    ProduceArgs {
+        topic: topic.into(),
+        create_partitions: None,
+        partitions_used: PartitionsUsed::All,
+        record_size: 1024,
+        batch_records: 100,
+        acks,
+        compression: CompressionArg::None,
+        keys: Keys::None,
+        connections,
+        in_flight: 5,
+        rate: 0,
+        duration,
+        records,
+    }
+}
+
+/// The suite's consume step: every partition from earliest to its end.
+fn suite_consume(topic: impl Into<String>, step_s: f64) -> ConsumeArgs {
+    ConsumeArgs {
+        topic: topic.into(),
+        from: From::Earliest,
+        fetch_max_bytes: 50 << 20,
+        partition_max_bytes: 1 << 20,
+        max_wait_ms: 500,
+        min_bytes: 1,
+        records: None,
+        duration: Some(step_s * 2.0),
+        until_end: true,
+        group: None,
+        check_crc: false,
+    }
+}
+
 pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
     let step_s = if args.quick { 3.0 } else { 15.0 };
     eprintln!("suite: measuring host limits");
@@ -188,21 +230,8 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         let (versions, layout) = crate::produce::setup(common, topic, Some(parts))?;
         for acks in [1i16, -1] {
             eprintln!("suite: produce {parts} partition(s), acks={acks}");
-            let a = ProduceArgs {
-                topic: topic.into(),
-                create_partitions: None,
-                partitions_used: PartitionsUsed::All,
-                record_size: 1024,
-                batch_records: 100,
-                acks,
-                compression: CompressionArg::None,
-                keys: Keys::None,
-                connections: if parts > 1 { 4 } else { 1 },
-                in_flight: 5,
-                rate: 0,
-                duration: Some(step_s),
-                records: None,
-            };
+            let connections = if parts > 1 { 4 } else { 1 };
+            let a = suite_produce(topic, acks, connections, Some(step_s), None);
             let r = crate::produce::run_with(common, &a, versions.clone(), layout.clone())?;
             if parts == 1 && acks == 1 {
                 max_rate_p1 = r.records_per_sec();
@@ -221,19 +250,7 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         }
         if parts == 16 {
             eprintln!("suite: consume {topic} from earliest");
-            let c = ConsumeArgs {
-                topic: topic.into(),
-                from: From::Earliest,
-                fetch_max_bytes: 50 << 20,
-                partition_max_bytes: 1 << 20,
-                max_wait_ms: 500,
-                min_bytes: 1,
-                records: None,
-                duration: Some(step_s * 2.0),
-                until_end: true,
-                group: None,
-                check_crc: false,
-            };
+            let c = suite_consume(topic, step_s);
             let r = crate::consume::run_with(common, &c, versions.clone(), layout.clone())?;
             let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
             rows.push((
@@ -250,35 +267,9 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         let topic = "fjord-bench-suite-cached";
         let (versions, layout) = crate::produce::setup(common, topic, Some(16))?;
         eprintln!("suite: fill {topic}, then consume it from the cache");
-        let fill = ProduceArgs {
-            topic: topic.into(),
-            create_partitions: None,
-            partitions_used: PartitionsUsed::All,
-            record_size: 1024,
-            batch_records: 100,
-            acks: 1,
-            compression: CompressionArg::None,
-            keys: Keys::None,
-            connections: 1,
-            in_flight: 5,
-            rate: 0,
-            duration: None,
-            records: Some(16 * 6_000),
-        };
+        let fill = suite_produce(topic, 1, 1, None, Some(16 * 6_000));
         crate::produce::run_with(common, &fill, versions.clone(), layout.clone())?;
-        let c = ConsumeArgs {
-            topic: topic.into(),
-            from: From::Earliest,
-            fetch_max_bytes: 50 << 20,
-            partition_max_bytes: 1 << 20,
-            max_wait_ms: 500,
-            min_bytes: 1,
-            records: None,
-            duration: Some(step_s * 2.0),
-            until_end: true,
-            group: None,
-            check_crc: false,
-        };
+        let c = suite_consume(topic, step_s);
         let r = crate::consume::run_with(common, &c, versions, layout)?;
         let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
         rows.push((
@@ -294,21 +285,7 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         let topic = format!("fjord-bench-suite-p{many}");
         eprintln!("suite: produce over {many} partitions");
         let (versions, layout) = crate::produce::setup(common, &topic, Some(many))?;
-        let a = ProduceArgs {
-            topic: topic.clone(),
-            create_partitions: None,
-            partitions_used: PartitionsUsed::All,
-            record_size: 1024,
-            batch_records: 100,
-            acks: 1,
-            compression: CompressionArg::None,
-            keys: Keys::None,
-            connections: 4,
-            in_flight: 5,
-            rate: 0,
-            duration: Some(step_s),
-            records: None,
-        };
+        let a = suite_produce(topic.clone(), 1, 4, Some(step_s), None);
         let r = crate::produce::run_with(common, &a, versions, layout)?;
         let frac = host.disk_write_mb_s.map(|d| r.mb_per_sec() / d);
         rows.push((format!("produce 1 KiB, {many} partitions, acks=1"), r, frac));
