@@ -9,6 +9,7 @@ pub mod batch;
 pub mod compaction;
 pub mod index;
 pub mod recovery;
+pub mod storage;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
@@ -120,7 +121,8 @@ impl Segment {
         }
     }
 
-    fn write_indexes(&self) -> std::io::Result<()> {
+    /// A job that writes this segment's index files (run off the reactor).
+    fn index_writer(&self) -> impl FnOnce() -> std::io::Result<()> + Send + 'static {
         let oi: Vec<(i64, i64)> = self
             .offset_index
             .iter()
@@ -131,23 +133,35 @@ impl Segment {
             .iter()
             .map(|(t, o)| (*t, *o as i64))
             .collect();
-        index::write_index(&self.path.with_extension("index"), self.size, &oi)?;
-        index::write_index(&self.path.with_extension("timeindex"), self.size, &ti)
+        let (path, size) = (self.path.clone(), self.size);
+        move || {
+            index::write_index(&path.with_extension("index"), size, &oi)?;
+            index::write_index(&path.with_extension("timeindex"), size, &ti)
+        }
     }
+}
+
+/// One of a producer's recent batches on this partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerBatch {
+    pub first_seq: i32,
+    pub last_seq: i32,
+    pub base_offset: u64,
+    pub last_offset: u64,
 }
 
 /// Producer idempotence state of one producer id on this partition.
 #[derive(Debug, Clone, Default)]
 pub struct ProducerEntry {
     pub epoch: i16,
-    /// Last few batches: (first seq, last seq, base offset), newest last. Kafka keeps 5.
-    pub batches: VecDeque<(i32, i32, u64)>,
+    /// Last few batches, newest last. Kafka keeps 5.
+    pub batches: VecDeque<ProducerBatch>,
 }
 
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
 
 impl ProducerEntry {
-    pub fn record(&mut self, epoch: i16, first_seq: i32, last_seq: i32, base_offset: u64) {
+    pub fn record(&mut self, epoch: i16, batch: ProducerBatch) {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.batches.clear();
@@ -155,8 +169,22 @@ impl ProducerEntry {
         if self.batches.len() == PRODUCER_BATCHES_KEPT {
             self.batches.pop_front();
         }
-        self.batches.push_back((first_seq, last_seq, base_offset));
+        self.batches.push_back(batch);
     }
+}
+
+/// A damaged closed segment found by recovery, renamed aside; its readable prefix stays in the
+/// log and the offsets past it are a gap.
+#[derive(Debug, Clone)]
+pub struct QuarantinedSegment {
+    /// The renamed file, kept for the operator.
+    pub path: PathBuf,
+    /// Byte position of the first damaged batch.
+    pub damaged_at_byte: u64,
+    /// First offset no longer served (the end of the readable prefix).
+    pub gap_from_offset: u64,
+    /// First offset served again (the next segment's base, or the old log end).
+    pub gap_to_offset: u64,
 }
 
 pub struct Log {
@@ -166,8 +194,15 @@ pub struct Log {
     tail: Vec<u8>,
     pub log_start_offset: u64,
     pub log_end_offset: u64,
-    /// Offsets below this are fdatasync'd.
-    pub flushed_offset: u64,
+    /// Offsets below this are fdatasync'd: the end consumers may read (a power cut keeps it).
+    flushed_offset: u64,
+    /// Set when a write or fdatasync failed in a way that leaves the file's state unknown: the
+    /// partition refuses writes until restart and serves only what was synced. An fsync is
+    /// never retried (after a failed fdatasync the kernel may have dropped the dirty pages, and
+    /// a retry would report success for data that is gone).
+    fenced: Option<String>,
+    /// Segments recovery found damaged and set aside.
+    pub quarantined: Vec<QuarantinedSegment>,
     /// Recent batches, newest last, for tail reads without disk I/O.
     cache: VecDeque<batch::StoredBatch>,
     cache_bytes: usize,
@@ -225,10 +260,19 @@ pub fn now_ms() -> u64 {
 }
 
 impl SharedLog {
-    /// Opens (recovering if needed) the log in `dir`, creating it when absent.
+    /// Opens (recovering if needed) the log in `dir`, creating it when absent. Recovery runs
+    /// off the reactor; what it keeps is made durable before the log is used: the directory and
+    /// the active segment are synced, so that the recovered end really is the synced end.
     pub async fn open(dir: PathBuf) -> Result<SharedLog, LogError> {
-        std::fs::create_dir_all(&dir).map_err(|e| LogError::io(&dir, e))?;
-        let rec = recovery::recover(&dir).map_err(|e| LogError::io(&dir, e))?;
+        let rec = {
+            let d = dir.clone();
+            storage::off_reactor(move || -> std::io::Result<recovery::Recovered> {
+                storage::create_dir_durably_blocking(&d)?;
+                recovery::recover(&d)
+            })
+            .await
+            .map_err(|e| LogError::io(&dir, e))?
+        };
         let mut segments = BTreeMap::new();
         let mut tail = Vec::new();
         let n = rec.segments.len();
@@ -270,6 +314,16 @@ impl SharedLog {
             let file = open_dma_rw(&path).await?;
             segments.insert(base, Segment::empty(base, file, path, now_ms()));
         }
+        // The recovered tail may be in the page cache only (a killed process): sync it before
+        // anything below its end is served or acknowledged again.
+        if let Some(active) = segments.values().next_back() {
+            storage::fdatasync(&active.file, &active.path)
+                .await
+                .map_err(|e| LogError::io(&active.path, e))?;
+        }
+        storage::sync_dir(&dir)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
         let max_timestamp = segments
             .values()
             .filter_map(|s| s.time_index.last().copied())
@@ -284,6 +338,8 @@ impl SharedLog {
                 log_start_offset,
                 log_end_offset,
                 flushed_offset: log_end_offset,
+                fenced: None,
+                quarantined: rec.quarantined,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
                 producers: rec.producers,
@@ -298,6 +354,34 @@ impl SharedLog {
             flushing: Cell::new(false),
             write_waiters: RefCell::new(Vec::new()),
         })
+    }
+
+    /// The end of what is on stable storage: the high watermark of a single replica.
+    pub fn synced_end(&self) -> u64 {
+        self.inner.borrow().flushed_offset
+    }
+
+    /// Why the partition refuses writes, if it does (see `Log::fenced`).
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.borrow().fenced.clone()
+    }
+
+    /// Stops all writes until restart, answering everything queued or waiting with `reason`.
+    fn fence(&self, reason: &str) {
+        {
+            let mut log = self.inner.borrow_mut();
+            if log.fenced.is_none() {
+                tracing::error!(
+                    "partition {} fenced until restart: {reason}",
+                    log.dir.display()
+                );
+                log.fenced = Some(reason.to_string());
+            }
+        }
+        self.fail_pending(reason);
+        for w in self.sync_waiters.borrow_mut().drain(..) {
+            let _ = w.send(());
+        }
     }
 
     pub fn log_end_offset(&self) -> u64 {
@@ -322,38 +406,37 @@ impl SharedLog {
             return Ok(());
         }
         // Close the old segment: drop its zero padding, make it durable, persist its indexes.
-        let size = self
-            .inner
-            .borrow()
-            .segments
-            .values()
-            .next_back()
-            .map(|a| a.size)
-            .unwrap_or(0);
+        let (size, index_job) = {
+            let log = self.inner.borrow();
+            let active = log.segments.values().next_back().expect("active segment");
+            (active.size, active.index_writer())
+        };
         old_file
             .truncate(size)
             .await
             .map_err(|e| glommio_io(&old_path, e))?;
-        old_file
-            .fdatasync()
-            .await
-            .map_err(|e| glommio_io(&old_path, e))?;
-        {
-            let log = self.inner.borrow();
-            if let Some(active) = log.segments.values().next_back() {
-                if let Err(e) = active.write_indexes() {
-                    tracing::warn!("could not write index of {}: {e}", active.path.display());
-                }
-            }
+        if let Err(e) = storage::fdatasync(&old_file, &old_path).await {
+            let e = LogError::io(&old_path, e);
+            self.fence(&format!("fdatasync failed: {e}"));
+            return Err(e);
+        }
+        // Indexes carry a CRC and the segment size; a stale or torn one is rebuilt by recovery,
+        // so they need no fsync ordering of their own.
+        if let Err(e) = storage::off_reactor(index_job).await {
+            tracing::warn!("could not write index of {}: {e}", old_path.display());
         }
         let base = self.inner.borrow().log_end_offset;
         let dir = self.inner.borrow().dir.clone();
         let path = dir.join(segment_file_name(base, "log"));
         let file = open_dma_rw(&path).await?;
-        // The new file's directory entry must survive a crash before anything in it is acked.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
+        // The new file's directory entry must survive a crash before anything in it is acked;
+        // then every segment below `base` is closed and synced: the new recovery point.
+        storage::sync_dir(&dir)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
+        recovery::write_recovery_point(&dir, base)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
         let mut log = self.inner.borrow_mut();
         let flushed = log.log_end_offset;
         log.flushed_offset = log.flushed_offset.max(flushed);
@@ -457,6 +540,11 @@ impl SharedLog {
         let Some(first) = first else {
             return Ok(false);
         };
+        if let Some(reason) = self.fenced() {
+            self.fail_pending(&reason);
+            let dir = self.inner.borrow().dir.clone();
+            return Err(LogError::io(&dir, std::io::Error::other(reason)));
+        }
         if let Err(e) = self.maybe_roll(first as u64, s, now_ms()).await {
             self.fail_pending(&e.to_string());
             return Err(e);
@@ -528,16 +616,29 @@ impl SharedLog {
             )
         };
         let buf_len = buf.len();
-        let written = match file.write_at(buf, write_pos).await {
-            Ok(n) if n == buf_len => n,
-            Ok(_) => {
-                let e = LogError::io(&path, std::io::Error::other("short DMA write"));
-                self.fail_batches(&batches, &e.to_string());
-                return Err(e);
-            }
+        let result = match storage::fault(storage::Op::Write, &path) {
+            Err(e) => Err(LogError::io(&path, e)),
+            Ok(()) => match file.write_at(buf, write_pos).await {
+                Ok(n) if n == buf_len => Ok(n),
+                Ok(_) => Err(LogError::io(
+                    &path,
+                    std::io::Error::other("short DMA write"),
+                )),
+                Err(e) => Err(glommio_io(&path, e)),
+            },
+        };
+        let written = match result {
+            Ok(n) => n,
             Err(e) => {
-                let e = glommio_io(&path, e);
                 self.fail_batches(&batches, &e.to_string());
+                // Part of the failed write may have reached the file: cut it back to the
+                // logical end so that the offsets handed out again never sit beside stale
+                // batches a restart could pick up. If even that fails, the file's state is
+                // unknown and the partition is fenced.
+                let logical_end = write_pos + self.inner.borrow().tail.len() as u64;
+                if let Err(t) = file.truncate(logical_end).await {
+                    self.fence(&format!("write failed ({e}) and truncate failed ({t})"));
+                }
                 return Err(e);
             }
         };
@@ -630,10 +731,17 @@ impl SharedLog {
     }
 
     /// Group commit: returns once every offset below `offset` is on stable storage. One
-    /// fdatasync covers every append that completed while the previous one ran.
+    /// fdatasync covers every append that completed while the previous one ran. `offset` must
+    /// already be written (callers wait for the write first). A failed fdatasync fences the
+    /// partition: this call and every other waiter get the error, and it is never retried.
     pub async fn sync_to(&self, offset: u64) -> Result<(), LogError> {
-        // Bounded: each pass either returns or waits for one full sync cycle.
-        for _ in 0..1_000_000u32 {
+        // Bounded: a caller waits for at most the sync in flight when it arrived and the one
+        // started after it, whose target covers everything written before it started.
+        for _ in 0..4u32 {
+            if let Some(reason) = self.fenced() {
+                let dir = self.inner.borrow().dir.clone();
+                return Err(LogError::io(&dir, std::io::Error::other(reason)));
+            }
             if self.inner.borrow().flushed_offset >= offset {
                 return Ok(());
             }
@@ -649,16 +757,33 @@ impl SharedLog {
                 let a = log.segments.values().next_back().expect("active segment");
                 (log.log_end_offset, a.file.clone(), a.path.clone())
             };
-            let r = file.fdatasync().await;
+            let r = storage::fdatasync(&file, &path)
+                .await
+                .map_err(|e| LogError::io(&path, e));
             self.syncing.set(false);
+            match r {
+                Ok(()) => {
+                    let mut log = self.inner.borrow_mut();
+                    // A roll during the sync may have raised it already.
+                    log.flushed_offset = log.flushed_offset.max(target);
+                }
+                Err(e) => {
+                    self.fence(&format!("fdatasync failed: {e}"));
+                    return Err(e);
+                }
+            }
             for w in self.sync_waiters.borrow_mut().drain(..) {
                 let _ = w.send(());
             }
-            r.map_err(|e| glommio_io(&path, e))?;
-            let mut log = self.inner.borrow_mut();
-            log.flushed_offset = log.flushed_offset.max(target);
         }
-        Ok(())
+        if self.inner.borrow().flushed_offset >= offset {
+            return Ok(());
+        }
+        let dir = self.inner.borrow().dir.clone();
+        Err(LogError::io(
+            &dir,
+            std::io::Error::other(format!("offset {offset} is not written, cannot sync it")),
+        ))
     }
 
     /// Reads batches starting with the one that holds `offset`, up to `max_bytes` (at least one
@@ -883,15 +1008,17 @@ impl SharedLog {
     }
 
     /// Deletes whole segments below `offset` and raises the log start offset (DeleteRecords).
+    /// The new start is durable before this returns.
     pub async fn delete_records_before(&self, offset: u64) -> Result<u64, LogError> {
-        let new_start = {
+        let (new_start, dir) = {
             let mut log = self.inner.borrow_mut();
             let new_start = offset.min(log.log_end_offset).max(log.log_start_offset);
             log.log_start_offset = new_start;
-            recovery::write_log_start_offset(&log.dir, new_start)
-                .map_err(|e| LogError::io(&log.dir, e))?;
-            new_start
+            (new_start, log.dir.clone())
         };
+        recovery::write_log_start_offset(&dir, new_start)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
         self.remove_segments_where(|seg, _| seg.next_offset <= new_start)
             .await;
         Ok(new_start)
@@ -936,14 +1063,17 @@ impl SharedLog {
         removed
     }
 
-    /// Removes closed segments from the oldest while `pred` holds (never the active one).
+    /// Removes closed segments from the oldest while `pred` holds (never the active one). An
+    /// empty closed segment (compaction can leave one) is removed like any other. The new log
+    /// start offset is made durable before the files go, so a crash in between leaves only
+    /// files below the start, which recovery ignores.
     async fn remove_segments_where(&self, pred: impl Fn(&Segment, &Log) -> bool) -> usize {
-        let doomed: Vec<Segment> = {
+        let (doomed, new_start, dir) = {
             let mut log = self.inner.borrow_mut();
             let mut keys = Vec::new();
             let n = log.segments.len();
             for (i, (k, seg)) in log.segments.iter().enumerate() {
-                if i + 1 == n || seg.size == 0 || !pred(seg, &log) {
+                if i + 1 == n || !pred(seg, &log) {
                     break;
                 }
                 keys.push(*k);
@@ -954,10 +1084,11 @@ impl SharedLog {
                     out.push(seg);
                 }
             }
+            let mut new_start = None;
             if let Some(first) = log.segments.keys().next().copied() {
                 if first > log.log_start_offset {
                     log.log_start_offset = first;
-                    let _ = recovery::write_log_start_offset(&log.dir, first);
+                    new_start = Some(first);
                 }
             }
             let start = log.log_start_offset;
@@ -971,21 +1102,44 @@ impl SharedLog {
                     log.cache_bytes -= b.bytes.len();
                 }
             }
-            out
+            (out, new_start, log.dir.clone())
         };
+        if let Some(start) = new_start {
+            if let Err(e) = recovery::write_log_start_offset(&dir, start).await {
+                tracing::warn!(
+                    "could not persist log start offset of {}: {e}",
+                    dir.display()
+                );
+            }
+        }
         let n = doomed.len();
-        for seg in doomed {
-            let _ = std::fs::remove_file(&seg.path);
-            let _ = std::fs::remove_file(seg.path.with_extension("index"));
-            let _ = std::fs::remove_file(seg.path.with_extension("timeindex"));
-            tracing::info!("deleted segment {}", seg.path.display());
+        let mut paths = Vec::with_capacity(n * 3);
+        for seg in &doomed {
+            paths.push(seg.path.clone());
+            paths.push(seg.path.with_extension("index"));
+            paths.push(seg.path.with_extension("timeindex"));
+            tracing::info!("deleting segment {}", seg.path.display());
+        }
+        drop(doomed);
+        if n > 0 {
+            if let Err(e) = storage::remove_files(paths).await {
+                tracing::warn!("could not remove segment files in {}: {e}", dir.display());
+            }
+            if let Err(e) = storage::sync_dir(&dir).await {
+                tracing::warn!("could not sync {}: {e}", dir.display());
+            }
         }
         n
     }
 
-    /// Flushes everything appended so far (shutdown).
+    /// Flushes everything appended so far and records the synced end as the recovery point
+    /// (shutdown): the next start CRC-checks only what lies past it.
     pub async fn flush(&self) -> Result<(), LogError> {
         let end = self.log_end_offset();
-        self.sync_to(end).await
+        self.sync_to(end).await?;
+        let dir = self.inner.borrow().dir.clone();
+        recovery::write_recovery_point(&dir, end)
+            .await
+            .map_err(|e| LogError::io(&dir, e))
     }
 }
