@@ -176,22 +176,50 @@ fn config(rng: &mut Rng) -> EffectiveConfig {
 }
 
 /// One seed: a few lives of the partition, each ended by a power cut.
-async fn run_seed(seed: u64, work: &Path) -> u64 {
+macro_rules! trace {
+    ($($t:tt)*) => {
+        if std::env::var("FJORD_POWER_TRACE").is_ok() {
+            let _ = writeln!(std::io::stderr(), $($t)*);
+        }
+    };
+}
+
+async fn run_seed(seed: u64, work: &Path) -> (u64, u64) {
     let mut rng = Rng::new(seed);
     let mut model = Model::default();
     let cfg = config(&mut rng);
     let lives = 1 + rng.below(3);
     let mut root = work.join(format!("seed-{seed}-life-0"));
     std::fs::create_dir_all(&root).unwrap();
-    let mut cuts = 0;
+    let (mut cuts, mut crashes) = (0, 0);
+    let mut sim = SimDisk::install(&root).unwrap();
+    // Every partition of this seed, and produces still in flight at a cut: the seed waits for
+    // them before its directories go.
+    let mut zombies = Vec::new();
+    let mut parts: Vec<Rc<Partition>> = Vec::new();
     for life in 0..=lives {
         let ctx = format!("seed {seed} life {life}");
-        let sim = SimDisk::install(&root).unwrap();
         let dir = root.join("t-0");
         let p = Rc::new(
             Partition::open(Arc::from("t"), 0, dir)
                 .await
                 .unwrap_or_else(|e| panic!("{ctx}: recovery failed: {e}")),
+        );
+        parts.push(p.clone());
+        trace!(
+            "{ctx}: opened, start {} hw {} files {:?}",
+            p.log.log_start_offset(),
+            p.high_watermark(),
+            std::fs::read_dir(root.join("t-0"))
+                .map(|d| d
+                    .filter_map(|e| e.ok())
+                    .map(|e| format!(
+                        "{}:{}",
+                        e.file_name().to_string_lossy(),
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    ))
+                    .collect::<Vec<_>>())
+                .unwrap_or_default()
         );
         // Everything acknowledged or served before the cut is still there.
         let start = p.log.log_start_offset();
@@ -232,6 +260,7 @@ async fn run_seed(seed: u64, work: &Path) -> u64 {
         }
         let faults_sync = faults.iter().any(|f| f.op == Op::Sync);
         sim.set_faults(faults);
+        sim.sync_delay_us.set([0, 20, 150][rng.below(3) as usize]);
         // Set once an injected fdatasync failure was reported: from then on nothing may be
         // acknowledged until restart (an fsync is never retried).
         let mut sync_failed = false;
@@ -251,6 +280,7 @@ async fn run_seed(seed: u64, work: &Path) -> u64 {
                     let failed_before = sync_fault && sim.faults_fired.get() > 0;
                     match p.produce(b, -1, &cfg, 1 << 20).await {
                         Ok(a) => {
+                            trace!("{ctx}: acked at {} crc {crc}", a.base_offset);
                             assert!(
                                 !sync_failed && !failed_before,
                                 "{ctx}: acknowledged after an fdatasync failed"
@@ -280,6 +310,7 @@ async fn run_seed(seed: u64, work: &Path) -> u64 {
                     let failed_before = sync_fault && sim.faults_fired.get() > 0;
                     match p.produce(b, -1, &cfg, 1 << 20).await {
                         Ok(a) => {
+                            trace!("{ctx}: acked at {} crc {crc}", a.base_offset);
                             assert!(
                                 !sync_failed && !failed_before,
                                 "{ctx}: acknowledged after an fdatasync failed"
@@ -314,6 +345,7 @@ async fn run_seed(seed: u64, work: &Path) -> u64 {
                     let hw = p.high_watermark() as u64;
                     let from = lso + rng.below(hw.saturating_sub(lso) + 1);
                     let got = read_all(&p, from, &ctx).await;
+                    trace!("{ctx}: read from {from} to hw {hw}: {} batches", got.len());
                     model.check_served(&got, &ctx);
                 }
                 5 => {
@@ -326,15 +358,41 @@ async fn run_seed(seed: u64, work: &Path) -> u64 {
                 _ => unreachable!(),
             }
         }
-        // The power cut, at whatever point the tasks have reached.
+        // The power cut, at whatever point the tasks have reached; or a process crash (kill -9)
+        // that keeps the page cache, recovered from before a later power cut.
         let next = work.join(format!("seed-{seed}-life-{}", life + 1));
-        sim.power_cut(&next, &mut rng).unwrap();
-        cuts += 1;
-        drop(in_flight);
+        trace!(
+            "{ctx}: end of life, hw {} leo {}",
+            p.high_watermark(),
+            p.log.log_end_offset()
+        );
+        if rng.chance(3) {
+            trace!("{ctx}: process crash");
+            // Let queued writes land, then crash before or while they are synced.
+            glommio::timer::sleep(std::time::Duration::from_micros(rng.below(600))).await;
+            sim = sim.process_crash(&next).unwrap();
+            crashes += 1;
+        } else {
+            trace!("{ctx}: power cut");
+            sim.power_cut(&next, &mut rng).unwrap();
+            sim = SimDisk::install(&next).unwrap();
+            cuts += 1;
+        }
+        zombies.extend(in_flight);
         root = next;
     }
+    for z in zombies {
+        z.await;
+    }
+    // Bounded: writers and syncers finish what was queued.
+    for _ in 0..10_000 {
+        if parts.iter().all(|p| p.is_idle()) {
+            break;
+        }
+        glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
+    }
     SimDisk::uninstall();
-    cuts
+    (cuts, crashes)
 }
 
 /// A RAM-backed ext4 file system (an image in /dev/shm on a loop device) for the segment files:
@@ -394,7 +452,7 @@ fn power_cuts_lose_nothing_acknowledged() {
             let n: u64 = std::env::var("FJORD_POWER_SEEDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(1500);
+                .unwrap_or(1200);
             let base = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -422,21 +480,24 @@ fn power_cuts_lose_nothing_acknowledged() {
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .make()
         .expect("executor");
-    let cuts = ex.run(async move {
+    let (cuts, crashes) = ex.run(async move {
         // glommio probes a device with its first DMA file: make it one with data.
         let probe = work.join(".dma-probe");
         std::fs::write(&probe, vec![1u8; 4096]).unwrap();
         let f = glommio::io::DmaFile::open(&probe).await.expect("probe");
         let _ = f.read_at(0, 4096).await;
         let _ = f.close().await;
-        let mut cuts = 0;
+        let (mut cuts, mut crashes) = (0, 0);
         for seed in seeds {
             let r = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run_seed(
                 seed, &work,
             )))
             .await;
             match r {
-                Ok(c) => cuts += c,
+                Ok((c, k)) => {
+                    cuts += c;
+                    crashes += k;
+                }
                 Err(e) => {
                     let _ = writeln!(
                         std::io::stderr(),
@@ -450,12 +511,12 @@ fn power_cuts_lose_nothing_acknowledged() {
                 let _ = std::fs::remove_dir_all(work.join(format!("seed-{seed}-life-{life}")));
             }
         }
-        cuts
+        (cuts, crashes)
     });
     // Written past the test harness's capture so that CI shows it.
     let _ = writeln!(
         std::io::stderr(),
-        "power-loss simulation: {n_seeds} seeds, {cuts} power cuts checked in {:.1} s",
+        "power-loss simulation: {n_seeds} seeds, {cuts} power cuts and {crashes} process crashes checked in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }

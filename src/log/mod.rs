@@ -438,8 +438,10 @@ impl SharedLog {
             .await
             .map_err(|e| LogError::io(&dir, e))?;
         let mut log = self.inner.borrow_mut();
-        let flushed = log.log_end_offset;
-        log.flushed_offset = log.flushed_offset.max(flushed);
+        if log.fenced.is_none() {
+            let flushed = log.log_end_offset;
+            log.flushed_offset = log.flushed_offset.max(flushed);
+        }
         log.tail.clear();
         log.segments
             .insert(base, Segment::empty(base, file, path, now));
@@ -548,6 +550,15 @@ impl SharedLog {
         if let Err(e) = self.maybe_roll(first as u64, s, now_ms()).await {
             self.fail_pending(&e.to_string());
             return Err(e);
+        }
+        // A sync that failed while the roll ran has fenced the partition and failed the queue.
+        if let Some(reason) = self.fenced() {
+            self.fail_pending(&reason);
+            let dir = self.inner.borrow().dir.clone();
+            return Err(LogError::io(&dir, std::io::Error::other(reason)));
+        }
+        if self.inner.borrow().pending_batches.is_empty() {
+            return Ok(false);
         }
         let (file, path, write_pos, buf, pending, batches, new_tail) = {
             let mut log = self.inner.borrow_mut();
@@ -762,11 +773,15 @@ impl SharedLog {
                 .map_err(|e| LogError::io(&path, e));
             self.syncing.set(false);
             match r {
-                Ok(()) => {
+                // A failure seen by a concurrent sync (a roll's) fences the partition, and the
+                // kernel reports a writeback error to one caller only: a sync that "succeeds"
+                // after a fence proves nothing.
+                Ok(()) if self.fenced().is_none() => {
                     let mut log = self.inner.borrow_mut();
                     // A roll during the sync may have raised it already.
                     log.flushed_offset = log.flushed_offset.max(target);
                 }
+                Ok(()) => {}
                 Err(e) => {
                     self.fence(&format!("fdatasync failed: {e}"));
                     return Err(e);

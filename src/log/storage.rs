@@ -58,10 +58,14 @@ fn simulated() -> bool {
 /// after. The caller decides what a failure means (the log fences the partition).
 pub async fn fdatasync(file: &glommio::io::DmaFile, path: &Path) -> io::Result<()> {
     fault(Op::Sync, path)?;
-    if !simulated() {
-        file.fdatasync()
+    match with_sim(|d| d.sync_delay_us.get()) {
+        None => file
+            .fdatasync()
             .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(|e| io::Error::other(e.to_string()))?,
+        // A simulated flush takes time too, so that crashes land between a write and its sync.
+        Some(us) if us > 0 => glommio::timer::sleep(std::time::Duration::from_micros(us)).await,
+        Some(_) => {}
     }
     synced(path);
     Ok(())
@@ -249,6 +253,8 @@ pub mod sim {
         syncs_seen: Cell<u64>,
         /// Faults that fired, for the test's bookkeeping.
         pub faults_fired: Cell<u64>,
+        /// How long a simulated fdatasync takes.
+        pub sync_delay_us: Cell<u64>,
     }
 
     fn listing(dir: &Path) -> io::Result<BTreeMap<String, Option<u64>>> {
@@ -431,6 +437,77 @@ pub mod sim {
                 }
             }
             Ok(())
+        }
+    }
+
+    impl SimDisk {
+        /// A process crash (kill -9) with no power loss: `image` (a new, empty directory) gets
+        /// what the page cache holds now, while what is durable stays what it was. Returns the
+        /// simulated disk over `image`, installed on this thread; a later power cut still drops
+        /// everything that was never synced, whoever read it in between.
+        pub fn process_crash(&self, image: &Path) -> io::Result<Rc<SimDisk>> {
+            let next = Rc::new(SimDisk {
+                root: image.to_path_buf(),
+                ..SimDisk::default()
+            });
+            let dirs = self.durable_dirs.borrow().clone();
+            // Synthetic inode numbers for durable files that no longer exist by name.
+            let mut ghost = u64::MAX;
+            let mut stack = vec![self.root.clone()];
+            // Bounded by the tree: each directory is visited once.
+            while let Some(dir) = stack.pop() {
+                let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
+                let out_dir = image.join(rel);
+                std::fs::create_dir_all(&out_dir)?;
+                let now = listing(&dir)?;
+                let mut new_inos: HashMap<String, u64> = HashMap::new();
+                for (name, ino) in &now {
+                    match ino {
+                        None => stack.push(dir.join(name)),
+                        Some(_) => {
+                            let out = out_dir.join(name);
+                            std::fs::copy(dir.join(name), &out)?;
+                            new_inos.insert(name.clone(), std::fs::metadata(&out)?.ino());
+                        }
+                    }
+                }
+                if let Some(durable) = dirs.get(&dir) {
+                    let mut entries = BTreeMap::new();
+                    for (name, old_ino) in durable {
+                        let Some(old_ino) = old_ino else {
+                            entries.insert(name.clone(), None);
+                            continue;
+                        };
+                        let ino = match new_inos.get(name) {
+                            // Same name, same file only if it is still the same inode.
+                            Some(i) if now.get(name) == Some(&Some(*old_ino)) => *i,
+                            _ => {
+                                ghost -= 1;
+                                ghost
+                            }
+                        };
+                        if let Some(c) = self.durable_files.borrow().get(old_ino) {
+                            next.durable_files.borrow_mut().insert(ino, c.clone());
+                        }
+                        entries.insert(name.clone(), Some(ino));
+                    }
+                    next.durable_dirs.borrow_mut().insert(out_dir, entries);
+                }
+                // Files renamed or created since the last directory sync keep their synced
+                // content under their new inode, should a later sync make their entry durable.
+                for (name, ino) in &now {
+                    if let (Some(old), Some(new)) = (ino, new_inos.get(name)) {
+                        if let Some(c) = self.durable_files.borrow().get(old) {
+                            next.durable_files
+                                .borrow_mut()
+                                .entry(*new)
+                                .or_insert_with(|| c.clone());
+                        }
+                    }
+                }
+            }
+            super::SIM.with(|s| *s.borrow_mut() = Some(next.clone()));
+            Ok(next)
         }
     }
 

@@ -68,6 +68,11 @@ impl Partition {
         self.log.synced_end() as i64
     }
 
+    /// No write or sync of this partition is running (tests and shutdown wait for it).
+    pub fn is_idle(&self) -> bool {
+        !self.log.flushing.get() && !self.syncer_running.get()
+    }
+
     /// Registers interest in the next append (fetch long-poll).
     pub fn wait_for_data(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
