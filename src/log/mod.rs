@@ -1158,3 +1158,166 @@ impl SharedLog {
             .map_err(|e| LogError::io(&dir, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::batch::tests::make_batch;
+    use super::storage::sim::{Fault, SimDisk};
+    use super::*;
+
+    /// Runs `f` on a glommio executor with a data directory whose device glommio has probed.
+    fn on_executor<F, Fut>(f: F)
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let probe = root.join(".dma-probe");
+        std::fs::write(&probe, vec![1u8; 4096]).unwrap();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .unwrap();
+        ex.run(async move {
+            let p = DmaFile::open(&probe).await.unwrap();
+            let _ = p.read_at(0, 4096).await;
+            let _ = p.close().await;
+            f(root).await;
+        });
+    }
+
+    fn settings(segment_bytes: u64) -> LogSettings {
+        LogSettings {
+            segment_bytes,
+            segment_ms: u64::MAX / 2,
+            retention_ms: -1,
+            retention_bytes: -1,
+            cache_bytes_max: 1 << 20,
+        }
+    }
+
+    async fn append(log: &SharedLog, records: i32, ts: i64, s: &LogSettings) -> u64 {
+        let payload = Bytes::from(make_batch(records, ts));
+        let mut infos = Vec::new();
+        batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+        log.append(&payload, &infos, s, 0, None).await.unwrap()
+    }
+
+    /// Writes a segment file holding `batches` (records, timestamp) from `base`.
+    fn write_segment(dir: &Path, base: u64, batches: &[(i32, i64)]) -> u64 {
+        let mut bytes = Vec::new();
+        let mut next = base;
+        for (n, ts) in batches {
+            let mut b = make_batch(*n, *ts);
+            batch::patch_header(&mut b, next as i64, 0);
+            next += *n as u64;
+            bytes.extend_from_slice(&b);
+        }
+        std::fs::write(dir.join(segment_file_name(base, "log")), bytes).unwrap();
+        next
+    }
+
+    #[test]
+    fn offsets_are_dense_and_survive_reopen() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let s = settings(1024);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            let mut expect = 0;
+            for i in 0..40 {
+                let base = append(&log, 1 + i % 5, 1_000 + i as i64, &s).await;
+                assert_eq!(base, expect);
+                expect += 1 + (i % 5) as u64;
+            }
+            log.sync_to(expect).await.unwrap();
+            assert_eq!(log.synced_end(), expect);
+            assert!(log.inner.borrow().segments.len() > 1, "small segments roll");
+            log.flush().await.unwrap();
+            drop(log);
+            let log = SharedLog::open(dir).await.unwrap();
+            assert_eq!(log.log_end_offset(), expect);
+            assert_eq!(log.synced_end(), expect);
+            let bytes = log.read(0, 1 << 20, expect, 0).await.unwrap();
+            assert!(!bytes.is_empty());
+        });
+    }
+
+    #[test]
+    fn retention_passes_empty_closed_segments() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            std::fs::create_dir_all(&dir).unwrap();
+            // Closed segments: old data, an empty one (as compaction can leave), old data; then
+            // the active segment with new data.
+            let next = write_segment(&dir, 0, &[(3, 1_000)]);
+            std::fs::write(dir.join(segment_file_name(next, "log")), b"").unwrap();
+            let next = write_segment(&dir, next + 2, &[(2, 2_000)]);
+            let end = write_segment(&dir, next + 5, &[(1, i64::MAX / 2)]);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            assert_eq!(log.inner.borrow().segments.len(), 4);
+            let mut s = settings(1 << 20);
+            s.retention_ms = 10_000;
+            let removed = log.enforce_retention(&s, 1_000_000).await;
+            assert_eq!(removed, 3, "the empty segment does not stop retention");
+            assert_eq!(log.log_start_offset(), next + 5);
+            assert_eq!(log.log_end_offset(), end);
+        });
+    }
+
+    #[test]
+    fn failed_write_leaves_no_stale_batches_and_offsets_resume() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let s = settings(1 << 20);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            append(&log, 2, 1_000, &s).await;
+            let sim = SimDisk::install(&root).unwrap();
+            sim.set_faults(vec![Fault {
+                op: storage::Op::Write,
+                nth: 0,
+                errno: 28,
+            }]);
+            let payload = Bytes::from(make_batch(50, 2_000));
+            let mut infos = Vec::new();
+            batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+            assert!(log.append(&payload, &infos, &s, 0, None).await.is_err());
+            assert!(log.fenced().is_none(), "ENOSPC does not fence");
+            let path = dir.join(segment_file_name(0, "log"));
+            let logical = log.inner.borrow().segments[&0].size;
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), logical);
+            // The offsets of the failed batch are handed out again.
+            assert_eq!(append(&log, 1, 3_000, &s).await, 2);
+            SimDisk::uninstall();
+            log.flush().await.unwrap();
+            drop(log);
+            let log = SharedLog::open(dir).await.unwrap();
+            assert_eq!(log.log_end_offset(), 3);
+        });
+    }
+
+    #[test]
+    fn failed_sync_fences_and_is_never_retried() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let s = settings(1 << 20);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            let sim = SimDisk::install(&root).unwrap();
+            sim.set_faults(vec![Fault {
+                op: storage::Op::Sync,
+                nth: 0,
+                errno: 5,
+            }]);
+            append(&log, 2, 1_000, &s).await;
+            assert!(log.sync_to(2).await.is_err());
+            assert!(log.fenced().is_some());
+            // Every later sync fails without touching the disk; the synced end stays.
+            assert!(log.sync_to(2).await.is_err());
+            assert_eq!(log.synced_end(), 0);
+            let payload = Bytes::from(make_batch(1, 2_000));
+            let mut infos = Vec::new();
+            batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+            assert!(log.append(&payload, &infos, &s, 0, None).await.is_err());
+            SimDisk::uninstall();
+        });
+    }
+}
