@@ -22,7 +22,7 @@
 //! recovery accept. Batches are re-encoded with their original compression codec; a batch whose
 //! records are all kept is copied byte for byte.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -221,11 +221,16 @@ pub fn map_batch(raw: &Bytes, map: &mut OffsetMap) -> Result<(), String> {
 /// Pass 2 on one batch: appends to `out` the batch holding only the records to keep (nothing
 /// when none is kept). A record is kept when it has a key, no later record of that key is in
 /// `map`, and it is not a tombstone older than delete.retention.ms.
+///
+/// `producer_last` holds the base offsets of each idempotent producer's last batch: such a batch
+/// is kept whole, whatever its records, because a restart rebuilds the producer's epoch and
+/// sequence from it (Kafka's cleaner keeps it for the same reason).
 pub fn clean_batch(
     raw: &Bytes,
     map: &OffsetMap,
     s: &CleanerSettings,
     now_ms: i64,
+    producer_last: &HashSet<u64>,
     out: &mut Vec<u8>,
     stats: &mut CleanStats,
 ) -> Result<(), String> {
@@ -233,6 +238,11 @@ pub fn clean_batch(
         return Err("batch shorter than its header".into());
     }
     let h = BatchHeader::new(raw);
+    if h.producer_id() >= 0 && producer_last.contains(&(h.base_offset() as u64)) {
+        stats.records_kept += h.last_offset_delta().max(0) as u64 + 1;
+        out.extend_from_slice(raw);
+        return Ok(());
+    }
     if h.is_control() {
         // Transaction markers are out of scope: keep them as they are.
         out.extend_from_slice(raw);
@@ -451,6 +461,7 @@ pub fn clean_log(
     cleaned_up_to: u64,
     s: &CleanerSettings,
     now_ms: i64,
+    producer_last: &HashSet<u64>,
 ) -> Result<Option<CleanOutcome>, CleanError> {
     // Pass 1: key → latest offset over the dirty segments, as far as the map budget allows.
     let mut map = OffsetMap::default();
@@ -482,6 +493,7 @@ pub fn clean_log(
         &map,
         s,
         now_ms,
+        producer_last,
         &mut stats,
         &mut done,
         &mut current,
@@ -512,6 +524,7 @@ fn rewrite(
     map: &OffsetMap,
     s: &CleanerSettings,
     now_ms: i64,
+    producer_last: &HashSet<u64>,
     stats: &mut CleanStats,
     done: &mut Vec<CleanedGroup>,
     current: &mut Option<GroupWriter>,
@@ -533,7 +546,8 @@ fn rewrite(
         let mut rd = BatchReader::open(seg)?;
         while let Some((_, raw)) = rd.next_batch()? {
             out.clear();
-            clean_batch(&raw, map, s, now_ms, &mut out, stats).map_err(|m| rd.malformed(&m))?;
+            clean_batch(&raw, map, s, now_ms, producer_last, &mut out, stats)
+                .map_err(|m| rd.malformed(&m))?;
             g.write(&out)?;
         }
         g.members.push((seg.base_offset, seg.size));
@@ -605,12 +619,28 @@ impl SharedLog {
                 .collect();
             (log.dir.clone(), closed, log.cleaned_up_to.min(active_base))
         };
+        let producer_last: HashSet<u64> = self
+            .inner
+            .borrow()
+            .producers
+            .values()
+            .filter_map(|p| p.batches.back().map(|b| b.base_offset))
+            .collect();
         if closed.is_empty() || dirty_ratio(&closed, cleaned_up_to) < s.min_cleanable_dirty_ratio {
             return Ok(None);
         }
         let (s2, dir2, closed2) = (*s, dir.clone(), closed.clone());
         let outcome = glommio::executor()
-            .spawn_blocking(move || clean_log(&dir2, &closed2, cleaned_up_to, &s2, now as i64))
+            .spawn_blocking(move || {
+                clean_log(
+                    &dir2,
+                    &closed2,
+                    cleaned_up_to,
+                    &s2,
+                    now as i64,
+                    &producer_last,
+                )
+            })
             .await
             .map_err(|e| LogError::io(&dir, std::io::Error::other(e.to_string())))?;
         let Some(outcome) = outcome else {
@@ -866,9 +896,48 @@ mod tests {
         let mut out = Vec::new();
         let mut stats = CleanStats::default();
         for b in split(data) {
-            clean_batch(&b, &map, s, now, &mut out, &mut stats).unwrap();
+            clean_batch(&b, &map, s, now, &HashSet::new(), &mut out, &mut stats).unwrap();
         }
         (out, stats)
+    }
+
+    #[test]
+    fn compaction_keeps_an_idempotent_producers_last_batch() {
+        // Producer 7's only batch holds key "a", superseded by a later non-idempotent record:
+        // the batch stays whole, so a restart still knows producer 7's epoch and sequence.
+        let mut recs: Vec<Record> = vec![rec(0, Some("a"), Some("old"), 10)];
+        recs[0].producer_id = 7;
+        recs[0].producer_epoch = 2;
+        recs[0].sequence = 41;
+        let mut first = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut first,
+            recs.iter(),
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .unwrap();
+        let first = first.freeze();
+        let second = Bytes::from(batch(1, &[(Some("a"), Some("new"))], 20, Compression::None));
+        let mut map = OffsetMap::default();
+        map_batch(&first, &mut map).unwrap();
+        map_batch(&second, &mut map).unwrap();
+        let mut stats = CleanStats::default();
+        let mut out = Vec::new();
+        clean_batch(&first, &map, &S, 30, &HashSet::new(), &mut out, &mut stats).unwrap();
+        assert!(
+            out.is_empty(),
+            "without protection the superseded batch goes"
+        );
+        let protected: HashSet<u64> = [0u64].into_iter().collect();
+        clean_batch(&first, &map, &S, 30, &protected, &mut out, &mut stats).unwrap();
+        assert_eq!(
+            &out[..],
+            &first[..],
+            "the producer's last batch is kept byte for byte"
+        );
     }
 
     #[test]
@@ -1046,7 +1115,9 @@ mod tests {
             segment_bytes: 10_000,
             ..S
         };
-        let out = clean_log(dir, &closed, 0, &s, 2000).unwrap().unwrap();
+        let out = clean_log(dir, &closed, 0, &s, 2000, &HashSet::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(out.cleaned_up_to, 12);
         assert_eq!(out.groups.len(), 1, "small segments merge into one");
         let g = &out.groups[0];
@@ -1101,7 +1172,9 @@ mod tests {
             segment_bytes: 1,
             ..S
         };
-        let out = clean_log(dir, &[s0, s1], 2, &s, 10).unwrap().unwrap();
+        let out = clean_log(dir, &[s0, s1], 2, &s, 10, &HashSet::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(out.groups.len(), 2, "segment_bytes too small to merge");
         let g0 = std::fs::read(&out.groups[0].swap_path).unwrap();
         assert_eq!(
