@@ -4,6 +4,19 @@
 //! another shard's partitions. Appends go through glommio DMA files: the partially filled tail
 //! block is kept in memory and rewritten (aligned) with the next append. Writes are serialized
 //! by the caller (one writer per partition).
+//!
+//! Failure model (the README's storage section says it for users; `tests/power_loss.rs` checks
+//! it through `storage::sim`):
+//! - `flushed_offset` is the synced end and the only end readers are given; it moves only after
+//!   an fdatasync that covered it succeeded while the partition was not fenced.
+//! - A failed write (ENOSPC, EIO, short) fails the batches of its round, cuts the file back to
+//!   the logical end and hands the same offsets out again; a failed fdatasync fences the
+//!   partition until restart (never retried: the kernel reports a writeback error once).
+//! - Durable order: a closed segment is synced before the next is created; new directory
+//!   entries are synced before anything in them is acknowledged; the log start offset and the
+//!   recovery point are replaced atomically (`storage::write_file_durably`).
+//! - Recovery (`recovery.rs`) truncates only a torn tail past the recovery point and quarantines
+//!   damage anywhere else; it never deletes data that was synced.
 
 pub mod batch;
 pub mod compaction;
