@@ -224,6 +224,9 @@ pub struct Log {
     pub max_timestamp: (i64, u64),
     /// Offsets below this were compacted (cleanup.policy=compact); the rest is dirty.
     pub cleaned_up_to: u64,
+    /// Closed segments the cleaner rewrote: base offset → when first cleaned (tombstones in
+    /// them go delete.retention.ms after that).
+    pub cleaner_first_cleaned: BTreeMap<u64, i64>,
     /// The next offset to assign: log_end_offset plus what is queued but not yet written.
     pub next_offset: u64,
     /// Patched batches queued for the next DMA write, and what they are.
@@ -342,7 +345,7 @@ impl SharedLog {
             .filter_map(|s| s.time_index.last().copied())
             .max_by_key(|(t, _)| *t)
             .unwrap_or((-1, 0));
-        let cleaned_up_to = compaction::read_checkpoint(&dir);
+        let (cleaned_up_to, cleaner_first_cleaned) = compaction::read_checkpoint(&dir);
         Ok(SharedLog {
             inner: RefCell::new(Log {
                 dir,
@@ -358,6 +361,7 @@ impl SharedLog {
                 producers: rec.producers,
                 max_timestamp,
                 cleaned_up_to,
+                cleaner_first_cleaned,
                 next_offset: log_end_offset,
                 pending: Vec::new(),
                 pending_batches: Vec::new(),
@@ -441,6 +445,17 @@ impl SharedLog {
         let base = self.inner.borrow().log_end_offset;
         let dir = self.inner.borrow().dir.clone();
         let path = dir.join(segment_file_name(base, "log"));
+        // A deleted topic's writer may still be finishing its queue: glommio cannot open a file
+        // in a directory that is gone (it panics on the missing file system), so refuse first.
+        if !dir.is_dir() {
+            return Err(LogError::io(
+                &dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "partition directory was removed",
+                ),
+            ));
+        }
         let file = open_dma_rw(&path).await?;
         // The new file's directory entry must survive a crash before anything in it is acked;
         // then every segment below `base` is closed and synced: the new recovery point.
