@@ -2,7 +2,6 @@
 //! producer checks and the wake-ups of fetches waiting for data. Single node: the leader is
 //! the only replica, so the high watermark is the log end offset once a write completes.
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -13,12 +12,14 @@ use crate::cluster::topic_config::EffectiveConfig;
 use crate::log::batch::{validate_payload, BatchError, BatchInfo};
 use crate::log::{LogError, LogSettings, SharedLog};
 use crate::server::errors as ec;
+use crate::shard::notify::{Notified, Notify};
 
 pub struct Partition {
     pub topic: Arc<str>,
     pub index: i32,
     pub log: SharedLog,
-    data_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Fetch long-polls wait on this; an entry lives only as long as its fetch waits.
+    data_ready: Notify,
 }
 
 /// A produce whose batches are queued: offsets assigned, write pending.
@@ -56,7 +57,7 @@ impl Partition {
             topic,
             index,
             log: SharedLog::open(dir).await?,
-            data_waiters: RefCell::new(Vec::new()),
+            data_ready: Notify::new(),
         })
     }
 
@@ -64,17 +65,19 @@ impl Partition {
         self.log.log_end_offset() as i64
     }
 
-    /// Registers interest in the next append (fetch long-poll).
-    pub fn wait_for_data(&self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.data_waiters.borrow_mut().push(tx);
-        rx
+    /// Completes at the next append (fetch long-poll). Dropping it (the fetch timed out or
+    /// ended) removes its registration, so idle partitions accumulate nothing.
+    pub fn wait_for_data(&self) -> Notified {
+        self.data_ready.notified()
+    }
+
+    /// Fetch long-polls waiting on this partition (for tests and metrics).
+    pub fn data_waiters(&self) -> usize {
+        self.data_ready.waiters()
     }
 
     fn wake_fetchers(&self) {
-        for w in self.data_waiters.borrow_mut().drain(..) {
-            let _ = w.send(());
-        }
+        self.data_ready.notify_waiters();
     }
 
     /// Validates and appends one partition's records; waits for fdatasync when acks=all.

@@ -2,6 +2,8 @@
 //! Owns the executors, the cross-shard mesh and partition placement. Shards share nothing
 //! mutable on the data path: another shard's partition is reached by sending it a job.
 
+pub mod notify;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;

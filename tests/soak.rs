@@ -1,0 +1,170 @@
+//! Memory stays flat over time: the broker as a separate process, driven by librdkafka clients,
+//! its resident memory (VmRSS from /proc/PID/status) sampled once a second.
+//!
+//! - `idle_long_polls_keep_memory_flat`: two consumers long-poll 500 idle partitions
+//!   (fetch.wait.max.ms=20), the pattern that once leaked every timed-out fetch's waiter
+//!   (about 4 MB/s).
+//! - `soak_stream_group_and_idle_polls`: the same idle long-polls plus a steady produce/consume
+//!   stream through a committing consumer group, for a minute.
+//!
+//! Memory legitimately grows while caches fill, so each test first warms up, then compares the
+//! warm-up level with the rest of the run.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::Broker;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("broker status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+fn create_topic(b: &Broker, name: &str, partitions: i32) {
+    let a: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .expect("admin");
+    let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let r = futures::executor::block_on(a.create_topics(&[t], &AdminOptions::new()))
+        .expect("create_topics");
+    for x in r {
+        x.expect("topic created");
+    }
+}
+
+/// Stops and joins the client threads when dropped, also when the test fails.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Clients {
+    fn new() -> Clients {
+        Clients {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A consumer assigned every partition of an idle topic: it long-polls them all, each fetch
+/// timing out after 20 ms with nothing to return. Counts the polls it made.
+fn idle_poller(
+    b: &Broker,
+    topic: &str,
+    partitions: i32,
+    clients: &mut Clients,
+    polls: Arc<AtomicU64>,
+) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", "idle-assign-only")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let stop = clients.stop.clone();
+    clients.threads.push(std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Err(e)) = c.poll(Duration::from_millis(100)) {
+                panic!("idle consumer error: {e}");
+            }
+            polls.fetch_add(1, Ordering::Relaxed);
+        }
+    }));
+}
+
+/// Samples the broker's VmRSS once a second for `total`; returns (seconds since start, KiB).
+fn sample_rss(b: &Broker, total: Duration, mut check: impl FnMut()) -> Vec<(f64, u64)> {
+    let pid = b.child.as_ref().expect("running").id();
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut next = start;
+    while start.elapsed() < total {
+        check();
+        samples.push((start.elapsed().as_secs_f64(), rss_kib(pid)));
+        next += Duration::from_secs(1);
+        // A measurement interval, not a synchronization: we want one sample per second.
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    samples
+}
+
+/// Growth in KiB of the highest sample after `warm_s` over the mean of the samples in
+/// [warm_s - 3, warm_s].
+fn growth_after_warm_up(samples: &[(f64, u64)], warm_s: f64) -> (u64, u64, i64) {
+    let base: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= warm_s - 3.0 && *t <= warm_s)
+        .map(|s| s.1)
+        .collect();
+    assert!(!base.is_empty(), "samples cover the warm-up");
+    let base = base.iter().sum::<u64>() / base.len() as u64;
+    let peak = samples
+        .iter()
+        .filter(|(t, _)| *t > warm_s)
+        .map(|s| s.1)
+        .max()
+        .expect("samples after warm-up");
+    (base, peak, peak as i64 - base as i64)
+}
+
+fn print_samples(name: &str, samples: &[(f64, u64)]) {
+    let line: Vec<String> = samples
+        .iter()
+        .map(|(t, k)| format!("{t:.0}s:{}MB", k / 1024))
+        .collect();
+    eprintln!("{name} VmRSS: {}", line.join(" "));
+}
+
+#[test]
+fn idle_long_polls_keep_memory_flat() {
+    let b = Broker::start();
+    create_topic(&b, "idle", 500);
+    let mut clients = Clients::new();
+    let polls = Arc::new(AtomicU64::new(0));
+    for _ in 0..2 {
+        idle_poller(&b, "idle", 500, &mut clients, polls.clone());
+    }
+    let samples = sample_rss(&b, Duration::from_secs(28), || {});
+    let n = polls.load(Ordering::Relaxed);
+    drop(clients);
+    print_samples("idle long-polls", &samples);
+    let (base, peak, growth) = growth_after_warm_up(&samples, 8.0);
+    eprintln!("idle long-polls: {n} polls; VmRSS {base} KiB after warm-up, peak {peak} KiB later, growth {growth} KiB");
+    assert!(n > 100, "the consumers polled ({n} polls)");
+    assert!(
+        growth < 8 * 1024,
+        "resident memory grew {growth} KiB in 20 s of idle long-polls ({base} -> {peak} KiB)"
+    );
+}
