@@ -7,6 +7,7 @@ pub mod notify;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use futures::channel::oneshot;
+use futures::FutureExt;
 use glommio::sync::Semaphore;
 
 use crate::cluster::metadata::{self, MetadataImage};
@@ -172,8 +174,39 @@ impl Shard {
     }
 }
 
-/// Runs `f` on shard `target` and returns its result. Local calls run inline.
+/// A cross-shard job that panicked (a bug): its caller gets this instead of waiting forever.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("job on shard {shard} panicked: {message}")]
+pub struct JobPanicked {
+    pub shard: usize,
+    pub message: String,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+/// Runs `f` on shard `target` and returns its result. Local calls run inline. A panic in the
+/// job is re-raised in the caller (whose connection task turns it into a closed connection
+/// with a log line), so that the caller never waits forever; use `try_invoke` to handle it.
 pub async fn invoke<F, Fut, R>(target: usize, f: F) -> R
+where
+    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    Fut: Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    match try_invoke(target, f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::panic_any(e.to_string()),
+    }
+}
+
+/// Runs `f` on shard `target`; a panic there (in `f` or in its future) answers the caller with
+/// `JobPanicked` and leaves the target shard running.
+pub async fn try_invoke<F, Fut, R>(target: usize, f: F) -> Result<R, JobPanicked>
 where
     F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
     Fut: Future<Output = R> + 'static,
@@ -181,21 +214,33 @@ where
 {
     let me = local();
     if me.id == target {
-        return f(me).await;
+        return Ok(f(me).await);
     }
-    let (tx, rx) = oneshot::channel();
+    let (tx, rx) = oneshot::channel::<Result<R, JobPanicked>>();
     let job: Job = Box::new(move || {
         Box::pin(async move {
-            let r = f(local()).await;
+            let r = match std::panic::catch_unwind(AssertUnwindSafe(|| f(local()))) {
+                Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+                Err(p) => Err(p),
+            };
+            let r = r.map_err(|p| {
+                let message = panic_message(&*p);
+                tracing::error!("job on shard {target} panicked: {message}");
+                JobPanicked {
+                    shard: target,
+                    message,
+                }
+            });
             let _ = tx.send(r);
         })
     });
-    if me.node.mesh[target].send(job).is_err() {
+    if me.node.mesh[target].send_async(job).await.is_err() {
         // The target shard is gone (shutdown): wait forever would hang the client.
-        return panic_free_never::<R>().await;
+        return panic_free_never().await;
     }
     match rx.await {
         Ok(r) => r,
+        // The job was dropped unrun: only when the target executor ends (shutdown).
         Err(_) => panic_free_never().await,
     }
 }
@@ -210,5 +255,112 @@ async fn panic_free_never<R>() -> R {
 pub async fn serve_jobs(rx: flume::Receiver<Job>) {
     while let Ok(job) = rx.recv_async().await {
         glommio::spawn_local(job()).detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glommio::{LocalExecutorBuilder, Placement};
+    use std::time::Duration;
+
+    fn test_node(shards: usize) -> (Arc<Node>, Vec<flume::Receiver<Job>>) {
+        let (mut senders, mut receivers) = (Vec::new(), Vec::new());
+        for _ in 0..shards {
+            let (tx, rx) = flume::unbounded::<Job>();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let node = Arc::new(Node {
+            tuning: Tuning::load(None).expect("default tuning"),
+            data_dir: PathBuf::from("/nonexistent"),
+            node_id: 0,
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 9092,
+            cluster_id: "test".into(),
+            meta: ArcSwap::from_pointee(MetadataImage::default()),
+            mesh: senders,
+            next_producer_id: AtomicI64::new(0),
+            producer_id_block_end: AtomicI64::new(0),
+        });
+        (node, receivers)
+    }
+
+    /// Starts shard `id` on its own executor: it serves jobs until its stop job arrives.
+    fn spawn_shard(
+        id: usize,
+        node: Arc<Node>,
+        rx: flume::Receiver<Job>,
+        body: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static,
+    ) -> glommio::ExecutorJoinHandle<()> {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let sh = Rc::new(Shard::new(id, node.tuning.for_core(0), node.clone()));
+                let (stop_tx, stop_rx) = oneshot::channel();
+                *sh.stop_tx.borrow_mut() = Some(stop_tx);
+                install(sh);
+                glommio::spawn_local(serve_jobs(rx)).detach();
+                body().await;
+                let _ = stop_rx.await;
+            })
+            .expect("executor")
+    }
+
+    async fn stop(target: usize) {
+        invoke(target, |sh| async move {
+            if let Some(tx) = sh.stop_tx.borrow_mut().take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    }
+
+    /// A job that panics on another shard answers its caller (re-raised by `invoke`, as an
+    /// error by `try_invoke`) instead of leaving it waiting forever, and the shard it ran on
+    /// keeps serving.
+    #[test]
+    fn a_panicking_job_answers_its_caller_and_the_shard_keeps_serving() {
+        let (node, mut rxs) = test_node(2);
+        let rx1 = rxs.pop().expect("rx1");
+        let rx0 = rxs.pop().expect("rx0");
+        let h1 = spawn_shard(1, node.clone(), rx1, || Box::pin(async {}));
+        let h0 = spawn_shard(0, node, rx0, || {
+            Box::pin(async {
+                let limit = Duration::from_secs(10);
+                let job = invoke(1, |_sh| async {
+                    if true {
+                        panic!("boom in a job");
+                    }
+                    7
+                });
+                let raced = glommio::timer::timeout(limit, async {
+                    Ok(AssertUnwindSafe(job).catch_unwind().await)
+                })
+                .await;
+                let caught = raced.expect("the caller of a panicking job is answered");
+                let message = panic_message(&*caught.expect_err("the panic reaches the caller"));
+                assert!(message.contains("boom in a job"), "{message}");
+
+                let r = try_invoke(1, |_sh| async {
+                    if true {
+                        panic!("boom again");
+                    }
+                    7
+                })
+                .await;
+                assert!(matches!(&r, Err(e) if e.shard == 1 && e.message == "boom again"));
+
+                let id = glommio::timer::timeout(limit, async {
+                    Ok(try_invoke(1, |sh| async move { sh.id }).await)
+                })
+                .await
+                .expect("shard 1 still serves jobs");
+                assert_eq!(id.expect("no panic"), 1);
+                stop(1).await;
+                stop(0).await;
+            })
+        });
+        h0.join().expect("shard 0 ran the checks");
+        h1.join().expect("shard 1 survived the panics");
     }
 }
