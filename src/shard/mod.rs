@@ -2,6 +2,7 @@
 //! Owns the executors, the cross-shard mesh and partition placement. Shards share nothing
 //! mutable on the data path: another shard's partition is reached by sending it a job.
 
+pub mod budget;
 pub mod notify;
 
 use std::cell::RefCell;
@@ -37,6 +38,9 @@ pub struct Node {
     pub advertised_port: i32,
     pub cluster_id: String,
     pub meta: ArcSwap<MetadataImage>,
+    /// One bounded job queue per shard (`shards.job_queue_max`): a sender waits while the
+    /// target's queue is full. The target's job loop only receives and spawns, never sends, so a
+    /// full queue slows its senders down and cannot deadlock.
     pub mesh: Vec<flume::Sender<Job>>,
     pub next_producer_id: AtomicI64,
     pub producer_id_block_end: AtomicI64,
@@ -67,6 +71,8 @@ pub struct Shard {
     /// This shard's memory and I/O settings (tuning file, with its core's overrides).
     pub tuning: crate::config::ShardTuning,
     pub node: Arc<Node>,
+    /// Request frames and unsent responses of this shard's connections draw from this.
+    pub memory: Rc<budget::MemoryBudget>,
     partitions: RefCell<HashMap<(Arc<str>, i32), PartitionRef>>,
     open_lock: Semaphore,
     pub groups: RefCell<Option<Rc<crate::group::GroupShard>>>,
@@ -93,6 +99,7 @@ impl Shard {
         Shard {
             id,
             tuning,
+            memory: budget::MemoryBudget::new(node.tuning.memory.inflight_bytes_per_shard),
             node,
             partitions: RefCell::new(HashMap::new()),
             open_lock: Semaphore::new(1),
@@ -267,7 +274,7 @@ mod tests {
     fn test_node(shards: usize) -> (Arc<Node>, Vec<flume::Receiver<Job>>) {
         let (mut senders, mut receivers) = (Vec::new(), Vec::new());
         for _ in 0..shards {
-            let (tx, rx) = flume::unbounded::<Job>();
+            let (tx, rx) = flume::bounded::<Job>(16);
             senders.push(tx);
             receivers.push(rx);
         }
@@ -362,5 +369,55 @@ mod tests {
         });
         h0.join().expect("shard 0 ran the checks");
         h1.join().expect("shard 1 survived the panics");
+    }
+
+    /// Both shards flood each other with jobs that call back into the sender's shard, through
+    /// queues of 16: senders wait for room (the queue never grows past its bound) and every
+    /// job completes, because a job loop never waits on a send.
+    #[test]
+    fn bounded_job_queues_apply_back_pressure_without_deadlock() {
+        let (node, mut rxs) = test_node(2);
+        assert!(node.mesh.iter().all(|tx| tx.capacity() == Some(16)));
+        let rx1 = rxs.pop().expect("rx1");
+        let rx0 = rxs.pop().expect("rx0");
+        let flood = |me: usize| -> Pin<Box<dyn Future<Output = ()>>> {
+            Box::pin(async move {
+                let other = 1 - me;
+                let jobs = (0..2000u64).map(|i| {
+                    invoke(other, move |_sh| async move {
+                        invoke(me, move |sh| async move { sh.id as u64 + i }).await
+                    })
+                });
+                let all = futures::future::join_all(jobs);
+                let done =
+                    glommio::timer::timeout(Duration::from_secs(60), async { Ok(all.await) })
+                        .await
+                        .expect("every job completes");
+                let want: Vec<u64> = (0..2000u64).map(|i| me as u64 + i).collect();
+                assert_eq!(done, want);
+            })
+        };
+        // Each shard keeps serving until both floods are done, then stops itself.
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let body = move |me: usize, done: Arc<std::sync::atomic::AtomicUsize>| {
+            move || -> Pin<Box<dyn Future<Output = ()>>> {
+                Box::pin(async move {
+                    flood(me).await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    while done.load(std::sync::atomic::Ordering::SeqCst) < 2
+                        && std::time::Instant::now() < deadline
+                    {
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                    stop(me).await;
+                })
+            }
+        };
+        let h1 = spawn_shard(1, node.clone(), rx1, body(1, done.clone()));
+        let h0 = spawn_shard(0, node, rx0, body(0, done.clone()));
+        h0.join().expect("shard 0 completed its jobs");
+        h1.join().expect("shard 1 completed its jobs");
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }
