@@ -21,7 +21,9 @@ use common::Broker;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// Resident memory of a process in KiB.
@@ -166,5 +168,127 @@ fn idle_long_polls_keep_memory_flat() {
     assert!(
         growth < 8 * 1024,
         "resident memory grew {growth} KiB in 20 s of idle long-polls ({base} -> {peak} KiB)"
+    );
+}
+
+#[test]
+fn soak_stream_group_and_idle_polls() {
+    // Small batch caches, so that they are full well within the warm-up.
+    let tmp = tempfile::tempdir().unwrap();
+    let text = fjord::config::DEFAULT_TUNING.replace(
+        "batch_cache_bytes_per_partition = 8388608",
+        "batch_cache_bytes_per_partition = 262144",
+    );
+    assert!(text.contains("batch_cache_bytes_per_partition = 262144"));
+    let cfg = tmp.path().join("tuning.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let b = Broker::start_with(&["--config", cfg.to_str().unwrap()]);
+    create_topic(&b, "stream", 4);
+    create_topic(&b, "idle", 300);
+    let mut clients = Clients::new();
+    let polls = Arc::new(AtomicU64::new(0));
+    for _ in 0..2 {
+        idle_poller(&b, "idle", 300, &mut clients, polls.clone());
+    }
+
+    // A steady stream: ~2,000 records of 200 bytes a second, acks=all.
+    let produced = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", b.bootstrap())
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let (stop, produced) = (clients.stop.clone(), produced.clone());
+        let value = vec![b's'; 200];
+        clients.threads.push(std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..20 {
+                    let key = (i % 64).to_string();
+                    if p.send(BaseRecord::to("stream").key(&key).payload(&value))
+                        .is_ok()
+                    {
+                        produced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+                // Pacing, not synchronization: 20 records every 10 ms.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = p.flush(Duration::from_secs(10));
+        }));
+    }
+    // A group member that consumes the stream and commits every 500 records.
+    let consumed = Arc::new(AtomicU64::new(0));
+    let commits = Arc::new(AtomicU64::new(0));
+    {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", b.bootstrap())
+            .set("group.id", "soak-group")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("group consumer");
+        c.subscribe(&["stream"]).expect("subscribe");
+        let (stop, consumed, commits, failed) = (
+            clients.stop.clone(),
+            consumed.clone(),
+            commits.clone(),
+            failed.clone(),
+        );
+        clients.threads.push(std::thread::spawn(move || {
+            let mut since_commit = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match c.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        assert_eq!(m.payload().map(|p| p.len()), Some(200));
+                        consumed.fetch_add(1, Ordering::Relaxed);
+                        since_commit += 1;
+                        if since_commit >= 500 {
+                            since_commit = 0;
+                            match c.commit_consumer_state(CommitMode::Sync) {
+                                Ok(()) => commits.fetch_add(1, Ordering::Relaxed),
+                                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
+                    }
+                    Some(Err(_)) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+            }
+        }));
+    }
+
+    let samples = sample_rss(&b, Duration::from_secs(70), || {});
+    let (n_prod, n_cons, n_commits, n_failed) = (
+        produced.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+        commits.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    drop(clients);
+    print_samples("soak", &samples);
+    let (base, peak, growth) = growth_after_warm_up(&samples, 20.0);
+    eprintln!(
+        "soak: {n_prod} produced, {n_cons} consumed, {n_commits} commits, {n_failed} errors; \
+         VmRSS {base} KiB after warm-up, peak {peak} KiB later, growth {growth} KiB"
+    );
+    assert!(
+        n_prod > 50_000,
+        "the stream ran ({n_prod} records produced)"
+    );
+    assert!(
+        n_cons > n_prod / 2,
+        "the group kept up ({n_cons} of {n_prod} consumed)"
+    );
+    assert!(n_commits > 50, "the group committed ({n_commits} commits)");
+    assert!(
+        growth < 6 * 1024,
+        "resident memory grew {growth} KiB in 50 s of steady traffic ({base} -> {peak} KiB)"
     );
 }
