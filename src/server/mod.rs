@@ -2,6 +2,7 @@
 //! ApiKey to `handlers/<api>.rs`, responses written in request order. Owns connections only;
 //! partition data is reached through the shard module.
 
+pub mod bounded_decode;
 pub mod errors;
 pub mod handlers;
 
@@ -328,8 +329,20 @@ pub fn decode_request(frame: &Bytes) -> Result<Decoded, ConnError> {
     let mut body = frame.clone();
     let header = RequestHeader::decode(&mut body, key.request_header_version(version))
         .map_err(|e| ConnError::Protocol(format!("bad request header: {e}")))?;
-    let req = RequestKind::decode(key, &mut body, version)
-        .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
+    // Decoded through a probe first, so that no array count can make it allocate beyond what
+    // the frame holds (see bounded_decode); again from the frame only if the probe had to
+    // clamp a plain field.
+    let malformed = |e: anyhow::Error| {
+        ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}"))
+    };
+    let mut probe = bounded_decode::ProbeBuf::new(body.clone());
+    let probed = bounded_decode::probe_decode(key, &mut probe, version).map_err(malformed)?;
+    let req = if probe.clamps == 0 {
+        probed
+    } else {
+        drop(probed);
+        RequestKind::decode(key, &mut body, version).map_err(malformed)?
+    };
     Ok(Decoded::Request {
         key,
         version,
