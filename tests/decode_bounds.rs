@@ -104,6 +104,15 @@ fn hostile_frames() -> Vec<(&'static str, Bytes)> {
     b.put_i32(0x7fff_0000);
     b.put_slice(&[0, 0]);
     out.push(("Fetch v4 topics", b.freeze()));
+    // Found by cargo fuzz: Produce v10 whose topics count is a varint of eight 0x80 bytes and
+    // 0x70; read from its fifth byte on, a wrongly aligned check would see a small value.
+    out.push((
+        "Produce v10 padded varint",
+        Bytes::from_static(&[
+            0, 0, 0, 10, 1, 0, 0, 0, 0, 0, 0, 0, 11, 128, 0, 3, 128, 128, 128, 128, 128, 128, 128,
+            128, 112, 0, 105, 0, 1, 99, 96, 0,
+        ]),
+    ));
     out
 }
 

@@ -5,23 +5,30 @@
 //! single element. The count comes from the wire: a 14-byte Metadata body can ask for 13 GB.
 //!
 //! The fix, without a schema of our own: decode each frame first through `ProbeBuf`, a buffer
-//! that serves the frame's bytes except that every i32 and every unsigned varint larger than
-//! the bytes left after it plus `SLACK` is served as that bound instead (a "clamp"). In the
-//! probe, then, no array can be preallocated beyond what the frame can hold.
+//! that serves the frame's bytes with two checks, so that in the probe no array can be
+//! preallocated beyond what the frame can hold:
+//! - every unsigned varint (kafka-protocol reads them, and booleans, a byte at a time through
+//!   `try_get_u8`) larger than the bytes left after it plus `SLACK` fails the read. In request
+//!   schemas a varint is a compact length or count (which must fit in the frame), a tagged-field
+//!   count or size (same), or a tag number (small). Every `try_get_u8` position is checked as if
+//!   a varint started there, so no state can be fooled about where one starts; a varint's tail is
+//!   never larger than the varint, so valid frames pass.
+//! - every i32 larger than the bytes left after it plus `SLACK` is served as that bound instead
+//!   (a "clamp"): an i32 is either a count (array, bytes length) or a plain field (a timeout,
+//!   max_bytes), and plain fields are routinely larger than the frame.
 //!
-//! What the probe proves: a clamped value is either a count (array, string or bytes length) or
-//! a plain field (a timeout, max_bytes). A plain field's value does not steer decoding, so the
-//! probe takes the same path as the real decode. A clamped array count asks for more elements
-//! than there are bytes left, and every element of every request schema takes at least one
-//! byte, so the probe fails; a clamped string or bytes length fails too (the real one would
-//! have as well). Hence:
-//! - the probe fails: the frame is malformed, rejected without a real decode;
+//! What the probe proves: a plain field's value does not steer decoding, so the probe takes
+//! the same path as the real decode. A clamped array count asks for more elements than there
+//! are bytes left, and every element of every request schema takes at least one byte, so the
+//! probe fails; a clamped bytes length fails too (the real one would have as well). Hence:
+//! - the probe fails: the frame is malformed, refused without a real decode;
 //! - the probe succeeds with no clamp: its result is the request;
 //! - the probe succeeds with clamps: they were all plain fields, the real decode follows the
 //!   same path, and every count in it is within the bound; it runs and gives the exact values.
 //!
-//! The only way to be wrong is to reject a valid frame whose tagged-field tag number exceeds
-//! the bytes after it plus `SLACK` (tags steer decoding); Kafka's tags are single digits.
+//! Refused although valid, in theory: a tag number above the bytes after it plus `SLACK`
+//! (Kafka's tags are single digits), a boolean encoded as a byte >= 0x80 followed by bytes that
+//! read as a large varint (clients write 0 or 1), a varint padded past 32 bits.
 
 use bytes::{Buf, Bytes};
 use kafka_protocol::messages::{ApiKey, RequestKind};
@@ -37,10 +44,7 @@ const VARINT_BYTES_MAX: usize = 5;
 
 pub struct ProbeBuf {
     inner: Bytes,
-    /// Offset of `inner`'s start in the frame.
-    pos: usize,
-    /// A clamped varint being served byte by byte: its start offset, length and bytes.
-    varint: Option<(usize, usize, [u8; VARINT_BYTES_MAX])>,
+    /// i32 values served clamped.
     pub clamps: usize,
 }
 
@@ -48,8 +52,6 @@ impl ProbeBuf {
     pub fn new(body: Bytes) -> ProbeBuf {
         ProbeBuf {
             inner: body,
-            pos: 0,
-            varint: None,
             clamps: 0,
         }
     }
@@ -65,7 +67,7 @@ impl ProbeBuf {
                 break;
             }
         }
-        (value & u32::MAX as u64, len)
+        (value, len)
     }
 }
 
@@ -80,12 +82,10 @@ impl Buf for ProbeBuf {
 
     fn advance(&mut self, cnt: usize) {
         self.inner.advance(cnt);
-        self.pos += cnt;
     }
 
     fn try_get_i32(&mut self) -> Result<i32, bytes::TryGetError> {
         let v = self.inner.try_get_i32()?;
-        self.pos += 4;
         let bound = self.inner.remaining() as u64 + SLACK;
         if v > 0 && v as u64 > bound {
             self.clamps += 1;
@@ -94,40 +94,16 @@ impl Buf for ProbeBuf {
         Ok(v)
     }
 
-    /// kafka-protocol reads unsigned varints (and booleans) a byte at a time through this.
     fn try_get_u8(&mut self) -> Result<u8, bytes::TryGetError> {
-        if let Some((start, len, bytes)) = self.varint {
-            if self.pos > start && self.pos < start + len {
-                let b = bytes[self.pos - start];
-                self.advance(1);
-                return Ok(b);
-            }
-            self.varint = None;
-        }
         let (value, len) = self.peek_varint();
-        if len == 0 {
-            return self.inner.try_get_u8();
+        let available = self.inner.remaining();
+        if len > 0 && value > (available - len) as u64 + SLACK {
+            return Err(bytes::TryGetError {
+                requested: usize::try_from(value).unwrap_or(usize::MAX),
+                available,
+            });
         }
-        let bound = (self.inner.remaining() - len) as u64 + SLACK;
-        if value <= bound {
-            let b = self.inner.try_get_u8()?;
-            self.pos += 1;
-            return Ok(b);
-        }
-        // Serve `bound` in the same number of bytes (kafka-protocol accepts padded varints),
-        // so that the decoder reads exactly the bytes it would have read.
-        self.clamps += 1;
-        let mut bytes = [0u8; VARINT_BYTES_MAX];
-        let mut rest = bound;
-        for (i, slot) in bytes.iter_mut().enumerate().take(len) {
-            let group = (rest & 0x7f) as u8;
-            rest >>= 7;
-            *slot = if i + 1 < len { group | 0x80 } else { group };
-        }
-        self.varint = Some((self.pos, len, bytes));
-        let b = bytes[0];
-        self.advance(1);
-        Ok(b)
+        self.inner.try_get_u8()
     }
 }
 
@@ -137,9 +113,7 @@ impl ByteBuf for ProbeBuf {
     }
 
     fn get_bytes(&mut self, size: usize) -> Bytes {
-        let b = self.inner.split_to(size);
-        self.pos += size;
-        b
+        self.inner.split_to(size)
     }
 }
 
