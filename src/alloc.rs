@@ -3,9 +3,10 @@
 //!
 //! Why: protocol decoding reserves `Vec::with_capacity(n)` for an array whose length `n` comes
 //! from the wire. A hostile or corrupt frame can claim 2^31 elements; the system allocator then
-//! fails and Rust aborts the whole process. No real request needs such a buffer (frames are
-//! bounded by socket.request.max.bytes), and decoding stops at the end of the frame, so the
-//! mapping is reserved but never touched beyond what the frame holds, then unmapped.
+//! fails and Rust aborts the whole process. `server::bounded_decode` refuses such frames before
+//! any real decode, so this is the second line: should a count slip through, the mapping is
+//! reserved but never touched beyond what the frame holds (decoding stops at its end), then
+//! unmapped. Under vm.overcommit_memory=2 the reservation itself can fail.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 

@@ -211,7 +211,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for _ in &cores {
-        let (tx, rx) = flume::unbounded::<Job>();
+        let (tx, rx) = flume::bounded::<Job>(tuning.shards.job_queue_max);
         senders.push(tx);
         receivers.push(rx);
     }

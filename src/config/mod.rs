@@ -79,6 +79,9 @@ pub struct ShardsSection {
     pub cores: Vec<usize>,
     pub pin: bool,
     pub controller_shard: usize,
+    /// Jobs queued from other shards to one shard; a sender waits when it is full.
+    #[serde(default = "default_job_queue_max")]
+    pub job_queue_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +92,26 @@ pub struct MemorySection {
     pub batch_cache_bytes_per_shard: usize,
     pub request_bytes_max: usize,
     pub io_memory_bytes: usize,
+    /// Request frames being read or handled plus responses not yet written, per shard; when
+    /// spent, the shard stops reading its sockets until some are answered.
+    #[serde(default = "default_inflight_bytes_per_shard")]
+    pub inflight_bytes_per_shard: usize,
+    /// Broker-side cap on one fetch response (Kafka's fetch.max.bytes): applies to fetches
+    /// that ask for no limit (max_bytes <= 0) or for more.
+    #[serde(default = "default_fetch_bytes_max")]
+    pub fetch_bytes_max: usize,
+}
+
+fn default_job_queue_max() -> usize {
+    4096
+}
+
+fn default_inflight_bytes_per_shard() -> usize {
+    256 << 20
+}
+
+fn default_fetch_bytes_max() -> usize {
+    57_671_680
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +175,14 @@ fn default_consumer_assignor() -> String {
 pub struct NetSection {
     pub socket_send_buffer_bytes: usize,
     pub socket_recv_buffer_bytes: usize,
+    /// A request whose body stops arriving for this long closes its connection (it holds
+    /// memory budget while it is read).
+    #[serde(default = "default_request_body_idle_timeout_ms")]
+    pub request_body_idle_timeout_ms: u64,
+}
+
+fn default_request_body_idle_timeout_ms() -> u64 {
+    30_000
 }
 
 impl Tuning {
@@ -223,8 +254,30 @@ impl Tuning {
                 "must be CreateTime or LogAppendTime",
             );
         }
-        if self.memory.request_bytes_max < 1024 {
-            return bad("memory.request_bytes_max", "must be at least 1024");
+        if self.memory.request_bytes_max < 1024 || self.memory.request_bytes_max > i32::MAX as usize
+        {
+            return bad(
+                "memory.request_bytes_max",
+                "must be between 1024 and 2147483647",
+            );
+        }
+        if self.memory.inflight_bytes_per_shard < self.memory.request_bytes_max {
+            return bad(
+                "memory.inflight_bytes_per_shard",
+                "must be at least memory.request_bytes_max (one request must fit)",
+            );
+        }
+        if self.memory.fetch_bytes_max < 1024 || self.memory.fetch_bytes_max > i32::MAX as usize {
+            return bad(
+                "memory.fetch_bytes_max",
+                "must be between 1024 and 2147483647",
+            );
+        }
+        if self.net.request_body_idle_timeout_ms < 10 {
+            return bad("net.request_body_idle_timeout_ms", "must be at least 10");
+        }
+        if self.shards.job_queue_max < 16 {
+            return bad("shards.job_queue_max", "must be at least 16");
         }
         if self.io.ring_depth < 8 || self.io.ring_depth > 32768 {
             return bad("io.ring_depth", "must be between 8 and 32768");

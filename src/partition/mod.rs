@@ -1,8 +1,7 @@
 //! One partition replica on its owning shard: the log, the high watermark, the idempotent
 //! producer checks and the wake-ups of fetches waiting for data. Single node: the leader is
-//! the only replica, so the high watermark is the log end offset once a write completes.
+//! the only replica, so the high watermark is the synced end of its log.
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -13,12 +12,14 @@ use crate::cluster::topic_config::EffectiveConfig;
 use crate::log::batch::{validate_payload, BatchError, BatchInfo};
 use crate::log::{LogError, LogSettings, ProducerBatch, SharedLog};
 use crate::server::errors as ec;
+use crate::shard::notify::{Notified, Notify};
 
 pub struct Partition {
     pub topic: Arc<str>,
     pub index: i32,
     pub log: SharedLog,
-    data_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Fetch long-polls wait on this; an entry lives only as long as its fetch waits.
+    data_ready: Notify,
     syncer_running: std::cell::Cell<bool>,
 }
 
@@ -57,7 +58,7 @@ impl Partition {
             topic,
             index,
             log: SharedLog::open(dir).await?,
-            data_waiters: RefCell::new(Vec::new()),
+            data_ready: Notify::new(),
             syncer_running: std::cell::Cell::new(false),
         })
     }
@@ -73,17 +74,19 @@ impl Partition {
         !self.log.flushing.get() && !self.syncer_running.get()
     }
 
-    /// Registers interest in the next append (fetch long-poll).
-    pub fn wait_for_data(&self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.data_waiters.borrow_mut().push(tx);
-        rx
+    /// Completes at the next append (fetch long-poll). Dropping it (the fetch timed out or
+    /// ended) removes its registration, so idle partitions accumulate nothing.
+    pub fn wait_for_data(&self) -> Notified {
+        self.data_ready.notified()
+    }
+
+    /// Fetch long-polls waiting on this partition (for tests and metrics).
+    pub fn data_waiters(&self) -> usize {
+        self.data_ready.waiters()
     }
 
     fn wake_fetchers(&self) {
-        for w in self.data_waiters.borrow_mut().drain(..) {
-            let _ = w.send(());
-        }
+        self.data_ready.notify_waiters();
     }
 
     /// Validates and appends one partition's records; waits for fdatasync when acks=all.

@@ -2,6 +2,7 @@
 //! ApiKey to `handlers/<api>.rs`, responses written in request order. Owns connections only;
 //! partition data is reached through the shard module.
 
+pub mod bounded_decode;
 pub mod errors;
 pub mod handlers;
 
@@ -14,6 +15,7 @@ use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeade
 use kafka_protocol::protocol::Decodable;
 use kafka_protocol::protocol::Encodable;
 
+use crate::shard::budget::Charge;
 use crate::shard::Shard;
 
 /// What a request's handler knows about its client.
@@ -115,11 +117,57 @@ impl OrderGate {
     }
 }
 
-type Answer = Result<Option<(BytesMut, Vec<Bytes>)>, ConnError>;
+/// A response (head, chunks), with the budget its bytes hold until it is written.
+type Answer = Result<Option<(BytesMut, Vec<Bytes>, Charge)>, ConnError>;
+
+/// The first allocation for a frame body: frames up to this size (nearly all) are read into
+/// one buffer allocated once; larger ones grow by doubling as their bytes arrive, so that a
+/// length announcing 100 MiB costs nothing until 100 MiB have actually been sent.
+const FRAME_FIRST_ALLOC_BYTES: usize = 1 << 20;
+
+/// Reads a frame body of `size` bytes. The peer must keep sending: a frame holds its share of
+/// the shard's memory budget while it is read, so one that stalls for `idle` closes the
+/// connection rather than holding the budget (and every other socket of the shard) hostage.
+async fn read_frame<R: futures::AsyncRead + Unpin>(
+    rd: &mut R,
+    size: usize,
+    idle: std::time::Duration,
+) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; size.min(FRAME_FIRST_ALLOC_BYTES)];
+    let mut filled = 0;
+    // Bounded: each round reads at least one byte of the `size` expected.
+    while filled < size {
+        if filled == buf.len() {
+            buf.resize(filled.saturating_mul(2).min(size), 0);
+        }
+        let read = rd.read(&mut buf[filled..]);
+        let timer = glommio::timer::sleep(idle);
+        futures::pin_mut!(read, timer);
+        match futures::future::select(read, timer).await {
+            futures::future::Either::Left((Ok(0), _)) => {
+                return Err(std::io::ErrorKind::UnexpectedEof.into())
+            }
+            futures::future::Either::Left((Ok(n), _)) => filled += n,
+            futures::future::Either::Left((Err(e), _)) => return Err(e),
+            futures::future::Either::Right(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "request body stalled for {} ms at {filled} of {size} bytes",
+                        idle.as_millis()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(Bytes::from(buf))
+}
 
 async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
     let max = shard.node.tuning.memory.request_bytes_max;
+    let body_idle =
+        std::time::Duration::from_millis(shard.node.tuning.net.request_body_idle_timeout_ms);
     let host: Rc<str> = Rc::from(
         stream
             .peer_addr()
@@ -142,11 +190,17 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             tracing::warn!("closing connection from {host}: request size {size} outside [8, {max}] (socket.request.max.bytes)");
             return Err(ConnError::Protocol(format!("bad request size {size}")));
         }
-        let mut frame = vec![0u8; size as usize];
-        if let Err(e) = rd.read_exact(&mut frame).await {
-            break Err(e.into());
-        }
-        let frame = Bytes::from(frame);
+        // Back-pressure: while the shard's budget is spent, this socket is not read.
+        let charge = shard.memory.acquire(size as usize).await;
+        let frame = match read_frame(&mut rd, size as usize, body_idle).await {
+            Ok(f) => f,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    tracing::warn!("closing connection from {host}: {e}");
+                }
+                break Err(e.into());
+            }
+        };
         let (gate_tx, gate_rx) = futures::channel::oneshot::channel();
         let (shard, host2) = (shard.clone(), host.clone());
         let task = glommio::spawn_local(async move {
@@ -156,7 +210,7 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             // A bug in one handler closes this connection with a log line; it must not take
             // the shard (and every other connection on it) down.
             let r = std::panic::AssertUnwindSafe(handle_frame(
-                shard,
+                shard.clone(),
                 host2,
                 frame,
                 &mut out,
@@ -175,7 +229,16 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
                 Err(ConnError::Protocol(format!("internal error: {what}")))
             });
             drop(gate);
-            r.map(|due| due.then_some((out, chunks)))
+            // The request's bytes are handled (produce data is in the log's queue or cache,
+            // which have their own caps); the response's bytes are held until written.
+            drop(charge);
+            r.map(|due| {
+                due.then(|| {
+                    let bytes = out.len() + chunks.iter().map(|c| c.len()).sum::<usize>();
+                    let held = shard.memory.charge(bytes);
+                    (out, chunks, held)
+                })
+            })
         });
         if futures::SinkExt::send(&mut tx, task).await.is_err() {
             break Ok(());
@@ -197,7 +260,7 @@ async fn write_loop(
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(task) = rx.next().await {
         match task.await {
-            Ok(Some((head, chunks))) => {
+            Ok(Some((head, chunks, _held))) => {
                 out.clear();
                 out.extend_from_slice(&head);
                 for c in chunks {
@@ -266,8 +329,20 @@ pub fn decode_request(frame: &Bytes) -> Result<Decoded, ConnError> {
     let mut body = frame.clone();
     let header = RequestHeader::decode(&mut body, key.request_header_version(version))
         .map_err(|e| ConnError::Protocol(format!("bad request header: {e}")))?;
-    let req = RequestKind::decode(key, &mut body, version)
-        .map_err(|e| ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}")))?;
+    // Decoded through a probe first, so that no array count can make it allocate beyond what
+    // the frame holds (see bounded_decode); again from the frame only if the probe had to
+    // clamp a plain field.
+    let malformed = |e: anyhow::Error| {
+        ConnError::Protocol(format!("malformed {key:?} v{version} request: {e}"))
+    };
+    let mut probe = bounded_decode::ProbeBuf::new(body.clone());
+    let probed = bounded_decode::probe_decode(key, &mut probe, version).map_err(malformed)?;
+    let req = if probe.clamps == 0 {
+        probed
+    } else {
+        drop(probed);
+        RequestKind::decode(key, &mut body, version).map_err(malformed)?
+    };
     Ok(Decoded::Request {
         key,
         version,

@@ -2,9 +2,13 @@
 //! Owns the executors, the cross-shard mesh and partition placement. Shards share nothing
 //! mutable on the data path: another shard's partition is reached by sending it a job.
 
+pub mod budget;
+pub mod notify;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -13,6 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use futures::channel::oneshot;
+use futures::FutureExt;
 use glommio::sync::Semaphore;
 
 use crate::cluster::metadata::{self, MetadataImage};
@@ -33,6 +38,9 @@ pub struct Node {
     pub advertised_port: i32,
     pub cluster_id: String,
     pub meta: ArcSwap<MetadataImage>,
+    /// One bounded job queue per shard (`shards.job_queue_max`): a sender waits while the
+    /// target's queue is full. The target's job loop only receives and spawns, never sends, so a
+    /// full queue slows its senders down and cannot deadlock.
     pub mesh: Vec<flume::Sender<Job>>,
     pub next_producer_id: AtomicI64,
     pub producer_id_block_end: AtomicI64,
@@ -63,6 +71,8 @@ pub struct Shard {
     /// This shard's memory and I/O settings (tuning file, with its core's overrides).
     pub tuning: crate::config::ShardTuning,
     pub node: Arc<Node>,
+    /// Request frames and unsent responses of this shard's connections draw from this.
+    pub memory: Rc<budget::MemoryBudget>,
     partitions: RefCell<HashMap<(Arc<str>, i32), PartitionRef>>,
     open_lock: Semaphore,
     pub groups: RefCell<Option<Rc<crate::group::GroupShard>>>,
@@ -89,6 +99,7 @@ impl Shard {
         Shard {
             id,
             tuning,
+            memory: budget::MemoryBudget::new(node.tuning.memory.inflight_bytes_per_shard),
             node,
             partitions: RefCell::new(HashMap::new()),
             open_lock: Semaphore::new(1),
@@ -170,8 +181,39 @@ impl Shard {
     }
 }
 
-/// Runs `f` on shard `target` and returns its result. Local calls run inline.
+/// A cross-shard job that panicked (a bug): its caller gets this instead of waiting forever.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("job on shard {shard} panicked: {message}")]
+pub struct JobPanicked {
+    pub shard: usize,
+    pub message: String,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+/// Runs `f` on shard `target` and returns its result. Local calls run inline. A panic in the
+/// job is re-raised in the caller (whose connection task turns it into a closed connection
+/// with a log line), so that the caller never waits forever; use `try_invoke` to handle it.
 pub async fn invoke<F, Fut, R>(target: usize, f: F) -> R
+where
+    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    Fut: Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    match try_invoke(target, f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::panic_any(e.to_string()),
+    }
+}
+
+/// Runs `f` on shard `target`; a panic there (in `f` or in its future) answers the caller with
+/// `JobPanicked` and leaves the target shard running.
+pub async fn try_invoke<F, Fut, R>(target: usize, f: F) -> Result<R, JobPanicked>
 where
     F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
     Fut: Future<Output = R> + 'static,
@@ -179,21 +221,33 @@ where
 {
     let me = local();
     if me.id == target {
-        return f(me).await;
+        return Ok(f(me).await);
     }
-    let (tx, rx) = oneshot::channel();
+    let (tx, rx) = oneshot::channel::<Result<R, JobPanicked>>();
     let job: Job = Box::new(move || {
         Box::pin(async move {
-            let r = f(local()).await;
+            let r = match std::panic::catch_unwind(AssertUnwindSafe(|| f(local()))) {
+                Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+                Err(p) => Err(p),
+            };
+            let r = r.map_err(|p| {
+                let message = panic_message(&*p);
+                tracing::error!("job on shard {target} panicked: {message}");
+                JobPanicked {
+                    shard: target,
+                    message,
+                }
+            });
             let _ = tx.send(r);
         })
     });
-    if me.node.mesh[target].send(job).is_err() {
+    if me.node.mesh[target].send_async(job).await.is_err() {
         // The target shard is gone (shutdown): wait forever would hang the client.
-        return panic_free_never::<R>().await;
+        return panic_free_never().await;
     }
     match rx.await {
         Ok(r) => r,
+        // The job was dropped unrun: only when the target executor ends (shutdown).
         Err(_) => panic_free_never().await,
     }
 }
@@ -208,5 +262,162 @@ async fn panic_free_never<R>() -> R {
 pub async fn serve_jobs(rx: flume::Receiver<Job>) {
     while let Ok(job) = rx.recv_async().await {
         glommio::spawn_local(job()).detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glommio::{LocalExecutorBuilder, Placement};
+    use std::time::Duration;
+
+    fn test_node(shards: usize) -> (Arc<Node>, Vec<flume::Receiver<Job>>) {
+        let (mut senders, mut receivers) = (Vec::new(), Vec::new());
+        for _ in 0..shards {
+            let (tx, rx) = flume::bounded::<Job>(16);
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let node = Arc::new(Node {
+            tuning: Tuning::load(None).expect("default tuning"),
+            data_dir: PathBuf::from("/nonexistent"),
+            node_id: 0,
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 9092,
+            cluster_id: "test".into(),
+            meta: ArcSwap::from_pointee(MetadataImage::default()),
+            mesh: senders,
+            next_producer_id: AtomicI64::new(0),
+            producer_id_block_end: AtomicI64::new(0),
+        });
+        (node, receivers)
+    }
+
+    /// Starts shard `id` on its own executor: it serves jobs until its stop job arrives.
+    fn spawn_shard(
+        id: usize,
+        node: Arc<Node>,
+        rx: flume::Receiver<Job>,
+        body: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static,
+    ) -> glommio::ExecutorJoinHandle<()> {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let sh = Rc::new(Shard::new(id, node.tuning.for_core(0), node.clone()));
+                let (stop_tx, stop_rx) = oneshot::channel();
+                *sh.stop_tx.borrow_mut() = Some(stop_tx);
+                install(sh);
+                glommio::spawn_local(serve_jobs(rx)).detach();
+                body().await;
+                let _ = stop_rx.await;
+            })
+            .expect("executor")
+    }
+
+    async fn stop(target: usize) {
+        invoke(target, |sh| async move {
+            if let Some(tx) = sh.stop_tx.borrow_mut().take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    }
+
+    /// A job that panics on another shard answers its caller (re-raised by `invoke`, as an
+    /// error by `try_invoke`) instead of leaving it waiting forever, and the shard it ran on
+    /// keeps serving.
+    #[test]
+    fn a_panicking_job_answers_its_caller_and_the_shard_keeps_serving() {
+        let (node, mut rxs) = test_node(2);
+        let rx1 = rxs.pop().expect("rx1");
+        let rx0 = rxs.pop().expect("rx0");
+        let h1 = spawn_shard(1, node.clone(), rx1, || Box::pin(async {}));
+        let h0 = spawn_shard(0, node, rx0, || {
+            Box::pin(async {
+                let limit = Duration::from_secs(10);
+                let job = invoke(1, |_sh| async {
+                    if true {
+                        panic!("boom in a job");
+                    }
+                    7
+                });
+                let raced = glommio::timer::timeout(limit, async {
+                    Ok(AssertUnwindSafe(job).catch_unwind().await)
+                })
+                .await;
+                let caught = raced.expect("the caller of a panicking job is answered");
+                let message = panic_message(&*caught.expect_err("the panic reaches the caller"));
+                assert!(message.contains("boom in a job"), "{message}");
+
+                let r = try_invoke(1, |_sh| async {
+                    if true {
+                        panic!("boom again");
+                    }
+                    7
+                })
+                .await;
+                assert!(matches!(&r, Err(e) if e.shard == 1 && e.message == "boom again"));
+
+                let id = glommio::timer::timeout(limit, async {
+                    Ok(try_invoke(1, |sh| async move { sh.id }).await)
+                })
+                .await
+                .expect("shard 1 still serves jobs");
+                assert_eq!(id.expect("no panic"), 1);
+                stop(1).await;
+                stop(0).await;
+            })
+        });
+        h0.join().expect("shard 0 ran the checks");
+        h1.join().expect("shard 1 survived the panics");
+    }
+
+    /// Both shards flood each other with jobs that call back into the sender's shard, through
+    /// queues of 16: senders wait for room (the queue never grows past its bound) and every
+    /// job completes, because a job loop never waits on a send.
+    #[test]
+    fn bounded_job_queues_apply_back_pressure_without_deadlock() {
+        let (node, mut rxs) = test_node(2);
+        assert!(node.mesh.iter().all(|tx| tx.capacity() == Some(16)));
+        let rx1 = rxs.pop().expect("rx1");
+        let rx0 = rxs.pop().expect("rx0");
+        let flood = |me: usize| -> Pin<Box<dyn Future<Output = ()>>> {
+            Box::pin(async move {
+                let other = 1 - me;
+                let jobs = (0..2000u64).map(|i| {
+                    invoke(other, move |_sh| async move {
+                        invoke(me, move |sh| async move { sh.id as u64 + i }).await
+                    })
+                });
+                let all = futures::future::join_all(jobs);
+                let done =
+                    glommio::timer::timeout(Duration::from_secs(60), async { Ok(all.await) })
+                        .await
+                        .expect("every job completes");
+                let want: Vec<u64> = (0..2000u64).map(|i| me as u64 + i).collect();
+                assert_eq!(done, want);
+            })
+        };
+        // Each shard keeps serving until both floods are done, then stops itself.
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let body = move |me: usize, done: Arc<std::sync::atomic::AtomicUsize>| {
+            move || -> Pin<Box<dyn Future<Output = ()>>> {
+                Box::pin(async move {
+                    flood(me).await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    while done.load(std::sync::atomic::Ordering::SeqCst) < 2
+                        && std::time::Instant::now() < deadline
+                    {
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                    stop(me).await;
+                })
+            }
+        };
+        let h1 = spawn_shard(1, node.clone(), rx1, body(1, done.clone()));
+        let h0 = spawn_shard(0, node, rx0, body(0, done.clone()));
+        h0.join().expect("shard 0 completed its jobs");
+        h1.join().expect("shard 1 completed its jobs");
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

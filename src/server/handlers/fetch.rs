@@ -86,10 +86,13 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             layout.push((name, t.topic_id, parts));
         }
     }
+    // A fetch asking for no limit, or for more than the broker serves, gets the broker's cap
+    // (fetch.max.bytes): a response is assembled in memory before it is written.
+    let cap = node.tuning.memory.fetch_bytes_max;
     let max_bytes = if req.max_bytes <= 0 {
-        i32::MAX as usize
+        cap
     } else {
-        req.max_bytes as usize
+        (req.max_bytes as usize).min(cap)
     };
     let min_bytes = req.min_bytes.max(0) as usize;
     let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
@@ -264,6 +267,10 @@ fn encode_response(
 async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) -> Vec<Got> {
     per_shard(shards, wants, move |sh, ws: Vec<Want>| async move {
         let mut out = Vec::with_capacity(ws.len());
+        // What this shard has read for the response: once it reaches the response's limit,
+        // the rest of its partitions would be dropped from the response anyway (it keeps
+        // partitions in request order within max_bytes), so they are not read at all.
+        let mut read_bytes = 0usize;
         for w in ws {
             let Some(p) = sh.partition(&w.topic, w.partition).await else {
                 out.push(Got {
@@ -277,13 +284,25 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
             let hwm = p.high_watermark();
             let log_start = p.log.log_start_offset() as i64;
             let limit = w.max_bytes.min(max_bytes);
-            match p.read(w.offset, limit).await {
-                Ok(records) => out.push(Got {
+            if read_bytes >= max_bytes {
+                out.push(Got {
                     code: ec::NONE,
                     hwm,
                     log_start,
-                    records,
-                }),
+                    records: Vec::new(),
+                });
+                continue;
+            }
+            match p.read(w.offset, limit).await {
+                Ok(records) => {
+                    read_bytes += records.iter().map(|r| r.len()).sum::<usize>();
+                    out.push(Got {
+                        code: ec::NONE,
+                        hwm,
+                        log_start,
+                        records,
+                    })
+                }
                 Err(code) => {
                     if code == ec::OFFSET_OUT_OF_RANGE {
                         tracing::debug!(
