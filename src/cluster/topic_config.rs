@@ -47,6 +47,15 @@ pub const TOPIC_CONFIGS: &[ConfigDef] = &[
         choices: &[],
         min: 0,
     },
+    // Deprecated since Kafka 3.0 and ignored for RecordBatch v2 (the only format Fjord stores),
+    // but Kafka 3.x still accepts it in (Incremental)AlterConfigs and CreateTopics; clients and
+    // tools that copy a topic's configs send it back.
+    ConfigDef {
+        name: "message.format.version",
+        kind: ConfigType::String,
+        choices: &[],
+        min: 0,
+    },
     ConfigDef {
         name: "message.timestamp.type",
         kind: ConfigType::String,
@@ -107,6 +116,9 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
         return Err(format!("Unknown topic config name: {name}"));
     };
     let bad = || Err(format!("Invalid value {value} for configuration {name}"));
+    if name == "message.format.version" && !is_kafka_version(value.trim()) {
+        return bad();
+    }
     match d.kind {
         ConfigType::Long | ConfigType::Int => match value.trim().parse::<i64>() {
             Ok(v) if v >= d.min && (d.kind == ConfigType::Long || v <= i32::MAX as i64) => Ok(()),
@@ -142,6 +154,20 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// A Kafka release or inter-broker protocol version as message.format.version takes it:
+/// `0.10.0`, `0.10.0.0`, `2.8`, `3.0-IV1`.
+fn is_kafka_version(v: &str) -> bool {
+    let (release, iv) = match v.split_once("-IV") {
+        Some((r, n)) => (r, Some(n)),
+        None => (v, None),
+    };
+    let parts: Vec<&str> = release.split('.').collect();
+    let numeric = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit());
+    (2..=4).contains(&parts.len())
+        && parts.iter().all(|p| numeric(p))
+        && iv.is_none_or(numeric)
+}
+
 /// The broker default of each topic config (the value DescribeConfigs shows when unset).
 pub fn default_value(name: &str, t: &Tuning) -> String {
     match name {
@@ -149,6 +175,8 @@ pub fn default_value(name: &str, t: &Tuning) -> String {
         "compression.type" => "producer".into(),
         "delete.retention.ms" => "86400000".into(),
         "max.message.bytes" => t.log.max_message_bytes.to_string(),
+        // What Kafka 3.x reports: the format follows the inter-broker protocol (3.0+).
+        "message.format.version" => "3.0-IV1".into(),
         "message.timestamp.type" => t.log.message_timestamp_type.clone(),
         "min.cleanable.dirty.ratio" => "0.5".into(),
         "min.insync.replicas" => "1".into(),
@@ -220,6 +248,12 @@ mod tests {
         assert!(validate("cleanup.policy", "bogus").is_err());
         assert!(validate("no.such", "1").is_err());
         assert!(validate("segment.bytes", "99999999999").is_err());
+        for v in ["0.10.0.0", "0.10.0", "2.8", "3.0-IV1", "0.10.0-IV1"] {
+            assert!(validate("message.format.version", v).is_ok(), "{v}");
+        }
+        for v in ["", "3", "latest", "1.x", "3.0-IV", "0.10.0.0.0"] {
+            assert!(validate("message.format.version", v).is_err(), "{v}");
+        }
     }
 
     #[test]
