@@ -9,7 +9,8 @@ its chunk), and prints a table (test, result, reason) and one closing line:
 
     librdkafka suite: N passed, N failed, N skipped
 
-Exit code: 0 when nothing failed, 1 when a test failed, 2 on a setup error (build, broker start).
+Exit code: 0 when nothing failed, 1 when a test failed, 2 on a setup error (build, broker start),
+3 when build dependencies are missing (`--check-deps` checks only that).
 
 Every test that is not run is named with its reason: tools/librdkafka-skip.txt (next to this
 script) lists the ones skipped on purpose; broker-less (local) tests, tests for another scenario
@@ -53,9 +54,10 @@ SKIP_FILE = os.path.join(HERE, "librdkafka-skip.txt")
 # produce/consume, partitions, offsets, groups, headers, timestamps, compaction refusal, admin
 # configs and idempotence.
 QUICK_TESTS = [
-    "0001", "0002", "0005", "0007", "0011", "0012", "0013", "0014", "0015", "0017", "0019",
-    "0021", "0030", "0031", "0036", "0040", "0047", "0052", "0053", "0054", "0063", "0065",
-    "0073", "0082", "0083", "0092", "0099",
+    "0001", "0002", "0003", "0005", "0007", "0008", "0011", "0012", "0013", "0014", "0015",
+    "0017", "0021", "0029", "0030", "0031", "0034", "0035", "0036", "0040", "0044", "0048",
+    "0054", "0056", "0060", "0063", "0070", "0073", "0085", "0090", "0092", "0099", "0130",
+    "0140",
 ]
 
 
@@ -112,6 +114,36 @@ def locate_source(cache):
                 raise SetupError(f"{src} has no tests/test.c")
             return src
     raise SetupError(f"rdkafka-sys {RDKAFKA_SYS_VERSION} not found in cargo metadata")
+
+
+# What the build needs: (compiler, header) pairs, each with the Debian package providing it.
+BUILD_HEADERS = [
+    ("cc", "zstd.h", "libzstd-dev"),
+    ("cc", "lz4.h", "liblz4-dev"),
+    ("cc", "zlib.h", "zlib1g-dev"),
+    ("cc", "openssl/ssl.h", "libssl-dev"),
+    ("cc", "sasl/sasl.h", "libsasl2-dev"),
+    ("cc", "curl/curl.h", "libcurl4-openssl-dev"),
+    ("c++", "rapidjson/document.h", "rapidjson-dev"),
+]
+
+
+def missing_deps(cache):
+    """What is missing to build (or, once built, to run) the suite; empty when all is there."""
+    missing = [t for t in ("cargo",) if shutil.which(t) is None]
+    if os.path.exists(os.path.join(cache, "build", ".fjord-suite-built")):
+        return missing
+    missing += [t for t in ("cc", "c++", "make") if shutil.which(t) is None]
+    for compiler, header, pkg in BUILD_HEADERS:
+        if shutil.which(compiler) is None:
+            continue
+        lang = "c++" if compiler == "c++" else "c"
+        r = subprocess.run([compiler, "-x", lang, "-E", "-o", os.devnull, "-"],
+                           input=f"#include <{header}>\n".encode(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode != 0:
+            missing.append(f"{header} ({pkg})")
+    return missing
 
 
 def build(cache):
@@ -176,6 +208,8 @@ def static_skip_reason(entry):
     flags = m.group(1) if m else ""
     if "TEST_F_LOCAL" in flags:
         return "broker-less client test (runner option -L: broker tests only)"
+    if re.search(r"TEST_F_KNOWN_ISSUE\b", flags):
+        return "librdkafka marks it a known issue of its own (the runner skips those)"
     if "TEST_F_MANUAL" in flags:
         return "manual test (needs a human or a special setup)"
     sc = re.search(r'\.scenario\s*=\s*"([^"]*)"', entry)
@@ -300,11 +334,58 @@ class Fjord:
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SUMMARY = re.compile(r"^\|\s*(\d{4}_\w+)\s*\|\s*(\w+)\s*\|\s*[\d.]+s\s*\|\s?(.*)$")
+RUNNING = re.compile(r"=+ Running test (\d{4}_\w+) =+")
+RESULT = re.compile(r"=+ Test (\d{4}_\w+) (PASSED|FAILED|SKIPPED) =+")
+FAILED_AT = re.compile(r'^### Test "(\d{4}_\w+)[^"]*" failed at ([^ ]+?)\(\) at .*###$')
+# A skip reason may run into the next log line when the test gave it without a newline.
+SKIPPING = re.compile(r"^\[(\d{4}_\w+)\s+/\s*[\d.]+s\] .*SKIPPING TEST: (.*?)(?:\[\d{4}_\w+\s+/.*)?$")
+
+
+def parse_output(text):
+    """The runner's per-test outcome from its output: {name: (state, reason)} for the tests
+    that finished (PASSED, FAILED, SKIPPED), and the names of those that started.
+
+    A failing test ends its thread where it fails (no "Test X FAILED" line), and the runner
+    then usually aborts at exit because that test's client threads are still alive, before
+    printing its summary: so failures are read from the `### Test "X" failed at` lines."""
+    results, started = {}, []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = RUNNING.search(line)
+        if m:
+            started.append(m.group(1))
+            continue
+        m = FAILED_AT.match(line)
+        if m:
+            name = m.group(1)
+            msg = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if name not in results or results[name][0] != "FAILED":
+                results[name] = ("FAILED", f"{m.group(2)}: {msg}")
+            continue
+        m = SKIPPING.match(line)
+        if m:
+            results.setdefault(m.group(1), ("SKIPPED", m.group(2).strip()))
+            continue
+        m = RESULT.search(line)
+        if m:
+            name, state = m.group(1), m.group(2)
+            prev = results.get(name)
+            if prev is None or (state == "FAILED" and prev[0] != "FAILED"):
+                results[name] = (state, "")
+            continue
+        m = SUMMARY.match(line.strip())
+        if m:
+            name, state, reason = m.group(1), m.group(2), m.group(3).strip()
+            prev = results.get(name)
+            if prev is None or (not prev[1] and reason):
+                results[name] = (state if prev is None else prev[0], reason)
+    return results, started
 
 
 def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose):
     """Runs the tests with these numbers against a fresh Fjord. Returns ({name: (state,
-    reason)}, runner exit code or None on timeout, broker problem or None, output path)."""
+    reason)}, started names, runner exit code or None on timeout, broker problem or None,
+    runner output path, broker log path)."""
     chunk_dir = tempfile.mkdtemp(prefix="chunk-" + "-".join(numbers)[:40] + "-", dir=workdir)
     broker = Fjord(fjord_bin, chunk_dir)
     broker.start()
@@ -322,13 +403,16 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose):
         "LD_LIBRARY_PATH": os.path.join(tree, "src") + ":" + os.path.join(tree, "src-cpp"),
         "RDKAFKA_GITVER": LIBRDKAFKA_VERSION,
     })
-    env.pop("TESTS_SKIP", None)
+    for k in ("TESTS_SKIP", "TESTS_SKIP_BEFORE", "SUBTESTS", "TEST_SCENARIO", "TEST_LEVEL"):
+        env.pop(k, None)
+    tests_dir = os.path.join(tree, "tests")
+    before = set(os.listdir(tests_dir))
     out_path = os.path.join(chunk_dir, "test-runner.log")
     with open(out_path, "wb") as out:
         # -L: broker tests only; -Q: quick mode; -p1: one test at a time (2-core machine).
         proc = subprocess.Popen(
             ["./test-runner", "-L", "-Q", "-p1"],
-            cwd=os.path.join(tree, "tests"), env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=tests_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -337,6 +421,10 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             code = None
+    # The runner leaves stats_*.json files in its directory: keep the cached tree clean.
+    for f in set(os.listdir(tests_dir)) - before:
+        if f.startswith("stats_") and f.endswith(".json"):
+            os.unlink(os.path.join(tests_dir, f))
     broker_problem = None
     if not broker.alive():
         broker_problem = "fjord exited during the chunk: " + broker.log_tail(600).strip()
@@ -347,16 +435,38 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose):
         text = ANSI.sub("", f.read().decode("utf-8", "replace"))
     if verbose:
         sys.stderr.write(text)
-    results = {}
-    for line in text.splitlines():
-        m = SUMMARY.match(line.strip())
-        if m:
-            results[m.group(1)] = (m.group(2), m.group(3).strip())
-    if not results or code is None:
-        # No summary: say why with the last failure lines of the output.
-        fails = [l for l in text.splitlines() if "FAIL" in l or "assert" in l.lower()]
-        broker_problem = broker_problem or (fails[-1] if fails else None)
-    return results, code, broker_problem, out_path, broker.logpath
+    results, started = parse_output(text)
+    return results, started, code, broker_problem, out_path, broker.logpath
+
+
+def tail_failure(out_path):
+    """The last failure line of a runner output, for a note."""
+    with open(out_path, "rb") as f:
+        text = ANSI.sub("", f.read().decode("utf-8", "replace"))
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("### Test") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[-1] if lines else ""
+
+
+def record(rows, name, results, crash, code, problem, out_path):
+    """Turns the runner's outcome for one test into a table row."""
+    if name in results:
+        state, reason = results[name]
+        if state == "PASSED":
+            rows[name] = ("passed", "")
+        elif state == "SKIPPED":
+            rows[name] = ("skipped", "runner: " + (reason or "skipped"))
+        else:
+            rows[name] = ("failed", reason or state)
+    elif crash:
+        why = "timed out" if code is None else f"test-runner died (exit {code}) in this test"
+        rows[name] = ("failed", f"{why} (log: {out_path})")
+    else:
+        rows[name] = ("skipped", "runner: not run (filtered by the runner)")
+    if rows[name][0] == "failed" and problem and problem not in rows[name][1]:
+        rows[name] = ("failed", rows[name][1] + f" [{problem}]")
 
 
 def main():
@@ -372,10 +482,18 @@ def main():
     ap.add_argument("--chunk", type=int, default=4, help="test numbers per broker start")
     ap.add_argument("--chunk-timeout", type=int, default=900, help="seconds per chunk")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--check-deps", action="store_true",
+                    help="exit 0 if the suite can be built and run here, else 3 naming what is missing")
     ap.add_argument("--keep-logs", help="copy every chunk's logs into this directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the runner's output")
     args = ap.parse_args()
 
+    missing = missing_deps(os.path.abspath(args.cache))
+    if args.check_deps or missing:
+        if missing:
+            log("librdkafka suite: missing build dependencies: " + ", ".join(missing))
+            return 3
+        return 0
     try:
         tree = build(os.path.abspath(args.cache))
     except SetupError as e:
@@ -408,6 +526,7 @@ def main():
         return 2
 
     rows = {}  # name -> (result, reason)
+    notes = []
     to_run = []
     for number in wanted:
         entries = [(name, e) for name, n, e in tests if n == number]
@@ -434,7 +553,7 @@ def main():
             chunk = pending.pop(0)
             log(f"[{time.monotonic() - started:6.0f}s] running {','.join(chunk)}")
             try:
-                results, code, problem, out_path, broker_log = run_chunk(
+                results, started_names, code, problem, out_path, broker_log = run_chunk(
                     tree, args.fjord, chunk, workdir, args.chunk_timeout, args.verbose)
             except SetupError as e:
                 log(f"librdkafka suite: {e}")
@@ -442,34 +561,34 @@ def main():
             if args.keep_logs:
                 os.makedirs(args.keep_logs, exist_ok=True)
                 for p in (out_path, broker_log):
-                    shutil.copy(p, os.path.join(args.keep_logs, f"{'-'.join(chunk)}-{os.path.basename(p)}"))
-            crashed = code is None or (not results)
-            if crashed and len(chunk) > 1:
-                # One test took the chunk down: run each of its tests on its own to find it.
-                log(f"  chunk {','.join(chunk)} did not finish ({problem}); splitting it")
-                pending = [[n] for n in chunk] + pending
+                    shutil.copy(p, os.path.join(
+                        args.keep_logs, f"{'-'.join(chunk)}-{os.path.basename(p)}"))
+            # Tests the runner started but never finished: it crashed or timed out there, and
+            # the tests after it in the chunk did not run at all.
+            unfinished = [n for n in started_names if n not in results]
+            if unfinished and len(chunk) > 1:
+                redo = [n for n in chunk if not any(
+                    name in results for name, num, _ in tests if num == n)]
+                log(f"  chunk {','.join(chunk)} broke off in {unfinished[0]}; "
+                    f"running {','.join(redo)} one by one")
+                for name, num, _ in tests:
+                    if num in chunk and num not in redo and name not in rows:
+                        record(rows, name, results, None, None, None, out_path)
+                pending = [[n] for n in redo] + pending
                 continue
-            for name, e in [(name, e) for name, n, e in tests if n in chunk]:
-                if name in rows:
-                    continue
-                if name in results:
-                    state, reason = results[name]
-                    if state == "PASSED":
-                        rows[name] = ("passed", "")
-                    elif state == "SKIPPED":
-                        rows[name] = ("skipped", "runner: " + reason)
-                    else:
-                        rows[name] = ("failed", reason or state)
-                elif crashed:
-                    why = "timed out" if code is None else f"test-runner exited {code} without a summary"
-                    rows[name] = ("failed", f"{why}; {problem or ''} (log: {out_path})")
-                else:
-                    rows[name] = ("skipped", "runner: not run (filtered by the runner)")
-                if rows[name][0] == "failed" and problem and problem not in rows[name][1]:
-                    rows[name] = ("failed", rows[name][1] + f" [{problem}]")
-            for name, (res, reason) in sorted(rows.items()):
+            for name, num, _ in tests:
+                if num in chunk and name not in rows:
+                    crashed = name in unfinished
+                    record(rows, name, results, crashed and (code, problem) or None,
+                           code, problem, out_path)
+            for name in sorted(rows):
                 if name[:4] in chunk:
+                    res, reason = rows[name]
                     log(f"  {name}: {res} {reason[:200]}")
+            if code not in (0, None) and not any(
+                    rows.get(name, ("",))[0] == "failed" for name, num, _ in tests if num in chunk):
+                notes.append(f"chunk {','.join(chunk)}: test-runner exited {code} with no test "
+                             f"failed (see {out_path}): " + tail_failure(out_path))
     finally:
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -485,6 +604,8 @@ def main():
         if len(reason) > 300:
             reason = reason[:300] + "..."
         print(f"| {name} | {res} | {reason} |")
+    for n in notes:
+        print(f"note: {n}")
     print(f"(ran in {time.monotonic() - started:.0f} s, librdkafka {LIBRDKAFKA_VERSION}, "
           f"TEST_KAFKA_VERSION={KAFKA_VERSION}, {len(chunks)} chunks)")
     print(f"librdkafka suite: {passed} passed, {failed} failed, {skipped} skipped")
