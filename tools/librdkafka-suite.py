@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -42,6 +43,14 @@ LIBRDKAFKA_VERSION = "2.12.1"
 # The broker version the tests are told they run against: gates tests by the Kafka features
 # they need (Fjord implements the Kafka 3.x protocol set).
 KAFKA_VERSION = "3.9.0"
+# Tests told another broker version, each run in a chunk of its own, with the reason.
+KAFKA_VERSION_FOR = {
+    # Its 3.x variants force librdkafka onto Produce v1 and message format v0/v1
+    # (api.version.request=false, broker.version.fallback=0.9.0); Fjord stores RecordBatch v2
+    # only and, like Kafka 4.0, serves Produce v3+. As against Kafka 4.0, the test then checks
+    # CreateTime and LogAppendTime timestamps with v2 batches only.
+    "0052": "4.0.0",
+}
 # The suite's default scenario (tests/scenarios/default.json): auto-created topics with 4
 # partitions.
 NUM_PARTITIONS = 4
@@ -94,13 +103,19 @@ def locate_source(cache):
         f.write(
             "[package]\nname = \"librdkafka-suite-fetch\"\nversion = \"0.0.0\"\n"
             "edition = \"2021\"\npublish = false\n\n[workspace]\n\n[dependencies]\n"
-            f"rdkafka-sys = {{ version = \"={RDKAFKA_SYS_VERSION}\", default-features = false }}\n"
+            f"rdkafka-sys = {{ version = \"={RDKAFKA_SYS_VERSION.split('+')[0]}\", "
+            "default-features = false }\n"
         )
     with open(os.path.join(proj, "src", "lib.rs"), "w") as f:
         f.write("")
     manifest = os.path.join(proj, "Cargo.toml")
     logf = os.path.join(cache, "build.log")
-    run(["cargo", "fetch", "--manifest-path", manifest], quiet_log=logf)
+    # Offline first: the package is usually in cargo's cache already (Fjord's own tests build
+    # the rdkafka crate, which depends on this very rdkafka-sys).
+    try:
+        run(["cargo", "fetch", "--offline", "--manifest-path", manifest], quiet_log=logf)
+    except SetupError:
+        run(["cargo", "fetch", "--manifest-path", manifest], quiet_log=logf)
     meta = subprocess.run(
         ["cargo", "metadata", "--format-version", "1", "--offline", "--manifest-path", manifest],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False,
@@ -148,7 +163,15 @@ def missing_deps(cache):
 
 def build(cache):
     """Builds librdkafka, tests/test-runner and examples/rdkafka_performance once into
-    cache/build; returns that directory."""
+    cache/build; returns that directory. Concurrent runs wait for one build."""
+    import fcntl
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_locked(cache)
+
+
+def build_locked(cache):
     tree = os.path.join(cache, "build")
     stamp = os.path.join(tree, ".fjord-suite-built")
     if os.path.exists(stamp):
@@ -219,18 +242,42 @@ def static_skip_reason(entry):
 
 
 def load_skip_list():
-    """tools/librdkafka-skip.txt: `NNNN reason` lines; # comments."""
-    skips = {}
+    """tools/librdkafka-skip.txt: `NNNN reason` lines skip a test number, `NNNN/function
+    reason` lines one group of its subtests (those a function of the test's source starts);
+    # comments. Returns ({number: reason}, {number: {function: reason}})."""
+    skips, sub_skips = {}, {}
     with open(SKIP_FILE) as f:
         for lineno, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
-            m = re.match(r"(\d{4})\s+(.+)", line)
+            m = re.match(r"(\d{4})(?:/(\w+))?\s+(.+)", line)
             if not m:
-                raise SetupError(f"{SKIP_FILE}:{lineno}: expected `NNNN reason`")
-            skips[m.group(1)] = m.group(2).strip()
-    return skips
+                raise SetupError(f"{SKIP_FILE}:{lineno}: expected `NNNN reason` or "
+                                 "`NNNN/function reason`")
+            if m.group(2):
+                sub_skips.setdefault(m.group(1), {})[m.group(2)] = m.group(3).strip()
+            else:
+                skips[m.group(1)] = m.group(3).strip()
+    return skips, sub_skips
+
+
+def subtest_functions(tree, number):
+    """The functions of test NNNN's source that start subtests (SUB_TEST...), in source order:
+    the runner's SUBTESTS filter selects a subtest by `function:` prefix."""
+    found = []
+    for fn in sorted(os.listdir(os.path.join(tree, "tests"))):
+        if not (fn.startswith(number + "-") and fn.endswith((".c", ".cpp"))):
+            continue
+        current = None
+        with open(os.path.join(tree, "tests", fn)) as f:
+            for line in f:
+                m = re.match(r"^(?:static\s+)?(?:[\w\*]+\s+)*\**(\w+)\s*\([^;]*$", line)
+                if m and not line[0].isspace() and m.group(1) not in ("if", "while", "for"):
+                    current = m.group(1)
+                if "SUB_TEST" in line and current and current not in found:
+                    found.append(current)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +429,48 @@ def parse_output(text):
     return results, started
 
 
-def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose):
+# Some tests create their topics with Kafka's bin/kafka-topics.sh (found through KAFKA_PATH).
+# This stand-in does the same through Fjord's own admin CLI (CreateTopics/DeleteTopics over the
+# wire), so those tests run; anything else it is asked for fails loudly.
+KAFKA_TOPICS_SH = r"""#!/bin/sh
+# Stand-in for Kafka's bin/kafka-topics.sh, written by tools/librdkafka-suite.py.
+fjord=%(fjord)s
+op= bootstrap= topic= partitions=1 rf=1
+set -- "$@"
+configs=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bootstrap-server) bootstrap=$2; shift 2 ;;
+    --create|--delete) op=$1; shift ;;
+    --topic) topic=$2; shift 2 ;;
+    --partitions) partitions=$2; shift 2 ;;
+    --replication-factor) rf=$2; shift 2 ;;
+    --config) configs="$configs --config $2"; shift 2 ;;
+    *) echo "kafka-topics.sh stand-in: unsupported argument $1" >&2; exit 1 ;;
+  esac
+done
+[ "$rf" = 1 ] || { echo "kafka-topics.sh stand-in: replication factor $rf on one broker" >&2; exit 1; }
+case "$op" in
+  --create) exec "$fjord" topics --bootstrap "$bootstrap" create "$topic" --partitions "$partitions" $configs ;;
+  --delete) exec "$fjord" topics --bootstrap "$bootstrap" delete "$topic" ;;
+  *) echo "kafka-topics.sh stand-in: no --create or --delete" >&2; exit 1 ;;
+esac
+"""
+
+
+def write_kafka_path(chunk_dir, fjord_bin):
+    """A KAFKA_PATH holding the kafka-topics.sh stand-in."""
+    kpath = os.path.join(chunk_dir, "kafka")
+    os.makedirs(os.path.join(kpath, "bin"))
+    script = os.path.join(kpath, "bin", "kafka-topics.sh")
+    with open(script, "w") as f:
+        f.write(KAFKA_TOPICS_SH % {"fjord": shlex.quote(os.path.abspath(fjord_bin))})
+    os.chmod(script, 0o755)
+    return kpath
+
+
+def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose, kafka_version,
+              subtests=None):
     """Runs the tests with these numbers against a fresh Fjord. Returns ({name: (state,
     reason)}, started names, runner exit code or None on timeout, broker problem or None,
     runner output path, broker log path)."""
@@ -397,14 +485,18 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose):
     env = dict(os.environ)
     env.update({
         "TESTS": ",".join(numbers),
-        "TEST_KAFKA_VERSION": KAFKA_VERSION,
+        "TEST_KAFKA_VERSION": kafka_version,
         "RDKAFKA_TEST_CONF": conf,
         "TEST_MODE": "bare",
         "LD_LIBRARY_PATH": os.path.join(tree, "src") + ":" + os.path.join(tree, "src-cpp"),
         "RDKAFKA_GITVER": LIBRDKAFKA_VERSION,
+        "KAFKA_PATH": write_kafka_path(chunk_dir, fjord_bin),
+        "BROKERS": f"127.0.0.1:{broker.port}",
     })
     for k in ("TESTS_SKIP", "TESTS_SKIP_BEFORE", "SUBTESTS", "TEST_SCENARIO", "TEST_LEVEL"):
         env.pop(k, None)
+    if subtests:
+        env["SUBTESTS"] = subtests
     tests_dir = os.path.join(tree, "tests")
     before = set(os.listdir(tests_dir))
     out_path = os.path.join(chunk_dir, "test-runner.log")
@@ -508,7 +600,7 @@ def main():
         return 2
 
     try:
-        skips = load_skip_list()
+        skips, sub_skips = load_skip_list()
     except (SetupError, OSError) as e:
         log(f"librdkafka suite: {e}")
         return 2
@@ -528,6 +620,7 @@ def main():
     rows = {}  # name -> (result, reason)
     notes = []
     to_run = []
+    split_runs = []  # (number, function): a test run one group of subtests at a time
     for number in wanted:
         entries = [(name, e) for name, n, e in tests if n == number]
         if number in skips:
@@ -541,11 +634,27 @@ def main():
                 rows[name] = ("skipped", why)
             else:
                 runnable = True
-        if runnable:
+        if runnable and number in sub_skips:
+            functions = subtest_functions(tree, number)
+            unknown_fns = [f for f in sub_skips[number] if f not in functions]
+            if unknown_fns:
+                log(f"librdkafka suite: {SKIP_FILE}: {number} has no subtests in "
+                    f"{', '.join(unknown_fns)}")
+                return 2
+            for name, e in entries:
+                if name in rows:
+                    continue
+                for fn in functions:
+                    if fn in sub_skips[number]:
+                        rows[f"{name}/{fn}"] = ("skipped", sub_skips[number][fn])
+            split_runs += [(number, fn) for fn in functions if fn not in sub_skips[number]]
+        elif runnable:
             to_run.append(number)
 
     workdir = tempfile.mkdtemp(prefix="librdkafka-suite-")
-    chunks = [to_run[i:i + args.chunk] for i in range(0, len(to_run), args.chunk)]
+    common_set = [n for n in to_run if n not in KAFKA_VERSION_FOR]
+    chunks = [common_set[i:i + args.chunk] for i in range(0, len(common_set), args.chunk)]
+    chunks += [[n] for n in to_run if n in KAFKA_VERSION_FOR]
     started = time.monotonic()
     try:
         pending = list(chunks)
@@ -554,7 +663,8 @@ def main():
             log(f"[{time.monotonic() - started:6.0f}s] running {','.join(chunk)}")
             try:
                 results, started_names, code, problem, out_path, broker_log = run_chunk(
-                    tree, args.fjord, chunk, workdir, args.chunk_timeout, args.verbose)
+                    tree, args.fjord, chunk, workdir, args.chunk_timeout, args.verbose,
+                    KAFKA_VERSION_FOR.get(chunk[0], KAFKA_VERSION))
             except SetupError as e:
                 log(f"librdkafka suite: {e}")
                 return 2
@@ -589,6 +699,37 @@ def main():
                     rows.get(name, ("",))[0] == "failed" for name, num, _ in tests if num in chunk):
                 notes.append(f"chunk {','.join(chunk)}: test-runner exited {code} with no test "
                              f"failed (see {out_path}): " + tail_failure(out_path))
+        for number, fn in split_runs:
+            log(f"[{time.monotonic() - started:6.0f}s] running {number} subtests {fn}")
+            try:
+                results, started_names, code, problem, out_path, broker_log = run_chunk(
+                    tree, args.fjord, [number], workdir, args.chunk_timeout, args.verbose,
+                    KAFKA_VERSION_FOR.get(number, KAFKA_VERSION), subtests=fn + ":")
+            except SetupError as e:
+                log(f"librdkafka suite: {e}")
+                return 2
+            if args.keep_logs:
+                os.makedirs(args.keep_logs, exist_ok=True)
+                for p in (out_path, broker_log):
+                    shutil.copy(p, os.path.join(
+                        args.keep_logs, f"{number}-{fn}-{os.path.basename(p)}"))
+            with open(out_path, "rb") as f:
+                text = ANSI.sub("", f.read().decode("utf-8", "replace"))
+            ran = len(re.findall(r"\[ " + re.escape(fn) + r":\d+.*: PASS \(", text))
+            for name, num, e in tests:
+                if num != number or name in rows:
+                    continue
+                sub = {}
+                record(sub, name, results, name in started_names and name not in results
+                       and (code, problem) or None, code, problem, out_path)
+                res, reason = sub[name]
+                if res == "passed" and ran == 0:
+                    res, reason = "skipped", "runner: no subtest of this group runs in quick mode"
+                elif res == "passed":
+                    reason = f"{ran} subtest(s)"
+                rows[f"{name}/{fn}"] = (res, reason)
+                log(f"  {name}/{fn}: {res} {reason[:200]}")
+        chunks += [[f"{n}/{fn}"] for n, fn in split_runs]
     finally:
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -607,7 +748,9 @@ def main():
     for n in notes:
         print(f"note: {n}")
     print(f"(ran in {time.monotonic() - started:.0f} s, librdkafka {LIBRDKAFKA_VERSION}, "
-          f"TEST_KAFKA_VERSION={KAFKA_VERSION}, {len(chunks)} chunks)")
+          f"TEST_KAFKA_VERSION={KAFKA_VERSION} (" + ", ".join(
+              f"{n}: {v}" for n, v in sorted(KAFKA_VERSION_FOR.items())) +
+          f"), {len(chunks)} chunks)")
     print(f"librdkafka suite: {passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 
