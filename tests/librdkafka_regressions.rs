@@ -169,3 +169,38 @@ fn message_format_version_is_accepted_and_ignored() {
     assert_eq!(outcomes, vec![Ok(0), Ok(1)]);
     assert_eq!(high_watermark(&b, "mfv"), 2);
 }
+
+/// Through confluent-kafka (Python), what librdkafka's test 0081 checks of the admin API:
+/// authorized operations when asked for (KIP-430; no authorizer: everything the resource type
+/// supports), and the topic configs flush.ms / flush.messages accepted and reported.
+#[test]
+fn authorized_operations_and_flush_configs() {
+    let b = Broker::start();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/authorized_ops_and_flush.py"
+    );
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .arg(b.bootstrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with confluent-kafka (pip install confluent-kafka)");
+    // The script bounds each of its waits; this bounds the whole.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("authorized_ops_and_flush.py did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

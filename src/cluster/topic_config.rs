@@ -41,6 +41,21 @@ pub const TOPIC_CONFIGS: &[ConfigDef] = &[
         choices: &[],
         min: 0,
     },
+    // Kafka's periodic flush. Fjord has none: a topic that sets either below Kafka's default
+    // (never) has every write fdatasync'd before it is answered (as fsync = "always"), which is
+    // at least as durable as asked.
+    ConfigDef {
+        name: "flush.messages",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 1,
+    },
+    ConfigDef {
+        name: "flush.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 0,
+    },
     ConfigDef {
         name: "max.message.bytes",
         kind: ConfigType::Int,
@@ -174,6 +189,7 @@ pub fn default_value(name: &str, t: &Tuning) -> String {
         "cleanup.policy" => "delete".into(),
         "compression.type" => "producer".into(),
         "delete.retention.ms" => "86400000".into(),
+        "flush.messages" | "flush.ms" => i64::MAX.to_string(),
         "max.message.bytes" => t.log.max_message_bytes.to_string(),
         // What Kafka 3.x reports: the format follows the inter-broker protocol (3.0+).
         "message.format.version" => "3.0-IV1".into(),
@@ -205,6 +221,8 @@ pub struct EffectiveConfig {
     pub delete_retention_ms: i64,
     /// min.cleanable.dirty.ratio: dirty bytes / closed bytes needed before a cleaning pass.
     pub min_cleanable_dirty_ratio: f64,
+    /// flush.messages or flush.ms asks for flushes: fdatasync every write before answering.
+    pub sync_every_write: bool,
 }
 
 impl EffectiveConfig {
@@ -233,6 +251,8 @@ impl EffectiveConfig {
                 .ok()
                 .filter(|r| (0.0..=1.0).contains(r))
                 .unwrap_or(0.5),
+            sync_every_write: num("flush.messages", i64::MAX) < i64::MAX
+                || num("flush.ms", i64::MAX) < i64::MAX,
         }
     }
 }
@@ -254,6 +274,22 @@ mod tests {
         for v in ["", "3", "latest", "1.x", "3.0-IV", "0.10.0.0.0"] {
             assert!(validate("message.format.version", v).is_err(), "{v}");
         }
+    }
+
+    #[test]
+    fn flush_settings_ask_for_synced_writes() {
+        let t = Tuning::load(None).unwrap();
+        let mut o = BTreeMap::new();
+        assert!(!EffectiveConfig::resolve(&o, &t).sync_every_write);
+        o.insert("flush.ms".to_string(), i64::MAX.to_string());
+        assert!(!EffectiveConfig::resolve(&o, &t).sync_every_write);
+        o.insert("flush.ms".to_string(), "12345678".to_string());
+        assert!(EffectiveConfig::resolve(&o, &t).sync_every_write);
+        o.remove("flush.ms");
+        o.insert("flush.messages".to_string(), "1".to_string());
+        assert!(EffectiveConfig::resolve(&o, &t).sync_every_write);
+        assert!(validate("flush.messages", "0").is_err());
+        assert!(validate("flush.ms", "0").is_ok());
     }
 
     #[test]

@@ -152,9 +152,10 @@ pub async fn handle(
                     continue;
                 }
             }
+            let sync = sync || cfg.sync_every_write;
             queued.push(
                 part.enqueue(records, &cfg, sh.cache_cap())
-                    .map(|q| (part, q))
+                    .map(|q| (part, q, sync))
                     .map_err(|(code, msg)| (code, msg, Vec::new())),
             );
         }
@@ -163,7 +164,7 @@ pub async fn handle(
         }
         let futs = queued.into_iter().map(|q| async move {
             let r = match q {
-                Ok((part, q)) => part
+                Ok((part, q, sync)) => part
                     .complete(q, sync, window_us)
                     .await
                     .map_err(|(code, msg)| (code, msg, Vec::new())),
