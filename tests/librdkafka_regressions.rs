@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Broker;
-use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier};
 use rdkafka::admin::TopicReplication;
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -47,8 +47,11 @@ fn high_watermark(b: &Broker, topic: &str) -> i64 {
         .1
 }
 
+/// A record's delivery: its offset, or the error code it failed with.
+type Outcome = Result<i64, RDKafkaErrorCode>;
+
 /// Collects each record's delivery outcome by its position in the send order.
-struct Deliveries(Arc<Mutex<Vec<(usize, Result<i64, RDKafkaErrorCode>)>>>);
+struct Deliveries(Arc<Mutex<Vec<(usize, Outcome)>>>);
 
 impl ClientContext for Deliveries {}
 
@@ -65,7 +68,7 @@ impl ProducerContext for Deliveries {
 
 /// Sends `keys` (None: no key) to partition 0 of `topic` as one batch and returns each
 /// record's outcome, in send order.
-fn produce_one_batch(b: &Broker, topic: &str, keys: &[Option<&str>]) -> Vec<Result<i64, RDKafkaErrorCode>> {
+fn produce_one_batch(b: &Broker, topic: &str, keys: &[Option<&str>]) -> Vec<Outcome> {
     let got = Arc::new(Mutex::new(Vec::new()));
     let p: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", b.bootstrap())
@@ -116,7 +119,11 @@ fn compacted_topic_refuses_records_without_key_and_names_them() {
         };
         assert_eq!(*outcome, Err(want), "record {i} (key {key:?})");
     }
-    assert_eq!(high_watermark(&b, "compacted"), 0, "nothing of the refused batch is stored");
+    assert_eq!(
+        high_watermark(&b, "compacted"),
+        0,
+        "nothing of the refused batch is stored"
+    );
 
     // Keyed records alone are accepted; keyless ones are fine on a topic that is not compacted.
     let outcomes = produce_one_batch(&b, "compacted", &[Some("a"), Some("b"), Some("c")]);
@@ -149,20 +156,28 @@ fn message_format_version_is_accepted_and_ignored() {
     };
     assert_eq!(describe("message.format.version").as_deref(), Some("2.8"));
     let alter = |value: &str| {
-        futures::executor::block_on(a.alter_configs(
-            &[AlterConfig::new(ResourceSpecifier::Topic("mfv"))
-                .set("message.format.version", value)
-                .set("retention.ms", "3600000")],
-            &opts,
-        ))
+        futures::executor::block_on(
+            a.alter_configs(
+                &[AlterConfig::new(ResourceSpecifier::Topic("mfv"))
+                    .set("message.format.version", value)
+                    .set("retention.ms", "3600000")],
+                &opts,
+            ),
+        )
         .expect("alter_configs")
     };
     alter("0.10.0.0");
-    assert_eq!(describe("message.format.version").as_deref(), Some("0.10.0.0"));
+    assert_eq!(
+        describe("message.format.version").as_deref(),
+        Some("0.10.0.0")
+    );
     assert_eq!(describe("retention.ms").as_deref(), Some("3600000"));
     // A value that is no version is refused and changes nothing.
     alter("latest");
-    assert_eq!(describe("message.format.version").as_deref(), Some("0.10.0.0"));
+    assert_eq!(
+        describe("message.format.version").as_deref(),
+        Some("0.10.0.0")
+    );
 
     // The topic still takes and serves v2 batches.
     let outcomes = produce_one_batch(&b, "mfv", &[None, Some("k")]);

@@ -895,14 +895,22 @@ mod tests {
 
     #[test]
     fn keyless_records_are_found_across_batches_and_codecs() {
-        let mut payload = batch(0, &[(Some("a"), Some("1")), (None, Some("2"))], 1, Compression::None);
+        let mut payload = batch(
+            0,
+            &[(Some("a"), Some("1")), (None, Some("2"))],
+            1,
+            Compression::None,
+        );
         payload.extend(batch(
             2,
             &[(None, Some("3")), (Some("b"), None), (None, None)],
             1,
             Compression::Lz4,
         ));
-        assert_eq!(keyless_records(&Bytes::from(payload)).unwrap(), vec![1, 2, 4]);
+        assert_eq!(
+            keyless_records(&Bytes::from(payload)).unwrap(),
+            vec![1, 2, 4]
+        );
         let keyed = batch(0, &[(Some("a"), Some("1"))], 1, Compression::Gzip);
         assert!(keyless_records(&Bytes::from(keyed)).unwrap().is_empty());
         let mut corrupt = batch(0, &[(None, Some("1"))], 1, Compression::None);

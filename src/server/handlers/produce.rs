@@ -28,7 +28,12 @@ type Refusal = (i16, String, Vec<i32>);
 /// Kafka's rule for compacted topics: every record needs a key. Returns the refusal of the
 /// whole batch, naming the keyless records, or None. Batches that fail header validation are
 /// left to `Partition::enqueue`, which reports them with their own error code.
-fn refuse_keyless(records: &Bytes, topic: &str, partition: i32, max_batch_bytes: usize) -> Option<Refusal> {
+fn refuse_keyless(
+    records: &Bytes,
+    topic: &str,
+    partition: i32,
+    max_batch_bytes: usize,
+) -> Option<Refusal> {
     let mut infos = Vec::new();
     if crate::log::batch::validate_payload(records, max_batch_bytes, &mut infos).is_err() {
         return None;
@@ -133,15 +138,27 @@ pub async fn handle(
                 senders.push(tx);
             }
             let Some(records) = it.records.filter(|r| !r.is_empty()) else {
-                queued.push(Err((ec::CORRUPT_MESSAGE, "no records".to_string(), Vec::new())));
+                queued.push(Err((
+                    ec::CORRUPT_MESSAGE,
+                    "no records".to_string(),
+                    Vec::new(),
+                )));
                 continue;
             };
             let Some(part) = sh.partition(&it.topic, it.partition).await else {
-                queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new(), Vec::new())));
+                queued.push(Err((
+                    ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    String::new(),
+                    Vec::new(),
+                )));
                 continue;
             };
             let Some(cfg) = sh.node.effective_config(&it.topic) else {
-                queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new(), Vec::new())));
+                queued.push(Err((
+                    ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    String::new(),
+                    Vec::new(),
+                )));
                 continue;
             };
             if cfg.compact {
@@ -234,7 +251,8 @@ pub async fn handle(
                 .map(|i| {
                     let mut e = BatchIndexAndErrorMessage::default();
                     e.batch_index = i;
-                    e.batch_index_error_message = Some(sb("record without a key on a compacted topic"));
+                    e.batch_index_error_message =
+                        Some(sb("record without a key on a compacted topic"));
                     e
                 })
                 .collect();
