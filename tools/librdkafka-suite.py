@@ -308,9 +308,9 @@ class Fjord:
         t = setkey(t, "data_dir", json.dumps(data_dir))
         t = setkey(t, "num_partitions", str(NUM_PARTITIONS))
         t = setkey(t, "auto_create_topics", "true")
-        # Each test is short-lived and makes its own groups: Kafka's test clusters (trivup)
-        # do not wait 3 s for more members either.
-        t = setkey(t, "initial_rebalance_delay_ms", "0")
+        # group.initial.rebalance.delay.ms stays at Kafka's default (3 s), as in the clusters
+        # the suite is written for: several tests start their consumers together and expect
+        # them to get their first assignment in one generation.
         # A small per-shard cache: the machine is shared with the test runner.
         t = setkey(t, "batch_cache_bytes_per_shard", str(128 * 1024 * 1024))
         path = os.path.join(self.workdir, "fjord.toml")
@@ -576,9 +576,13 @@ def main():
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--check-deps", action="store_true",
                     help="exit 0 if the suite can be built and run here, else 3 naming what is missing")
+    ap.add_argument("--group-protocol", choices=["classic", "consumer"], default="classic",
+                    help="consumer group protocol the tests use (consumer: KIP-848)")
     ap.add_argument("--keep-logs", help="copy every chunk's logs into this directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the runner's output")
     args = ap.parse_args()
+    # The runner reads it from the environment (test_consumer_group_protocol_classic()).
+    os.environ["TEST_CONSUMER_GROUP_PROTOCOL"] = args.group_protocol
 
     missing = missing_deps(os.path.abspath(args.cache))
     if args.check_deps or missing:
@@ -750,7 +754,7 @@ def main():
     print(f"(ran in {time.monotonic() - started:.0f} s, librdkafka {LIBRDKAFKA_VERSION}, "
           f"TEST_KAFKA_VERSION={KAFKA_VERSION} (" + ", ".join(
               f"{n}: {v}" for n, v in sorted(KAFKA_VERSION_FOR.items())) +
-          f"), {len(chunks)} chunks)")
+          f"), group protocol {args.group_protocol}, {len(chunks)} chunks)")
     print(f"librdkafka suite: {passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 
