@@ -477,6 +477,16 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose, kafka_versi
     chunk_dir = tempfile.mkdtemp(prefix="chunk-" + "-".join(numbers)[:40] + "-", dir=workdir)
     broker = Fjord(fjord_bin, chunk_dir)
     broker.start()
+    try:
+        return run_against(broker, tree, fjord_bin, numbers, chunk_dir, timeout_s, verbose,
+                           kafka_version, subtests)
+    finally:
+        # Also on an exception or Ctrl-C: no broker outlives its chunk.
+        broker.stop()
+
+
+def run_against(broker, tree, fjord_bin, numbers, chunk_dir, timeout_s, verbose, kafka_version,
+                subtests):
     conf = os.path.join(chunk_dir, "test.conf")
     with open(conf, "w") as f:
         f.write(f"bootstrap.servers=127.0.0.1:{broker.port}\n")
@@ -510,9 +520,12 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose, kafka_versi
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             code = None
+        finally:
+            # Timed out, or interrupted: the runner and anything it started go.
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     # The runner leaves stats_*.json files in its directory: keep the cached tree clean.
     for f in set(os.listdir(tests_dir)) - before:
         if f.startswith("stats_") and f.endswith(".json"):
@@ -520,9 +533,12 @@ def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose, kafka_versi
     broker_problem = None
     if not broker.alive():
         broker_problem = "fjord exited during the chunk: " + broker.log_tail(600).strip()
-    stop_code = broker.stop()
-    if broker_problem is None and stop_code not in (0, None, -signal.SIGTERM):
-        broker_problem = f"fjord exited with {stop_code} on SIGTERM"
+    if broker_problem is None:
+        stop_code = broker.stop()
+        if stop_code is None:
+            broker_problem = "fjord did not stop within 20 s of SIGTERM"
+        elif stop_code not in (0, -signal.SIGTERM):
+            broker_problem = f"fjord exited with {stop_code} on SIGTERM"
     with open(out_path, "rb") as f:
         text = ANSI.sub("", f.read().decode("utf-8", "replace"))
     if verbose:
@@ -581,6 +597,8 @@ def main():
     ap.add_argument("--keep-logs", help="copy every chunk's logs into this directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the runner's output")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so that every started broker and runner is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # The runner reads it from the environment (test_consumer_group_protocol_classic()).
     os.environ["TEST_CONSUMER_GROUP_PROTOCOL"] = args.group_protocol
 
@@ -699,6 +717,8 @@ def main():
                 if name[:4] in chunk:
                     res, reason = rows[name]
                     log(f"  {name}: {res} {reason[:200]}")
+            if problem:
+                notes.append(f"chunk {','.join(chunk)}: {problem}")
             if code not in (0, None) and not any(
                     rows.get(name, ("",))[0] == "failed" for name, num, _ in tests if num in chunk):
                 notes.append(f"chunk {','.join(chunk)}: test-runner exited {code} with no test "
