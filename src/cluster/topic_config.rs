@@ -41,9 +41,33 @@ pub const TOPIC_CONFIGS: &[ConfigDef] = &[
         choices: &[],
         min: 0,
     },
+    // Kafka's periodic flush. Fjord has none: a topic that sets either below Kafka's default
+    // (never) has every write fdatasync'd before it is answered (as fsync = "always"), which is
+    // at least as durable as asked.
+    ConfigDef {
+        name: "flush.messages",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 1,
+    },
+    ConfigDef {
+        name: "flush.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 0,
+    },
     ConfigDef {
         name: "max.message.bytes",
         kind: ConfigType::Int,
+        choices: &[],
+        min: 0,
+    },
+    // Deprecated since Kafka 3.0 and ignored for RecordBatch v2 (the only format Fjord stores),
+    // but Kafka 3.x still accepts it in (Incremental)AlterConfigs and CreateTopics; clients and
+    // tools that copy a topic's configs send it back.
+    ConfigDef {
+        name: "message.format.version",
+        kind: ConfigType::String,
         choices: &[],
         min: 0,
     },
@@ -107,6 +131,9 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
         return Err(format!("Unknown topic config name: {name}"));
     };
     let bad = || Err(format!("Invalid value {value} for configuration {name}"));
+    if name == "message.format.version" && !is_kafka_version(value.trim()) {
+        return bad();
+    }
     match d.kind {
         ConfigType::Long | ConfigType::Int => match value.trim().parse::<i64>() {
             Ok(v) if v >= d.min && (d.kind == ConfigType::Long || v <= i32::MAX as i64) => Ok(()),
@@ -142,13 +169,28 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// A Kafka release or inter-broker protocol version as message.format.version takes it:
+/// `0.10.0`, `0.10.0.0`, `2.8`, `3.0-IV1`.
+fn is_kafka_version(v: &str) -> bool {
+    let (release, iv) = match v.split_once("-IV") {
+        Some((r, n)) => (r, Some(n)),
+        None => (v, None),
+    };
+    let parts: Vec<&str> = release.split('.').collect();
+    let numeric = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit());
+    (2..=4).contains(&parts.len()) && parts.iter().all(|p| numeric(p)) && iv.is_none_or(numeric)
+}
+
 /// The broker default of each topic config (the value DescribeConfigs shows when unset).
 pub fn default_value(name: &str, t: &Tuning) -> String {
     match name {
         "cleanup.policy" => "delete".into(),
         "compression.type" => "producer".into(),
         "delete.retention.ms" => "86400000".into(),
+        "flush.messages" | "flush.ms" => i64::MAX.to_string(),
         "max.message.bytes" => t.log.max_message_bytes.to_string(),
+        // What Kafka 3.x reports: the format follows the inter-broker protocol (3.0+).
+        "message.format.version" => "3.0-IV1".into(),
         "message.timestamp.type" => t.log.message_timestamp_type.clone(),
         "min.cleanable.dirty.ratio" => "0.5".into(),
         "min.insync.replicas" => "1".into(),
@@ -177,6 +219,8 @@ pub struct EffectiveConfig {
     pub delete_retention_ms: i64,
     /// min.cleanable.dirty.ratio: dirty bytes / closed bytes needed before a cleaning pass.
     pub min_cleanable_dirty_ratio: f64,
+    /// flush.messages or flush.ms asks for flushes: fdatasync every write before answering.
+    pub sync_every_write: bool,
 }
 
 impl EffectiveConfig {
@@ -205,6 +249,8 @@ impl EffectiveConfig {
                 .ok()
                 .filter(|r| (0.0..=1.0).contains(r))
                 .unwrap_or(0.5),
+            sync_every_write: num("flush.messages", i64::MAX) < i64::MAX
+                || num("flush.ms", i64::MAX) < i64::MAX,
         }
     }
 }
@@ -220,6 +266,28 @@ mod tests {
         assert!(validate("cleanup.policy", "bogus").is_err());
         assert!(validate("no.such", "1").is_err());
         assert!(validate("segment.bytes", "99999999999").is_err());
+        for v in ["0.10.0.0", "0.10.0", "2.8", "3.0-IV1", "0.10.0-IV1"] {
+            assert!(validate("message.format.version", v).is_ok(), "{v}");
+        }
+        for v in ["", "3", "latest", "1.x", "3.0-IV", "0.10.0.0.0"] {
+            assert!(validate("message.format.version", v).is_err(), "{v}");
+        }
+    }
+
+    #[test]
+    fn flush_settings_ask_for_synced_writes() {
+        let t = Tuning::load(None).unwrap();
+        let mut o = BTreeMap::new();
+        assert!(!EffectiveConfig::resolve(&o, &t).sync_every_write);
+        o.insert("flush.ms".to_string(), i64::MAX.to_string());
+        assert!(!EffectiveConfig::resolve(&o, &t).sync_every_write);
+        o.insert("flush.ms".to_string(), "12345678".to_string());
+        assert!(EffectiveConfig::resolve(&o, &t).sync_every_write);
+        o.remove("flush.ms");
+        o.insert("flush.messages".to_string(), "1".to_string());
+        assert!(EffectiveConfig::resolve(&o, &t).sync_every_write);
+        assert!(validate("flush.messages", "0").is_err());
+        assert!(validate("flush.ms", "0").is_ok());
     }
 
     #[test]

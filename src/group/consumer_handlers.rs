@@ -202,11 +202,15 @@ pub async fn describe(
     r: ConsumerGroupDescribeRequest,
 ) -> ConsumerGroupDescribeResponse {
     let mut resp = ConsumerGroupDescribeResponse::default();
+    let group_operations = crate::server::handlers::util::authorized_operations(
+        r.include_authorized_operations,
+        crate::server::handlers::util::GROUP_OPERATIONS,
+    );
     for gid in r.group_ids {
         let group = gid.0.to_string();
         let mut dg = DescribedGroup::default();
         dg.group_id = gid.clone();
-        dg.authorized_operations = i32::MIN;
+        dg.authorized_operations = group_operations;
         if !valid_group(&group) {
             dg.error_code = ec::INVALID_GROUP_ID;
             resp.groups.push(dg);
@@ -228,7 +232,7 @@ pub async fn describe(
             }
             Some(Some(mut d)) => {
                 d.group_id = gid;
-                d.authorized_operations = i32::MIN;
+                d.authorized_operations = group_operations;
                 dg = d;
             }
         }

@@ -334,11 +334,15 @@ pub async fn dispatch(
         }
         RequestKind::DescribeGroups(r) => {
             let mut resp = DescribeGroupsResponse::default();
+            let group_operations = crate::server::handlers::util::authorized_operations(
+                r.include_authorized_operations,
+                crate::server::handlers::util::GROUP_OPERATIONS,
+            );
             for gid in r.groups {
                 let group = s(&gid.0);
                 let mut dg = DescribedGroup::default();
                 dg.group_id = gid.clone();
-                dg.authorized_operations = i32::MIN;
+                dg.authorized_operations = group_operations;
                 if !valid_group(&group) {
                     dg.error_code = ec::INVALID_GROUP_ID;
                     resp.groups.push(dg);

@@ -214,6 +214,28 @@ pub fn tombstone_deadline(first_cleaned_ms: Option<i64>, delete_retention_ms: i6
     first_cleaned_ms.map(|t| t.saturating_add(delete_retention_ms))
 }
 
+/// Produce to a compacted topic: Kafka refuses records without a key there (a key is what
+/// compaction keeps the latest record of). Returns the positions of the keyless records,
+/// counted over the payload's records, as the produce response's `record_errors` report them.
+/// Decodes (and decompresses) the records, so only produce to a compacted topic pays for it,
+/// never the hot path of other topics; the payload is bounded by the request size limit.
+pub fn keyless_records(payload: &Bytes) -> Result<Vec<i32>, String> {
+    use bytes::Buf;
+    let mut buf = payload.clone();
+    let mut index = 0i32;
+    let mut keyless = Vec::new();
+    while buf.has_remaining() {
+        let set = RecordBatchDecoder::decode(&mut buf).map_err(|e| e.to_string())?;
+        for r in &set.records {
+            if r.key.is_none() && !r.control {
+                keyless.push(index);
+            }
+            index = index.saturating_add(1);
+        }
+    }
+    Ok(keyless)
+}
+
 /// Pass 1 on one batch: records every key's offset. Control batches carry no user keys.
 pub fn map_batch(raw: &Bytes, map: &mut OffsetMap) -> Result<(), String> {
     if raw.len() < HEADER_BYTES {
@@ -1020,6 +1042,32 @@ mod tests {
             &first[..],
             "the producer's last batch is kept byte for byte"
         );
+    }
+
+    #[test]
+    fn keyless_records_are_found_across_batches_and_codecs() {
+        let mut payload = batch(
+            0,
+            &[(Some("a"), Some("1")), (None, Some("2"))],
+            1,
+            Compression::None,
+        );
+        payload.extend(batch(
+            2,
+            &[(None, Some("3")), (Some("b"), None), (None, None)],
+            1,
+            Compression::Lz4,
+        ));
+        assert_eq!(
+            keyless_records(&Bytes::from(payload)).unwrap(),
+            vec![1, 2, 4]
+        );
+        let keyed = batch(0, &[(Some("a"), Some("1"))], 1, Compression::Gzip);
+        assert!(keyless_records(&Bytes::from(keyed)).unwrap().is_empty());
+        let mut corrupt = batch(0, &[(None, Some("1"))], 1, Compression::None);
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        assert!(keyless_records(&Bytes::from(corrupt)).is_err());
     }
 
     #[test]

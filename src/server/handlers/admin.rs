@@ -564,13 +564,16 @@ pub async fn init_producer_id(ctx: &ConnCtx, req: InitProducerIdRequest) -> Init
     resp
 }
 
-pub fn describe_cluster(ctx: &ConnCtx, _req: DescribeClusterRequest) -> DescribeClusterResponse {
+pub fn describe_cluster(ctx: &ConnCtx, req: DescribeClusterRequest) -> DescribeClusterResponse {
     let node = &ctx.shard.node;
     let mut resp = DescribeClusterResponse::default();
     resp.cluster_id = sb(&node.cluster_id);
     resp.controller_id = BrokerId(node.node_id);
     resp.endpoint_type = 1;
-    resp.cluster_authorized_operations = i32::MIN;
+    resp.cluster_authorized_operations = super::util::authorized_operations(
+        req.include_cluster_authorized_operations,
+        super::util::CLUSTER_OPERATIONS,
+    );
     let mut b = DescribeClusterBroker::default();
     b.broker_id = BrokerId(node.node_id);
     b.host = sb(&node.advertised_host);

@@ -44,7 +44,14 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
     resp.brokers.push(b);
     resp.cluster_id = Some(sb(&node.cluster_id));
     resp.controller_id = BrokerId(node.node_id);
-    resp.cluster_authorized_operations = i32::MIN;
+    resp.cluster_authorized_operations = super::util::authorized_operations(
+        req.include_cluster_authorized_operations,
+        super::util::CLUSTER_OPERATIONS,
+    );
+    let topic_operations = super::util::authorized_operations(
+        req.include_topic_authorized_operations,
+        super::util::TOPIC_OPERATIONS,
+    );
     // v0: an empty list means all topics; v1+: null means all.
     let all = match &req.topics {
         None => true,
@@ -53,7 +60,9 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
     if all {
         let img = node.image();
         for t in img.topics.values() {
-            resp.topics.push(topic_entry(t, node.node_id));
+            let mut rt = topic_entry(t, node.node_id);
+            rt.topic_authorized_operations = topic_operations;
+            resp.topics.push(rt);
         }
         return resp;
     }
@@ -98,7 +107,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
     let img = node.image();
     for (name, id) in order {
         match name.as_deref().and_then(|n| img.topic(n)) {
-            Some(t) => resp.topics.push(topic_entry(t, node.node_id)),
+            Some(t) => {
+                let mut rt = topic_entry(t, node.node_id);
+                rt.topic_authorized_operations = topic_operations;
+                resp.topics.push(rt);
+            }
             None => {
                 let mut rt = MetadataResponseTopic::default();
                 rt.topic_id = id;

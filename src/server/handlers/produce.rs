@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use kafka_protocol::messages::produce_request::ProduceRequest;
 use kafka_protocol::messages::produce_response::{
-    PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
+    BatchIndexAndErrorMessage, PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
 };
 
 use super::util::{per_shard, sb};
@@ -18,7 +18,40 @@ struct Item {
     queued: Option<futures::channel::oneshot::Sender<()>>,
 }
 
-type Outcome = (i16, i64, i64, i64, Option<String>);
+/// (error code, base offset, log append time, log start offset, error message, positions of
+/// the records that made the batch fail: KIP-467 `record_errors`).
+type Outcome = (i16, i64, i64, i64, Option<String>, Vec<i32>);
+
+/// A partition's produce refused before it reached the log.
+type Refusal = (i16, String, Vec<i32>);
+
+/// Kafka's rule for compacted topics: every record needs a key. Returns the refusal of the
+/// whole batch, naming the keyless records, or None. Batches that fail header validation are
+/// left to `Partition::enqueue`, which reports them with their own error code.
+fn refuse_keyless(
+    records: &Bytes,
+    topic: &str,
+    partition: i32,
+    max_batch_bytes: usize,
+) -> Option<Refusal> {
+    let mut infos = Vec::new();
+    if crate::log::batch::validate_payload(records, max_batch_bytes, &mut infos).is_err() {
+        return None;
+    }
+    match crate::log::compaction::keyless_records(records) {
+        Ok(keyless) if keyless.is_empty() => None,
+        Ok(keyless) => Some((
+            ec::INVALID_RECORD,
+            format!(
+                "{} record(s) without a key refused: {topic}-{partition} is a compacted topic \
+                 (cleanup.policy=compact) and every record needs a key",
+                keyless.len()
+            ),
+            keyless,
+        )),
+        Err(e) => Some((ec::CORRUPT_MESSAGE, e, Vec::new())),
+    }
+}
 
 pub async fn handle(
     ctx: &ConnCtx,
@@ -39,7 +72,7 @@ pub async fn handle(
             let mut parts = Vec::new();
             for p in t.partition_data {
                 let pre: Option<Outcome> = if !acks_ok {
-                    Some((ec::INVALID_REQUIRED_ACKS, -1, -1, -1, None))
+                    Some((ec::INVALID_REQUIRED_ACKS, -1, -1, -1, None, Vec::new()))
                 } else if txn {
                     Some((
                         ec::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
@@ -47,12 +80,13 @@ pub async fn handle(
                         -1,
                         -1,
                         Some("transactions are not supported".into()),
+                        Vec::new(),
                     ))
                 } else if topic
                     .map(|t| p.index < 0 || p.index >= t.partitions)
                     .unwrap_or(true)
                 {
-                    Some((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None))
+                    Some((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None, Vec::new()))
                 } else if topic.map(|t| t.internal).unwrap_or(false) {
                     Some((
                         ec::INVALID_TOPIC_EXCEPTION,
@@ -60,6 +94,7 @@ pub async fn handle(
                         -1,
                         -1,
                         Some("cannot produce to an internal topic".into()),
+                        Vec::new(),
                     ))
                 } else {
                     items.push((
@@ -103,20 +138,42 @@ pub async fn handle(
                 senders.push(tx);
             }
             let Some(records) = it.records.filter(|r| !r.is_empty()) else {
-                queued.push(Err((ec::CORRUPT_MESSAGE, "no records".to_string())));
+                queued.push(Err((
+                    ec::CORRUPT_MESSAGE,
+                    "no records".to_string(),
+                    Vec::new(),
+                )));
                 continue;
             };
             let Some(part) = sh.partition(&it.topic, it.partition).await else {
-                queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
+                queued.push(Err((
+                    ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    String::new(),
+                    Vec::new(),
+                )));
                 continue;
             };
             let Some(cfg) = sh.node.effective_config(&it.topic) else {
-                queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
+                queued.push(Err((
+                    ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    String::new(),
+                    Vec::new(),
+                )));
                 continue;
             };
+            if cfg.compact {
+                if let Some(refusal) =
+                    refuse_keyless(&records, &it.topic, it.partition, cfg.max_message_bytes)
+                {
+                    queued.push(Err(refusal));
+                    continue;
+                }
+            }
+            let sync = sync || cfg.sync_every_write;
             queued.push(
                 part.enqueue(records, &cfg, sh.cache_cap())
-                    .map(|q| (part, q)),
+                    .map(|q| (part, q, sync))
+                    .map_err(|(code, msg)| (code, msg, Vec::new())),
             );
         }
         for tx in senders {
@@ -124,7 +181,10 @@ pub async fn handle(
         }
         let futs = queued.into_iter().map(|q| async move {
             let r = match q {
-                Ok((part, q)) => part.complete(q, sync, window_us).await,
+                Ok((part, q, sync)) => part
+                    .complete(q, sync, window_us)
+                    .await
+                    .map_err(|(code, msg)| (code, msg, Vec::new())),
                 Err(e) => Err(e),
             };
             match r {
@@ -134,8 +194,16 @@ pub async fn handle(
                     a.log_append_time_ms,
                     a.log_start_offset,
                     None,
+                    Vec::new(),
                 ),
-                Err((code, msg)) => (code, -1, -1, -1, (!msg.is_empty()).then_some(msg)),
+                Err((code, msg, record_errors)) => (
+                    code,
+                    -1,
+                    -1,
+                    -1,
+                    (!msg.is_empty()).then_some(msg),
+                    record_errors,
+                ),
             }
         });
         futures::future::join_all(futs).await
@@ -158,11 +226,16 @@ pub async fn handle(
         let mut tr = TopicProduceResponse::default();
         tr.name = super::util::tn(&name);
         for (index, pre) in parts {
-            let (code, base, lat, lso, msg) = match pre {
+            let (code, base, lat, lso, msg, record_errors) = match pre {
                 Some(o) => o,
-                None => results
-                    .next()
-                    .unwrap_or((ec::UNKNOWN_SERVER_ERROR, -1, -1, -1, None)),
+                None => results.next().unwrap_or((
+                    ec::UNKNOWN_SERVER_ERROR,
+                    -1,
+                    -1,
+                    -1,
+                    None,
+                    Vec::new(),
+                )),
             };
             let mut pr = PartitionProduceResponse::default();
             pr.index = index;
@@ -171,6 +244,18 @@ pub async fn handle(
             pr.log_append_time_ms = lat;
             pr.log_start_offset = lso;
             pr.error_message = msg.map(|m| sb(&m));
+            // Produce v8+ (KIP-467): which records made the batch fail; older versions have
+            // only the error code, and the encoder leaves the field out.
+            pr.record_errors = record_errors
+                .into_iter()
+                .map(|i| {
+                    let mut e = BatchIndexAndErrorMessage::default();
+                    e.batch_index = i;
+                    e.batch_index_error_message =
+                        Some(sb("record without a key on a compacted topic"));
+                    e
+                })
+                .collect();
             tr.partition_responses.push(pr);
         }
         resp.responses.push(tr);

@@ -8,6 +8,34 @@ use kafka_protocol::protocol::StrBytes;
 
 use crate::shard::{invoke, Shard};
 
+/// Authorized operations (KIP-430), as bit sets of ACL operation codes (READ 3, WRITE 4,
+/// CREATE 5, DELETE 6, ALTER 7, DESCRIBE 8, CLUSTER_ACTION 9, DESCRIBE_CONFIGS 10,
+/// ALTER_CONFIGS 11, IDEMPOTENT_WRITE 12). Fjord has no authorizer, so, as Kafka without one,
+/// a client that asks is allowed every operation the resource type supports.
+pub const TOPIC_OPERATIONS: i32 = ops(&[3, 4, 5, 6, 7, 8, 10, 11]);
+pub const GROUP_OPERATIONS: i32 = ops(&[3, 6, 8]);
+pub const CLUSTER_OPERATIONS: i32 = ops(&[5, 7, 8, 9, 10, 11, 12]);
+
+const fn ops(codes: &[i32]) -> i32 {
+    let mut bits = 0;
+    let mut i = 0;
+    while i < codes.len() {
+        bits |= 1 << codes[i];
+        i += 1;
+    }
+    bits
+}
+
+/// The authorized-operations field: the set when the client asked for it, else Kafka's
+/// "not requested" (i32::MIN).
+pub fn authorized_operations(requested: bool, operations: i32) -> i32 {
+    if requested {
+        operations
+    } else {
+        i32::MIN
+    }
+}
+
 pub fn sb(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
