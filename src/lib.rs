@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod group;
 pub mod log;
+pub mod metrics;
 pub mod partition;
 pub mod server;
 pub mod shard;

@@ -154,3 +154,136 @@ fn tune_writes_a_file_serve_accepts() {
         "scratch file removed"
     );
 }
+
+/// A tuning file that names only what differs, `--set` overrides (Fjord's and Kafka's names)
+/// and `fjord config show` telling where each value came from.
+#[test]
+fn partial_config_and_set_overrides_take_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("partial.toml");
+    // Kafka's name at the top, Fjord's under its section: nothing else is required.
+    std::fs::write(
+        &cfg,
+        "num.partitions = 3\n\n[log]\nretention.hours = 2\nsegment_bytes = 1048576\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (ok, out, err) = fjord(&[
+        "config",
+        "show",
+        "--config",
+        c,
+        "--set",
+        "log.segment.bytes=2097152",
+    ]);
+    assert!(ok, "{err}");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} missing from:\n{out}"))
+            .to_string()
+    };
+    assert!(
+        line("num_partitions").contains("= 3")
+            && line("num_partitions").contains("partial.toml line 1"),
+        "{out}"
+    );
+    assert!(
+        line("retention_ms").contains("= 7200000") && line("retention_ms").contains("line 4"),
+        "{out}"
+    );
+    assert!(
+        line("segment_bytes").contains("= 2097152")
+            && line("segment_bytes").contains("--set log.segment.bytes=2097152"),
+        "{out}"
+    );
+    assert!(line("ring_depth").ends_with("# default"), "{out}");
+
+    // The broker runs with the merged result: the flag wins over the file.
+    let b = Broker::start_with(&["--config", c, "--set", "num.partitions=5"]);
+    let bs = b.bootstrap();
+    let (ok, out, err) = fjord(&[
+        "topics",
+        "--bootstrap",
+        &bs,
+        "create",
+        "defaulted",
+        "--partitions=-1",
+    ]);
+    assert!(ok, "create: {out} {err}");
+    let (ok, out, err) = fjord(&["topics", "--bootstrap", &bs, "describe", "defaulted"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Partitions: 5"), "{out}");
+    assert!(out.contains("retention.ms=7200000"), "{out}");
+
+    // A bad override names itself, in one line, and the broker does not start.
+    let (ok, _, err) = fjord(&["serve", "--config", c, "--set", "io.ring_depth=1"]);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--set io.ring_depth=1") && err.contains("between 8 and 32768"),
+        "{err}"
+    );
+    let (ok, _, err) = fjord(&["serve", "--set", "io.ring_dept=64"]);
+    assert!(
+        !ok && err.contains("io.ring_dept") && err.contains("did you mean io.ring_depth"),
+        "{err}"
+    );
+    let (ok, _, err) = fjord(&["serve", "--set", "num.partitions=many"]);
+    assert!(
+        !ok && err.contains("num.partitions") && err.contains("integer"),
+        "{err}"
+    );
+    std::fs::write(&cfg, "[log]\nnum_partitions = 0\n").unwrap();
+    let (ok, _, err) = fjord(&["serve", "--config", c]);
+    assert!(
+        !ok && err.contains("partial.toml line 2") && err.contains("log.num_partitions"),
+        "{err}"
+    );
+}
+
+#[test]
+fn more_shards_than_cores_is_refused_unless_overprovisioned() {
+    let online = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let too_many = (online + 1).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, _, err) = fjord(&[
+        "serve",
+        "--cores",
+        &too_many,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:1",
+    ]);
+    assert!(!ok, "refused");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("--cores {too_many}")) && err.contains("--overprovisioned"),
+        "{err}"
+    );
+    // Asked for explicitly, the extra shards run (unpinned) and serve clients.
+    let b = Broker::start_with(&["--cores", &too_many, "--overprovisioned"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.log().contains("fjord ready") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = b.log();
+    assert!(
+        log.contains("overprovisioned") && log.contains(&format!("with {too_many} shards")),
+        "{log}"
+    );
+    let (ok, out, err) = fjord(&[
+        "topics",
+        "--bootstrap",
+        &b.bootstrap(),
+        "create",
+        "op",
+        "--partitions",
+        "4",
+    ]);
+    assert!(ok, "{out} {err}");
+}

@@ -334,10 +334,12 @@ impl SharedLog {
             .truncate(size)
             .await
             .map_err(|e| glommio_io(&old_path, e))?;
+        let started = std::time::Instant::now();
         old_file
             .fdatasync()
             .await
             .map_err(|e| glommio_io(&old_path, e))?;
+        crate::metrics::fsync_done(started);
         {
             let log = self.inner.borrow();
             if let Some(active) = log.segments.values().next_back() {
@@ -419,6 +421,11 @@ impl SharedLog {
         let (base, _) = self.enqueue(payload, infos, leader_epoch, log_append_time_ms);
         self.flush_round(s).await?;
         Ok(base)
+    }
+
+    /// Bytes the batch cache holds (for metrics).
+    pub fn cache_bytes(&self) -> usize {
+        self.inner.borrow().cache_bytes
     }
 
     /// Drops the oldest cached batches beyond `max` bytes (the newest one always stays).
@@ -529,7 +536,10 @@ impl SharedLog {
         };
         let buf_len = buf.len();
         let written = match file.write_at(buf, write_pos).await {
-            Ok(n) if n == buf_len => n,
+            Ok(n) if n == buf_len => {
+                crate::metrics::dma_written(n);
+                n
+            }
             Ok(_) => {
                 let e = LogError::io(&path, std::io::Error::other("short DMA write"));
                 self.fail_batches(&batches, &e.to_string());
@@ -649,7 +659,9 @@ impl SharedLog {
                 let a = log.segments.values().next_back().expect("active segment");
                 (log.log_end_offset, a.file.clone(), a.path.clone())
             };
+            let started = std::time::Instant::now();
             let r = file.fdatasync().await;
+            crate::metrics::fsync_done(started);
             self.syncing.set(false);
             for w in self.sync_waiters.borrow_mut().drain(..) {
                 let _ = w.send(());
@@ -726,10 +738,12 @@ impl SharedLog {
                         chunks.push(b.bytes.slice(PATCHED_PREFIX_BYTES..));
                         total += b.bytes.len();
                     }
+                    crate::metrics::cache_lookup(true);
                     return Ok(chunks);
                 }
             }
         }
+        crate::metrics::cache_lookup(false);
         Ok(vec![self.read_disk(offset, max_bytes, upper).await?])
     }
 
@@ -767,6 +781,7 @@ impl SharedLog {
                     .read_at(pos, chunk)
                     .await
                     .map_err(|e| glommio_io(&path, e))?;
+                crate::metrics::dma_read(rr.len());
                 let data: &[u8] = &rr;
                 let mut at = 0usize;
                 while at + HEADER_BYTES <= data.len() {
@@ -805,6 +820,7 @@ impl SharedLog {
                         .read_at(pos, total)
                         .await
                         .map_err(|e| glommio_io(&path, e))?;
+                    crate::metrics::dma_read(whole.len());
                     if whole.len() < total {
                         break;
                     }

@@ -114,10 +114,13 @@ pub async fn handle(
                 queued.push(Err((ec::UNKNOWN_TOPIC_OR_PARTITION, String::new())));
                 continue;
             };
-            queued.push(
-                part.enqueue(records, &cfg, sh.cache_cap())
-                    .map(|q| (part, q)),
-            );
+            // A second handle on the same bytes (no copy), to count what was accepted.
+            let counted = records.clone();
+            let q = part.enqueue(records, &cfg, sh.cache_cap());
+            if q.is_ok() {
+                crate::metrics::produced(&it.topic, it.partition, &counted);
+            }
+            queued.push(q.map(|q| (part, q)));
         }
         for tx in senders {
             let _ = tx.send(());
