@@ -40,6 +40,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: crate::admin::TopicsCmd,
     },
+    /// A live per-shard view of a running broker, over its metrics endpoint (like htop).
+    Top(crate::top::TopArgs),
     /// The effective configuration: `config show` prints every setting and where it came from.
     Config {
         #[command(subcommand)]
@@ -113,6 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Config {
             cmd: ConfigCmd::Show(a),
         } => config_show(&a),
+        Cmd::Top(a) => crate::top::run(a),
     }
 }
 
@@ -279,6 +282,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         metadata::save_image(&data_dir, &image)?;
     }
     let cluster = metadata::load_or_init_cluster(&data_dir)?;
+    // Bound before the shards start so that a taken port fails the start, not a later scrape;
+    // the bound address (port 0 picks one) is what DescribeConfigs reports as metrics.listen.
+    let mut metrics_addr = None;
+    let metrics_listener = if tuning.metrics.listen.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = tuning.metrics.listen.parse().context("metrics.listen")?;
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let bound = l.local_addr().context("metrics listener")?;
+        tuning.metrics.listen = bound.to_string();
+        metrics_addr = Some(bound);
+        Some(l)
+    };
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for _ in &cores {
@@ -299,15 +316,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tuning: tuning.clone(),
     });
 
-    // Bound before the shards start so that a taken port fails the start, not a later scrape.
-    let metrics_addr = if tuning.metrics.listen.is_empty() {
-        None
-    } else {
-        let addr: std::net::SocketAddr = tuning.metrics.listen.parse().context("metrics.listen")?;
-        let bound = crate::metrics::endpoint::start(addr, node.clone(), cores.clone())
-            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-        Some(bound)
-    };
+    if let Some(l) = metrics_listener {
+        crate::metrics::endpoint::spawn(l, node.clone(), cores.clone())
+            .context("cannot start the metrics thread")?;
+    }
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
     for (i, (core, rx)) in cores.iter().copied().zip(receivers).enumerate() {

@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod partition;
 pub mod server;
 pub mod shard;
+pub mod top;
 pub mod tune;

@@ -299,3 +299,168 @@ fn bad_metrics_address_is_refused_in_one_line() {
         "{err}"
     );
 }
+
+/// A tmux server of the test's own (its own socket), killed when the test ends.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Tmux {
+        assert!(
+            common::have("tmux"),
+            "tmux is not installed: apt-get install tmux"
+        );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Tmux {
+            socket: format!("fjord-top-test-{}-{nanos}", std::process::id()),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tmux");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "top"]).1
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- last screen ----\n{}", self.screen());
+        }
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// Rows of the shard table on screen: (shard, req/s, MB/s in).
+fn shard_rows(screen: &str) -> Vec<(String, f64, f64)> {
+    screen
+        .lines()
+        .skip_while(|l| !l.starts_with("SHARD"))
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.len() < 6 || cols[0].parse::<u32>().is_err() {
+                return None;
+            }
+            Some((
+                cols[0].to_string(),
+                cols[3].parse().ok()?,
+                cols[4].parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn top_shows_one_row_per_shard_with_moving_figures_and_quits_on_q() {
+    let b = Broker::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let m = metrics_addr(&b);
+    let bs = b.bootstrap();
+    let shards = Samples::scrape(m).shards();
+    assert!(!shards.is_empty());
+
+    // Load for as long as the test looks at the screen.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, bs) = (stop.clone(), bs.clone());
+        std::thread::spawn(move || {
+            let p: ThreadedProducer<StatsCtx> = ClientConfig::new()
+                .set("bootstrap.servers", &bs)
+                .set("linger.ms", "1")
+                .create_with_context(StatsCtx::default())
+                .expect("producer");
+            let value = vec![b'v'; 1000];
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = p.send(BaseRecord::<(), _>::to("top-load").payload(&value));
+                i += 1;
+                if i.is_multiple_of(100) {
+                    p.poll(Duration::from_millis(1));
+                }
+            }
+            let _ = p.flush(Duration::from_secs(10));
+        })
+    };
+
+    let t = Tmux::new();
+    let cmd = format!(
+        "{} top --bootstrap {bs} --interval-ms 500",
+        env!("CARGO_BIN_EXE_fjord")
+    );
+    let (ok, out) = t.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "150",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(ok, "tmux new-session: {out}");
+
+    // One row per shard, and figures that move: some shard takes data in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut screens = Vec::new();
+    loop {
+        let screen = t.screen();
+        let rows = shard_rows(&screen);
+        let listed: std::collections::BTreeSet<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let moving = rows.iter().any(|r| r.2 > 0.0) && rows.iter().any(|r| r.1 > 0.0);
+        if rows.len() == shards.len() && listed == shards && moving {
+            break;
+        }
+        screens.push(screen);
+        assert!(
+            Instant::now() < deadline,
+            "no moving shard rows for {shards:?}; last screen:\n{}",
+            screens.last().cloned().unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Other views answer their keys.
+    t.run(&["send-keys", "-t", "top", "4"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.screen().contains("Produce") {
+        assert!(Instant::now() < deadline, "APIs view never showed Produce");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.run(&["send-keys", "-t", "top", "q"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.run(&["has-session", "-t", "top"]).0 {
+        assert!(Instant::now() < deadline, "fjord top did not quit on q");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().expect("load thread");
+}
+
+#[test]
+fn top_without_an_endpoint_fails_in_one_line() {
+    let b = Broker::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args(["top", "--bootstrap", &b.bootstrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--metrics-listen"), "{err}");
+}

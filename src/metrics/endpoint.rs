@@ -3,7 +3,7 @@
 //! `SCRAPE_TIMEOUT` for each, so a stuck shard shows as missing rather than hanging the scrape.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +15,8 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A scraper's request head larger than this is refused.
 const REQUEST_HEAD_BYTES_MAX: usize = 8192;
 
-/// Binds `addr` and serves metrics from a thread of its own; returns the bound address (the
-/// port chosen when `addr` has port 0).
-pub fn start(addr: SocketAddr, node: Arc<Node>, cores: Vec<usize>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
+/// Serves metrics on `listener` from a thread of its own.
+pub fn spawn(listener: TcpListener, node: Arc<Node>, cores: Vec<usize>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("fjord-metrics".into())
         .spawn(move || {
@@ -38,7 +35,7 @@ pub fn start(addr: SocketAddr, node: Arc<Node>, cores: Vec<usize>) -> std::io::R
                 }
             }
         })?;
-    Ok(bound)
+    Ok(())
 }
 
 fn answer(mut s: TcpStream, node: &Node, cores: &[usize]) -> std::io::Result<()> {
