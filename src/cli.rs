@@ -320,6 +320,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         crate::metrics::endpoint::spawn(l, node.clone(), cores.clone())
             .context("cannot start the metrics thread")?;
     }
+    // Installed before any shard listens, so that a SIGTERM arriving as soon as the port
+    // answers still means a clean shutdown, not the default action (death without a flush).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
     for (i, (core, rx)) in cores.iter().copied().zip(receivers).enumerate() {
@@ -361,11 +368,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(m) = metrics_addr {
         tracing::info!("metrics at http://{m}/metrics");
     }
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
     let sig = signals.forever().next();
     tracing::info!("signal {sig:?}: shutting down");
     for tx in &node.mesh {

@@ -287,3 +287,66 @@ fn more_shards_than_cores_is_refused_unless_overprovisioned() {
     ]);
     assert!(ok, "{out} {err}");
 }
+
+/// `--log-format json` writes one JSON object per line; levels per module come from the
+/// tuning file (`logging.levels`) and then RUST_LOG.
+#[test]
+fn json_logs_and_per_module_levels() {
+    let mut b = Broker::start_with(&[
+        "--log-format",
+        "json",
+        "--set",
+        "logging.levels=warn,fjord::cli=info",
+    ]);
+    assert!(b.stop().success());
+    let log = b.log();
+    let mut ready = false;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let msg = v["fields"]["message"].as_str().unwrap_or_default();
+        if msg.starts_with("fjord ready") {
+            ready = v["level"] == "INFO" && v["target"] == "fjord::cli";
+        }
+    }
+    assert!(ready, "{log}");
+
+    // Warnings only: the start-up line is not written.
+    let mut b = Broker::start_with(&["--set", "logging.levels=warn"]);
+    assert!(b.stop().success());
+    assert!(!b.log().contains("fjord ready"), "{}", b.log());
+
+    // RUST_LOG comes after the file's levels and wins for the modules it names.
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("broker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let port = common::free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args(["serve", "--set", "logging.levels=warn", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "fjord::cli=info")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("fjord ready")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RUST_LOG did not raise fjord::cli to info"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
