@@ -941,6 +941,44 @@ mod tests {
     }
 
     #[test]
+    fn layers_resolve_kafka_names_and_keep_sources() {
+        let file = "num.partitions = 3\n[log]\nretention.hours = 1\n";
+        let sets = vec![
+            "log.num_partitions=7".to_string(),
+            "shards.cores=0,1".to_string(),
+            "logging.levels=\"warn\"".to_string(),
+        ];
+        let l = Tuning::layered(Some((file, "f.toml")), &sets).unwrap();
+        assert_eq!(l.tuning.log.num_partitions, 7);
+        assert_eq!(l.tuning.log.retention_ms, 3_600_000);
+        assert_eq!(l.tuning.shards.cores, vec![0, 1]);
+        assert_eq!(l.tuning.logging.levels, "warn");
+        let src = |k: &str| {
+            l.entries
+                .iter()
+                .find(|e| e.key == k)
+                .unwrap()
+                .source
+                .clone()
+        };
+        assert_eq!(
+            src("log.num_partitions"),
+            Source::Flag("log.num_partitions=7".into())
+        );
+        assert_eq!(
+            src("log.retention_ms"),
+            Source::File {
+                path: "f.toml".into(),
+                line: 3
+            }
+        );
+        assert_eq!(src("io.ring_depth"), Source::Default);
+        // A Kafka name under a section that does not hold it is not guessed at.
+        let e = Tuning::parse("[io]\nnum.partitions = 3\n", "g.toml").unwrap_err();
+        assert!(e.to_string().contains("g.toml line 2"), "{e}");
+    }
+
+    #[test]
     fn bad_value_names_key() {
         let text = DEFAULT_TUNING.replace("ring_depth = 256", "ring_depth = 1");
         let e = Tuning::parse(&text, "x.toml").unwrap_err().to_string();
