@@ -191,6 +191,9 @@ fn fmt_ms(s: Option<f64>) -> String {
     }
 }
 
+/// APIs whose requests wait on purpose (long-poll fetches, group joins and syncs).
+const WAITING_APIS: &[&str] = &["Fetch", "JoinGroup", "SyncGroup"];
+
 fn shards_table(prev: &Scrape, cur: &Scrape, secs: f64) -> TableData {
     let mut rows = Vec::new();
     let mut keys = Vec::new();
@@ -216,11 +219,21 @@ fn shards_table(prev: &Scrape, cur: &Scrape, secs: f64) -> TableData {
         let rps = rate(prev, cur, "fjord_requests_total", &l, secs);
         let mb_in = rate(prev, cur, "fjord_produce_bytes_total", &l, secs) / 1e6;
         let mb_out = rate(prev, cur, "fjord_fetch_bytes_total", &l, secs) / 1e6;
-        let p99 = quantile(
-            &prev.buckets("fjord_request_latency_seconds", &l),
-            &cur.buckets("fjord_request_latency_seconds", &l),
-            0.99,
-        );
+        // Fetch and group joins wait by design (long poll, rebalance): their latency would
+        // hide everything else, so the shard's p99 leaves them out (the APIs view has them).
+        let (mut b0, mut b1) = (BTreeMap::new(), BTreeMap::new());
+        for api in cur.label_values("fjord_requests_total", "api") {
+            if WAITING_APIS.contains(&api.as_str()) {
+                continue;
+            }
+            let la = [("shard", sh.as_str()), ("api", api.as_str())];
+            for (dst, src) in [(&mut b0, prev), (&mut b1, cur)] {
+                for (le, c) in src.buckets("fjord_request_latency_seconds", &la) {
+                    *dst.entry(le).or_insert(0.0) += c;
+                }
+            }
+        }
+        let p99 = quantile(&b0, &b1, 0.99);
         let hits = cur.sum("fjord_batch_cache_hits_total", &l);
         let misses = cur.sum("fjord_batch_cache_misses_total", &l);
         let (dh, dm) = (
@@ -287,7 +300,7 @@ fn shards_table(prev: &Scrape, cur: &Scrape, secs: f64) -> TableData {
         ],
         rows,
         keys,
-        widths: vec![6, 5, 6, 9, 9, 9, 8, 10, 18, 7, 6, 6],
+        widths: vec![6, 5, 6, 9, 9, 9, 9, 10, 18, 7, 6, 6],
     }
 }
 
