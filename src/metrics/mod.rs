@@ -365,22 +365,26 @@ pub fn snapshot(shard: &crate::shard::Shard, core: usize) -> Snapshot {
         s.high_watermarks
             .push((p.topic.to_string(), p.index, p.high_watermark()));
     }
-    if let Some(g) = shard.groups.borrow().as_ref() {
-        s.groups = g
-            .coord
-            .borrow()
-            .list()
-            .into_iter()
-            .map(|(id, _, state)| (id, state))
-            .chain(g.consumer.borrow().list())
-            .collect();
-        let offsets = g.offsets.borrow();
-        for (group, committed) in offsets.iter().take(GROUPS_PER_SHARD_MAX) {
-            let c = committed
-                .iter()
-                .map(|((t, p), v)| (t.clone(), *p, v.offset))
+    // try_borrow: a snapshot must never be the one to panic on a borrow that a group task
+    // holds; a busy group is simply left out of this scrape.
+    let groups = shard.groups.try_borrow().ok().and_then(|g| g.clone());
+    if let Some(g) = groups {
+        if let (Ok(coord), Ok(consumer)) = (g.coord.try_borrow(), g.consumer.try_borrow()) {
+            s.groups = coord
+                .list()
+                .into_iter()
+                .map(|(id, _, state)| (id, state))
+                .chain(consumer.list())
                 .collect();
-            s.committed.push((group.clone(), c));
+        }
+        if let Ok(offsets) = g.offsets.try_borrow() {
+            for (group, committed) in offsets.iter().take(GROUPS_PER_SHARD_MAX) {
+                let c = committed
+                    .iter()
+                    .map(|((t, p), v)| (t.clone(), *p, v.offset))
+                    .collect();
+                s.committed.push((group.clone(), c));
+            }
         }
     }
     s
