@@ -460,6 +460,9 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot open probe file {}: {e}", probe.display()))?;
     let _ = f.read_at(0, 4096).await;
     let _ = f.close().await;
+    if !node.tuning.metrics.listen.is_empty() {
+        crate::metrics::enable_on_this_thread();
+    }
     let shard = Rc::new(Shard::new(id, st, node.clone()));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);

@@ -9,6 +9,9 @@ use super::error;
 /// response already holds; APIs not listed here are counted by their top-level code only
 /// when they have one.
 pub fn response_errors(resp: &ResponseKind) {
+    if !super::on() {
+        return;
+    }
     use ResponseKind as R;
     let k = |a: ApiKey| a as i16;
     match resp {

@@ -58,6 +58,9 @@ pub struct PartitionFlow {
 /// One shard's counters. Only its own thread touches it.
 #[derive(Default)]
 struct Recorder {
+    /// Set on shard threads when the endpoint is on: otherwise every hook returns at once,
+    /// so a broker without --metrics-listen pays one thread-local read per hook.
+    enabled: Cell<bool>,
     apis: RefCell<Vec<ApiStats>>,
     /// (api key, error code) → responses (or partitions of responses) carrying that error.
     errors: RefCell<HashMap<(i16, i16), u64>>,
@@ -81,8 +84,20 @@ thread_local! {
     static LOCAL: Recorder = Recorder::default();
 }
 
+/// Turns recording on for the calling (shard) thread.
+pub fn enable_on_this_thread() {
+    LOCAL.with(|r| r.enabled.set(true));
+}
+
+fn on() -> bool {
+    LOCAL.with(|r| r.enabled.get())
+}
+
 /// A request of API `api` was answered after `started`.
 pub fn request_done(api: i16, started: Instant) {
+    if !on() {
+        return;
+    }
     let us = micros(started.elapsed());
     LOCAL.with(|r| {
         let mut apis = r.apis.borrow_mut();
@@ -103,7 +118,7 @@ pub fn request_done(api: i16, started: Instant) {
 
 /// A response (or one partition of it) to `api` carried error `code`; 0 is ignored.
 pub fn error(api: i16, code: i16) {
-    if code == 0 {
+    if code == 0 || !on() {
         return;
     }
     LOCAL.with(|r| *r.errors.borrow_mut().entry((api, code)).or_insert(0) += 1);
@@ -131,6 +146,9 @@ fn with_flow(topic: &str, partition: i32, f: impl FnOnce(&mut PartitionFlow)) {
 
 /// Record batches appended to `topic`-`partition`: `records` as produced (batch bytes).
 pub fn produced(topic: &str, partition: i32, records: &[u8]) {
+    if !on() {
+        return;
+    }
     let (bytes, count) = (records.len() as u64, record_count(records));
     with_flow(topic, partition, |f| {
         f.produce_bytes += bytes;
@@ -140,7 +158,7 @@ pub fn produced(topic: &str, partition: i32, records: &[u8]) {
 
 /// Record batches served from `topic`-`partition`, as the chunks of a fetch response.
 pub fn fetched(topic: &str, partition: i32, chunks: &[bytes::Bytes]) {
-    if chunks.is_empty() {
+    if chunks.is_empty() || !on() {
         return;
     }
     let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -153,6 +171,9 @@ pub fn fetched(topic: &str, partition: i32, chunks: &[bytes::Bytes]) {
 
 /// One fdatasync of a log, started at `started`.
 pub fn fsync_done(started: Instant) {
+    if !on() {
+        return;
+    }
     let us = micros(started.elapsed());
     LOCAL.with(|r| {
         r.fsyncs.set(r.fsyncs.get() + 1);
@@ -162,6 +183,9 @@ pub fn fsync_done(started: Instant) {
 }
 
 pub fn dma_written(bytes: usize) {
+    if !on() {
+        return;
+    }
     LOCAL.with(|r| {
         r.dma_write_bytes
             .set(r.dma_write_bytes.get() + bytes as u64)
@@ -169,11 +193,17 @@ pub fn dma_written(bytes: usize) {
 }
 
 pub fn dma_read(bytes: usize) {
+    if !on() {
+        return;
+    }
     LOCAL.with(|r| r.dma_read_bytes.set(r.dma_read_bytes.get() + bytes as u64));
 }
 
 /// A read served from the batch cache (`hit`) or from disk.
 pub fn cache_lookup(hit: bool) {
+    if !on() {
+        return;
+    }
     LOCAL.with(|r| {
         let c = if hit { &r.cache_hits } else { &r.cache_misses };
         c.set(c.get() + 1);
@@ -181,6 +211,9 @@ pub fn cache_lookup(hit: bool) {
 }
 
 pub fn cross_shard_sent() {
+    if !on() {
+        return;
+    }
     LOCAL.with(|r| r.cross_shard_sent.set(r.cross_shard_sent.get() + 1));
 }
 
@@ -190,6 +223,9 @@ pub struct ConnectionGuard(());
 impl ConnectionGuard {
     pub fn open() -> ConnectionGuard {
         LOCAL.with(|r| {
+            if !r.enabled.get() {
+                return;
+            }
             r.connections_open.set(r.connections_open.get() + 1);
             r.connections_total.set(r.connections_total.get() + 1);
         });
@@ -430,6 +466,12 @@ mod tests {
     #[test]
     fn recorder_counts_requests_errors_and_flows() {
         let t0 = Instant::now();
+        request_done(0, t0);
+        assert!(
+            LOCAL.with(|r| r.apis.borrow().is_empty()),
+            "off until enabled"
+        );
+        enable_on_this_thread();
         request_done(0, t0);
         request_done(0, t0);
         request_done(1, t0);
