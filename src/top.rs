@@ -291,7 +291,7 @@ fn shards_table(prev: &Scrape, cur: &Scrape, secs: f64) -> TableData {
             "REQ/S",
             "MB/S IN",
             "MB/S OUT",
-            "P99 MS",
+            "P99 MS*",
             "CACHE HIT",
             "CACHE MEM",
             "PARTS",
@@ -551,7 +551,12 @@ fn ui_loop(
             "fjord top  {addr}  shards {shards}  {total_rps:.0} req/s  in {mb_in:.2} MB/s  out {mb_out:.2} MB/s  every {:.1}s  {status}",
             interval.as_secs_f64()
         );
-        let head2 = format!("{}   s/S: sort column  r: reverse  q: quit", views.join(""));
+        let note = if view == View::Shards {
+            "  *p99 leaves out Fetch, JoinGroup, SyncGroup (they wait by design)"
+        } else {
+            ""
+        };
+        let head2 = format!("{}   s/S: sort  r: reverse  q: quit{note}", views.join(""));
         let widths: Vec<Constraint> = data.widths.iter().map(|w| Constraint::Length(*w)).collect();
         terminal.draw(|f| {
             let [top, body] =
