@@ -190,9 +190,10 @@ fn compacted_topic_keeps_latest_per_key_and_survives_restart() {
     // Wait for the pass that covers every closed segment (its checkpoint names the active base).
     let (bytes, active_base) = loop {
         let (bytes, active_base) = log_files(&dir);
+        // First line: cleaned up to; then the segments' first-cleaning times.
         let cleaned: u64 = std::fs::read_to_string(dir.join("cleaner-offset-checkpoint"))
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
             .unwrap_or(0);
         if cleaned == active_base {
             break (bytes, active_base);

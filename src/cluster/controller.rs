@@ -159,10 +159,9 @@ pub async fn delete_topic(node: Arc<Node>, name: String) -> OpResult<()> {
         futures::future::join_all(futs).await;
         for p in 0..t.partitions {
             let dir = metadata::partition_dir(&node.data_dir, &name, p);
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot remove {}: {e}", dir.display());
-                }
+            // Off the reactor: a big partition's unlinks would stall every partition here.
+            if let Err(e) = crate::log::storage::remove_dir_all(dir.clone()).await {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
             }
         }
         tracing::info!("deleted topic {name}");

@@ -22,7 +22,7 @@
 //! recovery accept. Batches are re-encoded with their original compression codec; a batch whose
 //! records are all kept is copied byte for byte.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -117,6 +117,8 @@ pub struct CleanedGroup {
     pub offset_index: Vec<(u64, u64)>,
     pub time_index: Vec<(i64, u64)>,
     pub max_timestamp: i64,
+    /// When its segments were first cleaned (this pass, for those cleaned now).
+    pub first_cleaned_ms: i64,
 }
 
 #[derive(Debug)]
@@ -157,18 +159,36 @@ impl OffsetMap {
     }
 }
 
-pub fn read_checkpoint(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join(CHECKPOINT_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// The cleaner's persisted state: "cleaned up to" on the first line, then one line per closed
+/// segment the cleaner has rewritten, "<base offset> <ms of its first cleaning>" (a tombstone
+/// is dropped once delete.retention.ms has passed since the segment holding it was first
+/// cleaned, as Kafka's delete horizon does). A file from before the second part reads as none.
+pub fn read_checkpoint(dir: &Path) -> (u64, BTreeMap<u64, i64>) {
+    let text = std::fs::read_to_string(dir.join(CHECKPOINT_FILE)).unwrap_or_default();
+    let mut lines = text.lines();
+    let cleaned_up_to = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    let first_cleaned = lines
+        .filter_map(|l| {
+            let (b, t) = l.trim().split_once(' ')?;
+            Some((b.parse().ok()?, t.parse().ok()?))
+        })
+        .collect();
+    (cleaned_up_to, first_cleaned)
 }
 
-pub fn write_checkpoint(dir: &Path, offset: u64) -> std::io::Result<()> {
-    let tmp = dir.join("cleaner-offset-checkpoint.tmp");
-    std::fs::write(&tmp, offset.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))
+pub fn write_checkpoint(
+    dir: &Path,
+    offset: u64,
+    first_cleaned: &BTreeMap<u64, i64>,
+) -> std::io::Result<()> {
+    let mut text = offset.to_string();
+    for (base, ms) in first_cleaned {
+        text.push_str(&format!("\n{base} {ms}"));
+    }
+    super::storage::write_file_durably_blocking(&dir.join(CHECKPOINT_FILE), text.as_bytes())
 }
 
 /// Dirty bytes / bytes of all closed segments (0 when there are none).
@@ -185,19 +205,13 @@ pub fn dirty_ratio(closed: &[SegmentSnapshot], cleaned_up_to: u64) -> f64 {
     dirty as f64 / total as f64
 }
 
-fn is_tombstone_expired(
-    r: &Record,
-    h: &BatchHeader<'_>,
-    delete_retention_ms: i64,
-    now_ms: i64,
-) -> bool {
-    // With LogAppendTime the batch's max timestamp is when the broker stored the record.
-    let ts = if h.is_log_append_time() {
-        h.max_timestamp()
-    } else {
-        r.timestamp
-    };
-    delete_retention_ms >= 0 && ts.saturating_add(delete_retention_ms) <= now_ms
+/// When the tombstones of a segment may go: delete.retention.ms after the segment was first
+/// cleaned (None: never cleaned yet, so they stay this pass).
+pub fn tombstone_deadline(first_cleaned_ms: Option<i64>, delete_retention_ms: i64) -> Option<i64> {
+    if delete_retention_ms < 0 {
+        return None;
+    }
+    first_cleaned_ms.map(|t| t.saturating_add(delete_retention_ms))
 }
 
 /// Pass 1 on one batch: records every key's offset. Control batches carry no user keys.
@@ -220,12 +234,17 @@ pub fn map_batch(raw: &Bytes, map: &mut OffsetMap) -> Result<(), String> {
 
 /// Pass 2 on one batch: appends to `out` the batch holding only the records to keep (nothing
 /// when none is kept). A record is kept when it has a key, no later record of that key is in
-/// `map`, and it is not a tombstone older than delete.retention.ms.
+/// `map`, and it is not a tombstone past `tombstones_until` (see `tombstone_deadline`).
+///
+/// `producer_last` holds the base offsets of each idempotent producer's last batch: such a batch
+/// is kept whole, whatever its records, because a restart rebuilds the producer's epoch and
+/// sequence from it (Kafka's cleaner keeps it for the same reason).
 pub fn clean_batch(
     raw: &Bytes,
     map: &OffsetMap,
-    s: &CleanerSettings,
+    tombstones_until: Option<i64>,
     now_ms: i64,
+    producer_last: &HashSet<u64>,
     out: &mut Vec<u8>,
     stats: &mut CleanStats,
 ) -> Result<(), String> {
@@ -233,6 +252,11 @@ pub fn clean_batch(
         return Err("batch shorter than its header".into());
     }
     let h = BatchHeader::new(raw);
+    if h.producer_id() >= 0 && producer_last.contains(&(h.base_offset() as u64)) {
+        stats.records_kept += h.last_offset_delta().max(0) as u64 + 1;
+        out.extend_from_slice(raw);
+        return Ok(());
+    }
     if h.is_control() {
         // Transaction markers are out of scope: keep them as they are.
         out.extend_from_slice(raw);
@@ -253,7 +277,7 @@ pub fn clean_batch(
             stats.records_dropped += 1;
             continue;
         }
-        if r.value.is_none() && is_tombstone_expired(&r, &h, s.delete_retention_ms, now_ms) {
+        if r.value.is_none() && tombstones_until.is_some_and(|d| d <= now_ms) {
             stats.records_dropped += 1;
             stats.tombstones_dropped += 1;
             continue;
@@ -360,6 +384,8 @@ struct GroupWriter {
     time_index: Vec<(i64, u64)>,
     max_timestamp: i64,
     since_index: u64,
+    /// When the group's segments were first cleaned (the latest of them).
+    first_cleaned_ms: Option<i64>,
 }
 
 impl GroupWriter {
@@ -378,6 +404,7 @@ impl GroupWriter {
             time_index: Vec::new(),
             max_timestamp: -1,
             since_index: 0,
+            first_cleaned_ms: None,
         })
     }
 
@@ -431,6 +458,7 @@ impl GroupWriter {
             offset_index: self.offset_index,
             time_index: self.time_index,
             max_timestamp: self.max_timestamp,
+            first_cleaned_ms: self.first_cleaned_ms.unwrap_or(0),
         })
     }
 }
@@ -451,6 +479,8 @@ pub fn clean_log(
     cleaned_up_to: u64,
     s: &CleanerSettings,
     now_ms: i64,
+    producer_last: &HashSet<u64>,
+    first_cleaned: &BTreeMap<u64, i64>,
 ) -> Result<Option<CleanOutcome>, CleanError> {
     // Pass 1: key → latest offset over the dirty segments, as far as the map budget allows.
     let mut map = OffsetMap::default();
@@ -482,6 +512,8 @@ pub fn clean_log(
         &map,
         s,
         now_ms,
+        producer_last,
+        first_cleaned,
         &mut stats,
         &mut done,
         &mut current,
@@ -512,6 +544,8 @@ fn rewrite(
     map: &OffsetMap,
     s: &CleanerSettings,
     now_ms: i64,
+    producer_last: &HashSet<u64>,
+    first_cleaned: &BTreeMap<u64, i64>,
     stats: &mut CleanStats,
     done: &mut Vec<CleanedGroup>,
     current: &mut Option<GroupWriter>,
@@ -530,10 +564,19 @@ fn rewrite(
             *current = Some(GroupWriter::create(dir, seg.base_offset)?);
         }
         let Some(g) = current.as_mut() else { continue };
+        let seg_first_cleaned = first_cleaned.get(&seg.base_offset).copied();
+        let until = tombstone_deadline(seg_first_cleaned, s.delete_retention_ms);
+        // The group's first cleaning is its latest member's, so no tombstone leaves early.
+        let member_first = seg_first_cleaned.unwrap_or(now_ms);
+        g.first_cleaned_ms = Some(
+            g.first_cleaned_ms
+                .map_or(member_first, |t| t.max(member_first)),
+        );
         let mut rd = BatchReader::open(seg)?;
         while let Some((_, raw)) = rd.next_batch()? {
             out.clear();
-            clean_batch(&raw, map, s, now_ms, &mut out, stats).map_err(|m| rd.malformed(&m))?;
+            clean_batch(&raw, map, until, now_ms, producer_last, &mut out, stats)
+                .map_err(|m| rd.malformed(&m))?;
             g.write(&out)?;
         }
         g.members.push((seg.base_offset, seg.size));
@@ -605,12 +648,30 @@ impl SharedLog {
                 .collect();
             (log.dir.clone(), closed, log.cleaned_up_to.min(active_base))
         };
+        let first_cleaned = self.inner.borrow().cleaner_first_cleaned.clone();
+        let producer_last: HashSet<u64> = self
+            .inner
+            .borrow()
+            .producers
+            .values()
+            .filter_map(|p| p.batches.back().map(|b| b.base_offset))
+            .collect();
         if closed.is_empty() || dirty_ratio(&closed, cleaned_up_to) < s.min_cleanable_dirty_ratio {
             return Ok(None);
         }
         let (s2, dir2, closed2) = (*s, dir.clone(), closed.clone());
         let outcome = glommio::executor()
-            .spawn_blocking(move || clean_log(&dir2, &closed2, cleaned_up_to, &s2, now as i64))
+            .spawn_blocking(move || {
+                clean_log(
+                    &dir2,
+                    &closed2,
+                    cleaned_up_to,
+                    &s2,
+                    now as i64,
+                    &producer_last,
+                    &first_cleaned,
+                )
+            })
             .await
             .map_err(|e| LogError::io(&dir, std::io::Error::other(e.to_string())))?;
         let Some(outcome) = outcome else {
@@ -622,7 +683,15 @@ impl SharedLog {
         // Bounded by the number of groups.
         for (i, g) in groups.iter().enumerate() {
             match self.swap_in(&dir, g).await {
-                Ok(true) => applied += 1,
+                Ok(true) => {
+                    applied += 1;
+                    let mut log = self.inner.borrow_mut();
+                    for (member, _) in &g.members {
+                        log.cleaner_first_cleaned.remove(member);
+                    }
+                    log.cleaner_first_cleaned
+                        .insert(g.base_offset, g.first_cleaned_ms);
+                }
                 Ok(false) => {
                     // The segments changed under us (DeleteRecords, topic deletion): give up
                     // this pass; the next one starts from a fresh snapshot.
@@ -665,7 +734,19 @@ impl SharedLog {
                 })
                 .collect()
         };
-        let checkpoint = (!aborted).then_some(outcome.cleaned_up_to);
+        let checkpoint = {
+            let mut log = self.inner.borrow_mut();
+            let log = &mut *log;
+            let live = &log.segments;
+            log.cleaner_first_cleaned
+                .retain(|b, _| live.contains_key(b));
+            let up_to = if aborted {
+                log.cleaned_up_to
+            } else {
+                outcome.cleaned_up_to
+            };
+            (up_to, log.cleaner_first_cleaned.clone())
+        };
         let dir2 = dir.clone();
         glommio::executor()
             .spawn_blocking(move || {
@@ -686,8 +767,8 @@ impl SharedLog {
                         tracing::warn!("could not write index of {}: {e}", path.display());
                     }
                 }
-                if let Some(c) = checkpoint {
-                    if let Err(e) = write_checkpoint(&dir2, c) {
+                {
+                    if let Err(e) = write_checkpoint(&dir2, checkpoint.0, &checkpoint.1) {
                         tracing::warn!(
                             "could not write cleaner checkpoint in {}: {e}",
                             dir2.display()
@@ -866,9 +947,79 @@ mod tests {
         let mut out = Vec::new();
         let mut stats = CleanStats::default();
         for b in split(data) {
-            clean_batch(&b, &map, s, now, &mut out, &mut stats).unwrap();
+            // As for a segment cleaned once already, at time 0.
+            let until = tombstone_deadline(Some(0), s.delete_retention_ms);
+            clean_batch(&b, &map, until, now, &HashSet::new(), &mut out, &mut stats).unwrap();
         }
         (out, stats)
+    }
+
+    #[test]
+    fn tombstones_outlive_their_first_cleaning_by_delete_retention() {
+        let data = batch(0, &[(Some("k"), None)], 1_000, Compression::None);
+        let b = Bytes::from(data);
+        let mut map = OffsetMap::default();
+        map_batch(&b, &mut map).unwrap();
+        let run = |first_cleaned: Option<i64>, now: i64| {
+            let mut out = Vec::new();
+            let mut stats = CleanStats::default();
+            let until = tombstone_deadline(first_cleaned, 100);
+            clean_batch(&b, &map, until, now, &HashSet::new(), &mut out, &mut stats).unwrap();
+            stats.tombstones_dropped
+        };
+        // However old its timestamp, a tombstone survives the pass that first cleans it...
+        assert_eq!(run(None, 1_000_000), 0);
+        // ...and is dropped once delete.retention.ms has passed since then, not before.
+        assert_eq!(run(Some(1_000_000), 1_000_099), 0);
+        assert_eq!(run(Some(1_000_000), 1_000_100), 1);
+    }
+
+    #[test]
+    fn compaction_keeps_an_idempotent_producers_last_batch() {
+        // Producer 7's only batch holds key "a", superseded by a later non-idempotent record:
+        // the batch stays whole, so a restart still knows producer 7's epoch and sequence.
+        let mut recs: Vec<Record> = vec![rec(0, Some("a"), Some("old"), 10)];
+        recs[0].producer_id = 7;
+        recs[0].producer_epoch = 2;
+        recs[0].sequence = 41;
+        let mut first = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut first,
+            recs.iter(),
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .unwrap();
+        let first = first.freeze();
+        let second = Bytes::from(batch(1, &[(Some("a"), Some("new"))], 20, Compression::None));
+        let mut map = OffsetMap::default();
+        map_batch(&first, &mut map).unwrap();
+        map_batch(&second, &mut map).unwrap();
+        let mut stats = CleanStats::default();
+        let mut out = Vec::new();
+        clean_batch(
+            &first,
+            &map,
+            None,
+            30,
+            &HashSet::new(),
+            &mut out,
+            &mut stats,
+        )
+        .unwrap();
+        assert!(
+            out.is_empty(),
+            "without protection the superseded batch goes"
+        );
+        let protected: HashSet<u64> = [0u64].into_iter().collect();
+        clean_batch(&first, &map, None, 30, &protected, &mut out, &mut stats).unwrap();
+        assert_eq!(
+            &out[..],
+            &first[..],
+            "the producer's last batch is kept byte for byte"
+        );
     }
 
     #[test]
@@ -1046,7 +1197,9 @@ mod tests {
             segment_bytes: 10_000,
             ..S
         };
-        let out = clean_log(dir, &closed, 0, &s, 2000).unwrap().unwrap();
+        let out = clean_log(dir, &closed, 0, &s, 2000, &HashSet::new(), &BTreeMap::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(out.cleaned_up_to, 12);
         assert_eq!(out.groups.len(), 1, "small segments merge into one");
         let g = &out.groups[0];
@@ -1101,7 +1254,9 @@ mod tests {
             segment_bytes: 1,
             ..S
         };
-        let out = clean_log(dir, &[s0, s1], 2, &s, 10).unwrap().unwrap();
+        let out = clean_log(dir, &[s0, s1], 2, &s, 10, &HashSet::new(), &BTreeMap::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(out.groups.len(), 2, "segment_bytes too small to merge");
         let g0 = std::fs::read(&out.groups[0].swap_path).unwrap();
         assert_eq!(

@@ -4,11 +4,25 @@
 //! another shard's partitions. Appends go through glommio DMA files: the partially filled tail
 //! block is kept in memory and rewritten (aligned) with the next append. Writes are serialized
 //! by the caller (one writer per partition).
+//!
+//! Failure model (the README's storage section says it for users; `tests/power_loss.rs` checks
+//! it through `storage::sim`):
+//! - `flushed_offset` is the synced end and the only end readers are given; it moves only after
+//!   an fdatasync that covered it succeeded while the partition was not fenced.
+//! - A failed write (ENOSPC, EIO, short) fails the batches of its round, cuts the file back to
+//!   the logical end and hands the same offsets out again; a failed fdatasync fences the
+//!   partition until restart (never retried: the kernel reports a writeback error once).
+//! - Durable order: a closed segment is synced before the next is created; new directory
+//!   entries are synced before anything in them is acknowledged; the log start offset and the
+//!   recovery point are replaced atomically (`storage::write_file_durably`).
+//! - Recovery (`recovery.rs`) truncates only a torn tail past the recovery point and quarantines
+//!   damage anywhere else; it never deletes data that was synced.
 
 pub mod batch;
 pub mod compaction;
 pub mod index;
 pub mod recovery;
+pub mod storage;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
@@ -120,7 +134,8 @@ impl Segment {
         }
     }
 
-    fn write_indexes(&self) -> std::io::Result<()> {
+    /// A job that writes this segment's index files (run off the reactor).
+    fn index_writer(&self) -> impl FnOnce() -> std::io::Result<()> + Send + 'static {
         let oi: Vec<(i64, i64)> = self
             .offset_index
             .iter()
@@ -131,23 +146,35 @@ impl Segment {
             .iter()
             .map(|(t, o)| (*t, *o as i64))
             .collect();
-        index::write_index(&self.path.with_extension("index"), self.size, &oi)?;
-        index::write_index(&self.path.with_extension("timeindex"), self.size, &ti)
+        let (path, size) = (self.path.clone(), self.size);
+        move || {
+            index::write_index(&path.with_extension("index"), size, &oi)?;
+            index::write_index(&path.with_extension("timeindex"), size, &ti)
+        }
     }
+}
+
+/// One of a producer's recent batches on this partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerBatch {
+    pub first_seq: i32,
+    pub last_seq: i32,
+    pub base_offset: u64,
+    pub last_offset: u64,
 }
 
 /// Producer idempotence state of one producer id on this partition.
 #[derive(Debug, Clone, Default)]
 pub struct ProducerEntry {
     pub epoch: i16,
-    /// Last few batches: (first seq, last seq, base offset), newest last. Kafka keeps 5.
-    pub batches: VecDeque<(i32, i32, u64)>,
+    /// Last few batches, newest last. Kafka keeps 5.
+    pub batches: VecDeque<ProducerBatch>,
 }
 
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
 
 impl ProducerEntry {
-    pub fn record(&mut self, epoch: i16, first_seq: i32, last_seq: i32, base_offset: u64) {
+    pub fn record(&mut self, epoch: i16, batch: ProducerBatch) {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.batches.clear();
@@ -155,8 +182,22 @@ impl ProducerEntry {
         if self.batches.len() == PRODUCER_BATCHES_KEPT {
             self.batches.pop_front();
         }
-        self.batches.push_back((first_seq, last_seq, base_offset));
+        self.batches.push_back(batch);
     }
+}
+
+/// A damaged closed segment found by recovery, renamed aside; its readable prefix stays in the
+/// log and the offsets past it are a gap.
+#[derive(Debug, Clone)]
+pub struct QuarantinedSegment {
+    /// The renamed file, kept for the operator.
+    pub path: PathBuf,
+    /// Byte position of the first damaged batch.
+    pub damaged_at_byte: u64,
+    /// First offset no longer served (the end of the readable prefix).
+    pub gap_from_offset: u64,
+    /// First offset served again (the next segment's base, or the old log end).
+    pub gap_to_offset: u64,
 }
 
 pub struct Log {
@@ -166,8 +207,15 @@ pub struct Log {
     tail: Vec<u8>,
     pub log_start_offset: u64,
     pub log_end_offset: u64,
-    /// Offsets below this are fdatasync'd.
-    pub flushed_offset: u64,
+    /// Offsets below this are fdatasync'd: the end consumers may read (a power cut keeps it).
+    flushed_offset: u64,
+    /// Set when a write or fdatasync failed in a way that leaves the file's state unknown: the
+    /// partition refuses writes until restart and serves only what was synced. An fsync is
+    /// never retried (after a failed fdatasync the kernel may have dropped the dirty pages, and
+    /// a retry would report success for data that is gone).
+    fenced: Option<String>,
+    /// Segments recovery found damaged and set aside.
+    pub quarantined: Vec<QuarantinedSegment>,
     /// Recent batches, newest last, for tail reads without disk I/O.
     cache: VecDeque<batch::StoredBatch>,
     cache_bytes: usize,
@@ -176,6 +224,9 @@ pub struct Log {
     pub max_timestamp: (i64, u64),
     /// Offsets below this were compacted (cleanup.policy=compact); the rest is dirty.
     pub cleaned_up_to: u64,
+    /// Closed segments the cleaner rewrote: base offset → when first cleaned (tombstones in
+    /// them go delete.retention.ms after that).
+    pub cleaner_first_cleaned: BTreeMap<u64, i64>,
     /// The next offset to assign: log_end_offset plus what is queued but not yet written.
     pub next_offset: u64,
     /// Patched batches queued for the next DMA write, and what they are.
@@ -225,10 +276,19 @@ pub fn now_ms() -> u64 {
 }
 
 impl SharedLog {
-    /// Opens (recovering if needed) the log in `dir`, creating it when absent.
+    /// Opens (recovering if needed) the log in `dir`, creating it when absent. Recovery runs
+    /// off the reactor; what it keeps is made durable before the log is used: the directory and
+    /// the active segment are synced, so that the recovered end really is the synced end.
     pub async fn open(dir: PathBuf) -> Result<SharedLog, LogError> {
-        std::fs::create_dir_all(&dir).map_err(|e| LogError::io(&dir, e))?;
-        let rec = recovery::recover(&dir).map_err(|e| LogError::io(&dir, e))?;
+        let rec = {
+            let d = dir.clone();
+            storage::off_reactor(move || -> std::io::Result<recovery::Recovered> {
+                storage::create_dir_durably_blocking(&d)?;
+                recovery::recover(&d)
+            })
+            .await
+            .map_err(|e| LogError::io(&dir, e))?
+        };
         let mut segments = BTreeMap::new();
         let mut tail = Vec::new();
         let n = rec.segments.len();
@@ -270,12 +330,22 @@ impl SharedLog {
             let file = open_dma_rw(&path).await?;
             segments.insert(base, Segment::empty(base, file, path, now_ms()));
         }
+        // The recovered tail may be in the page cache only (a killed process): sync it before
+        // anything below its end is served or acknowledged again.
+        if let Some(active) = segments.values().next_back() {
+            storage::fdatasync(&active.file, &active.path)
+                .await
+                .map_err(|e| LogError::io(&active.path, e))?;
+        }
+        storage::sync_dir(&dir)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
         let max_timestamp = segments
             .values()
             .filter_map(|s| s.time_index.last().copied())
             .max_by_key(|(t, _)| *t)
             .unwrap_or((-1, 0));
-        let cleaned_up_to = compaction::read_checkpoint(&dir);
+        let (cleaned_up_to, cleaner_first_cleaned) = compaction::read_checkpoint(&dir);
         Ok(SharedLog {
             inner: RefCell::new(Log {
                 dir,
@@ -284,11 +354,14 @@ impl SharedLog {
                 log_start_offset,
                 log_end_offset,
                 flushed_offset: log_end_offset,
+                fenced: None,
+                quarantined: rec.quarantined,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
                 producers: rec.producers,
                 max_timestamp,
                 cleaned_up_to,
+                cleaner_first_cleaned,
                 next_offset: log_end_offset,
                 pending: Vec::new(),
                 pending_batches: Vec::new(),
@@ -298,6 +371,34 @@ impl SharedLog {
             flushing: Cell::new(false),
             write_waiters: RefCell::new(Vec::new()),
         })
+    }
+
+    /// The end of what is on stable storage: the high watermark of a single replica.
+    pub fn synced_end(&self) -> u64 {
+        self.inner.borrow().flushed_offset
+    }
+
+    /// Why the partition refuses writes, if it does (see `Log::fenced`).
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.borrow().fenced.clone()
+    }
+
+    /// Stops all writes until restart, answering everything queued or waiting with `reason`.
+    fn fence(&self, reason: &str) {
+        {
+            let mut log = self.inner.borrow_mut();
+            if log.fenced.is_none() {
+                tracing::error!(
+                    "partition {} fenced until restart: {reason}",
+                    log.dir.display()
+                );
+                log.fenced = Some(reason.to_string());
+            }
+        }
+        self.fail_pending(reason);
+        for w in self.sync_waiters.borrow_mut().drain(..) {
+            let _ = w.send(());
+        }
     }
 
     pub fn log_end_offset(&self) -> u64 {
@@ -322,43 +423,53 @@ impl SharedLog {
             return Ok(());
         }
         // Close the old segment: drop its zero padding, make it durable, persist its indexes.
-        let size = self
-            .inner
-            .borrow()
-            .segments
-            .values()
-            .next_back()
-            .map(|a| a.size)
-            .unwrap_or(0);
+        let (size, index_job) = {
+            let log = self.inner.borrow();
+            let active = log.segments.values().next_back().expect("active segment");
+            (active.size, active.index_writer())
+        };
         old_file
             .truncate(size)
             .await
             .map_err(|e| glommio_io(&old_path, e))?;
-        let started = std::time::Instant::now();
-        old_file
-            .fdatasync()
-            .await
-            .map_err(|e| glommio_io(&old_path, e))?;
-        crate::metrics::fsync_done(started);
-        {
-            let log = self.inner.borrow();
-            if let Some(active) = log.segments.values().next_back() {
-                if let Err(e) = active.write_indexes() {
-                    tracing::warn!("could not write index of {}: {e}", active.path.display());
-                }
-            }
+        if let Err(e) = storage::fdatasync(&old_file, &old_path).await {
+            let e = LogError::io(&old_path, e);
+            self.fence(&format!("fdatasync failed: {e}"));
+            return Err(e);
+        }
+        // Indexes carry a CRC and the segment size; a stale or torn one is rebuilt by recovery,
+        // so they need no fsync ordering of their own.
+        if let Err(e) = storage::off_reactor(index_job).await {
+            tracing::warn!("could not write index of {}: {e}", old_path.display());
         }
         let base = self.inner.borrow().log_end_offset;
         let dir = self.inner.borrow().dir.clone();
         let path = dir.join(segment_file_name(base, "log"));
-        let file = open_dma_rw(&path).await?;
-        // The new file's directory entry must survive a crash before anything in it is acked.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
+        // A deleted topic's writer may still be finishing its queue: glommio cannot open a file
+        // in a directory that is gone (it panics on the missing file system), so refuse first.
+        if !dir.is_dir() {
+            return Err(LogError::io(
+                &dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "partition directory was removed",
+                ),
+            ));
         }
+        let file = open_dma_rw(&path).await?;
+        // The new file's directory entry must survive a crash before anything in it is acked;
+        // then every segment below `base` is closed and synced: the new recovery point.
+        storage::sync_dir(&dir)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
+        recovery::write_recovery_point(&dir, base)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
         let mut log = self.inner.borrow_mut();
-        let flushed = log.log_end_offset;
-        log.flushed_offset = log.flushed_offset.max(flushed);
+        if log.fenced.is_none() {
+            let flushed = log.log_end_offset;
+            log.flushed_offset = log.flushed_offset.max(flushed);
+        }
         log.tail.clear();
         log.segments
             .insert(base, Segment::empty(base, file, path, now));
@@ -464,9 +575,23 @@ impl SharedLog {
         let Some(first) = first else {
             return Ok(false);
         };
+        if let Some(reason) = self.fenced() {
+            self.fail_pending(&reason);
+            let dir = self.inner.borrow().dir.clone();
+            return Err(LogError::io(&dir, std::io::Error::other(reason)));
+        }
         if let Err(e) = self.maybe_roll(first as u64, s, now_ms()).await {
             self.fail_pending(&e.to_string());
             return Err(e);
+        }
+        // A sync that failed while the roll ran has fenced the partition and failed the queue.
+        if let Some(reason) = self.fenced() {
+            self.fail_pending(&reason);
+            let dir = self.inner.borrow().dir.clone();
+            return Err(LogError::io(&dir, std::io::Error::other(reason)));
+        }
+        if self.inner.borrow().pending_batches.is_empty() {
+            return Ok(false);
         }
         let (file, path, write_pos, buf, pending, batches, new_tail) = {
             let mut log = self.inner.borrow_mut();
@@ -535,19 +660,32 @@ impl SharedLog {
             )
         };
         let buf_len = buf.len();
-        let written = match file.write_at(buf, write_pos).await {
-            Ok(n) if n == buf_len => {
-                crate::metrics::dma_written(n);
-                n
-            }
-            Ok(_) => {
-                let e = LogError::io(&path, std::io::Error::other("short DMA write"));
-                self.fail_batches(&batches, &e.to_string());
-                return Err(e);
-            }
+        let result = match storage::fault(storage::Op::Write, &path) {
+            Err(e) => Err(LogError::io(&path, e)),
+            Ok(()) => match file.write_at(buf, write_pos).await {
+                Ok(n) if n == buf_len => {
+                    crate::metrics::dma_written(n);
+                    Ok(n)
+                }
+                Ok(_) => Err(LogError::io(
+                    &path,
+                    std::io::Error::other("short DMA write"),
+                )),
+                Err(e) => Err(glommio_io(&path, e)),
+            },
+        };
+        let written = match result {
+            Ok(n) => n,
             Err(e) => {
-                let e = glommio_io(&path, e);
                 self.fail_batches(&batches, &e.to_string());
+                // Part of the failed write may have reached the file: cut it back to the
+                // logical end so that the offsets handed out again never sit beside stale
+                // batches a restart could pick up. If even that fails, the file's state is
+                // unknown and the partition is fenced.
+                let logical_end = write_pos + self.inner.borrow().tail.len() as u64;
+                if let Err(t) = file.truncate(logical_end).await {
+                    self.fence(&format!("write failed ({e}) and truncate failed ({t})"));
+                }
                 return Err(e);
             }
         };
@@ -640,10 +778,17 @@ impl SharedLog {
     }
 
     /// Group commit: returns once every offset below `offset` is on stable storage. One
-    /// fdatasync covers every append that completed while the previous one ran.
+    /// fdatasync covers every append that completed while the previous one ran. `offset` must
+    /// already be written (callers wait for the write first). A failed fdatasync fences the
+    /// partition: this call and every other waiter get the error, and it is never retried.
     pub async fn sync_to(&self, offset: u64) -> Result<(), LogError> {
-        // Bounded: each pass either returns or waits for one full sync cycle.
-        for _ in 0..1_000_000u32 {
+        // Bounded: a caller waits for at most the sync in flight when it arrived and the one
+        // started after it, whose target covers everything written before it started.
+        for _ in 0..4u32 {
+            if let Some(reason) = self.fenced() {
+                let dir = self.inner.borrow().dir.clone();
+                return Err(LogError::io(&dir, std::io::Error::other(reason)));
+            }
             if self.inner.borrow().flushed_offset >= offset {
                 return Ok(());
             }
@@ -659,18 +804,37 @@ impl SharedLog {
                 let a = log.segments.values().next_back().expect("active segment");
                 (log.log_end_offset, a.file.clone(), a.path.clone())
             };
-            let started = std::time::Instant::now();
-            let r = file.fdatasync().await;
-            crate::metrics::fsync_done(started);
+            let r = storage::fdatasync(&file, &path)
+                .await
+                .map_err(|e| LogError::io(&path, e));
             self.syncing.set(false);
+            match r {
+                // A failure seen by a concurrent sync (a roll's) fences the partition, and the
+                // kernel reports a writeback error to one caller only: a sync that "succeeds"
+                // after a fence proves nothing.
+                Ok(()) if self.fenced().is_none() => {
+                    let mut log = self.inner.borrow_mut();
+                    // A roll during the sync may have raised it already.
+                    log.flushed_offset = log.flushed_offset.max(target);
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    self.fence(&format!("fdatasync failed: {e}"));
+                    return Err(e);
+                }
+            }
             for w in self.sync_waiters.borrow_mut().drain(..) {
                 let _ = w.send(());
             }
-            r.map_err(|e| glommio_io(&path, e))?;
-            let mut log = self.inner.borrow_mut();
-            log.flushed_offset = log.flushed_offset.max(target);
         }
-        Ok(())
+        if self.inner.borrow().flushed_offset >= offset {
+            return Ok(());
+        }
+        let dir = self.inner.borrow().dir.clone();
+        Err(LogError::io(
+            &dir,
+            std::io::Error::other(format!("offset {offset} is not written, cannot sync it")),
+        ))
     }
 
     /// Reads batches starting with the one that holds `offset`, up to `max_bytes` (at least one
@@ -899,15 +1063,17 @@ impl SharedLog {
     }
 
     /// Deletes whole segments below `offset` and raises the log start offset (DeleteRecords).
+    /// The new start is durable before this returns.
     pub async fn delete_records_before(&self, offset: u64) -> Result<u64, LogError> {
-        let new_start = {
+        let (new_start, dir) = {
             let mut log = self.inner.borrow_mut();
             let new_start = offset.min(log.log_end_offset).max(log.log_start_offset);
             log.log_start_offset = new_start;
-            recovery::write_log_start_offset(&log.dir, new_start)
-                .map_err(|e| LogError::io(&log.dir, e))?;
-            new_start
+            (new_start, log.dir.clone())
         };
+        recovery::write_log_start_offset(&dir, new_start)
+            .await
+            .map_err(|e| LogError::io(&dir, e))?;
         self.remove_segments_where(|seg, _| seg.next_offset <= new_start)
             .await;
         Ok(new_start)
@@ -952,14 +1118,17 @@ impl SharedLog {
         removed
     }
 
-    /// Removes closed segments from the oldest while `pred` holds (never the active one).
+    /// Removes closed segments from the oldest while `pred` holds (never the active one). An
+    /// empty closed segment (compaction can leave one) is removed like any other. The new log
+    /// start offset is made durable before the files go, so a crash in between leaves only
+    /// files below the start, which recovery ignores.
     async fn remove_segments_where(&self, pred: impl Fn(&Segment, &Log) -> bool) -> usize {
-        let doomed: Vec<Segment> = {
+        let (doomed, new_start, dir) = {
             let mut log = self.inner.borrow_mut();
             let mut keys = Vec::new();
             let n = log.segments.len();
             for (i, (k, seg)) in log.segments.iter().enumerate() {
-                if i + 1 == n || seg.size == 0 || !pred(seg, &log) {
+                if i + 1 == n || !pred(seg, &log) {
                     break;
                 }
                 keys.push(*k);
@@ -970,10 +1139,11 @@ impl SharedLog {
                     out.push(seg);
                 }
             }
+            let mut new_start = None;
             if let Some(first) = log.segments.keys().next().copied() {
                 if first > log.log_start_offset {
                     log.log_start_offset = first;
-                    let _ = recovery::write_log_start_offset(&log.dir, first);
+                    new_start = Some(first);
                 }
             }
             let start = log.log_start_offset;
@@ -987,21 +1157,207 @@ impl SharedLog {
                     log.cache_bytes -= b.bytes.len();
                 }
             }
-            out
+            (out, new_start, log.dir.clone())
         };
+        if let Some(start) = new_start {
+            if let Err(e) = recovery::write_log_start_offset(&dir, start).await {
+                tracing::warn!(
+                    "could not persist log start offset of {}: {e}",
+                    dir.display()
+                );
+            }
+        }
         let n = doomed.len();
-        for seg in doomed {
-            let _ = std::fs::remove_file(&seg.path);
-            let _ = std::fs::remove_file(seg.path.with_extension("index"));
-            let _ = std::fs::remove_file(seg.path.with_extension("timeindex"));
-            tracing::info!("deleted segment {}", seg.path.display());
+        let mut paths = Vec::with_capacity(n * 3);
+        for seg in &doomed {
+            paths.push(seg.path.clone());
+            paths.push(seg.path.with_extension("index"));
+            paths.push(seg.path.with_extension("timeindex"));
+            tracing::info!("deleting segment {}", seg.path.display());
+        }
+        drop(doomed);
+        if n > 0 {
+            if let Err(e) = storage::remove_files(paths).await {
+                tracing::warn!("could not remove segment files in {}: {e}", dir.display());
+            }
+            if let Err(e) = storage::sync_dir(&dir).await {
+                tracing::warn!("could not sync {}: {e}", dir.display());
+            }
         }
         n
     }
 
-    /// Flushes everything appended so far (shutdown).
+    /// Flushes everything appended so far and records the synced end as the recovery point
+    /// (shutdown): the next start CRC-checks only what lies past it.
     pub async fn flush(&self) -> Result<(), LogError> {
         let end = self.log_end_offset();
-        self.sync_to(end).await
+        self.sync_to(end).await?;
+        let dir = self.inner.borrow().dir.clone();
+        recovery::write_recovery_point(&dir, end)
+            .await
+            .map_err(|e| LogError::io(&dir, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch::tests::make_batch;
+    use super::storage::sim::{Fault, SimDisk};
+    use super::*;
+
+    /// Runs `f` on a glommio executor with a data directory whose device glommio has probed.
+    fn on_executor<F, Fut>(f: F)
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let probe = root.join(".dma-probe");
+        std::fs::write(&probe, vec![1u8; 4096]).unwrap();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .unwrap();
+        ex.run(async move {
+            let p = DmaFile::open(&probe).await.unwrap();
+            let _ = p.read_at(0, 4096).await;
+            let _ = p.close().await;
+            f(root).await;
+        });
+    }
+
+    fn settings(segment_bytes: u64) -> LogSettings {
+        LogSettings {
+            segment_bytes,
+            segment_ms: u64::MAX / 2,
+            retention_ms: -1,
+            retention_bytes: -1,
+            cache_bytes_max: 1 << 20,
+        }
+    }
+
+    async fn append(log: &SharedLog, records: i32, ts: i64, s: &LogSettings) -> u64 {
+        let payload = Bytes::from(make_batch(records, ts));
+        let mut infos = Vec::new();
+        batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+        log.append(&payload, &infos, s, 0, None).await.unwrap()
+    }
+
+    /// Writes a segment file holding `batches` (records, timestamp) from `base`.
+    fn write_segment(dir: &Path, base: u64, batches: &[(i32, i64)]) -> u64 {
+        let mut bytes = Vec::new();
+        let mut next = base;
+        for (n, ts) in batches {
+            let mut b = make_batch(*n, *ts);
+            batch::patch_header(&mut b, next as i64, 0);
+            next += *n as u64;
+            bytes.extend_from_slice(&b);
+        }
+        std::fs::write(dir.join(segment_file_name(base, "log")), bytes).unwrap();
+        next
+    }
+
+    #[test]
+    fn offsets_are_dense_and_survive_reopen() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let s = settings(1024);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            let mut expect = 0;
+            for i in 0..40 {
+                let base = append(&log, 1 + i % 5, 1_000 + i as i64, &s).await;
+                assert_eq!(base, expect);
+                expect += 1 + (i % 5) as u64;
+            }
+            log.sync_to(expect).await.unwrap();
+            assert_eq!(log.synced_end(), expect);
+            assert!(log.inner.borrow().segments.len() > 1, "small segments roll");
+            log.flush().await.unwrap();
+            drop(log);
+            let log = SharedLog::open(dir).await.unwrap();
+            assert_eq!(log.log_end_offset(), expect);
+            assert_eq!(log.synced_end(), expect);
+            let bytes = log.read(0, 1 << 20, expect, 0).await.unwrap();
+            assert!(!bytes.is_empty());
+        });
+    }
+
+    #[test]
+    fn retention_passes_empty_closed_segments() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            std::fs::create_dir_all(&dir).unwrap();
+            // Closed segments: old data, an empty one (as compaction can leave), old data; then
+            // the active segment with new data.
+            let next = write_segment(&dir, 0, &[(3, 1_000)]);
+            std::fs::write(dir.join(segment_file_name(next, "log")), b"").unwrap();
+            let next = write_segment(&dir, next + 2, &[(2, 2_000)]);
+            let end = write_segment(&dir, next + 5, &[(1, i64::MAX / 2)]);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            assert_eq!(log.inner.borrow().segments.len(), 4);
+            let mut s = settings(1 << 20);
+            s.retention_ms = 10_000;
+            let removed = log.enforce_retention(&s, 1_000_000).await;
+            assert_eq!(removed, 3, "the empty segment does not stop retention");
+            assert_eq!(log.log_start_offset(), next + 5);
+            assert_eq!(log.log_end_offset(), end);
+        });
+    }
+
+    #[test]
+    fn failed_write_leaves_no_stale_batches_and_offsets_resume() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let s = settings(1 << 20);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            append(&log, 2, 1_000, &s).await;
+            let sim = SimDisk::install(&root).unwrap();
+            sim.set_faults(vec![Fault {
+                op: storage::Op::Write,
+                nth: 0,
+                errno: 28,
+            }]);
+            let payload = Bytes::from(make_batch(50, 2_000));
+            let mut infos = Vec::new();
+            batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+            assert!(log.append(&payload, &infos, &s, 0, None).await.is_err());
+            assert!(log.fenced().is_none(), "ENOSPC does not fence");
+            let path = dir.join(segment_file_name(0, "log"));
+            let logical = log.inner.borrow().segments[&0].size;
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), logical);
+            // The offsets of the failed batch are handed out again.
+            assert_eq!(append(&log, 1, 3_000, &s).await, 2);
+            SimDisk::uninstall();
+            log.flush().await.unwrap();
+            drop(log);
+            let log = SharedLog::open(dir).await.unwrap();
+            assert_eq!(log.log_end_offset(), 3);
+        });
+    }
+
+    #[test]
+    fn failed_sync_fences_and_is_never_retried() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let s = settings(1 << 20);
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            let sim = SimDisk::install(&root).unwrap();
+            sim.set_faults(vec![Fault {
+                op: storage::Op::Sync,
+                nth: 0,
+                errno: 5,
+            }]);
+            append(&log, 2, 1_000, &s).await;
+            assert!(log.sync_to(2).await.is_err());
+            assert!(log.fenced().is_some());
+            // Every later sync fails without touching the disk; the synced end stays.
+            assert!(log.sync_to(2).await.is_err());
+            assert_eq!(log.synced_end(), 0);
+            let payload = Bytes::from(make_batch(1, 2_000));
+            let mut infos = Vec::new();
+            batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+            assert!(log.append(&payload, &infos, &s, 0, None).await.is_err());
+            SimDisk::uninstall();
+        });
     }
 }

@@ -1,13 +1,28 @@
-//! Startup recovery of a partition directory, with plain blocking file I/O (it runs before the
-//! shard serves anything). Closed segments get a header scan; the last segment also gets a CRC
-//! check of every batch and is truncated at the first torn or corrupt one.
+//! Startup recovery of a partition directory, with plain blocking file I/O (it runs off the
+//! reactor, before the partition serves anything).
+//!
+//! What is trusted: every closed segment was fdatasync'd before the next one was created, and
+//! `recovery-point-offset` names an offset below which everything was synced (written at each
+//! roll and at clean shutdown). Segments wholly below it get a header scan (indexes, producer
+//! state); the others get a CRC check of every batch.
+//!
+//! What a damaged segment costs: a torn or corrupt batch past the recovery point in the last
+//! segment is a write the crash cut short, and the tail from it is truncated (it was never
+//! acknowledged as synced). Damage anywhere else is damage to synced data: the segment is
+//! quarantined (renamed aside for the operator, logged loudly), its readable prefix is kept,
+//! the offsets up to the next segment become a gap that reads skip as Kafka skips missing
+//! offsets, every later segment is served, and the log end never moves back (fsynced data is
+//! never deleted because an earlier segment is damaged).
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use super::batch::{crc_of, BatchHeader, HEADER_BYTES};
-use super::{index, ProducerEntry, DMA_ALIGN, INDEX_INTERVAL_BYTES};
+use super::{
+    index, storage, ProducerBatch, ProducerEntry, QuarantinedSegment, DMA_ALIGN,
+    INDEX_INTERVAL_BYTES,
+};
 
 pub struct RecoveredSegment {
     pub base_offset: u64,
@@ -26,22 +41,38 @@ pub struct Recovered {
     pub segments: Vec<RecoveredSegment>,
     pub log_start_offset: u64,
     pub producers: HashMap<i64, ProducerEntry>,
+    pub quarantined: Vec<QuarantinedSegment>,
 }
 
 const LSO_FILE: &str = "log-start-offset";
+const RECOVERY_POINT_FILE: &str = "recovery-point-offset";
+/// Suffix of a quarantined segment: `<segment>.log.quarantined-at-<byte>`.
+const QUARANTINE_MARK: &str = ".quarantined-at-";
+/// Suffix of a segment's readable prefix while it is being put in place.
+const PREFIX_SUFFIX: &str = ".prefix";
 
-pub fn write_log_start_offset(dir: &Path, offset: u64) -> std::io::Result<()> {
-    let tmp = dir.join("log-start-offset.tmp");
-    std::fs::write(&tmp, offset.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(LSO_FILE))
+/// Persists the log start offset (atomically, durably) before segments below it are removed.
+pub async fn write_log_start_offset(dir: &Path, offset: u64) -> std::io::Result<()> {
+    storage::write_file_durably(&dir.join(LSO_FILE), offset.to_string().into_bytes()).await
+}
+
+/// Persists an offset below which every byte of the log is synced.
+pub async fn write_recovery_point(dir: &Path, offset: u64) -> std::io::Result<()> {
+    storage::write_file_durably(
+        &dir.join(RECOVERY_POINT_FILE),
+        offset.to_string().into_bytes(),
+    )
+    .await
+}
+
+fn read_offset_file(dir: &Path, name: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(name))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
 }
 
 fn read_log_start_offset(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join(LSO_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    read_offset_file(dir, LSO_FILE).unwrap_or(0)
 }
 
 struct ScanResult {
@@ -118,9 +149,12 @@ fn scan_segment(
         if h.producer_id() >= 0 && !h.is_control() {
             producers.entry(h.producer_id()).or_default().record(
                 h.producer_epoch(),
-                h.base_sequence(),
-                h.last_sequence(),
-                base,
+                ProducerBatch {
+                    first_seq: h.base_sequence(),
+                    last_seq: h.last_sequence(),
+                    base_offset: base,
+                    last_offset: last,
+                },
             );
         }
         pos += total;
@@ -134,7 +168,9 @@ fn scan_segment(
 pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
     // A compaction pass interrupted by a crash leaves `.cleaned` / `.swap` files behind.
     super::compaction::recover_leftovers(dir)?;
+    finish_quarantines(dir)?;
     let mut bases: Vec<u64> = Vec::new();
+    let mut quarantined = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name();
@@ -143,9 +179,19 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
             if let Ok(b) = stem.parse::<u64>() {
                 bases.push(b);
             }
+        } else if let Some((_, at)) = name.split_once(QUARANTINE_MARK) {
+            // Set aside by an earlier start; the gap it left is recomputed below.
+            quarantined.push(QuarantinedSegment {
+                path: e.path(),
+                damaged_at_byte: at.parse().unwrap_or(0),
+                gap_from_offset: 0,
+                gap_to_offset: 0,
+            });
         }
     }
     bases.sort_unstable();
+    // Without a recovery point (a log from before it existed) nothing is assumed synced.
+    let recovery_point = read_offset_file(dir, RECOVERY_POINT_FILE).unwrap_or(0);
     let mut producers = HashMap::new();
     let mut segments: Vec<RecoveredSegment> = Vec::new();
     let n = bases.len();
@@ -163,34 +209,44 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
                 continue;
             }
         }
-        let scan = scan_segment(&path, base, is_last, &mut producers)?;
+        let next_base = bases.get(i + 1).copied();
+        let wholly_synced = next_base.map(|nb| nb <= recovery_point).unwrap_or(false);
+        let scan = scan_segment(&path, base, is_last || !wholly_synced, &mut producers)?;
         let file_len = std::fs::metadata(&path)?.len();
-        let mut stop_here = false;
+        let scanned_end = scan.next_offset.unwrap_or(base);
+        let mut extra_empty_segment = None;
         if scan.valid_bytes < file_len {
-            // The last segment's tail past the last good batch is padding or a torn write.
-            if !is_last {
-                tracing::warn!(
-                    "closed segment {} is damaged at byte {}; truncating and dropping later segments",
-                    path.display(),
-                    scan.valid_bytes
-                );
-                stop_here = true;
-            } else if file_len - scan.valid_bytes >= DMA_ALIGN
-                || !is_zero_tail(&path, scan.valid_bytes)?
-            {
-                tracing::warn!(
-                    "truncating {} from {} to {} bytes (torn or corrupt tail)",
-                    path.display(),
-                    file_len,
-                    scan.valid_bytes
-                );
+            let torn_tail = is_last && scanned_end >= recovery_point;
+            if torn_tail {
+                // The last segment's tail past the last good batch is padding or a write the
+                // crash cut short.
+                if file_len - scan.valid_bytes >= DMA_ALIGN
+                    || !is_zero_tail(&path, scan.valid_bytes)?
+                {
+                    tracing::warn!(
+                        "truncating {} from {} to {} bytes (torn or corrupt tail)",
+                        path.display(),
+                        file_len,
+                        scan.valid_bytes
+                    );
+                }
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(scan.valid_bytes)?;
+                storage::sync_file_blocking(&path)?;
+            } else {
+                let gap_to = next_base.unwrap_or(recovery_point);
+                let q = quarantine(&path, scan.valid_bytes, scanned_end, gap_to)?;
+                if is_last {
+                    // The synced end lies past the damage: writes resume there, never below.
+                    extra_empty_segment = Some(gap_to);
+                }
+                quarantined.push(q);
             }
-            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
-            f.set_len(scan.valid_bytes)?;
-            f.sync_all()?;
         }
         let size = scan.valid_bytes;
-        let next_offset = scan.next_offset.unwrap_or(base);
+        let next_offset = scanned_end;
         // Indexes: use the files when they match this segment, else what the scan rebuilt.
         let (offset_index, time_index) = if !is_last {
             let oi = index::read_index(&path.with_extension("index"), size);
@@ -219,7 +275,7 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         } else {
             (scan.offset_index, scan.time_index)
         };
-        let tail = if is_last {
+        let tail = if is_last && extra_empty_segment.is_none() {
             let tail_len = (size % DMA_ALIGN) as usize;
             let mut t = vec![0u8; tail_len];
             if tail_len > 0 {
@@ -248,17 +304,43 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
             tail,
         });
         prev_next = Some(next_offset);
-        if stop_here {
-            for later in &bases[i + 1..] {
-                remove_segment_files(&dir.join(super::segment_file_name(*later, "log")));
-            }
-            break;
+        if let Some(new_base) = extra_empty_segment {
+            let path = dir.join(super::segment_file_name(new_base, "log"));
+            std::fs::File::create(&path)?;
+            storage::sync_file_blocking(&path)?;
+            storage::sync_dir_blocking(dir)?;
+            segments.push(RecoveredSegment {
+                base_offset: new_base,
+                next_offset: new_base,
+                size: 0,
+                path,
+                offset_index: Vec::new(),
+                time_index: Vec::new(),
+                max_timestamp: -1,
+                created_ms: super::now_ms(),
+                tail: Vec::new(),
+            });
         }
     }
-    // A closed segment whose data is empty adds nothing; keep only a non-empty chain plus the last.
-    if let Some(last) = segments.last_mut() {
-        if !last.tail.is_empty() && last.size % DMA_ALIGN != last.tail.len() as u64 {
-            last.tail.clear();
+    // The gaps of segments quarantined by earlier starts: from the end of the kept prefix to the
+    // next segment.
+    for q in quarantined.iter_mut().filter(|q| q.gap_to_offset == 0) {
+        let name = q
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let base = name
+            .split('.')
+            .next()
+            .and_then(|b| b.parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Some(i) = segments.iter().position(|s| s.base_offset == base) {
+            q.gap_from_offset = segments[i].next_offset;
+            q.gap_to_offset = segments
+                .get(i + 1)
+                .map(|s| s.base_offset)
+                .unwrap_or(segments[i].next_offset);
         }
     }
     let log_start_offset = read_log_start_offset(dir);
@@ -266,7 +348,70 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         segments,
         log_start_offset,
         producers,
+        quarantined,
     })
+}
+
+/// Sets a damaged segment aside and puts its readable prefix (`valid_bytes`) in its place:
+/// the prefix is written to a new file and synced, the damaged file renamed, the prefix renamed
+/// to the segment's name, the directory synced. `finish_quarantines` completes a crash in
+/// between.
+fn quarantine(
+    path: &Path,
+    valid_bytes: u64,
+    gap_from_offset: u64,
+    gap_to_offset: u64,
+) -> std::io::Result<QuarantinedSegment> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut prefix_name = path.as_os_str().to_owned();
+    prefix_name.push(PREFIX_SUFFIX);
+    let prefix = PathBuf::from(prefix_name);
+    {
+        let mut src = std::fs::File::open(path)?.take(valid_bytes);
+        let mut dst = std::fs::File::create(&prefix)?;
+        std::io::copy(&mut src, &mut dst)?;
+    }
+    storage::sync_file_blocking(&prefix)?;
+    let mut aside_name = path.as_os_str().to_owned();
+    aside_name.push(format!("{QUARANTINE_MARK}{valid_bytes}"));
+    let aside = PathBuf::from(aside_name);
+    std::fs::rename(path, &aside)?;
+    std::fs::rename(&prefix, path)?;
+    let _ = std::fs::remove_file(path.with_extension("index"));
+    let _ = std::fs::remove_file(path.with_extension("timeindex"));
+    storage::sync_dir_blocking(dir)?;
+    tracing::error!(
+        "segment {} is damaged at byte {valid_bytes}: quarantined as {}; offsets {gap_from_offset}..{gap_to_offset} are lost, everything else is served",
+        path.display(),
+        aside.display()
+    );
+    Ok(QuarantinedSegment {
+        path: aside,
+        damaged_at_byte: valid_bytes,
+        gap_from_offset,
+        gap_to_offset,
+    })
+}
+
+/// Completes a quarantine that a crash interrupted: a `<segment>.log.prefix` left behind either
+/// replaces a segment already renamed aside, or is dropped when the segment is still in place
+/// (the quarantine then starts over).
+fn finish_quarantines(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(seg) = name.strip_suffix(PREFIX_SUFFIX) else {
+            continue;
+        };
+        let seg_path = dir.join(seg);
+        if seg_path.exists() {
+            std::fs::remove_file(e.path())?;
+        } else {
+            std::fs::rename(e.path(), &seg_path)?;
+        }
+        storage::sync_dir_blocking(dir)?;
+    }
+    Ok(())
 }
 
 fn is_zero_tail(path: &Path, from: u64) -> std::io::Result<bool> {

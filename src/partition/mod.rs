@@ -11,7 +11,7 @@ use futures::channel::oneshot;
 
 use crate::cluster::topic_config::EffectiveConfig;
 use crate::log::batch::{validate_payload, BatchError, BatchInfo};
-use crate::log::{LogError, LogSettings, SharedLog};
+use crate::log::{LogError, LogSettings, ProducerBatch, SharedLog};
 use crate::server::errors as ec;
 
 pub struct Partition {
@@ -19,6 +19,7 @@ pub struct Partition {
     pub index: i32,
     pub log: SharedLog,
     data_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    syncer_running: std::cell::Cell<bool>,
 }
 
 /// A produce whose batches are queued: offsets assigned, write pending.
@@ -57,11 +58,19 @@ impl Partition {
             index,
             log: SharedLog::open(dir).await?,
             data_waiters: RefCell::new(Vec::new()),
+            syncer_running: std::cell::Cell::new(false),
         })
     }
 
+    /// What consumers may read: the synced end, so that nothing a power cut can take back is
+    /// ever served (single replica: the high watermark is the durable log end).
     pub fn high_watermark(&self) -> i64 {
-        self.log.log_end_offset() as i64
+        self.log.synced_end() as i64
+    }
+
+    /// No write or sync of this partition is running (tests and shutdown wait for it).
+    pub fn is_idle(&self) -> bool {
+        !self.log.flushing.get() && !self.syncer_running.get()
     }
 
     /// Registers interest in the next append (fetch long-poll).
@@ -115,12 +124,18 @@ impl Partition {
                 "transactions are not supported yet".into(),
             ));
         }
+        if let Some(reason) = self.log.fenced() {
+            return Err((ec::KAFKA_STORAGE_ERROR, reason));
+        }
         if let Some(dup) = self.check_sequences(&infos)? {
+            // The original may still be queued or unsynced: the duplicate is answered only
+            // once the original would be (written, and synced when the ack needs it).
+            let end = dup.last_offset + 1;
             return Ok(Queued {
-                base_offset: dup,
-                end_offset: 0,
+                base_offset: dup.base_offset,
+                end_offset: end,
                 log_append_time_ms: -1,
-                written: None,
+                written: Some(self.log.wait_written(end)),
             });
         }
         let lat = if cfg.log_append_time {
@@ -136,9 +151,12 @@ impl Partition {
                 if i.producer_id >= 0 {
                     log.producers.entry(i.producer_id).or_default().record(
                         i.producer_epoch,
-                        i.base_sequence,
-                        i.last_sequence,
-                        next,
+                        ProducerBatch {
+                            first_seq: i.base_sequence,
+                            last_seq: i.last_sequence,
+                            base_offset: next,
+                            last_offset: next + i.last_offset_delta as u64,
+                        },
                     );
                 }
                 next += i.last_offset_delta as u64 + 1;
@@ -211,7 +229,7 @@ impl Partition {
             // Bounded by the queue: each round writes everything queued so far.
             loop {
                 match me.log.flush_round(&settings).await {
-                    Ok(true) => me.wake_fetchers(),
+                    Ok(true) => me.kick_syncer(),
                     Ok(false) => break,
                     Err(e) => tracing::error!("write to {}-{} failed: {e}", me.topic, me.index),
                 }
@@ -221,9 +239,36 @@ impl Partition {
         .detach();
     }
 
+    /// Starts the partition's background syncer unless it runs: it fdatasyncs what was written
+    /// (sharing each sync with acks=all producers waiting for the same one) and wakes the
+    /// fetches waiting for the high watermark to move, until the synced end catches up.
+    fn kick_syncer(self: &Rc<Self>) {
+        if self.syncer_running.get() {
+            return;
+        }
+        self.syncer_running.set(true);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            // Bounded by the writes: each pass syncs everything written before it started.
+            loop {
+                let end = me.log.log_end_offset();
+                if me.log.synced_end() >= end {
+                    break;
+                }
+                if let Err(e) = me.log.sync_to(end).await {
+                    tracing::error!("fdatasync of {}-{} failed: {e}", me.topic, me.index);
+                    break;
+                }
+                me.wake_fetchers();
+            }
+            me.syncer_running.set(false);
+        })
+        .detach();
+    }
+
     /// Returns Some(base offset) for a duplicate of a recent batch, an error for a sequence
     /// gap or a fenced epoch, None when the batches are new.
-    fn check_sequences(&self, infos: &[BatchInfo]) -> Result<Option<u64>, (i16, String)> {
+    fn check_sequences(&self, infos: &[BatchInfo]) -> Result<Option<ProducerBatch>, (i16, String)> {
         let log = self.log.inner.borrow();
         for i in infos {
             if i.producer_id < 0 {
@@ -259,16 +304,16 @@ impl Partition {
                 }
                 continue;
             }
-            if let Some((_, _, off)) = e
+            if let Some(b) = e
                 .batches
                 .iter()
-                .find(|(f, l, _)| *f == i.base_sequence && *l == i.last_sequence)
+                .find(|b| b.first_seq == i.base_sequence && b.last_seq == i.last_sequence)
             {
                 if infos.len() == 1 {
-                    return Ok(Some(*off));
+                    return Ok(Some(*b));
                 }
             }
-            let last = e.batches.back().map(|b| b.1).unwrap_or(-1);
+            let last = e.batches.back().map(|b| b.last_seq).unwrap_or(-1);
             let expected = if last == i32::MAX { 0 } else { last + 1 };
             if i.base_sequence != expected {
                 return Err((
@@ -285,7 +330,7 @@ impl Partition {
         if offset < 0 {
             return Err(ec::OFFSET_OUT_OF_RANGE);
         }
-        let hwm = self.log.log_end_offset();
+        let hwm = self.log.synced_end();
         self.log
             .read_chunks(offset as u64, max_bytes, hwm, LEADER_EPOCH)
             .await

@@ -55,6 +55,9 @@ impl Broker {
             .append(true)
             .open(self.log_path())
             .expect("log file");
+        // Every shard is serving once the broker logs "fjord ready": the port alone answers as
+        // soon as the first shard listens, while others may still be recovering partitions.
+        let ready_before = self.log().matches("fjord ready").count();
         let child = Command::new(env!("CARGO_BIN_EXE_fjord"))
             .arg("serve")
             .arg("--listen")
@@ -68,6 +71,20 @@ impl Broker {
             .expect("spawn fjord");
         self.child = Some(child);
         wait_port(self.addr, Duration::from_secs(30));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches("fjord ready").count() <= ready_before {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("broker exited during startup ({st}):\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker not ready within 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {

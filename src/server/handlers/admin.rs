@@ -284,6 +284,46 @@ pub async fn delete_records(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteR
     resp
 }
 
+/// A read-only entry of a topic's DescribeConfigs that names the segments recovery set aside as
+/// damaged, so that `fjord topics describe` (or any admin client) shows lost ranges.
+const QUARANTINE_KEY: &str = "fjord.quarantined.segments";
+
+/// "partition N: file (damaged at byte B), offsets X..Y lost" for every quarantined segment of
+/// the topic's open partitions.
+async fn quarantined_segments(ctx: &ConnCtx, topic: &str, partitions: i32) -> Vec<String> {
+    let node = ctx.shard.node.clone();
+    let items: Vec<(usize, (String, i32))> = (0..partitions)
+        .map(|p| (node.shard_of(topic, p), (topic.to_string(), p)))
+        .collect();
+    let found = per_shard(
+        node.shards(),
+        items,
+        |sh, its: Vec<(String, i32)>| async move {
+            let mut out = Vec::with_capacity(its.len());
+            for (t, p) in its {
+                let mut lines = Vec::new();
+                if let Some(part) = sh.partition(&t, p).await {
+                    for q in part.log.inner.borrow().quarantined.iter() {
+                        let file = q
+                            .path
+                            .file_name()
+                            .map(|f| f.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        lines.push(format!(
+                            "partition {p}: {file} (damaged at byte {}), offsets {}..{} lost",
+                            q.damaged_at_byte, q.gap_from_offset, q.gap_to_offset
+                        ));
+                    }
+                }
+                out.push(lines);
+            }
+            out
+        },
+    )
+    .await;
+    found.into_iter().flatten().collect()
+}
+
 fn config_type_code(k: ConfigType) -> i8 {
     // DescribeConfigs v3+ config types: BOOLEAN 1, STRING 2, INT 3, SHORT 4, LONG 5, DOUBLE 6, LIST 7.
     match k {
@@ -319,6 +359,17 @@ pub async fn describe_configs(
                         r.error_message = Some(sb("Topic does not exist"));
                     }
                     Some(t) => {
+                        let partitions = t.partitions;
+                        let damage =
+                            quarantined_segments(ctx, res.resource_name.as_str(), partitions).await;
+                        if !damage.is_empty() && wanted(QUARANTINE_KEY) {
+                            let mut c = DescribeConfigsResourceResult::default();
+                            c.name = sb(QUARANTINE_KEY);
+                            c.value = Some(sb(&damage.join("; ")));
+                            c.read_only = true;
+                            c.config_source = SOURCE_DEFAULT;
+                            r.configs.push(c);
+                        }
                         for d in TOPIC_CONFIGS.iter().filter(|d| wanted(d.name)) {
                             let explicit = t.configs.get(d.name);
                             let mut c = DescribeConfigsResourceResult::default();
