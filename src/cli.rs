@@ -40,6 +40,13 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: crate::admin::TopicsCmd,
     },
+    /// A live per-shard view of a running broker, over its metrics endpoint (like htop).
+    Top(crate::top::TopArgs),
+    /// The effective configuration: `config show` prints every setting and where it came from.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Inspect consumer groups on a running broker: state, members, assignment, lag.
     Groups {
         /// Broker to talk to.
@@ -48,6 +55,25 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: crate::admin::GroupsCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Print the effective configuration (default < --config file < --set) with the source of
+    /// each value.
+    Show(ConfigArgs),
+}
+
+/// Where settings come from: the embedded default, then a file naming what differs, then flags.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// Tuning file (TOML) naming only what differs from the embedded tuning/default.toml.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set log.num_partitions=4` or Kafka's `--set
+    /// num.partitions=4`. Repeatable; applied after the file, in order.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,9 +90,20 @@ pub struct ServeArgs {
     /// Number of shards (cores) to run. Default: every core the tuning file names (all cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub cores: Option<u16>,
-    /// Tuning file (TOML). Default: the embedded tuning/default.toml.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Run more shards than cores (they share cores, unpinned). Without it, asking for more
+    /// shards than cores is refused.
+    #[arg(long)]
+    pub overprovisioned: bool,
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics). Default: the tuning file's
+    /// metrics.listen (none).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Log format: text or json (one object per line). Default: the tuning file's
+    /// logging.format (text).
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -75,16 +112,64 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tune(a) => crate::tune::run(a),
         Cmd::Topics { bootstrap, cmd } => crate::admin::topics(&bootstrap, cmd),
         Cmd::Groups { bootstrap, cmd } => crate::admin::groups(&bootstrap, cmd),
+        Cmd::Config {
+            cmd: ConfigCmd::Show(a),
+        } => config_show(&a),
+        Cmd::Top(a) => crate::top::run(a),
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+fn config_show(a: &ConfigArgs) -> anyhow::Result<()> {
+    let layered = Tuning::load_layered(a.config.as_deref(), &a.set)?;
+    let mut out =
+        String::from("# Effective configuration: embedded default < --config file < --set\n");
+    let mut section = "";
+    for e in &layered.entries {
+        let (s, key) = e.key.split_once('.').unwrap_or(("", &e.key));
+        if s != section && !s.is_empty() {
+            out.push_str(&format!("\n[{s}]\n"));
+            section = s;
+        }
+        if s.is_empty() {
+            // `core` holds the per-core overrides, an array of tables.
+            if let toml::Value::Array(tables) = &e.value {
+                for t in tables {
+                    out.push_str(&format!("\n{:<48} # {}\n", "[[core]]", e.source));
+                    if let toml::Value::Table(t) = t {
+                        for (k, v) in t {
+                            out.push_str(&format!("{k} = {v}\n"));
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        let line = format!("{key} = {}", e.value);
+        out.push_str(&format!("{line:<48} # {}\n", e.source));
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// Logs go to stderr, as text or JSON, filtered by the tuning file's levels and then RUST_LOG.
+fn init_tracing(l: &crate::config::LoggingSection) {
+    let mut directives = l.levels.clone();
+    if let Ok(env) = std::env::var("RUST_LOG") {
+        if !env.trim().is_empty() {
+            // Later directives for the same module replace earlier ones: RUST_LOG wins.
+            directives.push(',');
+            directives.push_str(&env);
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&directives);
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if l.format == "json" {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
 }
 
 fn raise_fd_limit() {
@@ -118,8 +203,14 @@ fn write_probe(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    init_tracing();
-    let mut tuning = Tuning::load(a.config.as_deref())?;
+    let mut tuning = Tuning::load_layered(a.config.config.as_deref(), &a.config.set)?.tuning;
+    if let Some(m) = a.metrics_listen {
+        tuning.metrics.listen = m.to_string();
+    }
+    if let Some(f) = &a.log_format {
+        tuning.logging.format = f.clone();
+    }
+    init_tracing(&tuning.logging);
     if let Some(l) = a.listen {
         tuning.node.listen = l.to_string();
     }
@@ -169,29 +260,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|c| c.id)
         .collect();
-    let mut cores: Vec<usize> = if tuning.shards.cores.is_empty() {
-        online.clone()
-    } else {
-        tuning.shards.cores.clone()
-    };
-    if cores.is_empty() {
-        cores.push(0);
-    }
-    for c in &cores {
-        if !online.is_empty() && !online.contains(c) {
-            bail!("shards.cores names core {c}, which is not online (online: {online:?})");
-        }
-    }
-    if let Some(n) = a.cores {
-        let n = n as usize;
-        if n > cores.len() && !online.is_empty() {
-            // More shards than cores: allowed (they share cores), pinned round-robin.
-            let base = cores.clone();
-            cores = (0..n).map(|i| base[i % base.len()]).collect();
-        } else {
-            cores.truncate(n);
-        }
-    }
+    let (cores, pin) = shard_cores(
+        &online,
+        &tuning.shards,
+        a.cores.map(usize::from),
+        a.overprovisioned,
+    )?;
     let mut image = metadata::load_image(&data_dir)?;
     if image.topic(crate::group::OFFSETS_TOPIC).is_none() {
         // The compacted internal topic holding committed offsets and group metadata.
@@ -208,6 +282,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         metadata::save_image(&data_dir, &image)?;
     }
     let cluster = metadata::load_or_init_cluster(&data_dir)?;
+    // Bound before the shards start so that a taken port fails the start, not a later scrape;
+    // the bound address (port 0 picks one) is what DescribeConfigs reports as metrics.listen.
+    let mut metrics_addr = None;
+    let metrics_listener = if tuning.metrics.listen.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = tuning.metrics.listen.parse().context("metrics.listen")?;
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let bound = l.local_addr().context("metrics listener")?;
+        tuning.metrics.listen = bound.to_string();
+        metrics_addr = Some(bound);
+        Some(l)
+    };
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for _ in &cores {
@@ -228,13 +316,23 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tuning: tuning.clone(),
     });
 
+    if let Some(l) = metrics_listener {
+        crate::metrics::endpoint::spawn(l, node.clone(), cores.clone())
+            .context("cannot start the metrics thread")?;
+    }
+    // Installed before any shard listens, so that a SIGTERM arriving as soon as the port
+    // answers still means a clean shutdown, not the default action (death without a flush).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
     for (i, (core, rx)) in cores.iter().copied().zip(receivers).enumerate() {
         let node = node.clone();
         let status = status_tx.clone();
         let probe = probe.clone();
-        let pin = tuning.shards.pin;
         let st = tuning.for_core(core);
         let builder = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("fjord-shard-{i}"))
@@ -267,11 +365,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cores,
         data_dir.display()
     );
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
+    if let Some(m) = metrics_addr {
+        tracing::info!("metrics at http://{m}/metrics");
+    }
     let sig = signals.forever().next();
     tracing::info!("signal {sig:?}: shutting down");
     for tx in &node.mesh {
@@ -293,6 +389,61 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The core each shard runs on, and whether to pin: one shard per core, on the cores the tuning
+/// file names (or every online core). More shards than that is refused unless overprovisioning
+/// was asked for; then the shards share cores round robin and run unpinned, since pinning two
+/// busy-polling reactors to one core would starve one of them.
+fn shard_cores(
+    online: &[usize],
+    s: &crate::config::ShardsSection,
+    want: Option<usize>,
+    overprovisioned_flag: bool,
+) -> anyhow::Result<(Vec<usize>, bool)> {
+    let named = !s.cores.is_empty();
+    let mut cores: Vec<usize> = if named {
+        s.cores.clone()
+    } else {
+        online.to_vec()
+    };
+    if cores.is_empty() {
+        // The online cores could not be read: run one shard on core 0.
+        cores.push(0);
+    }
+    for c in &cores {
+        if !online.is_empty() && !online.contains(c) {
+            bail!("shards.cores names core {c}, which is not online (online: {online:?})");
+        }
+    }
+    let mut distinct = cores.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let n = want.unwrap_or(cores.len());
+    let over = overprovisioned_flag || s.overprovisioned;
+    if n > distinct.len() || distinct.len() < cores.len() {
+        let what = if named {
+            format!("the {} cores shards.cores names", distinct.len())
+        } else {
+            format!("the {} online cores", distinct.len())
+        };
+        if !over {
+            let asked = match want {
+                Some(n) => format!("--cores {n}"),
+                None => format!("shards.cores = {cores:?}"),
+            };
+            bail!(
+                "{asked}: more shards than {what} ({distinct:?}); Fjord runs one shard per core: pass --overprovisioned to share cores (unpinned)"
+            );
+        }
+        tracing::warn!(
+            "overprovisioned: {n} shards on {what} ({distinct:?}); shards share cores and run unpinned"
+        );
+        let base = distinct;
+        return Ok(((0..n).map(|i| base[i % base.len()]).collect(), false));
+    }
+    cores.truncate(n);
+    Ok((cores, s.pin))
+}
+
 async fn shard_main(
     id: usize,
     st: crate::config::ShardTuning,
@@ -309,6 +460,9 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot open probe file {}: {e}", probe.display()))?;
     let _ = f.read_at(0, 4096).await;
     let _ = f.close().await;
+    if !node.tuning.metrics.listen.is_empty() {
+        crate::metrics::enable_on_this_thread();
+    }
     let shard = Rc::new(Shard::new(id, st, node.clone()));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);

@@ -378,3 +378,34 @@ pub fn groups(bootstrap: &str, cmd: GroupsCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// One broker config of the broker at `bootstrap` (DescribeConfigs on its own node id), or None
+/// when it does not report that key.
+pub fn broker_config(bootstrap: &str, key: &str) -> anyhow::Result<Option<String>> {
+    let mut c = Client::connect(bootstrap)?;
+    let meta = metadata(&mut c, Some(Vec::new()))?;
+    let node = meta
+        .brokers
+        .first()
+        .map(|b| b.node_id.0)
+        .unwrap_or(0)
+        .to_string();
+    let mut req = DescribeConfigsRequest::default();
+    let mut r = describe_configs_request::DescribeConfigsResource::default();
+    r.resource_type = 4;
+    r.resource_name = sb(&node);
+    r.configuration_keys = Some(vec![sb(key)]);
+    req.resources.push(r);
+    let resp = c.call(1, &req)?;
+    for res in resp.results {
+        if res.error_code != 0 {
+            bail!("DescribeConfigs: {}", err_name(res.error_code));
+        }
+        for cfg in res.configs {
+            if cfg.name.as_str() == key {
+                return Ok(cfg.value.map(|v| v.to_string()));
+            }
+        }
+    }
+    Ok(None)
+}

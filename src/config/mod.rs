@@ -36,6 +36,8 @@ pub struct Tuning {
     pub log: LogSection,
     pub group: GroupSection,
     pub net: NetSection,
+    pub metrics: MetricsSection,
+    pub logging: LoggingSection,
     /// Per-core overrides, `[[core]]` tables: the first one naming a core wins.
     #[serde(default)]
     pub core: Vec<CoreSection>,
@@ -82,6 +84,25 @@ pub struct ShardsSection {
     /// Jobs queued from other shards to one shard; a sender waits when it is full.
     #[serde(default = "default_job_queue_max")]
     pub job_queue_max: usize,
+    /// Allow more shards than cores (they then share cores and run unpinned).
+    pub overprovisioned: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// HOST:PORT of the Prometheus endpoint; empty: no endpoint.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// "text" or "json".
+    pub format: String,
+    /// Levels per module in RUST_LOG's syntax, e.g. "info,fjord::group=debug"; RUST_LOG's
+    /// directives are applied after these.
+    pub levels: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,53 +206,605 @@ fn default_request_body_idle_timeout_ms() -> u64 {
     30_000
 }
 
-impl Tuning {
-    pub fn parse(text: &str, path: &str) -> Result<Tuning, ConfigError> {
-        let t: Tuning = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| {
-                    format!(
-                        "line {}: ",
-                        text[..s.start.min(text.len())].lines().count().max(1)
-                    )
+/// Where a value of the effective configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    /// A `--config` file, at this line.
+    File {
+        path: String,
+        line: usize,
+    },
+    /// A `--set KEY=VALUE` argument, as given.
+    Flag(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File { path, line } => write!(f, "{path} line {line}"),
+            Source::Flag(arg) => write!(f, "--set {arg}"),
+        }
+    }
+}
+
+/// The effective configuration and, for every key, its value and where it came from, in the
+/// order of the embedded default (what `fjord config show` prints).
+#[derive(Debug, Clone)]
+pub struct Layered {
+    pub tuning: Tuning,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// `section.key`, or `core` for the per-core overrides (an array of tables).
+    pub key: String,
+    pub value: toml::Value,
+    pub source: Source,
+}
+
+/// Kafka broker property names accepted for the Fjord setting that means the same, with the
+/// factor that turns Kafka's unit into Fjord's (hours into milliseconds, …).
+const KAFKA_NAMES: &[(&str, &str, i64)] = &[
+    ("broker.id", "node.node_id", 1),
+    ("node.id", "node.node_id", 1),
+    ("log.dir", "node.data_dir", 1),
+    ("log.dirs", "node.data_dir", 1),
+    ("num.partitions", "log.num_partitions", 1),
+    ("log.segment.bytes", "log.segment_bytes", 1),
+    ("log.roll.ms", "log.segment_ms", 1),
+    ("log.roll.hours", "log.segment_ms", 3_600_000),
+    ("log.retention.ms", "log.retention_ms", 1),
+    ("log.retention.minutes", "log.retention_ms", 60_000),
+    ("log.retention.hours", "log.retention_ms", 3_600_000),
+    ("log.retention.bytes", "log.retention_bytes", 1),
+    (
+        "log.retention.check.interval.ms",
+        "log.retention_check_interval_ms",
+        1,
+    ),
+    ("message.max.bytes", "log.max_message_bytes", 1),
+    ("auto.create.topics.enable", "log.auto_create_topics", 1),
+    (
+        "log.message.timestamp.type",
+        "log.message_timestamp_type",
+        1,
+    ),
+    (
+        "offsets.topic.num.partitions",
+        "group.offsets_topic_num_partitions",
+        1,
+    ),
+    (
+        "group.initial.rebalance.delay.ms",
+        "group.initial_rebalance_delay_ms",
+        1,
+    ),
+    (
+        "group.min.session.timeout.ms",
+        "group.min_session_timeout_ms",
+        1,
+    ),
+    (
+        "group.max.session.timeout.ms",
+        "group.max_session_timeout_ms",
+        1,
+    ),
+    (
+        "group.consumer.heartbeat.interval.ms",
+        "group.consumer_heartbeat_interval_ms",
+        1,
+    ),
+    (
+        "group.consumer.session.timeout.ms",
+        "group.consumer_session_timeout_ms",
+        1,
+    ),
+    ("socket.request.max.bytes", "memory.request_bytes_max", 1),
+    (
+        "socket.send.buffer.bytes",
+        "net.socket_send_buffer_bytes",
+        1,
+    ),
+    (
+        "socket.receive.buffer.bytes",
+        "net.socket_recv_buffer_bytes",
+        1,
+    ),
+];
+
+/// One value named by the file or a flag, before it is merged.
+struct Override {
+    /// `section.key`, resolved from a Kafka name if need be.
+    key: String,
+    /// The name as written, for error messages.
+    written: String,
+    value: toml::Value,
+    source: Source,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].lines().count().max(1)
+        + usize::from(text[..offset.min(text.len())].ends_with('\n'))
+}
+
+fn to_value(v: &toml_edit::Value) -> toml::Value {
+    use toml_edit::Value as E;
+    match v {
+        E::String(s) => toml::Value::String(s.value().clone()),
+        E::Integer(i) => toml::Value::Integer(*i.value()),
+        E::Float(f) => toml::Value::Float(*f.value()),
+        E::Boolean(b) => toml::Value::Boolean(*b.value()),
+        E::Datetime(d) => toml::Value::Datetime(*d.value()),
+        E::Array(a) => toml::Value::Array(a.iter().map(to_value).collect()),
+        E::InlineTable(t) => toml::Value::Table(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), to_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn table_to_value(t: &toml_edit::Table) -> toml::Value {
+    toml::Value::Table(
+        t.iter()
+            .filter_map(|(k, i)| match i {
+                toml_edit::Item::Value(v) => Some((k.to_string(), to_value(v))),
+                toml_edit::Item::Table(t) => Some((k.to_string(), table_to_value(t))),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// The embedded default as a table, and its `section.key` names in file order.
+fn default_layer() -> (toml::Table, Vec<String>) {
+    // The default is part of the binary and checked by a unit test: failing to parse it is a
+    // build defect, not bad input.
+    let table: toml::Table =
+        toml::from_str(DEFAULT_TUNING).expect("embedded tuning/default.toml parses");
+    let doc = toml_edit::ImDocument::parse(DEFAULT_TUNING).expect("embedded default parses");
+    let mut order = Vec::new();
+    for (section, item) in doc.iter() {
+        if let toml_edit::Item::Table(t) = item {
+            let mut keys: Vec<(usize, String)> = t
+                .iter()
+                .map(|(k, i)| {
+                    let pos = i.span().map(|s| s.start).unwrap_or(usize::MAX);
+                    (pos, format!("{section}.{k}"))
                 })
-                .unwrap_or_default();
-            ConfigError::Parse {
-                path: path.to_string(),
-                message: format!("{line}{}", e.message()),
+                .collect();
+            keys.sort();
+            order.extend(keys.into_iter().map(|(_, k)| k));
+        }
+    }
+    order.push("core".to_string());
+    (table, order)
+}
+
+/// Fjord's name for `written` (a Fjord `section.key` or a Kafka property name) and the factor
+/// that converts its value; `written` may carry the section it was written under
+/// (`log.num.partitions` for `num.partitions` under `[log]`).
+fn resolve(written: &str, known: &[String]) -> Option<(String, i64)> {
+    if known.iter().any(|k| k == written) && written != "core" {
+        return Some((written.to_string(), 1));
+    }
+    let kafka = |name: &str| {
+        KAFKA_NAMES
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, f, m)| (f.to_string(), *m))
+    };
+    kafka(written).or_else(|| {
+        let (section, rest) = written.split_once('.')?;
+        let r = kafka(rest)?;
+        // Only under the section Fjord keeps the setting in would a reader expect it.
+        (r.0.split_once('.').map(|(s, _)| s) == Some(section)).then_some(r)
+    })
+}
+
+/// Edit distance, for "did you mean"; names are short, so the quadratic table is small.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest known name (Fjord's or Kafka's), for "did you mean".
+fn closest(written: &str, known: &[String]) -> Option<String> {
+    let last = |k: &str| k.rsplit('.').next().unwrap_or(k).to_string();
+    let candidates = known
+        .iter()
+        .filter(|k| k.as_str() != "core")
+        .cloned()
+        .chain(KAFKA_NAMES.iter().map(|(k, _, _)| k.to_string()));
+    candidates
+        .map(|k| {
+            let d = edit_distance(written, &k).min(edit_distance(&last(written), &last(&k)) + 1);
+            (d, k)
+        })
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, k)| k)
+}
+
+impl Override {
+    /// Applies the unit factor and checks the value has the default's type.
+    fn checked(mut self, base: &toml::Table, factor: i64) -> Result<Override, ConfigError> {
+        let (section, key) = self.key.split_once('.').unwrap_or(("", &self.key));
+        let Some(default) = base.get(section).and_then(|s| s.get(key)) else {
+            return Err(self.error("unknown key"));
+        };
+        if factor != 1 {
+            if let toml::Value::Integer(i) = self.value {
+                if i >= 0 {
+                    self.value = toml::Value::Integer(i.saturating_mul(factor));
+                }
             }
-        })?;
-        t.validate(path)?;
-        Ok(t)
+        }
+        let same = std::mem::discriminant(default) == std::mem::discriminant(&self.value);
+        if !same {
+            return Err(self.error(&format!(
+                "expected {}, got {}",
+                type_name(default),
+                type_name(&self.value)
+            )));
+        }
+        if self.written.starts_with("log.dir") {
+            if let toml::Value::String(s) = &self.value {
+                if s.contains(',') {
+                    return Err(self.error("Fjord keeps its data in one directory"));
+                }
+            }
+        }
+        Ok(self)
     }
 
-    pub fn load(file: Option<&Path>) -> Result<Tuning, ConfigError> {
+    fn error(&self, message: &str) -> ConfigError {
+        let key = if self.written == self.key {
+            self.key.clone()
+        } else {
+            format!("{} ({})", self.written, self.key)
+        };
+        ConfigError::Invalid {
+            path: self.source.to_string(),
+            key,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Collects every value a file names, with its line, resolving Kafka names.
+fn file_overrides(
+    text: &str,
+    path: &str,
+    base: &toml::Table,
+    known: &[String],
+    cores: &mut Option<(toml::Value, Vec<usize>)>,
+) -> Result<Vec<Override>, ConfigError> {
+    let doc = toml_edit::ImDocument::parse(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!("line {}: ", line_of(text, s.start)))
+            .unwrap_or_default();
+        ConfigError::Parse {
+            path: path.to_string(),
+            message: format!("{line}{}", e.message().trim_end().replace('\n', "; ")),
+        }
+    })?;
+    let mut out = Vec::new();
+    // Bounded by the file's nesting depth, which the TOML parser already limits.
+    fn walk(
+        t: &toml_edit::Table,
+        prefix: &str,
+        text: &str,
+        path: &str,
+        out: &mut Vec<(String, toml::Value, usize)>,
+        cores: &mut Option<(toml::Value, Vec<usize>)>,
+    ) -> Result<(), ConfigError> {
+        for (k, item) in t.iter() {
+            let name = if prefix.is_empty() {
+                k.to_string()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            let span = t
+                .get_key_value(k)
+                .and_then(|(key, _)| key.span())
+                .or_else(|| item.span())
+                .map(|s| s.start)
+                .unwrap_or(0);
+            let line = line_of(text, span);
+            match item {
+                toml_edit::Item::None => {}
+                toml_edit::Item::Value(toml_edit::Value::InlineTable(it)) => {
+                    let t = it.clone().into_table();
+                    walk(&t, &name, text, path, out, cores)?;
+                }
+                toml_edit::Item::Value(v) => out.push((name, to_value(v), line)),
+                toml_edit::Item::Table(t) => walk(t, &name, text, path, out, cores)?,
+                toml_edit::Item::ArrayOfTables(a) if name == "core" => {
+                    let lines = a
+                        .iter()
+                        .map(|t| t.span().map(|s| line_of(text, s.start)).unwrap_or(line))
+                        .collect();
+                    let v = toml::Value::Array(a.iter().map(table_to_value).collect());
+                    *cores = Some((v, lines));
+                }
+                toml_edit::Item::ArrayOfTables(_) => {
+                    return Err(ConfigError::Invalid {
+                        path: format!("{path} line {line}"),
+                        key: name,
+                        message: "unknown key".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut raw = Vec::new();
+    walk(doc.as_table(), "", text, path, &mut raw, cores)?;
+    for (written, value, line) in raw {
+        let source = Source::File {
+            path: path.to_string(),
+            line,
+        };
+        let Some((key, factor)) = resolve(&written, known) else {
+            let hint = closest(&written, known)
+                .map(|c| format!(" (did you mean {c}?)"))
+                .unwrap_or_default();
+            return Err(ConfigError::Invalid {
+                path: source.to_string(),
+                key: written,
+                message: format!("unknown key{hint}"),
+            });
+        };
+        out.push(
+            Override {
+                key,
+                written,
+                value,
+                source,
+            }
+            .checked(base, factor)?,
+        );
+    }
+    Ok(out)
+}
+
+/// Reads `--set KEY=VALUE`: the value is taken as the type the default has.
+fn flag_override(arg: &str, base: &toml::Table, known: &[String]) -> Result<Override, ConfigError> {
+    let source = Source::Flag(arg.to_string());
+    let Some((written, raw)) = arg.split_once('=') else {
+        return Err(ConfigError::Parse {
+            path: source.to_string(),
+            message: "expected KEY=VALUE, e.g. --set num.partitions=4".into(),
+        });
+    };
+    let written = written.trim().to_string();
+    let raw = raw.trim();
+    let Some((key, factor)) = resolve(&written, known) else {
+        let hint = closest(&written, known)
+            .map(|c| format!(" (did you mean {c}?)"))
+            .unwrap_or_default();
+        return Err(ConfigError::Invalid {
+            path: source.to_string(),
+            key: written,
+            message: format!("unknown key{hint}"),
+        });
+    };
+    let (section, k) = key.split_once('.').unwrap_or(("", &key));
+    let default = base.get(section).and_then(|s| s.get(k));
+    let bad = |what: &str| ConfigError::Invalid {
+        path: source.to_string(),
+        key: written.clone(),
+        message: format!("expected {what}, got {raw:?}"),
+    };
+    let value = match default {
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            raw.replace('_', "")
+                .parse()
+                .map_err(|_| bad("an integer"))?,
+        ),
+        Some(toml::Value::Boolean(_)) => {
+            toml::Value::Boolean(raw.parse().map_err(|_| bad("true or false"))?)
+        }
+        Some(toml::Value::Array(_)) => {
+            let inner = raw.trim_start_matches('[').trim_end_matches(']');
+            let items: Result<Vec<toml::Value>, _> = inner
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<i64>().map(toml::Value::Integer))
+                .collect();
+            toml::Value::Array(items.map_err(|_| bad("a list of integers, e.g. 0,1"))?)
+        }
+        _ => toml::Value::String(raw.trim_matches('"').to_string()),
+    };
+    Override {
+        key,
+        written,
+        value,
+        source,
+    }
+    .checked(base, factor)
+}
+
+impl Tuning {
+    /// The embedded default, with `file` (text and name) merged over it: the file names only
+    /// what differs. Every error names the file, the line and the key.
+    pub fn parse(text: &str, path: &str) -> Result<Tuning, ConfigError> {
+        Ok(Tuning::layered(Some((text, path)), &[])?.tuning)
+    }
+
+    /// The default, then `file`, then each `--set KEY=VALUE` in order; the merged result is
+    /// validated as a whole, and an error names the source of the value at fault.
+    pub fn layered(file: Option<(&str, &str)>, sets: &[String]) -> Result<Layered, ConfigError> {
+        let (base, known) = default_layer();
+        let mut cores = None;
+        let mut overrides = match file {
+            Some((text, path)) => file_overrides(text, path, &base, &known, &mut cores)?,
+            None => Vec::new(),
+        };
+        for s in sets {
+            overrides.push(flag_override(s, &base, &known)?);
+        }
+        let merge = |upto: usize| {
+            let mut merged = base.clone();
+            for o in &overrides[..upto] {
+                let (section, key) = o.key.split_once('.').unwrap_or(("", &o.key));
+                if let Some(toml::Value::Table(t)) = merged.get_mut(section) {
+                    t.insert(key.to_string(), o.value.clone());
+                }
+            }
+            if let Some((v, _)) = &cores {
+                merged.insert("core".to_string(), v.clone());
+            }
+            merged
+        };
+        let tuning: Tuning = match toml::Value::Table(merge(overrides.len())).try_into() {
+            Ok(t) => t,
+            Err(e) => {
+                // A value of the right type but out of its type's range (-1 for a size): name
+                // the first override that alone breaks the default.
+                for o in &overrides {
+                    let (section, key) = o.key.split_once('.').unwrap_or(("", &o.key));
+                    let mut one = base.clone();
+                    if let Some(toml::Value::Table(t)) = one.get_mut(section) {
+                        t.insert(key.to_string(), o.value.clone());
+                    }
+                    if let Err(e) = toml::Value::Table(one).try_into::<Tuning>() {
+                        return Err(o.error(e.message().trim_end()));
+                    }
+                }
+                let path = match (&cores, file) {
+                    (Some((_, lines)), Some((_, path))) => Source::File {
+                        path: path.to_string(),
+                        line: lines.first().copied().unwrap_or(1),
+                    }
+                    .to_string(),
+                    _ => "tuning".to_string(),
+                };
+                return Err(ConfigError::Invalid {
+                    path,
+                    key: "core".into(),
+                    message: e.message().trim_end().to_string(),
+                });
+            }
+        };
+        let source_of = |key: &str| -> Source {
+            if let Some(rest) = key.strip_prefix("core[") {
+                let i: usize = rest
+                    .split(']')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                if let (Some((_, lines)), Some((_, path))) = (&cores, file) {
+                    return Source::File {
+                        path: path.to_string(),
+                        line: lines.get(i).copied().unwrap_or(1),
+                    };
+                }
+            }
+            overrides
+                .iter()
+                .rev()
+                .find(|o| o.key == key)
+                .map(|o| o.source.clone())
+                .unwrap_or(Source::Default)
+        };
+        if let Err((key, message)) = tuning.validate() {
+            let source = source_of(&key);
+            let path = match &source {
+                Source::Default => "tuning/default.toml (embedded)".to_string(),
+                s => s.to_string(),
+            };
+            return Err(ConfigError::Invalid { path, key, message });
+        }
+        let merged = merge(overrides.len());
+        let entries = known
+            .iter()
+            .filter_map(|k| {
+                let value = match k.split_once('.') {
+                    Some((s, key)) => merged.get(s)?.get(key)?.clone(),
+                    None => merged.get(k)?.clone(),
+                };
+                Some(Entry {
+                    key: k.clone(),
+                    value,
+                    source: if k == "core" {
+                        source_of("core[0]")
+                    } else {
+                        source_of(k)
+                    },
+                })
+            })
+            .collect();
+        Ok(Layered { tuning, entries })
+    }
+
+    /// Reads `file` (if any) and layers it and `sets` over the default.
+    pub fn load_layered(file: Option<&Path>, sets: &[String]) -> Result<Layered, ConfigError> {
         match file {
-            None => Tuning::parse(DEFAULT_TUNING, "tuning/default.toml (embedded)"),
+            None => Tuning::layered(None, sets),
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
                     path: p.display().to_string(),
                     source: e,
                 })?;
-                Tuning::parse(&text, &p.display().to_string())
+                Tuning::layered(Some((&text, &p.display().to_string())), sets)
             }
         }
     }
 
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: &str| {
-            Err(ConfigError::Invalid {
-                path: path.to_string(),
-                key: key.to_string(),
-                message: message.to_string(),
-            })
-        };
+    pub fn load(file: Option<&Path>) -> Result<Tuning, ConfigError> {
+        Ok(Tuning::load_layered(file, &[])?.tuning)
+    }
+
+    /// Checks the merged settings; an error is the key at fault and what is wrong with it.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: &str| Err((key.to_string(), message.to_string()));
         if self.node.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(
                 "node.listen",
                 "must be HOST:PORT with an IP address, e.g. 127.0.0.1:9092",
             );
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(
+                "metrics.listen",
+                "must be empty or HOST:PORT with an IP address, e.g. 127.0.0.1:9644",
+            );
+        }
+        if !matches!(self.logging.format.as_str(), "text" | "json") {
+            return bad("logging.format", "must be \"text\" or \"json\"");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.logging.levels) {
+            return bad("logging.levels", &format!("{e}"));
         }
         if self.node.data_dir.is_empty() {
             return bad("node.data_dir", "must not be empty");
@@ -418,6 +991,44 @@ mod tests {
             e.contains("x.toml") && e.contains("line") && e.contains("bogus"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn layers_resolve_kafka_names_and_keep_sources() {
+        let file = "num.partitions = 3\n[log]\nretention.hours = 1\n";
+        let sets = vec![
+            "log.num_partitions=7".to_string(),
+            "shards.cores=0,1".to_string(),
+            "logging.levels=\"warn\"".to_string(),
+        ];
+        let l = Tuning::layered(Some((file, "f.toml")), &sets).unwrap();
+        assert_eq!(l.tuning.log.num_partitions, 7);
+        assert_eq!(l.tuning.log.retention_ms, 3_600_000);
+        assert_eq!(l.tuning.shards.cores, vec![0, 1]);
+        assert_eq!(l.tuning.logging.levels, "warn");
+        let src = |k: &str| {
+            l.entries
+                .iter()
+                .find(|e| e.key == k)
+                .unwrap()
+                .source
+                .clone()
+        };
+        assert_eq!(
+            src("log.num_partitions"),
+            Source::Flag("log.num_partitions=7".into())
+        );
+        assert_eq!(
+            src("log.retention_ms"),
+            Source::File {
+                path: "f.toml".into(),
+                line: 3
+            }
+        );
+        assert_eq!(src("io.ring_depth"), Source::Default);
+        // A Kafka name under a section that does not hold it is not guessed at.
+        let e = Tuning::parse("[io]\nnum.partitions = 3\n", "g.toml").unwrap_err();
+        assert!(e.to_string().contains("g.toml line 2"), "{e}");
     }
 
     #[test]

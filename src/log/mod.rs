@@ -534,6 +534,11 @@ impl SharedLog {
         Ok(base)
     }
 
+    /// Bytes the batch cache holds (for metrics).
+    pub fn cache_bytes(&self) -> usize {
+        self.inner.borrow().cache_bytes
+    }
+
     /// Drops the oldest cached batches beyond `max` bytes (the newest one always stays).
     pub fn trim_cache(&self, max: usize) {
         let mut log = self.inner.borrow_mut();
@@ -658,7 +663,10 @@ impl SharedLog {
         let result = match storage::fault(storage::Op::Write, &path) {
             Err(e) => Err(LogError::io(&path, e)),
             Ok(()) => match file.write_at(buf, write_pos).await {
-                Ok(n) if n == buf_len => Ok(n),
+                Ok(n) if n == buf_len => {
+                    crate::metrics::dma_written(n);
+                    Ok(n)
+                }
                 Ok(_) => Err(LogError::io(
                     &path,
                     std::io::Error::other("short DMA write"),
@@ -894,10 +902,12 @@ impl SharedLog {
                         chunks.push(b.bytes.slice(PATCHED_PREFIX_BYTES..));
                         total += b.bytes.len();
                     }
+                    crate::metrics::cache_lookup(true);
                     return Ok(chunks);
                 }
             }
         }
+        crate::metrics::cache_lookup(false);
         Ok(vec![self.read_disk(offset, max_bytes, upper).await?])
     }
 
@@ -935,6 +945,7 @@ impl SharedLog {
                     .read_at(pos, chunk)
                     .await
                     .map_err(|e| glommio_io(&path, e))?;
+                crate::metrics::dma_read(rr.len());
                 let data: &[u8] = &rr;
                 let mut at = 0usize;
                 while at + HEADER_BYTES <= data.len() {
@@ -973,6 +984,7 @@ impl SharedLog {
                         .read_at(pos, total)
                         .await
                         .map_err(|e| glommio_io(&path, e))?;
+                    crate::metrics::dma_read(whole.len());
                     if whole.len() < total {
                         break;
                     }

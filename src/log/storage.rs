@@ -59,10 +59,13 @@ fn simulated() -> bool {
 pub async fn fdatasync(file: &glommio::io::DmaFile, path: &Path) -> io::Result<()> {
     fault(Op::Sync, path)?;
     match with_sim(|d| d.sync_delay_us.get()) {
-        None => file
-            .fdatasync()
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?,
+        None => {
+            let started = std::time::Instant::now();
+            file.fdatasync()
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            crate::metrics::fsync_done(started);
+        }
         // A simulated flush takes time too, so that crashes land between a write and its sync.
         Some(us) if us > 0 => glommio::timer::sleep(std::time::Duration::from_micros(us)).await,
         Some(_) => {}

@@ -165,6 +165,7 @@ async fn read_frame<R: futures::AsyncRead + Unpin>(
 
 async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
+    let _counted = crate::metrics::ConnectionGuard::open();
     let max = shard.node.tuning.memory.request_bytes_max;
     let body_idle =
         std::time::Duration::from_millis(shard.node.tuning.net.request_body_idle_timeout_ms);
@@ -388,12 +389,16 @@ async fn handle_frame(
             .unwrap_or_default(),
         client_host: client_host.to_string(),
     };
-    let Some(reply) = handlers::dispatch(&ctx, &header, *req, gate).await else {
+    let started = std::time::Instant::now();
+    let reply = handlers::dispatch(&ctx, &header, *req, gate).await;
+    crate::metrics::request_done(key as i16, started);
+    let Some(reply) = reply else {
         return Ok(false);
     };
     let header_version = key.response_header_version(version);
     match reply {
         handlers::Reply::Kind(resp) => {
+            crate::metrics::response_errors(&resp);
             write_response(out, correlation_id, header_version, version, &resp)?
         }
         handlers::Reply::Encoded(body) => {

@@ -241,6 +241,7 @@ where
             let _ = tx.send(r);
         })
     });
+    crate::metrics::cross_shard_sent();
     if me.node.mesh[target].send_async(job).await.is_err() {
         // The target shard is gone (shutdown): wait forever would hang the client.
         return panic_free_never().await;

@@ -412,6 +412,8 @@ pub async fn describe_configs(
                         "socket.request.max.bytes",
                         node.tuning.memory.request_bytes_max.to_string(),
                     ),
+                    // Where `fjord top --bootstrap` finds the Prometheus endpoint.
+                    ("metrics.listen", node.tuning.metrics.listen.clone()),
                 ];
                 for (k, v) in broker_cfgs.iter().filter(|(k, _)| wanted(k)) {
                     let mut c = DescribeConfigsResourceResult::default();

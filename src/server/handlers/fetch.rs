@@ -141,6 +141,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             pd.preferred_read_replica = BrokerId(-1);
             match pre {
                 Some(code) => {
+                    crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, code);
                     pd.error_code = code;
                     pd.high_watermark = -1;
                     pd.last_stable_offset = -1;
@@ -154,6 +155,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                         log_start: -1,
                         records: Vec::new(),
                     });
+                    crate::metrics::fetched(&name, index, &g.records);
+                    crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, g.code);
                     pd.error_code = g.code;
                     pd.high_watermark = g.hwm;
                     pd.last_stable_offset = g.hwm;

@@ -170,9 +170,14 @@ pub async fn handle(
                 }
             }
             let sync = sync || cfg.sync_every_write;
+            // A second handle on the same bytes (no copy), to count what was accepted.
+            let counted = records.clone();
+            let q = part.enqueue(records, &cfg, sh.cache_cap());
+            if q.is_ok() {
+                crate::metrics::produced(&it.topic, it.partition, &counted);
+            }
             queued.push(
-                part.enqueue(records, &cfg, sh.cache_cap())
-                    .map(|q| (part, q, sync))
+                q.map(|q| (part, q, sync))
                     .map_err(|(code, msg)| (code, msg, Vec::new())),
             );
         }
