@@ -494,10 +494,23 @@ async fn shard_main(
 }
 
 async fn retention_loop(shard: Rc<Shard>) {
-    let every = Duration::from_millis(shard.node.tuning.log.retention_check_interval_ms.max(100));
+    let retention_every_ms = shard.node.tuning.log.retention_check_interval_ms.max(100);
+    // The cleaner looks more often than retention (Kafka: log.cleaner.backoff.ms, 15 s), so a
+    // compacted topic's max.compaction.lag.ms is honoured within that.
+    let cleaner_every_ms = shard
+        .node
+        .tuning
+        .log
+        .cleaner_backoff_ms
+        .clamp(100, retention_every_ms);
+    let mut last_retention_ms = crate::log::now_ms();
     loop {
-        glommio::timer::sleep(every).await;
+        glommio::timer::sleep(Duration::from_millis(cleaner_every_ms)).await;
         let now = crate::log::now_ms();
+        let retention_due = now.saturating_sub(last_retention_ms) + 50 >= retention_every_ms;
+        if retention_due {
+            last_retention_ms = now;
+        }
         // Partitions opened since the last pass shrank everyone's share of the cache budget.
         let cap = shard.cache_cap();
         for p in shard.open_partitions() {
@@ -514,6 +527,7 @@ async fn retention_loop(shard: Rc<Shard>) {
                     segment_bytes: cfg.segment_bytes,
                     delete_retention_ms: cfg.delete_retention_ms,
                     min_cleanable_dirty_ratio: cfg.min_cleanable_dirty_ratio,
+                    max_compaction_lag_ms: cfg.max_compaction_lag_ms,
                 };
                 match p.log.compact(&cs, now).await {
                     Ok(Some(st)) => tracing::info!(
@@ -532,7 +546,7 @@ async fn retention_loop(shard: Rc<Shard>) {
                     Err(e) => tracing::warn!("compaction of {}-{} failed: {e}", p.topic, p.index),
                 }
             }
-            if !cfg.delete {
+            if !cfg.delete || !retention_due {
                 continue;
             }
             let s = crate::log::LogSettings {

@@ -295,24 +295,22 @@ class Fjord:
         self.logpath = os.path.join(workdir, "fjord.log")
 
     def tuning(self, port, data_dir):
-        with open(os.path.join(REPO, "tuning", "default.toml")) as f:
-            t = f.read()
-
-        def setkey(text, key, value):
-            new, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
-            if n != 1:
-                raise SetupError(f"tuning/default.toml: key {key} not found once")
-            return new
-
-        t = setkey(t, "listen", f'"127.0.0.1:{port}"')
-        t = setkey(t, "data_dir", json.dumps(data_dir))
-        t = setkey(t, "num_partitions", str(NUM_PARTITIONS))
-        t = setkey(t, "auto_create_topics", "true")
+        # A tuning file names only what differs from the embedded default.
         # group.initial.rebalance.delay.ms stays at Kafka's default (3 s), as in the clusters
         # the suite is written for: several tests start their consumers together and expect
         # them to get their first assignment in one generation.
         # A small per-shard cache: the machine is shared with the test runner.
-        t = setkey(t, "batch_cache_bytes_per_shard", str(128 * 1024 * 1024))
+        t = "\n".join([
+            "[node]",
+            f'listen = "127.0.0.1:{port}"',
+            f"data_dir = {json.dumps(data_dir)}",
+            "[log]",
+            f"num_partitions = {NUM_PARTITIONS}",
+            "auto_create_topics = true",
+            "[memory]",
+            f"batch_cache_bytes_per_shard = {128 * 1024 * 1024}",
+            "",
+        ])
         path = os.path.join(self.workdir, "fjord.toml")
         with open(path, "w") as f:
             f.write(t)

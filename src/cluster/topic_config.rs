@@ -56,6 +56,24 @@ pub const TOPIC_CONFIGS: &[ConfigDef] = &[
         choices: &[],
         min: 0,
     },
+    // Kafka's delay before a deleted segment's files go. Fjord unlinks at once: readers hold
+    // open descriptors, so a segment deleted under a read is still read whole. Accepted (and
+    // reported) so that tools copying Kafka topic configs work.
+    ConfigDef {
+        name: "file.delete.delay.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 0,
+    },
+    // KIP-354: the longest a record stays ineligible for compaction. The active segment of a
+    // compacted topic rolls once its oldest record is this old, and a closed dirty segment that
+    // old is cleaned whatever min.cleanable.dirty.ratio says.
+    ConfigDef {
+        name: "max.compaction.lag.ms",
+        kind: ConfigType::Long,
+        choices: &[],
+        min: 1,
+    },
     ConfigDef {
         name: "max.message.bytes",
         kind: ConfigType::Int,
@@ -187,7 +205,8 @@ pub fn default_value(name: &str, t: &Tuning) -> String {
         "cleanup.policy" => "delete".into(),
         "compression.type" => "producer".into(),
         "delete.retention.ms" => "86400000".into(),
-        "flush.messages" | "flush.ms" => i64::MAX.to_string(),
+        "flush.messages" | "flush.ms" | "max.compaction.lag.ms" => i64::MAX.to_string(),
+        "file.delete.delay.ms" => "60000".into(),
         "max.message.bytes" => t.log.max_message_bytes.to_string(),
         // What Kafka 3.x reports: the format follows the inter-broker protocol (3.0+).
         "message.format.version" => "3.0-IV1".into(),
@@ -221,6 +240,8 @@ pub struct EffectiveConfig {
     pub min_cleanable_dirty_ratio: f64,
     /// flush.messages or flush.ms asks for flushes: fdatasync every write before answering.
     pub sync_every_write: bool,
+    /// max.compaction.lag.ms (i64::MAX: no bound).
+    pub max_compaction_lag_ms: i64,
 }
 
 impl EffectiveConfig {
@@ -232,15 +253,22 @@ impl EffectiveConfig {
                 .unwrap_or_else(|| default_value(k, t))
         };
         let num = |k: &str, d: i64| get(k).trim().parse::<i64>().unwrap_or(d);
+        let compact = get("cleanup.policy").contains("compact");
+        let max_compaction_lag_ms = num("max.compaction.lag.ms", i64::MAX).max(1);
+        let mut segment_ms = num("segment.ms", t.log.segment_ms as i64).max(1) as u64;
+        if compact {
+            // KIP-354: the active segment is not compacted, so it rolls in time.
+            segment_ms = segment_ms.min(max_compaction_lag_ms as u64);
+        }
         EffectiveConfig {
             segment_bytes: num("segment.bytes", t.log.segment_bytes as i64).max(14) as u64,
-            segment_ms: num("segment.ms", t.log.segment_ms as i64).max(1) as u64,
+            segment_ms,
             retention_ms: num("retention.ms", t.log.retention_ms),
             retention_bytes: num("retention.bytes", t.log.retention_bytes),
             max_message_bytes: num("max.message.bytes", t.log.max_message_bytes as i64).max(0)
                 as usize,
             log_append_time: get("message.timestamp.type") == "LogAppendTime",
-            compact: get("cleanup.policy").contains("compact"),
+            compact,
             delete: get("cleanup.policy").contains("delete"),
             delete_retention_ms: num("delete.retention.ms", 86_400_000).max(0),
             min_cleanable_dirty_ratio: get("min.cleanable.dirty.ratio")
@@ -251,6 +279,7 @@ impl EffectiveConfig {
                 .unwrap_or(0.5),
             sync_every_write: num("flush.messages", i64::MAX) < i64::MAX
                 || num("flush.ms", i64::MAX) < i64::MAX,
+            max_compaction_lag_ms,
         }
     }
 }
@@ -258,6 +287,24 @@ impl EffectiveConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_compaction_lag_rolls_compacted_segments_in_time() {
+        let t = Tuning::load(None).unwrap();
+        let mut o = BTreeMap::new();
+        o.insert("max.compaction.lag.ms".to_string(), "100".to_string());
+        // Not compacted: the lag bound means nothing, segment.ms stays.
+        assert_eq!(
+            EffectiveConfig::resolve(&o, &t).segment_ms,
+            t.log.segment_ms
+        );
+        o.insert("cleanup.policy".to_string(), "compact".to_string());
+        let c = EffectiveConfig::resolve(&o, &t);
+        assert_eq!(c.segment_ms, 100);
+        assert_eq!(c.max_compaction_lag_ms, 100);
+        assert!(validate("max.compaction.lag.ms", "0").is_err());
+        assert!(validate("file.delete.delay.ms", "10000").is_ok());
+    }
     #[test]
     fn validation() {
         assert!(validate("retention.ms", "1000").is_ok());

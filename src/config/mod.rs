@@ -127,6 +127,10 @@ fn default_job_queue_max() -> usize {
     4096
 }
 
+fn default_cleaner_backoff_ms() -> u64 {
+    15_000
+}
+
 fn default_inflight_bytes_per_shard() -> usize {
     256 << 20
 }
@@ -150,6 +154,9 @@ pub struct LogSection {
     pub retention_ms: i64,
     pub retention_bytes: i64,
     pub retention_check_interval_ms: u64,
+    /// How often the cleaner looks for compacted partitions to clean (log.cleaner.backoff.ms).
+    #[serde(default = "default_cleaner_backoff_ms")]
+    pub cleaner_backoff_ms: u64,
     pub max_message_bytes: usize,
     pub num_partitions: i32,
     pub auto_create_topics: bool,

@@ -81,6 +81,9 @@ pub struct CleanerSettings {
     pub delete_retention_ms: i64,
     /// min.cleanable.dirty.ratio: dirty bytes / closed bytes needed to start a pass.
     pub min_cleanable_dirty_ratio: f64,
+    /// max.compaction.lag.ms: a pass starts whatever the ratio once the oldest dirty closed
+    /// segment is this old.
+    pub max_compaction_lag_ms: i64,
 }
 
 /// What the cleaner needs to know of one closed segment.
@@ -678,7 +681,19 @@ impl SharedLog {
             .values()
             .filter_map(|p| p.batches.back().map(|b| b.base_offset))
             .collect();
-        if closed.is_empty() || dirty_ratio(&closed, cleaned_up_to) < s.min_cleanable_dirty_ratio {
+        let overdue = {
+            let log = self.inner.borrow();
+            let active_base = log.segments.keys().next_back().copied().unwrap_or(0);
+            log.segments
+                .range(cleaned_up_to..active_base)
+                .next()
+                .is_some_and(|(_, x)| {
+                    (now as i64).saturating_sub(x.created_ms as i64) >= s.max_compaction_lag_ms
+                })
+        };
+        if closed.is_empty()
+            || (dirty_ratio(&closed, cleaned_up_to) < s.min_cleanable_dirty_ratio && !overdue)
+        {
             return Ok(None);
         }
         let (s2, dir2, closed2) = (*s, dir.clone(), closed.clone());
@@ -959,6 +974,7 @@ mod tests {
         segment_bytes: 1 << 20,
         delete_retention_ms: 86_400_000,
         min_cleanable_dirty_ratio: 0.5,
+        max_compaction_lag_ms: i64::MAX,
     };
 
     fn clean_bytes(data: &[u8], s: &CleanerSettings, now: i64) -> (Vec<u8>, CleanStats) {
