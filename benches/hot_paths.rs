@@ -133,6 +133,7 @@ fn append(c: &mut Criterion) {
         retention_ms: -1,
         retention_bytes: -1,
         cache_bytes_max: 8 << 20,
+        visibility_sync_delay_us: 0,
     };
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .make()

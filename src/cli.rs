@@ -555,6 +555,7 @@ async fn retention_loop(shard: Rc<Shard>) {
                 retention_ms: cfg.retention_ms,
                 retention_bytes: cfg.retention_bytes,
                 cache_bytes_max: cap,
+                visibility_sync_delay_us: cfg.visibility_sync_delay_us,
             };
             let n = p.log.enforce_retention(&s, now).await;
             if n > 0 {

@@ -173,6 +173,8 @@ fn config(rng: &mut Rng) -> EffectiveConfig {
     cfg.segment_bytes = [8 << 10, 24 << 10, 1 << 20][rng.below(3) as usize];
     cfg.retention_ms = -1;
     cfg.retention_bytes = -1;
+    // The background sync's delay, short so that cuts land on both sides of it.
+    cfg.visibility_sync_delay_us = [0, 50, 500][rng.below(3) as usize];
     cfg
 }
 

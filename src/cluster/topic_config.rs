@@ -242,6 +242,8 @@ pub struct EffectiveConfig {
     pub sync_every_write: bool,
     /// max.compaction.lag.ms (i64::MAX: no bound).
     pub max_compaction_lag_ms: i64,
+    /// The node's delay before the background sync that makes writes visible.
+    pub visibility_sync_delay_us: u64,
 }
 
 impl EffectiveConfig {
@@ -280,6 +282,7 @@ impl EffectiveConfig {
             sync_every_write: num("flush.messages", i64::MAX) < i64::MAX
                 || num("flush.ms", i64::MAX) < i64::MAX,
             max_compaction_lag_ms,
+            visibility_sync_delay_us: t.log.visibility_sync_delay_us,
         }
     }
 }

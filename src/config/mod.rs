@@ -127,6 +127,10 @@ fn default_job_queue_max() -> usize {
     4096
 }
 
+fn default_visibility_sync_delay_us() -> u64 {
+    2_000
+}
+
 fn default_cleaner_backoff_ms() -> u64 {
     15_000
 }
@@ -165,6 +169,11 @@ pub struct LogSection {
     pub fsync: String,
     /// Wait this long before starting an fdatasync so that one covers more writes.
     pub group_commit_window_us: u64,
+    /// Consumers read only synced data; after a write, the partition's background sync waits
+    /// this long so that one fdatasync covers the writes of that window (acks=1 throughput
+    /// against the time before consumers see a record).
+    #[serde(default = "default_visibility_sync_delay_us")]
+    pub visibility_sync_delay_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

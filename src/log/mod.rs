@@ -79,6 +79,8 @@ pub struct LogSettings {
     pub retention_ms: i64,
     pub retention_bytes: i64,
     pub cache_bytes_max: usize,
+    /// Delay of the background sync after a write (see `tuning` log.visibility_sync_delay_us).
+    pub visibility_sync_delay_us: u64,
 }
 
 pub struct Segment {
@@ -1233,6 +1235,7 @@ mod tests {
             retention_ms: -1,
             retention_bytes: -1,
             cache_bytes_max: 1 << 20,
+            visibility_sync_delay_us: 0,
         }
     }
 

@@ -172,6 +172,7 @@ impl Partition {
             retention_ms: cfg.retention_ms,
             retention_bytes: cfg.retention_bytes,
             cache_bytes_max,
+            visibility_sync_delay_us: cfg.visibility_sync_delay_us,
         };
         self.kick_writer(settings);
         Ok(Queued {
@@ -232,7 +233,7 @@ impl Partition {
             // Bounded by the queue: each round writes everything queued so far.
             loop {
                 match me.log.flush_round(&settings).await {
-                    Ok(true) => me.kick_syncer(),
+                    Ok(true) => me.kick_syncer(settings.visibility_sync_delay_us),
                     Ok(false) => break,
                     Err(e) => tracing::error!("write to {}-{} failed: {e}", me.topic, me.index),
                 }
@@ -245,7 +246,7 @@ impl Partition {
     /// Starts the partition's background syncer unless it runs: it fdatasyncs what was written
     /// (sharing each sync with acks=all producers waiting for the same one) and wakes the
     /// fetches waiting for the high watermark to move, until the synced end catches up.
-    fn kick_syncer(self: &Rc<Self>) {
+    fn kick_syncer(self: &Rc<Self>, delay_us: u64) {
         if self.syncer_running.get() {
             return;
         }
@@ -254,10 +255,13 @@ impl Partition {
         glommio::spawn_local(async move {
             // Bounded by the writes: each pass syncs everything written before it started.
             loop {
-                let end = me.log.log_end_offset();
-                if me.log.synced_end() >= end {
+                if me.log.synced_end() >= me.log.log_end_offset() {
                     break;
                 }
+                if delay_us > 0 && !me.log.is_syncing() {
+                    glommio::timer::sleep(std::time::Duration::from_micros(delay_us)).await;
+                }
+                let end = me.log.log_end_offset();
                 if let Err(e) = me.log.sync_to(end).await {
                     tracing::error!("fdatasync of {}-{} failed: {e}", me.topic, me.index);
                     break;
