@@ -128,7 +128,7 @@ fn default_job_queue_max() -> usize {
 }
 
 fn default_visibility_sync_delay_us() -> u64 {
-    2_000
+    0
 }
 
 fn default_cleaner_backoff_ms() -> u64 {
