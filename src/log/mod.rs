@@ -333,8 +333,13 @@ impl SharedLog {
             segments.insert(base, Segment::empty(base, file, path, now_ms()));
         }
         // The recovered tail may be in the page cache only (a killed process): sync it before
-        // anything below its end is served or acknowledged again.
-        if let Some(active) = segments.values().next_back() {
+        // anything below its end is served or acknowledged again. After a clean stop the
+        // recovery point already covers it, and a start with many partitions skips the sync.
+        if let Some(active) = segments
+            .values()
+            .next_back()
+            .filter(|_| rec.recovery_point < log_end_offset)
+        {
             storage::fdatasync(&active.file, &active.path)
                 .await
                 .map_err(|e| LogError::io(&active.path, e))?;

@@ -42,6 +42,8 @@ pub struct Recovered {
     pub log_start_offset: u64,
     pub producers: HashMap<i64, ProducerEntry>,
     pub quarantined: Vec<QuarantinedSegment>,
+    /// Everything below this was synced before the last stop (0 when unknown).
+    pub recovery_point: u64,
 }
 
 const LSO_FILE: &str = "log-start-offset";
@@ -349,6 +351,7 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         log_start_offset,
         producers,
         quarantined,
+        recovery_point,
     })
 }
 
