@@ -4,12 +4,11 @@
 //! partition: it feeds requests and time to the state machine, answers pending requests, and
 //! persists commits and group metadata in that partition. It never touches other partitions.
 //! KIP-848 consumer groups (`group.protocol=consumer`) have their own state machine in
-//! `consumer_group.rs`, driven by `consumer_handlers.rs`; a group id belongs to one protocol at a
-//! time.
+//! `consumer_group.rs`; a group id belongs to one protocol at a time. The Kafka API handlers
+//! that call in here live in `server/handlers/` (one file per API); this module never sees a
+//! wire type or a connection.
 
 pub mod consumer_group;
-pub mod consumer_handlers;
-pub mod handlers;
 pub mod records;
 pub mod state;
 
@@ -22,11 +21,18 @@ use futures::channel::oneshot;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
+use kafka_protocol::ResponseError;
 
+use crate::cluster::metadata::MetadataImage;
+use crate::config::Tuning;
 use crate::log::now_ms;
 use crate::shard::Shard;
+use consumer_group::{Assignment, Assignor, ConsumerConfig, GroupDescription, TopicSource};
 use records::{GroupMetadataValue, OffsetValue, OffsetsKey, OffsetsRecord};
-use state::{Action, GroupConfig, GroupCoordinator, JoinResponse, SyncResponse, Token};
+use state::{
+    Action, GroupConfig, GroupCoordinator, HeartbeatRequest, JoinRequest, JoinResponse,
+    LeaveMember, SyncResponse, Token,
+};
 
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Kafka's offset.metadata.max.bytes.
@@ -90,13 +96,13 @@ impl GroupShard {
     pub fn join(
         self: &Rc<Self>,
         shard: &Rc<Shard>,
-        req: state::JoinRequest,
+        req: JoinRequest,
     ) -> oneshot::Receiver<JoinResponse> {
         let (tx, rx) = oneshot::channel();
         // A consumer-protocol group with members cannot be joined by a classic member; an empty
         // one becomes a classic group (Kafka's conversion).
         if self.consumer.borrow().is_active(&req.group_id) {
-            let _ = tx.send(consumer_handlers::classic_join_refused(&req));
+            let _ = tx.send(classic_join_refused(&req));
             return rx;
         }
         let _ = self.consumer.borrow_mut().delete(&req.group_id);
@@ -158,7 +164,7 @@ impl GroupShard {
     pub async fn load(self: &Rc<Self>, shard: &Rc<Shard>) {
         self.consumer
             .borrow_mut()
-            .set_config(consumer_handlers::consumer_config(&shard.node.tuning));
+            .set_config(consumer_config(&shard.node.tuning));
         let n = shard.node.tuning.group.offsets_topic_num_partitions;
         let mut groups: HashMap<String, Option<GroupMetadataValue>> = HashMap::new();
         let mut loaded = 0usize;
@@ -263,6 +269,409 @@ impl GroupShard {
                 );
             }
         }
+    }
+}
+
+/// One row of ListGroups.
+pub struct GroupListing {
+    pub group_id: String,
+    pub protocol_type: String,
+    pub state: String,
+    /// "classic" or "consumer" (KIP-848).
+    pub group_type: &'static str,
+}
+
+/// One committed offset as OffsetFetch reports it (offset -1: nothing committed).
+pub struct CommittedPartition {
+    pub partition: i32,
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: String,
+}
+
+impl CommittedPartition {
+    fn of(partition: i32, v: Option<&OffsetValue>) -> CommittedPartition {
+        match v {
+            Some(v) => CommittedPartition {
+                partition,
+                offset: v.offset,
+                leader_epoch: v.leader_epoch,
+                metadata: v.metadata.clone(),
+            },
+            None => CommittedPartition {
+                partition,
+                offset: -1,
+                leader_epoch: -1,
+                metadata: String::new(),
+            },
+        }
+    }
+}
+
+/// A topic's committed offsets, in the order asked (or topic order when all were asked for).
+pub type CommittedTopic = (String, Vec<CommittedPartition>);
+
+/// The outcome of a KIP-848 heartbeat: the state machine's answer and the member's assignment
+/// by topic id, or (error code, message).
+pub type ConsumerHeartbeat = Result<
+    (
+        consumer_group::HeartbeatResponse,
+        Option<Vec<(uuid::Uuid, Vec<i32>)>>,
+    ),
+    (i16, String),
+>;
+
+/// The group operations the API handlers call, each on the coordinator shard of the group.
+impl GroupShard {
+    /// Heartbeat of a classic member.
+    pub fn heartbeat(&self, req: HeartbeatRequest) -> Result<(), i16> {
+        self.coord.borrow_mut().heartbeat(now_ms(), req)
+    }
+
+    /// LeaveGroup: the top-level result and one code per leaving member.
+    pub fn leave(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        group: &str,
+        members: &[LeaveMember],
+    ) -> (Result<(), i16>, Vec<(LeaveMember, i16)>) {
+        let (top, per, actions) = self.coord.borrow_mut().leave(now_ms(), group, members);
+        self.apply(shard, actions);
+        (top, per)
+    }
+
+    /// DescribeGroups of a classic group; None for a group this coordinator does not know.
+    pub fn describe(&self, group: &str) -> Option<state::GroupDescription> {
+        self.coord.borrow().describe(group)
+    }
+
+    /// ListGroups rows of this shard, classic and consumer groups.
+    pub fn list(&self) -> Vec<GroupListing> {
+        let consumer = self.consumer.borrow();
+        // An id is in one state machine at a time, but drop any leftover classic duplicate.
+        let classic = self
+            .coord
+            .borrow()
+            .list()
+            .into_iter()
+            .filter(|(id, _, _)| !consumer.contains(id))
+            .map(|(group_id, protocol_type, state)| GroupListing {
+                group_id,
+                protocol_type,
+                state,
+                group_type: "classic",
+            });
+        let mut out: Vec<GroupListing> = classic.collect();
+        out.extend(
+            consumer
+                .list()
+                .into_iter()
+                .map(|(group_id, state)| GroupListing {
+                    group_id,
+                    protocol_type: "consumer".to_owned(),
+                    state,
+                    group_type: "consumer",
+                }),
+        );
+        out
+    }
+
+    /// OffsetCommit checks: consumer groups validate the member epoch (v9+), classic groups the
+    /// generation. Creates the classic offsets-only group when neither protocol owns the id.
+    fn validate_commit(
+        &self,
+        group: &str,
+        generation_or_epoch: i32,
+        member: &str,
+        instance: Option<&str>,
+    ) -> Result<(), i16> {
+        if let Some(r) = self
+            .consumer
+            .borrow()
+            .validate_commit(group, member, generation_or_epoch)
+        {
+            return r;
+        }
+        self.coord
+            .borrow()
+            .validate_commit(group, generation_or_epoch, member, instance)?;
+        self.coord.borrow_mut().ensure_group(group);
+        Ok(())
+    }
+
+    /// OffsetCommit: checks the member, stores the commits in `__consumer_offsets`, then makes
+    /// them visible to OffsetFetch. Returns the code every committed partition gets.
+    pub async fn commit_offsets(
+        &self,
+        shard: &Rc<Shard>,
+        group: &str,
+        generation_or_epoch: i32,
+        member: &str,
+        instance: Option<&str>,
+        commits: Vec<(String, i32, OffsetValue)>,
+    ) -> i16 {
+        if let Err(code) = self.validate_commit(group, generation_or_epoch, member, instance) {
+            return code;
+        }
+        let kvs = commits
+            .iter()
+            .map(|(t, p, v)| {
+                (
+                    OffsetsKey::Offset {
+                        group: group.to_owned(),
+                        topic: t.clone(),
+                        partition: *p,
+                    }
+                    .encode(),
+                    Some(v.encode()),
+                )
+            })
+            .collect();
+        if let Err(e) = append_records(shard, group, kvs).await {
+            tracing::warn!("offset commit for {group} not persisted: {e}");
+            return ResponseError::KafkaStorageError.code();
+        }
+        let mut offs = self.offsets.borrow_mut();
+        let entry = offs.entry(group.to_owned()).or_default();
+        for (t, p, v) in commits {
+            entry.insert((t, p), v);
+        }
+        state::error_code::NONE
+    }
+
+    /// OffsetFetch v9: a consumer-group member fetching with its member id and epoch.
+    pub fn validate_fetch(
+        &self,
+        group: &str,
+        member_id: Option<&str>,
+        member_epoch: i32,
+    ) -> Result<(), i16> {
+        self.consumer
+            .borrow()
+            .validate_fetch(group, member_id, member_epoch)
+    }
+
+    /// OffsetFetch: the committed offsets of `topics` (None: every committed partition).
+    pub fn committed_offsets(
+        &self,
+        group: &str,
+        topics: Option<Vec<(String, Vec<i32>)>>,
+    ) -> Vec<CommittedTopic> {
+        let offs = self.offsets.borrow();
+        let committed = offs.get(group);
+        let lookup = |t: &str, p: i32| committed.and_then(|c| c.get(&(t.to_string(), p)));
+        match topics {
+            Some(ts) => ts
+                .into_iter()
+                .map(|(t, ps)| {
+                    let rows = ps
+                        .into_iter()
+                        .map(|p| CommittedPartition::of(p, lookup(&t, p)))
+                        .collect();
+                    (t, rows)
+                })
+                .collect(),
+            None => {
+                let mut out: Vec<CommittedTopic> = Vec::new();
+                for ((t, p), v) in committed.into_iter().flatten() {
+                    let row = CommittedPartition::of(*p, Some(v));
+                    match out.last_mut() {
+                        Some((lt, rows)) if lt == t => rows.push(row),
+                        _ => out.push((t.clone(), vec![row])),
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// DeleteGroups: a consumer group if the id is one, else the classic group.
+    fn delete_group(&self, group: &str) -> Result<(), i16> {
+        match self.consumer.borrow_mut().delete(group) {
+            Err(code) if code == consumer_group::error_code::GROUP_ID_NOT_FOUND => {
+                self.coord.borrow_mut().delete(group)
+            }
+            other => other,
+        }
+    }
+
+    /// DeleteGroups: removes the group and its committed offsets, tombstoned in
+    /// `__consumer_offsets`. Returns the group's error code.
+    pub async fn delete_group_and_offsets(&self, shard: &Rc<Shard>, group: &str) -> i16 {
+        let r = self.delete_group(group);
+        let had_offsets = self
+            .offsets
+            .borrow()
+            .get(group)
+            .map(|o| !o.is_empty())
+            .unwrap_or(false);
+        match r {
+            Ok(()) => {}
+            // A group known only by its offsets can be deleted too.
+            Err(code) if code == state::error_code::GROUP_ID_NOT_FOUND && had_offsets => {}
+            Err(code) => return code,
+        }
+        let removed = self.offsets.borrow_mut().remove(group).unwrap_or_default();
+        let mut kvs: Vec<(Vec<u8>, Option<Vec<u8>>)> = removed
+            .into_keys()
+            .map(|(t, p)| {
+                (
+                    OffsetsKey::Offset {
+                        group: group.to_owned(),
+                        topic: t,
+                        partition: p,
+                    }
+                    .encode(),
+                    None,
+                )
+            })
+            .collect();
+        kvs.push((
+            OffsetsKey::Group {
+                group: group.to_owned(),
+            }
+            .encode(),
+            None,
+        ));
+        match append_records(shard, group, kvs).await {
+            Ok(()) => state::error_code::NONE,
+            Err(_) => ResponseError::KafkaStorageError.code(),
+        }
+    }
+
+    /// OffsetDelete: one code per (topic, partition), or the group's error code.
+    pub async fn delete_offsets(
+        &self,
+        shard: &Rc<Shard>,
+        group: &str,
+        parts: Vec<(String, i32)>,
+    ) -> Result<Vec<i16>, i16> {
+        let st = self.coord.borrow().state(group);
+        let known = st.is_some()
+            || self.consumer.borrow().contains(group)
+            || self.offsets.borrow().contains_key(group);
+        if !known {
+            return Err(state::error_code::GROUP_ID_NOT_FOUND);
+        }
+        // Members consuming the group's topics keep their offsets (conservative: any
+        // non-empty group counts as subscribed).
+        let busy = matches!(st, Some(s) if s != state::GroupState::Empty)
+            || self.consumer.borrow().is_active(group);
+        let mut per = Vec::new();
+        let mut kvs = Vec::new();
+        for (t, p) in parts {
+            if busy {
+                per.push(ResponseError::GroupSubscribedToTopic.code());
+                continue;
+            }
+            if self
+                .offsets
+                .borrow_mut()
+                .get_mut(group)
+                .and_then(|o| o.remove(&(t.clone(), p)))
+                .is_some()
+            {
+                kvs.push((
+                    OffsetsKey::Offset {
+                        group: group.to_owned(),
+                        topic: t,
+                        partition: p,
+                    }
+                    .encode(),
+                    None,
+                ));
+            }
+            per.push(state::error_code::NONE);
+        }
+        if !kvs.is_empty() {
+            append_records(shard, group, kvs)
+                .await
+                .map_err(|_| ResponseError::KafkaStorageError.code())?;
+        }
+        Ok(per)
+    }
+
+    /// ConsumerGroupHeartbeat (KIP-848). `owned` names the member's partitions by topic id.
+    pub fn consumer_heartbeat(
+        &self,
+        img: &MetadataImage,
+        mut req: consumer_group::HeartbeatRequest,
+        owned: Option<Vec<(uuid::Uuid, Vec<i32>)>>,
+    ) -> ConsumerHeartbeat {
+        // Owned partitions of topics that no longer exist are simply gone.
+        req.owned = owned.map(|ids| {
+            let mut a = Assignment::new();
+            for (id, ps) in ids {
+                if let Some(t) = img.topic_by_id(&id) {
+                    a.entry(t.name.clone()).or_default().extend(ps);
+                }
+            }
+            a
+        });
+        if req.member_epoch == 0 && !self.consumer.borrow().contains(&req.group_id) {
+            // A classic group with members keeps its id; an empty one is taken over.
+            match self.coord.borrow().state(&req.group_id) {
+                Some(s) if s != state::GroupState::Empty => {
+                    return Err((
+                        state::error_code::GROUP_ID_NOT_FOUND,
+                        format!("Group {} is not a consumer group.", req.group_id),
+                    ));
+                }
+                _ => {}
+            }
+            let _ = self.coord.borrow_mut().delete(&req.group_id);
+        }
+        let resp = self.consumer.borrow_mut().heartbeat(now_ms(), img, req);
+        let assignment = resp.assignment.as_ref().map(|a| {
+            a.iter()
+                .filter_map(|(t, ps)| {
+                    img.topic(t)
+                        .map(|m| (m.id, ps.iter().copied().collect::<Vec<i32>>()))
+                })
+                .collect::<Vec<_>>()
+        });
+        Ok((resp, assignment))
+    }
+
+    /// ConsumerGroupDescribe of a KIP-848 group; None for an unknown group.
+    pub fn consumer_describe(&self, group: &str) -> Option<GroupDescription> {
+        self.consumer.borrow().describe(group)
+    }
+}
+
+impl TopicSource for MetadataImage {
+    fn partition_count(&self, topic: &str) -> Option<i32> {
+        self.topic(topic).map(|t| t.partitions)
+    }
+    fn for_each_topic(&self, f: &mut dyn FnMut(&str)) {
+        for t in self.topics.values().filter(|t| !t.internal) {
+            f(&t.name);
+        }
+    }
+}
+
+/// The consumer-group settings of the tuning file (Kafka's `group.consumer.*`).
+fn consumer_config(t: &Tuning) -> ConsumerConfig {
+    let g = &t.group;
+    ConsumerConfig {
+        heartbeat_interval_ms: g.consumer_heartbeat_interval_ms,
+        session_timeout_ms: u64::try_from(g.consumer_session_timeout_ms).unwrap_or(45_000),
+        default_assignor: Assignor::parse(&g.consumer_assignor).unwrap_or(Assignor::Uniform),
+        ..ConsumerConfig::default()
+    }
+}
+
+/// Kafka's answer to a classic JoinGroup for a group the consumer protocol is using.
+fn classic_join_refused(req: &JoinRequest) -> JoinResponse {
+    JoinResponse {
+        error_code: state::error_code::INCONSISTENT_GROUP_PROTOCOL,
+        generation_id: -1,
+        protocol_type: None,
+        protocol_name: None,
+        leader: String::new(),
+        member_id: req.member_id.clone(),
+        skip_assignment: false,
+        members: Vec::new(),
     }
 }
 

@@ -1,13 +1,36 @@
-//! One file per Kafka API. Each handler takes the decoded request and returns the response;
-//! errors become Kafka error codes here, at the boundary.
+//! One file per Kafka API, named after it (`join_group.rs` answers JoinGroup). Each handler is
+//! thin: decode the request, route each part to the shard that owns it, call the domain
+//! (partition, group, cluster), map the domain's errors to Kafka codes here at the boundary, and
+//! build the response. `util.rs` holds what several handlers share.
 
-pub mod admin;
+pub mod alter_configs;
 pub mod api_versions;
+pub mod consumer_group_describe;
+pub mod consumer_group_heartbeat;
+pub mod create_partitions;
+pub mod create_topics;
+pub mod delete_groups;
+pub mod delete_records;
+pub mod delete_topics;
+pub mod describe_cluster;
+pub mod describe_configs;
+pub mod describe_groups;
 pub mod fetch;
-pub mod groups;
+pub mod find_coordinator;
+pub mod heartbeat;
+pub mod incremental_alter_configs;
+pub mod init_producer_id;
+pub mod join_group;
+pub mod leave_group;
+pub mod list_groups;
 pub mod list_offsets;
 pub mod metadata;
+pub mod offset_commit;
+pub mod offset_delete;
+pub mod offset_fetch;
+pub mod offset_for_leader_epoch;
 pub mod produce;
+pub mod sync_group;
 pub mod util;
 
 use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
@@ -46,43 +69,85 @@ async fn dispatch_kind(
     header: &RequestHeader,
     req: RequestKind,
 ) -> Option<ResponseKind> {
-    let v = header.request_api_version;
+    let version = header.request_api_version;
     Some(match req {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response(0)),
-        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::handle(ctx, v, r).await),
+        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::handle(ctx, version, r).await),
         RequestKind::ListOffsets(r) => {
-            ResponseKind::ListOffsets(list_offsets::handle(ctx, v, r).await)
+            ResponseKind::ListOffsets(list_offsets::handle(ctx, version, r).await)
         }
         RequestKind::OffsetForLeaderEpoch(r) => {
-            ResponseKind::OffsetForLeaderEpoch(list_offsets::offset_for_leader_epoch(ctx, r).await)
+            ResponseKind::OffsetForLeaderEpoch(offset_for_leader_epoch::handle(ctx, r).await)
         }
         RequestKind::CreateTopics(r) => {
-            ResponseKind::CreateTopics(admin::create_topics(ctx, r).await)
+            ResponseKind::CreateTopics(create_topics::handle(ctx, r).await)
         }
         RequestKind::DeleteTopics(r) => {
-            ResponseKind::DeleteTopics(admin::delete_topics(ctx, v, r).await)
+            ResponseKind::DeleteTopics(delete_topics::handle(ctx, version, r).await)
         }
         RequestKind::CreatePartitions(r) => {
-            ResponseKind::CreatePartitions(admin::create_partitions(ctx, r).await)
+            ResponseKind::CreatePartitions(create_partitions::handle(ctx, r).await)
         }
         RequestKind::DeleteRecords(r) => {
-            ResponseKind::DeleteRecords(admin::delete_records(ctx, r).await)
+            ResponseKind::DeleteRecords(delete_records::handle(ctx, r).await)
         }
         RequestKind::DescribeConfigs(r) => {
-            ResponseKind::DescribeConfigs(admin::describe_configs(ctx, r).await)
+            ResponseKind::DescribeConfigs(describe_configs::handle(ctx, r).await)
         }
         RequestKind::AlterConfigs(r) => {
-            ResponseKind::AlterConfigs(admin::alter_configs(ctx, r).await)
+            ResponseKind::AlterConfigs(alter_configs::handle(ctx, r).await)
         }
         RequestKind::IncrementalAlterConfigs(r) => {
-            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(ctx, r).await)
+            ResponseKind::IncrementalAlterConfigs(incremental_alter_configs::handle(ctx, r).await)
         }
         RequestKind::InitProducerId(r) => {
-            ResponseKind::InitProducerId(admin::init_producer_id(ctx, r).await)
+            ResponseKind::InitProducerId(init_producer_id::handle(ctx, r).await)
         }
         RequestKind::DescribeCluster(r) => {
-            ResponseKind::DescribeCluster(admin::describe_cluster(ctx, r))
+            ResponseKind::DescribeCluster(describe_cluster::handle(ctx, r))
         }
-        other => return groups::dispatch(ctx, header, other).await,
+        RequestKind::FindCoordinator(r) => {
+            ResponseKind::FindCoordinator(find_coordinator::handle(ctx, version, r).await)
+        }
+        RequestKind::JoinGroup(r) => {
+            ResponseKind::JoinGroup(join_group::handle(ctx, version, r).await)
+        }
+        RequestKind::SyncGroup(r) => {
+            ResponseKind::SyncGroup(sync_group::handle(ctx, version, r).await)
+        }
+        RequestKind::Heartbeat(r) => {
+            ResponseKind::Heartbeat(heartbeat::handle(ctx, version, r).await)
+        }
+        RequestKind::LeaveGroup(r) => {
+            ResponseKind::LeaveGroup(leave_group::handle(ctx, version, r).await)
+        }
+        RequestKind::OffsetCommit(r) => {
+            ResponseKind::OffsetCommit(offset_commit::handle(ctx, version, r).await)
+        }
+        RequestKind::OffsetFetch(r) => {
+            ResponseKind::OffsetFetch(offset_fetch::handle(ctx, version, r).await)
+        }
+        RequestKind::ListGroups(r) => {
+            ResponseKind::ListGroups(list_groups::handle(ctx, version, r).await)
+        }
+        RequestKind::DescribeGroups(r) => {
+            ResponseKind::DescribeGroups(describe_groups::handle(ctx, version, r).await)
+        }
+        RequestKind::DeleteGroups(r) => {
+            ResponseKind::DeleteGroups(delete_groups::handle(ctx, version, r).await)
+        }
+        RequestKind::OffsetDelete(r) => {
+            ResponseKind::OffsetDelete(offset_delete::handle(ctx, version, r).await)
+        }
+        RequestKind::ConsumerGroupHeartbeat(r) => ResponseKind::ConsumerGroupHeartbeat(
+            consumer_group_heartbeat::handle(ctx, version, r).await,
+        ),
+        RequestKind::ConsumerGroupDescribe(r) => ResponseKind::ConsumerGroupDescribe(
+            consumer_group_describe::handle(ctx, version, r).await,
+        ),
+        other => {
+            tracing::warn!("no handler for {:?}", std::mem::discriminant(&other));
+            return None;
+        }
     })
 }

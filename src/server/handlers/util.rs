@@ -1,4 +1,5 @@
-//! Small helpers shared by handlers: string conversions and fan-out over shards.
+//! Small helpers shared by handlers: string conversions, fan-out over shards and routing to a
+//! group's coordinator shard.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -6,7 +7,8 @@ use std::rc::Rc;
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
 
-use crate::shard::{invoke, Shard};
+use crate::group::{offsets_partition_for, GroupShard, GROUP_ID_BYTES_MAX, OFFSETS_TOPIC};
+use crate::shard::{invoke, Node, Shard};
 
 /// Authorized operations (KIP-430), as bit sets of ACL operation codes (READ 3, WRITE 4,
 /// CREATE 5, DELETE 6, ALTER 7, DESCRIBE 8, CLUSTER_ACTION 9, DESCRIBE_CONFIGS 10,
@@ -34,6 +36,33 @@ pub fn authorized_operations(requested: bool, operations: i32) -> i32 {
     } else {
         i32::MIN
     }
+}
+
+/// A group id Kafka accepts: not empty and at most `GROUP_ID_BYTES_MAX` bytes.
+pub fn valid_group(group: &str) -> bool {
+    !group.is_empty() && group.len() <= GROUP_ID_BYTES_MAX
+}
+
+/// Runs `f` with the coordinator state of `group` on the shard that owns the group's
+/// `__consumer_offsets` partition; None when that shard runs no coordinator.
+pub async fn on_coordinator<F, Fut, R>(node: &Node, group: &str, f: F) -> Option<R>
+where
+    F: FnOnce(Rc<Shard>, Rc<GroupShard>) -> Fut + Send + 'static,
+    Fut: Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    let partitions = node.tuning.group.offsets_topic_num_partitions;
+    let target = node.shard_of(OFFSETS_TOPIC, offsets_partition_for(group, partitions));
+    invoke(target, move |sh| async move {
+        let groups = sh.groups.borrow().clone()?;
+        Some(f(sh, groups).await)
+    })
+    .await
+}
+
+/// An owned copy of a wire string.
+pub fn string_of(s: &StrBytes) -> String {
+    s.as_str().to_string()
 }
 
 pub fn sb(s: &str) -> StrBytes {

@@ -1,0 +1,121 @@
+//! CreateTopics: new topics through the controller (validate_only, configs, replication factor 1).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kafka_protocol::messages::create_topics_request::CreateTopicsRequest;
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult, CreateTopicsResponse,
+};
+
+use super::describe_configs::{SOURCE_DEFAULT, SOURCE_TOPIC};
+use super::util::sb;
+use crate::cluster::controller::{self, NewTopic};
+use crate::cluster::topic_config::{self, TOPIC_CONFIGS};
+use crate::server::errors as ec;
+use crate::server::ConnCtx;
+
+pub async fn handle(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTopicsResponse {
+    let node = ctx.shard.node.clone();
+    let mut resp = CreateTopicsResponse::default();
+    let mut news = Vec::new();
+    let mut pre: Vec<Option<(i16, String)>> = Vec::new();
+    for t in &req.topics {
+        let name = t.name.0.to_string();
+        if req
+            .topics
+            .iter()
+            .filter(|o| o.name.0.as_str() == name)
+            .count()
+            > 1
+        {
+            pre.push(Some((
+                ec::INVALID_REQUEST,
+                "Duplicate topic name in request".into(),
+            )));
+            continue;
+        }
+        if !t.assignments.is_empty() {
+            let bad = t.assignments.iter().any(|a| {
+                a.broker_ids.iter().any(|b| b.0 != node.node_id) || a.broker_ids.len() != 1
+            });
+            if bad {
+                pre.push(Some((
+                    ec::INVALID_REPLICA_ASSIGNMENT,
+                    "Replica assignment names brokers that do not exist".into(),
+                )));
+                continue;
+            }
+        }
+        let partitions = if !t.assignments.is_empty() {
+            t.assignments.len() as i32
+        } else if t.num_partitions == -1 {
+            node.tuning.log.num_partitions
+        } else {
+            t.num_partitions
+        };
+        let mut configs = BTreeMap::new();
+        for c in &t.configs {
+            if let Some(v) = &c.value {
+                configs.insert(c.name.to_string(), v.to_string());
+            }
+        }
+        news.push(NewTopic {
+            name,
+            partitions,
+            replication_factor: if t.assignments.is_empty() {
+                t.replication_factor
+            } else {
+                1
+            },
+            configs,
+            internal: false,
+        });
+        pre.push(None);
+    }
+    let mut results = controller::create_topics(Arc::clone(&node), news, req.validate_only)
+        .await
+        .into_iter();
+    for (t, pre) in req.topics.iter().zip(pre) {
+        let mut r = CreatableTopicResult::default();
+        r.name = t.name.clone();
+        let outcome = match pre {
+            Some(e) => Err(e),
+            None => results
+                .next()
+                .unwrap_or(Err((ec::UNKNOWN_SERVER_ERROR, "missing result".into()))),
+        };
+        match outcome {
+            Ok(meta) => {
+                r.topic_id = meta.id;
+                r.num_partitions = meta.partitions;
+                r.replication_factor = 1;
+                let mut cfgs = Vec::new();
+                for d in TOPIC_CONFIGS {
+                    let mut c = CreatableTopicConfigs::default();
+                    c.name = sb(d.name);
+                    let explicit = meta.configs.get(d.name);
+                    c.value = Some(sb(&explicit
+                        .cloned()
+                        .unwrap_or_else(|| topic_config::default_value(d.name, &node.tuning))));
+                    c.config_source = if explicit.is_some() {
+                        SOURCE_TOPIC
+                    } else {
+                        SOURCE_DEFAULT
+                    };
+                    cfgs.push(c);
+                }
+                r.configs = Some(cfgs);
+            }
+            Err((code, msg)) => {
+                r.error_code = code;
+                r.error_message = Some(sb(&msg));
+                r.num_partitions = -1;
+                r.replication_factor = -1;
+                r.topic_config_error_code = code;
+            }
+        }
+        resp.topics.push(r);
+    }
+    resp
+}

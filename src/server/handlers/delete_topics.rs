@@ -1,0 +1,52 @@
+//! DeleteTopics: by name or, from v6, by topic id, through the controller.
+
+use std::sync::Arc;
+
+use kafka_protocol::messages::delete_topics_request::DeleteTopicsRequest;
+use kafka_protocol::messages::delete_topics_response::{
+    DeletableTopicResult, DeleteTopicsResponse,
+};
+
+use super::util::{sb, tn};
+use crate::cluster::controller;
+use crate::server::errors as ec;
+use crate::server::ConnCtx;
+
+pub async fn handle(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    let node = ctx.shard.node.clone();
+    let mut resp = DeleteTopicsResponse::default();
+    let targets: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
+        req.topics
+            .iter()
+            .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
+            .collect()
+    } else {
+        req.topic_names
+            .iter()
+            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+            .collect()
+    };
+    for (name, id) in targets {
+        let mut r = DeletableTopicResult::default();
+        let resolved = match &name {
+            Some(n) => Some(n.clone()),
+            None => node.image().topic_by_id(&id).map(|t| t.name.clone()),
+        };
+        r.name = resolved.as_deref().map(tn);
+        r.topic_id = resolved
+            .as_deref()
+            .and_then(|n| node.image().topic(n).map(|t| t.id))
+            .unwrap_or(id);
+        match resolved {
+            None => r.error_code = ec::UNKNOWN_TOPIC_ID,
+            Some(n) => {
+                if let Err((code, msg)) = controller::delete_topic(Arc::clone(&node), n).await {
+                    r.error_code = code;
+                    r.error_message = Some(sb(&msg));
+                }
+            }
+        }
+        resp.responses.push(r);
+    }
+    resp
+}
