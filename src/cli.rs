@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::cluster::metadata;
+use crate::cluster::node::Node;
 use crate::config::Tuning;
-use crate::shard::{self, Job, Node, Shard};
+use crate::shard::{self, Job, Mesh, Shard};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -303,6 +304,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         senders.push(tx);
         receivers.push(rx);
     }
+    let mesh: Mesh = Arc::new(senders);
     let node = Arc::new(Node {
         node_id: tuning.node.node_id,
         data_dir: data_dir.clone(),
@@ -310,14 +312,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         advertised_port: adv_port,
         cluster_id: cluster.cluster_id.clone(),
         meta: ArcSwap::from_pointee(image),
-        mesh: senders,
+        shard_count: mesh.len(),
         next_producer_id: AtomicI64::new(cluster.producer_id_block_end),
         producer_id_block_end: AtomicI64::new(cluster.producer_id_block_end),
         tuning: tuning.clone(),
     });
 
     if let Some(l) = metrics_listener {
-        crate::metrics::endpoint::spawn(l, node.clone(), cores.clone())
+        crate::metrics::endpoint::spawn(l, mesh.clone(), cores.clone())
             .context("cannot start the metrics thread")?;
     }
     // Installed before any shard listens, so that a SIGTERM arriving as soon as the port
@@ -331,6 +333,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for (i, (core, rx)) in cores.iter().copied().zip(receivers).enumerate() {
         let node = node.clone();
+        let mesh = mesh.clone();
         let status = status_tx.clone();
         let probe = probe.clone();
         let st = tuning.for_core(core);
@@ -344,7 +347,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 if pin {
                     core_affinity::set_for_current(core_affinity::CoreId { id: core });
                 }
-                if let Err(e) = shard_main(i, st, node, rx, probe, listen, status.clone()).await {
+                if let Err(e) =
+                    shard_main(i, st, node, mesh, rx, probe, listen, status.clone()).await
+                {
                     let _ = status.send(Err(format!("shard {i}: {e:#}")));
                 }
             })
@@ -370,7 +375,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let sig = signals.forever().next();
     tracing::info!("signal {sig:?}: shutting down");
-    for tx in &node.mesh {
+    for tx in mesh.iter() {
         let job: Job = Box::new(|| {
             Box::pin(async {
                 let sh = shard::local();
@@ -448,6 +453,7 @@ async fn shard_main(
     id: usize,
     st: crate::config::ShardTuning,
     node: Arc<Node>,
+    mesh: Mesh,
     rx: flume::Receiver<Job>,
     probe: PathBuf,
     listen: std::net::SocketAddr,
@@ -463,7 +469,7 @@ async fn shard_main(
     if !node.tuning.metrics.listen.is_empty() {
         crate::metrics::enable_on_this_thread();
     }
-    let shard = Rc::new(Shard::new(id, st, node.clone()));
+    let shard = Rc::new(Shard::new(id, st, node.clone(), mesh));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);
     shard::install(shard.clone());

@@ -1,5 +1,6 @@
-//! Controller operations: every change to the metadata image runs on the controller shard, so
-//! changes are serialized; each is persisted before it is published to the other shards.
+//! Controller operations: every change to the metadata image. Callers run them on the controller
+//! shard (`shard::on_controller`), so changes are serialized; each is persisted before it is
+//! published to the other shards. Knows nothing of shards or the wire.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,9 +8,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::metadata::{self, TopicMeta};
+use super::node::Node;
 use super::topic_config;
 use crate::server::errors as ec;
-use crate::shard::{invoke, Node};
 
 pub type OpResult<T> = Result<T, (i16, String)>;
 
@@ -60,55 +61,50 @@ fn check_new_topic(node: &Node, t: &NewTopic) -> OpResult<()> {
     Ok(())
 }
 
-/// Creates topics (or only validates them). Runs on the controller shard.
-pub async fn create_topics(
-    node: Arc<Node>,
+/// Creates topics (or only validates them).
+pub fn create_topics(
+    node: &Node,
     topics: Vec<NewTopic>,
     validate_only: bool,
 ) -> Vec<OpResult<Arc<TopicMeta>>> {
-    let target = node.controller_shard();
-    invoke(target, move |sh| async move {
-        let node = sh.node.clone();
-        let mut out = Vec::new();
-        for t in topics {
-            if let Err(e) = check_new_topic(&node, &t) {
-                out.push(Err(e));
-                continue;
-            }
-            let meta = TopicMeta {
-                name: t.name.clone(),
-                id: Uuid::new_v4(),
-                partitions: t.partitions,
-                configs: t.configs,
-                internal: t.internal,
-            };
-            if validate_only {
-                out.push(Ok(Arc::new(meta)));
-                continue;
-            }
-            // A crash between a delete's metadata write and its directory removal leaves old
-            // data behind: it must not reappear in a new topic of the same name.
-            remove_stale_partition_dirs(&node, &meta.name, 0..meta.partitions);
-            let next = node.image().with_topic(meta);
-            if let Err(e) = metadata::save_image(&node.data_dir, &next) {
-                tracing::error!("cannot persist metadata: {e}");
-                out.push(Err((
-                    ec::KAFKA_STORAGE_ERROR,
-                    format!("cannot persist metadata: {e}"),
-                )));
-                continue;
-            }
-            let created = next.topic(&t.name).cloned();
-            node.meta.store(Arc::new(next));
-            tracing::info!("created topic {} with {} partitions", t.name, t.partitions);
-            match created {
-                Some(c) => out.push(Ok(c)),
-                None => out.push(Err((ec::UNKNOWN_SERVER_ERROR, "topic vanished".into()))),
-            }
+    let mut out = Vec::new();
+    for t in topics {
+        if let Err(e) = check_new_topic(node, &t) {
+            out.push(Err(e));
+            continue;
         }
-        out
-    })
-    .await
+        let meta = TopicMeta {
+            name: t.name.clone(),
+            id: Uuid::new_v4(),
+            partitions: t.partitions,
+            configs: t.configs,
+            internal: t.internal,
+        };
+        if validate_only {
+            out.push(Ok(Arc::new(meta)));
+            continue;
+        }
+        // A crash between a delete's metadata write and its directory removal leaves old
+        // data behind: it must not reappear in a new topic of the same name.
+        remove_stale_partition_dirs(node, &meta.name, 0..meta.partitions);
+        let next = node.image().with_topic(meta);
+        if let Err(e) = metadata::save_image(&node.data_dir, &next) {
+            tracing::error!("cannot persist metadata: {e}");
+            out.push(Err((
+                ec::KAFKA_STORAGE_ERROR,
+                format!("cannot persist metadata: {e}"),
+            )));
+            continue;
+        }
+        let created = next.topic(&t.name).cloned();
+        node.meta.store(Arc::new(next));
+        tracing::info!("created topic {} with {} partitions", t.name, t.partitions);
+        match created {
+            Some(c) => out.push(Ok(c)),
+            None => out.push(Err((ec::UNKNOWN_SERVER_ERROR, "topic vanished".into()))),
+        }
+    }
+    out
 }
 
 fn remove_stale_partition_dirs(node: &Node, topic: &str, partitions: std::ops::Range<i32>) {
@@ -126,201 +122,181 @@ fn remove_stale_partition_dirs(node: &Node, topic: &str, partitions: std::ops::R
     }
 }
 
-/// Deletes a topic: unpublish, tell every shard to drop its partitions, remove the data.
-pub async fn delete_topic(node: Arc<Node>, name: String) -> OpResult<()> {
-    let target = node.controller_shard();
-    let shards = node.shards();
-    invoke(target, move |sh| async move {
-        let node = sh.node.clone();
-        let Some(t) = node.image().topic(&name).cloned() else {
-            return Err((
-                ec::UNKNOWN_TOPIC_OR_PARTITION,
-                "This server does not host this topic-partition.".into(),
-            ));
-        };
-        if t.internal {
-            return Err((
-                ec::INVALID_TOPIC_EXCEPTION,
-                "internal topics cannot be deleted".into(),
-            ));
-        }
-        let next = node.image().without_topic(&name);
-        metadata::save_image(&node.data_dir, &next).map_err(|e| {
-            (
-                ec::KAFKA_STORAGE_ERROR,
-                format!("cannot persist metadata: {e}"),
-            )
-        })?;
-        node.meta.store(Arc::new(next));
-        let futs = (0..shards).map(|s| {
-            let n = name.clone();
-            invoke(s, move |sh| async move { sh.drop_topic(&n) })
-        });
-        futures::future::join_all(futs).await;
-        for p in 0..t.partitions {
-            let dir = metadata::partition_dir(&node.data_dir, &name, p);
-            // Off the reactor: a big partition's unlinks would stall every partition here.
-            if let Err(e) = crate::log::storage::remove_dir_all(dir.clone()).await {
-                tracing::warn!("cannot remove {}: {e}", dir.display());
-            }
-        }
-        tracing::info!("deleted topic {name}");
-        Ok(())
-    })
-    .await
+/// Unpublishes a topic (the caller drops its partitions and removes its data) and returns it.
+pub fn delete_topic(node: &Node, name: &str) -> OpResult<Arc<TopicMeta>> {
+    let Some(t) = node.image().topic(name).cloned() else {
+        return Err((
+            ec::UNKNOWN_TOPIC_OR_PARTITION,
+            "This server does not host this topic-partition.".into(),
+        ));
+    };
+    if t.internal {
+        return Err((
+            ec::INVALID_TOPIC_EXCEPTION,
+            "internal topics cannot be deleted".into(),
+        ));
+    }
+    let next = node.image().without_topic(name);
+    metadata::save_image(&node.data_dir, &next).map_err(|e| {
+        (
+            ec::KAFKA_STORAGE_ERROR,
+            format!("cannot persist metadata: {e}"),
+        )
+    })?;
+    node.meta.store(Arc::new(next));
+    Ok(t)
 }
 
 /// Grows a topic's partition count (never shrinks).
-pub async fn create_partitions(
-    node: Arc<Node>,
-    name: String,
-    count: i32,
-    validate_only: bool,
-) -> OpResult<()> {
-    let target = node.controller_shard();
-    invoke(target, move |sh| async move {
-        let node = sh.node.clone();
-        let Some(t) = node.image().topic(&name).cloned() else {
-            return Err((ec::UNKNOWN_TOPIC_OR_PARTITION, "This server does not host this topic-partition.".into()));
-        };
-        if count < t.partitions {
-            return Err((ec::INVALID_PARTITIONS, format!("Topic currently has {} partitions, which is higher than the requested {count}.", t.partitions)));
-        }
-        if count == t.partitions {
-            return Err((ec::INVALID_PARTITIONS, format!("Topic already has {count} partitions.")));
-        }
-        if count > PARTITIONS_MAX {
-            return Err((ec::INVALID_PARTITIONS, format!("Number of partitions must be at most {PARTITIONS_MAX}.")));
-        }
-        if validate_only {
-            return Ok(());
-        }
-        remove_stale_partition_dirs(&node, &name, t.partitions..count);
-        let mut meta = (*t).clone();
-        meta.partitions = count;
-        let next = node.image().with_topic(meta);
-        metadata::save_image(&node.data_dir, &next)
-            .map_err(|e| (ec::KAFKA_STORAGE_ERROR, format!("cannot persist metadata: {e}")))?;
-        node.meta.store(Arc::new(next));
-        Ok(())
-    })
-    .await
+pub fn create_partitions(node: &Node, name: &str, count: i32, validate_only: bool) -> OpResult<()> {
+    let Some(t) = node.image().topic(name).cloned() else {
+        return Err((
+            ec::UNKNOWN_TOPIC_OR_PARTITION,
+            "This server does not host this topic-partition.".into(),
+        ));
+    };
+    if count < t.partitions {
+        return Err((
+            ec::INVALID_PARTITIONS,
+            format!(
+                "Topic currently has {} partitions, which is higher than the requested {count}.",
+                t.partitions
+            ),
+        ));
+    }
+    if count == t.partitions {
+        return Err((
+            ec::INVALID_PARTITIONS,
+            format!("Topic already has {count} partitions."),
+        ));
+    }
+    if count > PARTITIONS_MAX {
+        return Err((
+            ec::INVALID_PARTITIONS,
+            format!("Number of partitions must be at most {PARTITIONS_MAX}."),
+        ));
+    }
+    if validate_only {
+        return Ok(());
+    }
+    remove_stale_partition_dirs(node, name, t.partitions..count);
+    let mut meta = (*t).clone();
+    meta.partitions = count;
+    let next = node.image().with_topic(meta);
+    metadata::save_image(&node.data_dir, &next).map_err(|e| {
+        (
+            ec::KAFKA_STORAGE_ERROR,
+            format!("cannot persist metadata: {e}"),
+        )
+    })?;
+    node.meta.store(Arc::new(next));
+    Ok(())
 }
 
 /// Replaces (incremental=false) or edits a topic's config overrides. `ops` are
 /// (name, op, value) with Kafka's IncrementalAlterConfigs ops: 0 set, 1 delete, 2 append, 3 subtract.
-pub async fn alter_topic_configs(
-    node: Arc<Node>,
-    name: String,
+pub fn alter_topic_configs(
+    node: &Node,
+    name: &str,
     ops: Vec<(String, i8, Option<String>)>,
     incremental: bool,
     validate_only: bool,
 ) -> OpResult<()> {
-    let target = node.controller_shard();
-    invoke(target, move |sh| async move {
-        let node = sh.node.clone();
-        let Some(t) = node.image().topic(&name).cloned() else {
-            return Err((
-                ec::UNKNOWN_TOPIC_OR_PARTITION,
-                format!("Topic {name} does not exist"),
-            ));
-        };
-        let mut configs = if incremental {
-            t.configs.clone()
-        } else {
-            BTreeMap::new()
-        };
-        for (k, op, v) in ops {
-            match (op, v) {
-                (0, Some(v)) => {
-                    topic_config::validate(&k, &v).map_err(|m| (ec::INVALID_CONFIG, m))?;
-                    configs.insert(k, v);
+    let Some(t) = node.image().topic(name).cloned() else {
+        return Err((
+            ec::UNKNOWN_TOPIC_OR_PARTITION,
+            format!("Topic {name} does not exist"),
+        ));
+    };
+    let mut configs = if incremental {
+        t.configs.clone()
+    } else {
+        BTreeMap::new()
+    };
+    for (k, op, v) in ops {
+        match (op, v) {
+            (0, Some(v)) => {
+                topic_config::validate(&k, &v).map_err(|m| (ec::INVALID_CONFIG, m))?;
+                configs.insert(k, v);
+            }
+            (0, None) if !incremental => {}
+            (1, _) => {
+                topic_config::def(&k).ok_or((
+                    ec::INVALID_CONFIG,
+                    format!("Unknown topic config name: {k}"),
+                ))?;
+                configs.remove(&k);
+            }
+            (2 | 3, Some(v)) => {
+                let d = topic_config::def(&k).ok_or((
+                    ec::INVALID_CONFIG,
+                    format!("Unknown topic config name: {k}"),
+                ))?;
+                if d.kind != topic_config::ConfigType::List {
+                    return Err((ec::INVALID_CONFIG, format!("Config {k} is not a list")));
                 }
-                (0, None) if !incremental => {}
-                (1, _) => {
-                    topic_config::def(&k).ok_or((
-                        ec::INVALID_CONFIG,
-                        format!("Unknown topic config name: {k}"),
-                    ))?;
-                    configs.remove(&k);
-                }
-                (2 | 3, Some(v)) => {
-                    let d = topic_config::def(&k).ok_or((
-                        ec::INVALID_CONFIG,
-                        format!("Unknown topic config name: {k}"),
-                    ))?;
-                    if d.kind != topic_config::ConfigType::List {
-                        return Err((ec::INVALID_CONFIG, format!("Config {k} is not a list")));
+                let current = configs
+                    .get(&k)
+                    .cloned()
+                    .unwrap_or_else(|| topic_config::default_value(&k, &node.tuning));
+                let mut items: Vec<String> = current
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                for x in v.split(',').map(|s| s.trim().to_string()) {
+                    if op == 2 && !items.contains(&x) {
+                        items.push(x);
+                    } else if op == 3 {
+                        items.retain(|i| *i != x);
                     }
-                    let current = configs
-                        .get(&k)
-                        .cloned()
-                        .unwrap_or_else(|| topic_config::default_value(&k, &node.tuning));
-                    let mut items: Vec<String> = current
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect();
-                    for x in v.split(',').map(|s| s.trim().to_string()) {
-                        if op == 2 && !items.contains(&x) {
-                            items.push(x);
-                        } else if op == 3 {
-                            items.retain(|i| *i != x);
-                        }
-                    }
-                    let joined = items.join(",");
-                    topic_config::validate(&k, &joined).map_err(|m| (ec::INVALID_CONFIG, m))?;
-                    configs.insert(k, joined);
                 }
-                _ => {
-                    return Err((
-                        ec::INVALID_REQUEST,
-                        format!("invalid operation {op} for {k}"),
-                    ))
-                }
+                let joined = items.join(",");
+                topic_config::validate(&k, &joined).map_err(|m| (ec::INVALID_CONFIG, m))?;
+                configs.insert(k, joined);
+            }
+            _ => {
+                return Err((
+                    ec::INVALID_REQUEST,
+                    format!("invalid operation {op} for {k}"),
+                ))
             }
         }
-        if validate_only {
-            return Ok(());
-        }
-        let mut meta = (*t).clone();
-        meta.configs = configs;
-        let next = node.image().with_topic(meta);
-        metadata::save_image(&node.data_dir, &next).map_err(|e| {
-            (
-                ec::KAFKA_STORAGE_ERROR,
-                format!("cannot persist metadata: {e}"),
-            )
-        })?;
-        node.meta.store(Arc::new(next));
-        Ok(())
-    })
-    .await
+    }
+    if validate_only {
+        return Ok(());
+    }
+    let mut meta = (*t).clone();
+    meta.configs = configs;
+    let next = node.image().with_topic(meta);
+    metadata::save_image(&node.data_dir, &next).map_err(|e| {
+        (
+            ec::KAFKA_STORAGE_ERROR,
+            format!("cannot persist metadata: {e}"),
+        )
+    })?;
+    node.meta.store(Arc::new(next));
+    Ok(())
 }
 
 /// Hands out a new producer id; ids are reserved in persisted blocks so none is reused.
-pub async fn allocate_producer_id(node: Arc<Node>) -> OpResult<i64> {
+pub fn allocate_producer_id(node: &Node) -> OpResult<i64> {
     use std::sync::atomic::Ordering;
-    let target = node.controller_shard();
-    invoke(target, move |sh| async move {
-        let node = sh.node.clone();
-        let id = node.next_producer_id.load(Ordering::Relaxed);
-        if id >= node.producer_id_block_end.load(Ordering::Relaxed) {
-            let end = id + metadata::PRODUCER_ID_BLOCK;
-            let c = metadata::ClusterFile {
-                cluster_id: node.cluster_id.clone(),
-                producer_id_block_end: end,
-            };
-            metadata::save_cluster(&node.data_dir, &c).map_err(|e| {
-                (
-                    ec::KAFKA_STORAGE_ERROR,
-                    format!("cannot persist producer id block: {e}"),
-                )
-            })?;
-            node.producer_id_block_end.store(end, Ordering::Relaxed);
-        }
-        node.next_producer_id.store(id + 1, Ordering::Relaxed);
-        Ok(id)
-    })
-    .await
+    let id = node.next_producer_id.load(Ordering::Relaxed);
+    if id >= node.producer_id_block_end.load(Ordering::Relaxed) {
+        let end = id + metadata::PRODUCER_ID_BLOCK;
+        let c = metadata::ClusterFile {
+            cluster_id: node.cluster_id.clone(),
+            producer_id_block_end: end,
+        };
+        metadata::save_cluster(&node.data_dir, &c).map_err(|e| {
+            (
+                ec::KAFKA_STORAGE_ERROR,
+                format!("cannot persist producer id block: {e}"),
+            )
+        })?;
+        node.producer_id_block_end.store(end, Ordering::Relaxed);
+    }
+    node.next_producer_id.store(id + 1, Ordering::Relaxed);
+    Ok(id)
 }

@@ -4,4 +4,5 @@
 
 pub mod controller;
 pub mod metadata;
+pub mod node;
 pub mod topic_config;

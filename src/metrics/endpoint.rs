@@ -4,10 +4,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::shard::{Job, Node};
+use crate::shard::{Job, Mesh};
 
 use super::Snapshot;
 
@@ -16,7 +15,7 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_HEAD_BYTES_MAX: usize = 8192;
 
 /// Serves metrics on `listener` from a thread of its own.
-pub fn spawn(listener: TcpListener, node: Arc<Node>, cores: Vec<usize>) -> std::io::Result<()> {
+pub fn spawn(listener: TcpListener, mesh: Mesh, cores: Vec<usize>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("fjord-metrics".into())
         .spawn(move || {
@@ -24,7 +23,7 @@ pub fn spawn(listener: TcpListener, node: Arc<Node>, cores: Vec<usize>) -> std::
             for conn in listener.incoming() {
                 match conn {
                     Ok(s) => {
-                        if let Err(e) = answer(s, &node, &cores) {
+                        if let Err(e) = answer(s, &mesh, &cores) {
                             tracing::debug!("metrics request failed: {e}");
                         }
                     }
@@ -38,7 +37,7 @@ pub fn spawn(listener: TcpListener, node: Arc<Node>, cores: Vec<usize>) -> std::
     Ok(())
 }
 
-fn answer(mut s: TcpStream, node: &Node, cores: &[usize]) -> std::io::Result<()> {
+fn answer(mut s: TcpStream, mesh: &Mesh, cores: &[usize]) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut head = Vec::with_capacity(1024);
@@ -66,7 +65,7 @@ fn answer(mut s: TcpStream, node: &Node, cores: &[usize]) -> std::io::Result<()>
     }
     match path.split('?').next().unwrap_or("") {
         "/metrics" => {
-            let body = scrape(node, cores);
+            let body = scrape(mesh, cores);
             reply(&mut s, "200 OK", prometheus::TEXT_FORMAT, &body)
         }
         "/" => reply(
@@ -90,9 +89,9 @@ fn reply(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::R
 }
 
 /// Every shard's snapshot (those that answer in time), rendered.
-pub fn scrape(node: &Node, cores: &[usize]) -> String {
-    let mut rxs = Vec::with_capacity(node.mesh.len());
-    for (i, tx) in node.mesh.iter().enumerate() {
+pub fn scrape(mesh: &Mesh, cores: &[usize]) -> String {
+    let mut rxs = Vec::with_capacity(mesh.len());
+    for (i, tx) in mesh.iter().enumerate() {
         let (stx, srx) = flume::bounded::<Snapshot>(1);
         let core = cores.get(i).copied().unwrap_or(i);
         let job: Job = Box::new(move || {
@@ -120,6 +119,6 @@ pub fn scrape(node: &Node, cores: &[usize]) -> String {
             None => missing += 1,
         }
     }
-    let depths: Vec<usize> = node.mesh.iter().map(|tx| tx.len()).collect();
+    let depths: Vec<usize> = mesh.iter().map(|tx| tx.len()).collect();
     super::render(&snaps, &depths, missing)
 }

@@ -9,68 +9,33 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use futures::channel::oneshot;
 use futures::FutureExt;
 use glommio::sync::Semaphore;
 
-use crate::cluster::metadata::{self, MetadataImage};
-use crate::cluster::topic_config::EffectiveConfig;
-use crate::config::Tuning;
+use crate::cluster::controller::{self, OpResult};
+use crate::cluster::metadata;
+use crate::cluster::node::Node;
 use crate::partition::{Partition, PartitionRef};
 
 /// A unit of work sent to another shard: it runs there and builds a shard-local future.
 pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
-/// Node-wide, immutable after start except the metadata image (swapped whole, never locked on
-/// reads) and the producer id counter.
-pub struct Node {
-    pub tuning: Tuning,
-    pub data_dir: PathBuf,
-    pub node_id: i32,
-    pub advertised_host: String,
-    pub advertised_port: i32,
-    pub cluster_id: String,
-    pub meta: ArcSwap<MetadataImage>,
-    /// One bounded job queue per shard (`shards.job_queue_max`): a sender waits while the
-    /// target's queue is full. The target's job loop only receives and spawns, never sends, so a
-    /// full queue slows its senders down and cannot deadlock.
-    pub mesh: Vec<flume::Sender<Job>>,
-    pub next_producer_id: AtomicI64,
-    pub producer_id_block_end: AtomicI64,
-}
-
-impl Node {
-    pub fn shards(&self) -> usize {
-        self.mesh.len()
-    }
-    pub fn image(&self) -> arc_swap::Guard<Arc<MetadataImage>> {
-        self.meta.load()
-    }
-    pub fn controller_shard(&self) -> usize {
-        self.tuning.shards.controller_shard.min(self.shards() - 1)
-    }
-    pub fn shard_of(&self, topic: &str, partition: i32) -> usize {
-        metadata::shard_of(topic, partition, self.shards())
-    }
-    pub fn effective_config(&self, topic: &str) -> Option<EffectiveConfig> {
-        let img = self.image();
-        img.topic(topic)
-            .map(|t| EffectiveConfig::resolve(&t.configs, &self.tuning))
-    }
-}
+/// The cross-shard mesh: one bounded job queue per shard (`shards.job_queue_max`), indexed by
+/// shard id. A sender waits while the target's queue is full. The target's job loop only
+/// receives and spawns, never sends, so a full queue slows its senders down and cannot deadlock.
+pub type Mesh = Arc<Vec<flume::Sender<Job>>>;
 
 pub struct Shard {
     pub id: usize,
     /// This shard's memory and I/O settings (tuning file, with its core's overrides).
     pub tuning: crate::config::ShardTuning,
     pub node: Arc<Node>,
+    pub mesh: Mesh,
     /// Request frames and unsent responses of this shard's connections draw from this.
     pub memory: Rc<budget::MemoryBudget>,
     partitions: RefCell<HashMap<(Arc<str>, i32), PartitionRef>>,
@@ -95,12 +60,18 @@ pub fn install(shard: Rc<Shard>) {
 }
 
 impl Shard {
-    pub fn new(id: usize, tuning: crate::config::ShardTuning, node: Arc<Node>) -> Shard {
+    pub fn new(
+        id: usize,
+        tuning: crate::config::ShardTuning,
+        node: Arc<Node>,
+        mesh: Mesh,
+    ) -> Shard {
         Shard {
             id,
             tuning,
             memory: budget::MemoryBudget::new(node.tuning.memory.inflight_bytes_per_shard),
             node,
+            mesh,
             partitions: RefCell::new(HashMap::new()),
             open_lock: Semaphore::new(1),
             groups: RefCell::new(None),
@@ -242,7 +213,7 @@ where
         })
     });
     crate::metrics::cross_shard_sent();
-    if me.node.mesh[target].send_async(job).await.is_err() {
+    if me.mesh[target].send_async(job).await.is_err() {
         // The target shard is gone (shutdown): wait forever would hang the client.
         return panic_free_never().await;
     }
@@ -259,6 +230,44 @@ async fn panic_free_never<R>() -> R {
     futures::future::pending::<R>().await
 }
 
+/// Runs a controller operation on the controller shard, where every change to the metadata image
+/// is serialized.
+pub async fn on_controller<F, R>(node: &Node, f: F) -> R
+where
+    F: FnOnce(&Node) -> R + Send + 'static,
+    R: Send + 'static,
+{
+    invoke(
+        node.controller_shard(),
+        move |sh| async move { f(&sh.node) },
+    )
+    .await
+}
+
+/// Deletes a topic: the controller unpublishes it, every shard drops its open partitions, then
+/// the data is removed.
+pub async fn delete_topic(node: &Node, name: String) -> OpResult<()> {
+    let shards = node.shards();
+    invoke(node.controller_shard(), move |sh| async move {
+        let topic = controller::delete_topic(&sh.node, &name)?;
+        let drops = (0..shards).map(|s| {
+            let name = name.clone();
+            invoke(s, move |sh| async move { sh.drop_topic(&name) })
+        });
+        futures::future::join_all(drops).await;
+        for p in 0..topic.partitions {
+            let dir = metadata::partition_dir(&sh.node.data_dir, &name, p);
+            // Off the reactor: a big partition's unlinks would stall every partition here.
+            if let Err(e) = crate::log::storage::remove_dir_all(dir.clone()).await {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+        tracing::info!("deleted topic {name}");
+        Ok(())
+    })
+    .await
+}
+
 /// The job loop every shard runs: executes jobs sent by other shards.
 pub async fn serve_jobs(rx: flume::Receiver<Job>) {
     while let Ok(job) = rx.recv_async().await {
@@ -269,10 +278,15 @@ pub async fn serve_jobs(rx: flume::Receiver<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::metadata::MetadataImage;
+    use crate::config::Tuning;
+    use arc_swap::ArcSwap;
     use glommio::{LocalExecutorBuilder, Placement};
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicI64;
     use std::time::Duration;
 
-    fn test_node(shards: usize) -> (Arc<Node>, Vec<flume::Receiver<Job>>) {
+    fn test_node(shards: usize) -> (Arc<Node>, Mesh, Vec<flume::Receiver<Job>>) {
         let (mut senders, mut receivers) = (Vec::new(), Vec::new());
         for _ in 0..shards {
             let (tx, rx) = flume::bounded::<Job>(16);
@@ -287,23 +301,24 @@ mod tests {
             advertised_port: 9092,
             cluster_id: "test".into(),
             meta: ArcSwap::from_pointee(MetadataImage::default()),
-            mesh: senders,
+            shard_count: shards,
             next_producer_id: AtomicI64::new(0),
             producer_id_block_end: AtomicI64::new(0),
         });
-        (node, receivers)
+        (node, Arc::new(senders), receivers)
     }
 
     /// Starts shard `id` on its own executor: it serves jobs until its stop job arrives.
     fn spawn_shard(
         id: usize,
         node: Arc<Node>,
+        mesh: Mesh,
         rx: flume::Receiver<Job>,
         body: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static,
     ) -> glommio::ExecutorJoinHandle<()> {
         LocalExecutorBuilder::new(Placement::Unbound)
             .spawn(move || async move {
-                let sh = Rc::new(Shard::new(id, node.tuning.for_core(0), node.clone()));
+                let sh = Rc::new(Shard::new(id, node.tuning.for_core(0), node.clone(), mesh));
                 let (stop_tx, stop_rx) = oneshot::channel();
                 *sh.stop_tx.borrow_mut() = Some(stop_tx);
                 install(sh);
@@ -328,11 +343,11 @@ mod tests {
     /// keeps serving.
     #[test]
     fn a_panicking_job_answers_its_caller_and_the_shard_keeps_serving() {
-        let (node, mut rxs) = test_node(2);
+        let (node, mesh, mut rxs) = test_node(2);
         let rx1 = rxs.pop().expect("rx1");
         let rx0 = rxs.pop().expect("rx0");
-        let h1 = spawn_shard(1, node.clone(), rx1, || Box::pin(async {}));
-        let h0 = spawn_shard(0, node, rx0, || {
+        let h1 = spawn_shard(1, node.clone(), mesh.clone(), rx1, || Box::pin(async {}));
+        let h0 = spawn_shard(0, node, mesh, rx0, || {
             Box::pin(async {
                 let limit = Duration::from_secs(10);
                 let job = invoke(1, |_sh| async {
@@ -377,8 +392,8 @@ mod tests {
     /// job completes, because a job loop never waits on a send.
     #[test]
     fn bounded_job_queues_apply_back_pressure_without_deadlock() {
-        let (node, mut rxs) = test_node(2);
-        assert!(node.mesh.iter().all(|tx| tx.capacity() == Some(16)));
+        let (node, mesh, mut rxs) = test_node(2);
+        assert!(mesh.iter().all(|tx| tx.capacity() == Some(16)));
         let rx1 = rxs.pop().expect("rx1");
         let rx0 = rxs.pop().expect("rx0");
         let flood = |me: usize| -> Pin<Box<dyn Future<Output = ()>>> {
@@ -415,8 +430,8 @@ mod tests {
                 })
             }
         };
-        let h1 = spawn_shard(1, node.clone(), rx1, body(1, done.clone()));
-        let h0 = spawn_shard(0, node, rx0, body(0, done.clone()));
+        let h1 = spawn_shard(1, node.clone(), mesh.clone(), rx1, body(1, done.clone()));
+        let h0 = spawn_shard(0, node, mesh, rx0, body(0, done.clone()));
         h0.join().expect("shard 0 completed its jobs");
         h1.join().expect("shard 1 completed its jobs");
         assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 2);

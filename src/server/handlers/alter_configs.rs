@@ -1,7 +1,5 @@
 //! AlterConfigs: replaces a topic's whole config set, through the controller.
 
-use std::sync::Arc;
-
 use kafka_protocol::messages::alter_configs_request::AlterConfigsRequest;
 use kafka_protocol::messages::alter_configs_response::{
     AlterConfigsResourceResponse, AlterConfigsResponse,
@@ -10,12 +8,14 @@ use kafka_protocol::messages::alter_configs_response::{
 use super::describe_configs::RESOURCE_TOPIC;
 use super::util::sb;
 use crate::cluster::controller;
+use crate::cluster::node::Node;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::on_controller;
 
 /// One resource of AlterConfigs / IncrementalAlterConfigs: (error code, message) on failure.
 pub async fn alter_resource(
-    node: &Arc<crate::shard::Node>,
+    node: &Node,
     resource_type: i8,
     name: &str,
     ops: Vec<(String, i8, Option<String>)>,
@@ -28,13 +28,10 @@ pub async fn alter_resource(
             "only topic configs can be altered".into(),
         ));
     }
-    controller::alter_topic_configs(
-        Arc::clone(node),
-        name.to_string(),
-        ops,
-        incremental,
-        validate_only,
-    )
+    let name = name.to_owned();
+    on_controller(node, move |node| {
+        controller::alter_topic_configs(node, &name, ops, incremental, validate_only)
+    })
     .await
     .err()
 }

@@ -1,7 +1,5 @@
 //! CreatePartitions: grows a topic's partition count (never shrinks), through the controller.
 
-use std::sync::Arc;
-
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsRequest;
 use kafka_protocol::messages::create_partitions_response::{
     CreatePartitionsResponse, CreatePartitionsTopicResult,
@@ -10,6 +8,7 @@ use kafka_protocol::messages::create_partitions_response::{
 use super::util::sb;
 use crate::cluster::controller;
 use crate::server::ConnCtx;
+use crate::shard::on_controller;
 
 pub async fn handle(ctx: &ConnCtx, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
     let node = ctx.shard.node.clone();
@@ -17,14 +16,12 @@ pub async fn handle(ctx: &ConnCtx, req: CreatePartitionsRequest) -> CreatePartit
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default();
         r.name = t.name.clone();
-        if let Err((code, msg)) = controller::create_partitions(
-            Arc::clone(&node),
-            t.name.0.to_string(),
-            t.count,
-            req.validate_only,
-        )
-        .await
-        {
+        let (name, count, validate_only) = (t.name.0.to_string(), t.count, req.validate_only);
+        let created = on_controller(&node, move |node| {
+            controller::create_partitions(node, &name, count, validate_only)
+        })
+        .await;
+        if let Err((code, msg)) = created {
             r.error_code = code;
             r.error_message = Some(sb(&msg));
         }

@@ -1,7 +1,6 @@
 //! CreateTopics: new topics through the controller (validate_only, configs, replication factor 1).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use kafka_protocol::messages::create_topics_request::CreateTopicsRequest;
 use kafka_protocol::messages::create_topics_response::{
@@ -14,6 +13,7 @@ use crate::cluster::controller::{self, NewTopic};
 use crate::cluster::topic_config::{self, TOPIC_CONFIGS};
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::on_controller;
 
 pub async fn handle(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTopicsResponse {
     let node = ctx.shard.node.clone();
@@ -73,9 +73,12 @@ pub async fn handle(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTopicsResp
         });
         pre.push(None);
     }
-    let mut results = controller::create_topics(Arc::clone(&node), news, req.validate_only)
-        .await
-        .into_iter();
+    let validate_only = req.validate_only;
+    let mut results = on_controller(&node, move |node| {
+        controller::create_topics(node, news, validate_only)
+    })
+    .await
+    .into_iter();
     for (t, pre) in req.topics.iter().zip(pre) {
         let mut r = CreatableTopicResult::default();
         r.name = t.name.clone();

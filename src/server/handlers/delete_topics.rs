@@ -1,16 +1,14 @@
 //! DeleteTopics: by name or, from v6, by topic id, through the controller.
 
-use std::sync::Arc;
-
 use kafka_protocol::messages::delete_topics_request::DeleteTopicsRequest;
 use kafka_protocol::messages::delete_topics_response::{
     DeletableTopicResult, DeleteTopicsResponse,
 };
 
 use super::util::{sb, tn};
-use crate::cluster::controller;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard;
 
 pub async fn handle(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
     let node = ctx.shard.node.clone();
@@ -40,7 +38,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> De
         match resolved {
             None => r.error_code = ec::UNKNOWN_TOPIC_ID,
             Some(n) => {
-                if let Err((code, msg)) = controller::delete_topic(Arc::clone(&node), n).await {
+                if let Err((code, msg)) = shard::delete_topic(&node, n).await {
                     r.error_code = code;
                     r.error_message = Some(sb(&msg));
                 }

@@ -7,6 +7,7 @@ use kafka_protocol::messages::ProducerId;
 use crate::cluster::controller;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::on_controller;
 
 pub async fn handle(ctx: &ConnCtx, req: InitProducerIdRequest) -> InitProducerIdResponse {
     let mut resp = InitProducerIdResponse::default();
@@ -24,7 +25,7 @@ pub async fn handle(ctx: &ConnCtx, req: InitProducerIdRequest) -> InitProducerId
         resp.producer_epoch = req.producer_epoch + 1;
         return resp;
     }
-    match controller::allocate_producer_id(ctx.shard.node.clone()).await {
+    match on_controller(&ctx.shard.node, controller::allocate_producer_id).await {
         Ok(id) => {
             resp.producer_id = ProducerId(id);
             resp.producer_epoch = 0;

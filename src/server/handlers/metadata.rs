@@ -1,7 +1,6 @@
 //! Metadata: brokers, cluster id, topics with partitions and leaders; auto-creates topics.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::{
@@ -15,6 +14,7 @@ use crate::cluster::metadata::TopicMeta;
 use crate::partition::LEADER_EPOCH;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::on_controller;
 
 pub fn topic_entry(t: &TopicMeta, node_id: i32) -> MetadataResponseTopic {
     let mut rt = MetadataResponseTopic::default();
@@ -96,7 +96,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
         }
     }
     if !to_create.is_empty() {
-        for r in controller::create_topics(Arc::clone(&node), to_create, false).await {
+        let created = on_controller(&node, move |node| {
+            controller::create_topics(node, to_create, false)
+        })
+        .await;
+        for r in created {
             if let Err((code, msg)) = r {
                 if code != ec::TOPIC_ALREADY_EXISTS {
                     tracing::warn!("auto-create failed: {msg}");

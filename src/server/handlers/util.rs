@@ -7,8 +7,9 @@ use std::rc::Rc;
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
 
+use crate::cluster::node::Node;
 use crate::group::{offsets_partition_for, GroupShard, GROUP_ID_BYTES_MAX, OFFSETS_TOPIC};
-use crate::shard::{invoke, Node, Shard};
+use crate::shard::{invoke, Shard};
 
 /// Authorized operations (KIP-430), as bit sets of ACL operation codes (READ 3, WRITE 4,
 /// CREATE 5, DELETE 6, ALTER 7, DESCRIBE 8, CLUSTER_ACTION 9, DESCRIBE_CONFIGS 10,
