@@ -2,11 +2,12 @@
 //! `state.rs` (sans-IO, time passed in); `records.rs` is the `__consumer_offsets` record format.
 //! This module is the I/O shell on the shard that owns a group's `__consumer_offsets`
 //! partition: it feeds requests and time to the state machine, answers pending requests, and
-//! persists commits and group metadata in that partition. It never touches other partitions.
+//! persists commits and group metadata in that partition. It reaches that partition only
+//! through the narrow `OffsetsLog` trait (implemented by the shard), never other partitions.
 //! KIP-848 consumer groups (`group.protocol=consumer`) have their own state machine in
 //! `consumer_group.rs`; a group id belongs to one protocol at a time. The Kafka API handlers
 //! that call in here live in `server/handlers/` (one file per API); this module never sees a
-//! wire type or a connection.
+//! connection, and imports nothing from `server` or `shard`.
 
 pub mod consumer_group;
 pub mod records;
@@ -26,7 +27,7 @@ use kafka_protocol::ResponseError;
 use crate::cluster::metadata::MetadataImage;
 use crate::config::Tuning;
 use crate::log::now_ms;
-use crate::shard::Shard;
+use crate::partition::PartitionRef;
 use consumer_group::{Assignment, Assignor, ConsumerConfig, GroupDescription, TopicSource};
 use records::{GroupMetadataValue, OffsetValue, OffsetsKey, OffsetsRecord};
 use state::{
@@ -48,6 +49,23 @@ pub fn offsets_partition_for(group: &str, partitions: i32) -> i32 {
     }
     let abs = if h == i32::MIN { 0 } else { h.abs() };
     abs % partitions.max(1)
+}
+
+/// What the coordinator's I/O shell needs from the shard it runs on: the `__consumer_offsets`
+/// partitions that shard owns, read at start and appended to. `Shard` implements it; the shell
+/// never sees the rest of the shard.
+// Shard-local futures are never sent across threads, so the futures need no Send bound.
+#[allow(async_fn_in_trait)]
+pub trait OffsetsLog: 'static {
+    /// The node's settings (the offsets partition count, the group settings).
+    fn tuning(&self) -> &Tuning;
+    /// For log lines.
+    fn shard_id(&self) -> usize;
+    fn owns_offsets_partition(&self, partition: i32) -> bool;
+    /// An offsets partition this shard owns, opened on first use.
+    async fn offsets_partition(&self, partition: i32) -> Option<PartitionRef>;
+    /// Appends one record batch to an offsets partition and waits until it is stored (acks=all).
+    async fn append_offsets(&self, partition: i32, batch: Bytes) -> Result<(), String>;
 }
 
 enum Pending {
@@ -93,9 +111,9 @@ impl GroupShard {
         t
     }
 
-    pub fn join(
+    pub fn join<S: OffsetsLog>(
         self: &Rc<Self>,
-        shard: &Rc<Shard>,
+        shard: &Rc<S>,
         req: JoinRequest,
     ) -> oneshot::Receiver<JoinResponse> {
         let (tx, rx) = oneshot::channel();
@@ -113,9 +131,9 @@ impl GroupShard {
         rx
     }
 
-    pub fn sync(
+    pub fn sync<S: OffsetsLog>(
         self: &Rc<Self>,
-        shard: &Rc<Shard>,
+        shard: &Rc<S>,
         req: state::SyncRequest,
     ) -> oneshot::Receiver<SyncResponse> {
         let (tx, rx) = oneshot::channel();
@@ -127,7 +145,7 @@ impl GroupShard {
     }
 
     /// Delivers the state machine's actions: answers waiting requests, persists group changes.
-    pub fn apply(self: &Rc<Self>, shard: &Rc<Shard>, actions: Vec<Action>) {
+    pub fn apply<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::JoinResponse { token, resp } => {
@@ -149,7 +167,7 @@ impl GroupShard {
                     let value = value.map(|v| v.encode());
                     let shard = shard.clone();
                     glommio::spawn_local(async move {
-                        if let Err(e) = append_records(&shard, &group_id, vec![(key, value)]).await
+                        if let Err(e) = append_records(&*shard, &group_id, vec![(key, value)]).await
                         {
                             tracing::warn!("cannot persist metadata of group {group_id}: {e}");
                         }
@@ -161,18 +179,18 @@ impl GroupShard {
     }
 
     /// Loads committed offsets and group metadata from this shard's offsets partitions.
-    pub async fn load(self: &Rc<Self>, shard: &Rc<Shard>) {
+    pub async fn load<S: OffsetsLog>(self: &Rc<Self>, shard: &S) {
         self.consumer
             .borrow_mut()
-            .set_config(consumer_config(&shard.node.tuning));
-        let n = shard.node.tuning.group.offsets_topic_num_partitions;
+            .set_config(consumer_config(shard.tuning()));
+        let n = shard.tuning().group.offsets_topic_num_partitions;
         let mut groups: HashMap<String, Option<GroupMetadataValue>> = HashMap::new();
         let mut loaded = 0usize;
         for p in 0..n {
-            if shard.node.shard_of(OFFSETS_TOPIC, p) != shard.id {
+            if !shard.owns_offsets_partition(p) {
                 continue;
             }
-            let Some(part) = shard.partition(OFFSETS_TOPIC, p).await else {
+            let Some(part) = shard.offsets_partition(p).await else {
                 continue;
             };
             let mut offset = part.log.log_start_offset();
@@ -241,12 +259,12 @@ impl GroupShard {
             }
         }
         if loaded > 0 {
-            tracing::info!("shard {}: loaded {loaded} offset commits", shard.id);
+            tracing::info!("shard {}: loaded {loaded} offset commits", shard.shard_id());
         }
     }
 
     /// Drives session and rebalance timeouts.
-    pub async fn ticker(self: Rc<Self>, shard: Rc<Shard>) {
+    pub async fn ticker<S: OffsetsLog>(self: Rc<Self>, shard: Rc<S>) {
         loop {
             let now = now_ms();
             let classic = self.coord.borrow().next_deadline_ms();
@@ -329,9 +347,9 @@ impl GroupShard {
     }
 
     /// LeaveGroup: the top-level result and one code per leaving member.
-    pub fn leave(
+    pub fn leave<S: OffsetsLog>(
         self: &Rc<Self>,
-        shard: &Rc<Shard>,
+        shard: &Rc<S>,
         group: &str,
         members: &[LeaveMember],
     ) -> (Result<(), i16>, Vec<(LeaveMember, i16)>) {
@@ -401,9 +419,9 @@ impl GroupShard {
 
     /// OffsetCommit: checks the member, stores the commits in `__consumer_offsets`, then makes
     /// them visible to OffsetFetch. Returns the code every committed partition gets.
-    pub async fn commit_offsets(
+    pub async fn commit_offsets<S: OffsetsLog>(
         &self,
-        shard: &Rc<Shard>,
+        shard: &S,
         group: &str,
         generation_or_epoch: i32,
         member: &str,
@@ -497,7 +515,7 @@ impl GroupShard {
 
     /// DeleteGroups: removes the group and its committed offsets, tombstoned in
     /// `__consumer_offsets`. Returns the group's error code.
-    pub async fn delete_group_and_offsets(&self, shard: &Rc<Shard>, group: &str) -> i16 {
+    pub async fn delete_group_and_offsets<S: OffsetsLog>(&self, shard: &S, group: &str) -> i16 {
         let r = self.delete_group(group);
         let had_offsets = self
             .offsets
@@ -540,9 +558,9 @@ impl GroupShard {
     }
 
     /// OffsetDelete: one code per (topic, partition), or the group's error code.
-    pub async fn delete_offsets(
+    pub async fn delete_offsets<S: OffsetsLog>(
         &self,
-        shard: &Rc<Shard>,
+        shard: &S,
         group: &str,
         parts: Vec<(String, i32)>,
     ) -> Result<Vec<i16>, i16> {
@@ -676,17 +694,13 @@ fn classic_join_refused(req: &JoinRequest) -> JoinResponse {
 }
 
 /// Appends key/value records for `group` to its `__consumer_offsets` partition (acks=all).
-pub async fn append_records(
-    shard: &Rc<Shard>,
+pub async fn append_records<S: OffsetsLog>(
+    shard: &S,
     group: &str,
     kvs: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 ) -> Result<(), String> {
-    let n = shard.node.tuning.group.offsets_topic_num_partitions;
+    let n = shard.tuning().group.offsets_topic_num_partitions;
     let p = offsets_partition_for(group, n);
-    let part = shard
-        .partition(OFFSETS_TOPIC, p)
-        .await
-        .ok_or("offsets partition unavailable")?;
     let ts = now_ms() as i64;
     let records: Vec<Record> = kvs
         .into_iter()
@@ -717,13 +731,5 @@ pub async fn append_records(
         },
     )
     .map_err(|e| e.to_string())?;
-    let cfg = shard
-        .node
-        .effective_config(OFFSETS_TOPIC)
-        .ok_or("offsets topic missing")?;
-    let cache = shard.cache_cap();
-    part.produce(buf.freeze(), -1, &cfg, cache)
-        .await
-        .map(|_| ())
-        .map_err(|(_, m)| m)
+    shard.append_offsets(p, buf.freeze()).await
 }

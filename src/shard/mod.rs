@@ -20,6 +20,8 @@ use glommio::sync::Semaphore;
 use crate::cluster::controller::{self, OpResult};
 use crate::cluster::metadata;
 use crate::cluster::node::Node;
+use crate::config::Tuning;
+use crate::group::{OffsetsLog, OFFSETS_TOPIC};
 use crate::partition::{Partition, PartitionRef};
 
 /// A unit of work sent to another shard: it runs there and builds a shard-local future.
@@ -149,6 +151,41 @@ impl Shard {
         for (t, p) in owned {
             self.partition(&t, p).await;
         }
+    }
+}
+
+/// The group coordinator of this shard reads and appends to the `__consumer_offsets` partitions
+/// the shard owns, and nothing else.
+impl OffsetsLog for Shard {
+    fn tuning(&self) -> &Tuning {
+        &self.node.tuning
+    }
+
+    fn shard_id(&self) -> usize {
+        self.id
+    }
+
+    fn owns_offsets_partition(&self, partition: i32) -> bool {
+        self.node.shard_of(OFFSETS_TOPIC, partition) == self.id
+    }
+
+    async fn offsets_partition(&self, partition: i32) -> Option<PartitionRef> {
+        self.partition(OFFSETS_TOPIC, partition).await
+    }
+
+    async fn append_offsets(&self, partition: i32, batch: bytes::Bytes) -> Result<(), String> {
+        let part = self
+            .partition(OFFSETS_TOPIC, partition)
+            .await
+            .ok_or("offsets partition unavailable")?;
+        let cfg = self
+            .node
+            .effective_config(OFFSETS_TOPIC)
+            .ok_or("offsets topic missing")?;
+        part.produce(batch, -1, &cfg, self.cache_cap())
+            .await
+            .map(|_| ())
+            .map_err(|(_, m)| m)
     }
 }
 

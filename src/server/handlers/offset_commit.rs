@@ -65,8 +65,15 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: OffsetCommitRequest) -> Off
         let instance = r.group_instance_id.as_ref().map(string_of);
         let g2 = group.clone();
         on_coordinator(&node, &group, move |sh, g| async move {
-            g.commit_offsets(&sh, &g2, generation, &member, instance.as_deref(), commits)
-                .await
+            g.commit_offsets(
+                sh.as_ref(),
+                &g2,
+                generation,
+                &member,
+                instance.as_deref(),
+                commits,
+            )
+            .await
         })
         .await
         .unwrap_or(ec::COORDINATOR_NOT_AVAILABLE)

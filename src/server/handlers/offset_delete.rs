@@ -27,7 +27,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: OffsetDeleteRequest) -> Off
         .collect();
     let g2 = group.clone();
     let out = on_coordinator(&ctx.shard.node, &group, move |sh, g| async move {
-        g.delete_offsets(&sh, &g2, parts).await
+        g.delete_offsets(sh.as_ref(), &g2, parts).await
     })
     .await;
     match out {
