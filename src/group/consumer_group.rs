@@ -19,24 +19,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use kafka_protocol::ResponseError as E;
+
 /// Kafka's numeric error code.
 pub type ErrorCode = i16;
 
-pub mod error_code {
-    use super::ErrorCode;
-    pub const NONE: ErrorCode = 0;
-    pub const UNKNOWN_MEMBER_ID: ErrorCode = 25;
-    pub const INVALID_REQUEST: ErrorCode = 42;
-    pub const NON_EMPTY_GROUP: ErrorCode = 68;
-    pub const GROUP_ID_NOT_FOUND: ErrorCode = 69;
-    pub const GROUP_MAX_SIZE_REACHED: ErrorCode = 81;
-    pub const FENCED_MEMBER_EPOCH: ErrorCode = 110;
-    pub const UNRELEASED_INSTANCE_ID: ErrorCode = 111;
-    pub const UNSUPPORTED_ASSIGNOR: ErrorCode = 112;
-    pub const STALE_MEMBER_EPOCH: ErrorCode = 113;
-    pub const INVALID_REGULAR_EXPRESSION: ErrorCode = 128;
-}
-use error_code as ec;
+pub use super::state::NONE;
 
 /// Member epoch of a dynamic member leaving the group.
 pub const LEAVE_EPOCH: i32 = -1;
@@ -743,7 +731,7 @@ impl ConsumerGroups {
         topics: &dyn TopicSource,
         req: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, (ErrorCode, String)> {
-        let bad = |m: &str| Err((ec::INVALID_REQUEST, m.to_owned()));
+        let bad = |m: &str| Err((E::InvalidRequest.code(), m.to_owned()));
         if req.group_id.is_empty() {
             return bad("GroupId can't be empty.");
         }
@@ -780,7 +768,7 @@ impl ConsumerGroups {
         let assignor = match req.server_assignor.as_deref() {
             None => None,
             Some(a) => Some(Assignor::parse(a).ok_or((
-                ec::UNSUPPORTED_ASSIGNOR,
+                E::UnsupportedAssignor.code(),
                 format!(
                     "ServerAssignor {a} is not supported. Supported assignors: uniform, range."
                 ),
@@ -794,7 +782,7 @@ impl ConsumerGroups {
                 // Kafka matches the whole topic name (RE2J `matches`).
                 regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| {
                     (
-                        ec::INVALID_REGULAR_EXPRESSION,
+                        E::InvalidRegularExpression.code(),
                         format!(
                             "SubscribedTopicRegex `{r}` is not a valid regular expression: {e}"
                         ),
@@ -821,7 +809,7 @@ impl ConsumerGroups {
                 .is_some_and(|g| g.members.contains_key(&member_id))
         {
             return Err((
-                ec::UNKNOWN_MEMBER_ID,
+                E::UnknownMemberId.code(),
                 format!(
                     "Member {member_id} is not a member of group {}.",
                     req.group_id
@@ -841,7 +829,7 @@ impl ConsumerGroups {
                         let old_epoch = group.members.get(&old).map(|m| m.epoch);
                         if old_epoch != Some(STATIC_LEAVE_EPOCH) {
                             return Err((
-                                ec::UNRELEASED_INSTANCE_ID,
+                                E::UnreleasedInstanceId.code(),
                                 format!("Static member {old} with instance id {inst} is present in group {}.", group.id),
                             ));
                         }
@@ -880,7 +868,7 @@ impl ConsumerGroups {
                     m.revocation_deadline_ms = None;
                 } else {
                     if group.members.len() >= max_size {
-                        return Err((ec::GROUP_MAX_SIZE_REACHED, format!("The consumer group has reached its maximum capacity of {max_size} members.")));
+                        return Err((E::GroupMaxSizeReached.code(), format!("The consumer group has reached its maximum capacity of {max_size} members.")));
                     }
                     group.members.insert(
                         member_id.clone(),
@@ -898,7 +886,7 @@ impl ConsumerGroups {
         if epoch != 0 {
             if epoch > m.epoch {
                 return Err((
-                    ec::FENCED_MEMBER_EPOCH,
+                    E::FencedMemberEpoch.code(),
                     format!("The consumer group member has a greater member epoch ({epoch}) than the one known by the group coordinator ({}). The member must abandon all its partitions and rejoin.", m.epoch),
                 ));
             }
@@ -908,7 +896,7 @@ impl ConsumerGroups {
                 && (epoch != m.previous_epoch || !is_subset(req.owned.as_ref(), &m.assigned))
             {
                 return Err((
-                    ec::FENCED_MEMBER_EPOCH,
+                    E::FencedMemberEpoch.code(),
                     format!("The consumer group member has a smaller member epoch ({epoch}) than the one known by the group coordinator ({}). The member must abandon all its partitions and rejoin.", m.epoch),
                 ));
             }
@@ -955,7 +943,7 @@ impl ConsumerGroups {
         let send_assignment =
             epoch == 0 || req.owned.is_some() || assigned_before.as_ref() != Some(&m.assigned);
         Ok(HeartbeatResponse {
-            error_code: ec::NONE,
+            error_code: NONE,
             error_message: None,
             member_id: Some(member_id.clone()),
             member_epoch: m.epoch,
@@ -967,7 +955,7 @@ impl ConsumerGroups {
     fn leave(&mut self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, (ErrorCode, String)> {
         let unknown = || {
             (
-                ec::UNKNOWN_MEMBER_ID,
+                E::UnknownMemberId.code(),
                 format!(
                     "Member {} is not a member of group {}.",
                     req.member_id, req.group_id
@@ -993,7 +981,7 @@ impl ConsumerGroups {
             group.remove_member(&member_id);
         }
         Ok(HeartbeatResponse {
-            error_code: ec::NONE,
+            error_code: NONE,
             error_message: None,
             member_id: Some(member_id),
             member_epoch: req.member_epoch,
@@ -1052,10 +1040,10 @@ impl ConsumerGroups {
             return Some(Ok(()));
         }
         let Some(m) = g.members.get(member_id) else {
-            return Some(Err(ec::UNKNOWN_MEMBER_ID));
+            return Some(Err(E::UnknownMemberId.code()));
         };
         Some(if member_epoch != m.epoch {
-            Err(ec::STALE_MEMBER_EPOCH)
+            Err(E::StaleMemberEpoch.code())
         } else {
             Ok(())
         })
@@ -1075,10 +1063,10 @@ impl ConsumerGroups {
             return Ok(());
         }
         let Some(m) = member_id.and_then(|id| g.members.get(id)) else {
-            return Err(ec::UNKNOWN_MEMBER_ID);
+            return Err(E::UnknownMemberId.code());
         };
         if member_epoch != m.epoch {
-            return Err(ec::STALE_MEMBER_EPOCH);
+            return Err(E::StaleMemberEpoch.code());
         }
         Ok(())
     }
@@ -1125,8 +1113,8 @@ impl ConsumerGroups {
     /// DeleteGroups, or a classic JoinGroup taking over an empty group.
     pub fn delete(&mut self, group_id: &str) -> Result<(), ErrorCode> {
         match self.groups.get(group_id) {
-            None => Err(ec::GROUP_ID_NOT_FOUND),
-            Some(g) if !g.members.is_empty() => Err(ec::NON_EMPTY_GROUP),
+            None => Err(E::GroupIdNotFound.code()),
+            Some(g) if !g.members.is_empty() => Err(E::NonEmptyGroup.code()),
             Some(_) => {
                 self.groups.remove(group_id);
                 Ok(())
@@ -1244,14 +1232,16 @@ mod tests {
             };
             let r = c.heartbeat(now, t, req);
             match r.error_code {
-                ec::NONE => {
+                NONE => {
                     self.joined = true;
                     self.epoch = r.member_epoch;
                     if let Some(a) = &r.assignment {
                         self.owned = a.clone();
                     }
                 }
-                ec::UNKNOWN_MEMBER_ID | ec::FENCED_MEMBER_EPOCH => {
+                code if code == E::UnknownMemberId.code()
+                    || code == E::FencedMemberEpoch.code() =>
+                {
                     self.joined = false;
                     self.epoch = 0;
                     self.owned.clear();
@@ -1399,7 +1389,7 @@ mod tests {
         assert_eq!(cs[0].count(), 4);
         // B comes back with its old epoch: unknown member, rejoins from scratch.
         let r = cs[1].beat(&mut c, now, &t);
-        assert_eq!(r.error_code, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(r.error_code, E::UnknownMemberId.code());
         assert!(cs[1].owned.is_empty());
     }
 
@@ -1409,23 +1399,26 @@ mod tests {
         let mut c = cg();
         let mut r = join("m", &["a"]);
         r.server_assignor = Some("sticky".into());
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::UNSUPPORTED_ASSIGNOR);
+        assert_eq!(
+            c.heartbeat(0, &t, r).error_code,
+            E::UnsupportedAssignor.code()
+        );
         let mut r = join("m", &["a"]);
         r.rebalance_timeout_ms = -1;
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::INVALID_REQUEST);
+        assert_eq!(c.heartbeat(0, &t, r).error_code, E::InvalidRequest.code());
         let mut r = join("m", &[]);
         r.subscribed_topic_names = None;
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::INVALID_REQUEST);
+        assert_eq!(c.heartbeat(0, &t, r).error_code, E::InvalidRequest.code());
         let mut r = join("m", &["a"]);
         r.group_id = String::new();
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::INVALID_REQUEST);
+        assert_eq!(c.heartbeat(0, &t, r).error_code, E::InvalidRequest.code());
         let r = HeartbeatRequest {
             group_id: "g".into(),
             member_id: "x".into(),
             member_epoch: 3,
             ..Default::default()
         };
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(c.heartbeat(0, &t, r).error_code, E::UnknownMemberId.code());
         assert_eq!(c.heartbeat(0, &t, join("m", &["a"])).member_epoch, 1);
         let r = HeartbeatRequest {
             group_id: "g".into(),
@@ -1433,30 +1426,33 @@ mod tests {
             member_epoch: 5,
             ..Default::default()
         };
-        assert_eq!(c.heartbeat(0, &t, r).error_code, ec::FENCED_MEMBER_EPOCH);
+        assert_eq!(
+            c.heartbeat(0, &t, r).error_code,
+            E::FencedMemberEpoch.code()
+        );
         let mut r = join("m", &["a"]);
         r.subscribed_topic_regex = Some("(".into());
         assert_eq!(
             c.heartbeat(0, &t, r).error_code,
-            ec::INVALID_REGULAR_EXPRESSION
+            E::InvalidRegularExpression.code()
         );
         // Offsets: stale epoch, unknown member.
         assert_eq!(c.validate_commit("g", "m", 1), Some(Ok(())));
         assert_eq!(
             c.validate_commit("g", "m", 0),
-            Some(Err(ec::STALE_MEMBER_EPOCH))
+            Some(Err(E::StaleMemberEpoch.code()))
         );
         assert_eq!(
             c.validate_commit("g", "z", 1),
-            Some(Err(ec::UNKNOWN_MEMBER_ID))
+            Some(Err(E::UnknownMemberId.code()))
         );
         assert_eq!(c.validate_commit("other", "m", 1), None);
         assert_eq!(
             c.validate_fetch("g", Some("m"), 0),
-            Err(ec::STALE_MEMBER_EPOCH)
+            Err(E::StaleMemberEpoch.code())
         );
         assert_eq!(c.validate_fetch("g", None, -1), Ok(()));
-        assert_eq!(c.delete("g"), Err(ec::NON_EMPTY_GROUP));
+        assert_eq!(c.delete("g"), Err(E::NonEmptyGroup.code()));
     }
 
     #[test]
@@ -1467,7 +1463,10 @@ mod tests {
         a.beat(&mut c, 0, &t);
         // A stale epoch (not the previous one) fences; the client rejoins with epoch 0.
         a.epoch = 7;
-        assert_eq!(a.beat(&mut c, 1, &t).error_code, ec::FENCED_MEMBER_EPOCH);
+        assert_eq!(
+            a.beat(&mut c, 1, &t).error_code,
+            E::FencedMemberEpoch.code()
+        );
         let r = a.beat(&mut c, 2, &t);
         assert_eq!(r.error_code, 0);
         assert_eq!(a.count(), 2);
@@ -1513,7 +1512,7 @@ mod tests {
         r.instance_id = Some("i1".into());
         assert_eq!(
             c.heartbeat(1, &t, r.clone()).error_code,
-            ec::UNRELEASED_INSTANCE_ID
+            E::UnreleasedInstanceId.code()
         );
         let leave = HeartbeatRequest {
             group_id: "g".into(),

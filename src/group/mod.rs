@@ -454,7 +454,7 @@ impl GroupShard {
         for (t, p, v) in commits {
             entry.insert((t, p), v);
         }
-        state::error_code::NONE
+        state::NONE
     }
 
     /// OffsetFetch v9: a consumer-group member fetching with its member id and epoch.
@@ -506,7 +506,7 @@ impl GroupShard {
     /// DeleteGroups: a consumer group if the id is one, else the classic group.
     fn delete_group(&self, group: &str) -> Result<(), i16> {
         match self.consumer.borrow_mut().delete(group) {
-            Err(code) if code == consumer_group::error_code::GROUP_ID_NOT_FOUND => {
+            Err(code) if code == ResponseError::GroupIdNotFound.code() => {
                 self.coord.borrow_mut().delete(group)
             }
             other => other,
@@ -526,7 +526,7 @@ impl GroupShard {
         match r {
             Ok(()) => {}
             // A group known only by its offsets can be deleted too.
-            Err(code) if code == state::error_code::GROUP_ID_NOT_FOUND && had_offsets => {}
+            Err(code) if code == ResponseError::GroupIdNotFound.code() && had_offsets => {}
             Err(code) => return code,
         }
         let removed = self.offsets.borrow_mut().remove(group).unwrap_or_default();
@@ -552,7 +552,7 @@ impl GroupShard {
             None,
         ));
         match append_records(shard, group, kvs).await {
-            Ok(()) => state::error_code::NONE,
+            Ok(()) => state::NONE,
             Err(_) => ResponseError::KafkaStorageError.code(),
         }
     }
@@ -569,7 +569,7 @@ impl GroupShard {
             || self.consumer.borrow().contains(group)
             || self.offsets.borrow().contains_key(group);
         if !known {
-            return Err(state::error_code::GROUP_ID_NOT_FOUND);
+            return Err(ResponseError::GroupIdNotFound.code());
         }
         // Members consuming the group's topics keep their offsets (conservative: any
         // non-empty group counts as subscribed).
@@ -599,7 +599,7 @@ impl GroupShard {
                     None,
                 ));
             }
-            per.push(state::error_code::NONE);
+            per.push(state::NONE);
         }
         if !kvs.is_empty() {
             append_records(shard, group, kvs)
@@ -631,7 +631,7 @@ impl GroupShard {
             match self.coord.borrow().state(&req.group_id) {
                 Some(s) if s != state::GroupState::Empty => {
                     return Err((
-                        state::error_code::GROUP_ID_NOT_FOUND,
+                        ResponseError::GroupIdNotFound.code(),
                         format!("Group {} is not a consumer group.", req.group_id),
                     ));
                 }
@@ -682,7 +682,7 @@ fn consumer_config(t: &Tuning) -> ConsumerConfig {
 /// Kafka's answer to a classic JoinGroup for a group the consumer protocol is using.
 fn classic_join_refused(req: &JoinRequest) -> JoinResponse {
     JoinResponse {
-        error_code: state::error_code::INCONSISTENT_GROUP_PROTOCOL,
+        error_code: ResponseError::InconsistentGroupProtocol.code(),
         generation_id: -1,
         protocol_type: None,
         protocol_name: None,

@@ -12,6 +12,8 @@
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 
+use kafka_protocol::ResponseError as E;
+
 use super::records::{GroupMetadataValue, MemberMetadataValue};
 
 /// Identifies a pending client request; the shell answers it when an [`Action`] says so.
@@ -19,26 +21,8 @@ pub type Token = u64;
 /// Kafka's numeric error code.
 pub type ErrorCode = i16;
 
-/// Kafka error codes used by the group protocol.
-pub mod error_code {
-    use super::ErrorCode;
-    pub const NONE: ErrorCode = 0;
-    pub const UNKNOWN_SERVER_ERROR: ErrorCode = -1;
-    pub const COORDINATOR_NOT_AVAILABLE: ErrorCode = 15;
-    pub const NOT_COORDINATOR: ErrorCode = 16;
-    pub const ILLEGAL_GENERATION: ErrorCode = 22;
-    pub const INCONSISTENT_GROUP_PROTOCOL: ErrorCode = 23;
-    pub const INVALID_GROUP_ID: ErrorCode = 24;
-    pub const UNKNOWN_MEMBER_ID: ErrorCode = 25;
-    pub const INVALID_SESSION_TIMEOUT: ErrorCode = 26;
-    pub const REBALANCE_IN_PROGRESS: ErrorCode = 27;
-    pub const NON_EMPTY_GROUP: ErrorCode = 68;
-    pub const GROUP_ID_NOT_FOUND: ErrorCode = 69;
-    pub const MEMBER_ID_REQUIRED: ErrorCode = 79;
-    pub const GROUP_MAX_SIZE_REACHED: ErrorCode = 81;
-    pub const FENCED_INSTANCE_ID: ErrorCode = 82;
-}
-use error_code as ec;
+/// No error (Kafka's code 0); every other code is `kafka_protocol::ResponseError`'s.
+pub const NONE: ErrorCode = 0;
 
 /// Broker settings that shape the protocol (Kafka's `group.*` configs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,9 +379,9 @@ impl Group {
 
     fn validate_member(&self, member_id: &str, instance_id: Option<&str>) -> Result<(), ErrorCode> {
         if self.is_fenced(member_id, instance_id) {
-            Err(ec::FENCED_INSTANCE_ID)
+            Err(E::FencedInstanceId.code())
         } else if !self.members.contains_key(member_id) {
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         } else {
             Ok(())
         }
@@ -468,7 +452,7 @@ impl Group {
     /// The answer to a join for the current generation; the leader's carries the member list.
     fn join_ok(&self, member_id: &str, leader: String, with_members: bool) -> JoinResponse {
         JoinResponse {
-            error_code: ec::NONE,
+            error_code: NONE,
             generation_id: self.generation_id,
             protocol_type: self.protocol_type.clone(),
             protocol_name: self.protocol_name.clone(),
@@ -498,10 +482,10 @@ impl Group {
             .and_then(|i| self.static_members.get(i))
             .cloned();
         if old_static.is_none() && self.members.len() + self.pending_members.len() >= cfg.max_size {
-            return Err(ec::GROUP_MAX_SIZE_REACHED);
+            return Err(E::GroupMaxSizeReached.code());
         }
         if !self.supports_protocols(req, old_static.as_deref()) {
-            return Err(ec::INCONSISTENT_GROUP_PROTOCOL);
+            return Err(E::InconsistentGroupProtocol.code());
         }
         let mut new_id = ids.next(&req.client_id);
         // Only a restored member from a process with the same seed could collide; bounded retry.
@@ -518,7 +502,7 @@ impl Group {
             // not leave orphan members behind.
             let deadline_ms = now_ms + session_timeout(req);
             self.pending_members.insert(new_id.clone(), deadline_ms);
-            out.push(join_error(token, new_id, ec::MEMBER_ID_REQUIRED));
+            out.push(join_error(token, new_id, E::MemberIdRequired.code()));
         } else {
             self.add_member_and_rebalance(cfg, now_ms, token, req, new_id, out);
         }
@@ -569,10 +553,10 @@ impl Group {
             return;
         };
         if let Some(t) = member.awaiting_join.take() {
-            out.push(join_error(t, old_id.to_owned(), ec::FENCED_INSTANCE_ID));
+            out.push(join_error(t, old_id.to_owned(), E::FencedInstanceId.code()));
         }
         if let Some(t) = member.awaiting_sync.take() {
-            out.push(sync_error(t, ec::FENCED_INSTANCE_ID));
+            out.push(sync_error(t, E::FencedInstanceId.code()));
         }
         member.id = new_id.to_owned();
         if let Some(instance) = &member.instance_id {
@@ -600,10 +584,10 @@ impl Group {
         if self.pending_members.contains_key(id) {
             if req.group_instance_id.is_some() {
                 // Pending ids are only handed to dynamic members.
-                return Err(ec::UNKNOWN_MEMBER_ID);
+                return Err(E::UnknownMemberId.code());
             }
             if !self.supports_protocols(req, None) {
-                return Err(ec::INCONSISTENT_GROUP_PROTOCOL);
+                return Err(E::InconsistentGroupProtocol.code());
             }
             self.pending_members.remove(id);
             self.add_member_and_rebalance(cfg, now_ms, token, req, id.to_owned(), out);
@@ -611,14 +595,14 @@ impl Group {
         }
         self.validate_member(id, req.group_instance_id.as_deref())?;
         if !self.supports_protocols(req, Some(id)) {
-            return Err(ec::INCONSISTENT_GROUP_PROTOCOL);
+            return Err(E::InconsistentGroupProtocol.code());
         }
         let unchanged = self
             .members
             .get(id)
             .is_some_and(|m| m.protocols == req.protocols);
         let answer_now = match self.state {
-            GroupState::Empty => return Err(ec::UNKNOWN_MEMBER_ID),
+            GroupState::Empty => return Err(E::UnknownMemberId.code()),
             GroupState::PreparingRebalance => false,
             // Same metadata: the member probably lost the join response; resend it.
             GroupState::CompletingRebalance => unchanged,
@@ -697,7 +681,11 @@ impl Group {
             if let Some(old) = member.awaiting_join.replace(token) {
                 // A duplicate join supersedes the earlier one; the earlier one must still be
                 // answered so the shell does not leak it.
-                out.push(join_error(old, id.to_owned(), ec::REBALANCE_IN_PROGRESS));
+                out.push(join_error(
+                    old,
+                    id.to_owned(),
+                    E::RebalanceInProgress.code(),
+                ));
             }
         }
         self.maybe_prepare_rebalance(cfg, now_ms, out);
@@ -712,7 +700,7 @@ impl Group {
 
     fn prepare_rebalance(&mut self, cfg: &GroupConfig, now_ms: u64, out: &mut Vec<Action>) {
         if self.state == GroupState::CompletingRebalance {
-            self.reset_and_propagate_sync_error(now_ms, ec::REBALANCE_IN_PROGRESS, out);
+            self.reset_and_propagate_sync_error(now_ms, E::RebalanceInProgress.code(), out);
         }
         self.pending_sync.clear();
         self.sync_deadline_ms = None;
@@ -831,10 +819,10 @@ impl Group {
             return;
         };
         if let Some(t) = member.awaiting_join {
-            out.push(join_error(t, String::new(), ec::UNKNOWN_MEMBER_ID));
+            out.push(join_error(t, String::new(), E::UnknownMemberId.code()));
         }
         if let Some(t) = member.awaiting_sync {
-            out.push(sync_error(t, ec::UNKNOWN_MEMBER_ID));
+            out.push(sync_error(t, E::UnknownMemberId.code()));
         }
         if let Some(instance) = &member.instance_id {
             if self.static_members.get(instance).map(String::as_str) == Some(id) {
@@ -871,26 +859,26 @@ impl Group {
             return out.push(sync_error(token, code));
         }
         if req.generation_id != self.generation_id {
-            return out.push(sync_error(token, ec::ILLEGAL_GENERATION));
+            return out.push(sync_error(token, E::IllegalGeneration.code()));
         }
         let type_differs = req.protocol_type.is_some() && req.protocol_type != self.protocol_type;
         let name_differs = req.protocol_name.is_some() && req.protocol_name != self.protocol_name;
         if type_differs || name_differs {
-            return out.push(sync_error(token, ec::INCONSISTENT_GROUP_PROTOCOL));
+            return out.push(sync_error(token, E::InconsistentGroupProtocol.code()));
         }
         match self.state {
-            GroupState::Empty => out.push(sync_error(token, ec::UNKNOWN_MEMBER_ID)),
+            GroupState::Empty => out.push(sync_error(token, E::UnknownMemberId.code())),
             GroupState::PreparingRebalance => {
-                out.push(sync_error(token, ec::REBALANCE_IN_PROGRESS))
+                out.push(sync_error(token, E::RebalanceInProgress.code()))
             }
             GroupState::Stable => {
                 self.pending_sync.remove(id);
                 let Some(member) = self.members.get_mut(id) else {
-                    return out.push(sync_error(token, ec::UNKNOWN_MEMBER_ID));
+                    return out.push(sync_error(token, E::UnknownMemberId.code()));
                 };
                 member.session_deadline_ms = now_ms + member.session_timeout_ms;
                 let resp = SyncResponse {
-                    error_code: ec::NONE,
+                    error_code: NONE,
                     protocol_type: self.protocol_type.clone(),
                     protocol_name: self.protocol_name.clone(),
                     assignment: member.assignment.clone(),
@@ -900,11 +888,11 @@ impl Group {
             GroupState::CompletingRebalance => {
                 self.pending_sync.remove(id);
                 let Some(member) = self.members.get_mut(id) else {
-                    return out.push(sync_error(token, ec::UNKNOWN_MEMBER_ID));
+                    return out.push(sync_error(token, E::UnknownMemberId.code()));
                 };
                 member.session_deadline_ms = now_ms + member.session_timeout_ms;
                 if let Some(old) = member.awaiting_sync.replace(token) {
-                    out.push(sync_error(old, ec::REBALANCE_IN_PROGRESS));
+                    out.push(sync_error(old, E::RebalanceInProgress.code()));
                 }
                 if self.is_leader(id) {
                     self.complete_sync(now_ms, &req.assignments, out);
@@ -938,7 +926,7 @@ impl Group {
                 // The session was not checked while the member waited; it restarts now.
                 member.session_deadline_ms = now_ms + member.session_timeout_ms;
                 let resp = SyncResponse {
-                    error_code: ec::NONE,
+                    error_code: NONE,
                     protocol_type: self.protocol_type.clone(),
                     protocol_name: self.protocol_name.clone(),
                     assignment: member.assignment.clone(),
@@ -951,16 +939,16 @@ impl Group {
     fn heartbeat(&mut self, now_ms: u64, req: &HeartbeatRequest) -> Result<(), ErrorCode> {
         self.validate_member(&req.member_id, req.group_instance_id.as_deref())?;
         if req.generation_id != self.generation_id {
-            return Err(ec::ILLEGAL_GENERATION);
+            return Err(E::IllegalGeneration.code());
         }
         let Some(member) = self.members.get_mut(&req.member_id) else {
-            return Err(ec::UNKNOWN_MEMBER_ID);
+            return Err(E::UnknownMemberId.code());
         };
         match self.state {
-            GroupState::Empty => Err(ec::UNKNOWN_MEMBER_ID),
+            GroupState::Empty => Err(E::UnknownMemberId.code()),
             GroupState::PreparingRebalance => {
                 member.session_deadline_ms = now_ms + member.session_timeout_ms;
-                Err(ec::REBALANCE_IN_PROGRESS)
+                Err(E::RebalanceInProgress.code())
             }
             GroupState::CompletingRebalance | GroupState::Stable => {
                 member.session_deadline_ms = now_ms + member.session_timeout_ms;
@@ -980,12 +968,12 @@ impl Group {
         let id = if leaving.member_id.is_empty() {
             match instance.and_then(|i| self.static_members.get(i)) {
                 Some(id) => id.clone(),
-                None => return ec::UNKNOWN_MEMBER_ID,
+                None => return E::UnknownMemberId.code(),
             }
         } else {
             if instance.is_none() && self.pending_members.remove(&leaving.member_id).is_some() {
                 self.maybe_complete_join(now_ms, out);
-                return ec::NONE;
+                return NONE;
             }
             if let Err(code) = self.validate_member(&leaving.member_id, instance) {
                 return code;
@@ -993,7 +981,7 @@ impl Group {
             leaving.member_id.clone()
         };
         self.remove_member(cfg, now_ms, &id, out);
-        ec::NONE
+        NONE
     }
 
     fn tick(&mut self, cfg: &GroupConfig, now_ms: u64, out: &mut Vec<Action>) {
@@ -1173,17 +1161,17 @@ impl GroupCoordinator {
             ids,
         } = self;
         if req.group_id.is_empty() {
-            return Err(ec::INVALID_GROUP_ID);
+            return Err(E::InvalidGroupId.code());
         }
         if req.session_timeout_ms < config.min_session_timeout_ms
             || req.session_timeout_ms > config.max_session_timeout_ms
         {
-            return Err(ec::INVALID_SESSION_TIMEOUT);
+            return Err(E::InvalidSessionTimeout.code());
         }
         let new_member = req.member_id.is_empty();
         let created = !groups.contains_key(&req.group_id);
         if created && !new_member {
-            return Err(ec::UNKNOWN_MEMBER_ID);
+            return Err(E::UnknownMemberId.code());
         }
         let group = groups
             .entry(req.group_id.clone())
@@ -1203,22 +1191,22 @@ impl GroupCoordinator {
     pub fn sync(&mut self, now_ms: u64, token: Token, req: SyncRequest) -> Vec<Action> {
         let mut out = Vec::new();
         if req.group_id.is_empty() {
-            out.push(sync_error(token, ec::INVALID_GROUP_ID));
+            out.push(sync_error(token, E::InvalidGroupId.code()));
         } else if let Some(group) = self.groups.get_mut(&req.group_id) {
             group.sync(now_ms, token, &req, &mut out);
         } else {
-            out.push(sync_error(token, ec::UNKNOWN_MEMBER_ID));
+            out.push(sync_error(token, E::UnknownMemberId.code()));
         }
         out
     }
 
     pub fn heartbeat(&mut self, now_ms: u64, req: HeartbeatRequest) -> Result<(), ErrorCode> {
         if req.group_id.is_empty() {
-            return Err(ec::INVALID_GROUP_ID);
+            return Err(E::InvalidGroupId.code());
         }
         match self.groups.get_mut(&req.group_id) {
             Some(group) => group.heartbeat(now_ms, &req),
-            None => Err(ec::UNKNOWN_MEMBER_ID),
+            None => Err(E::UnknownMemberId.code()),
         }
     }
 
@@ -1237,12 +1225,12 @@ impl GroupCoordinator {
     ) {
         let mut out = Vec::new();
         if group_id.is_empty() {
-            return (Err(ec::INVALID_GROUP_ID), Vec::new(), out);
+            return (Err(E::InvalidGroupId.code()), Vec::new(), out);
         }
         let Some(group) = self.groups.get_mut(group_id) else {
             let codes = members
                 .iter()
-                .map(|m| (m.clone(), ec::UNKNOWN_MEMBER_ID))
+                .map(|m| (m.clone(), E::UnknownMemberId.code()))
                 .collect();
             return (Ok(()), codes, out);
         };
@@ -1288,30 +1276,30 @@ impl GroupCoordinator {
         instance_id: Option<&str>,
     ) -> Result<(), ErrorCode> {
         if group_id.is_empty() {
-            return Err(ec::INVALID_GROUP_ID);
+            return Err(E::InvalidGroupId.code());
         }
         let Some(group) = self.groups.get(group_id) else {
             // A negative generation means the group does not use Kafka's group management.
             return if generation_id < 0 {
                 Ok(())
             } else {
-                Err(ec::ILLEGAL_GENERATION)
+                Err(E::IllegalGeneration.code())
             };
         };
         if group.is_fenced(member_id, instance_id) {
-            return Err(ec::FENCED_INSTANCE_ID);
+            return Err(E::FencedInstanceId.code());
         }
         if generation_id < 0 && group.state == GroupState::Empty {
             return Ok(());
         }
         if !group.members.contains_key(member_id) {
-            return Err(ec::UNKNOWN_MEMBER_ID);
+            return Err(E::UnknownMemberId.code());
         }
         if generation_id != group.generation_id {
-            return Err(ec::ILLEGAL_GENERATION);
+            return Err(E::IllegalGeneration.code());
         }
         if group.state == GroupState::CompletingRebalance {
-            return Err(ec::REBALANCE_IN_PROGRESS);
+            return Err(E::RebalanceInProgress.code());
         }
         Ok(())
     }
@@ -1338,8 +1326,8 @@ impl GroupCoordinator {
     /// DeleteGroups: the shell also writes tombstones for the group's offsets and metadata.
     pub fn delete(&mut self, group_id: &str) -> Result<(), ErrorCode> {
         match self.groups.get(group_id) {
-            None => Err(ec::GROUP_ID_NOT_FOUND),
-            Some(g) if g.state != GroupState::Empty => Err(ec::NON_EMPTY_GROUP),
+            None => Err(E::GroupIdNotFound.code()),
+            Some(g) if g.state != GroupState::Empty => Err(E::NonEmptyGroup.code()),
             Some(_) => {
                 self.groups.remove(group_id);
                 Ok(())
@@ -1565,7 +1553,7 @@ mod tests {
         let r: Vec<JoinResponse> = (1..=3).map(|t| join_of(&actions, t)).collect();
         assert!(r
             .iter()
-            .all(|j| j.error_code == ec::NONE && j.generation_id == 1));
+            .all(|j| j.error_code == NONE && j.generation_id == 1));
         assert!(r
             .iter()
             .all(|j| j.protocol_name.as_deref() == Some("range")));
@@ -1597,7 +1585,7 @@ mod tests {
         ] {
             let want = asg.iter().find(|(m, _)| *m == id).map(|(_, a)| *a);
             let s = sync_of(&actions, token);
-            assert_eq!(s.error_code, ec::NONE);
+            assert_eq!(s.error_code, NONE);
             assert_eq!(Some(&s.assignment[..]), want.map(str::as_bytes));
         }
         assert_eq!(c.state(G), Some(GroupState::Stable));
@@ -1611,7 +1599,7 @@ mod tests {
         let meta: &'static [u8] = [b"a", b"b", b"c"][k];
         let a = c.join(6_300, 14, jreq(followers[0], None, meta));
         let j = join_of(&a, 14);
-        assert_eq!((j.error_code, j.generation_id), (ec::NONE, 1));
+        assert_eq!((j.error_code, j.generation_id), (NONE, 1));
         assert_eq!(c.state(G), Some(GroupState::Stable));
     }
 
@@ -1621,13 +1609,13 @@ mod tests {
         let mut req = jreq("", None, b"a");
         req.require_known_member_id = true;
         let j = join_of(&c.join(0, 1, req.clone()), 1);
-        assert_eq!(j.error_code, ec::MEMBER_ID_REQUIRED);
+        assert_eq!(j.error_code, E::MemberIdRequired.code());
         assert!(j.member_id.starts_with("c-"));
         assert_eq!(c.state(G), Some(GroupState::Empty));
         let mut again = req.clone();
         again.member_id = j.member_id.clone();
         let a = join_of(&c.join(10, 2, again), 2);
-        assert_eq!((a.error_code, a.generation_id), (ec::NONE, 1));
+        assert_eq!((a.error_code, a.generation_id), (NONE, 1));
         assert_eq!(a.leader, j.member_id);
         assert_eq!(a.members.len(), 1);
         c.sync(10, 3, sreq(&a.member_id, 1, &[(&a.member_id, "all")]));
@@ -1635,7 +1623,7 @@ mod tests {
 
         // A pending (MEMBER_ID_REQUIRED) member holds the next rebalance until it re-joins.
         let b = join_of(&c.join(20, 4, req.clone()), 4);
-        assert_eq!(b.error_code, ec::MEMBER_ID_REQUIRED);
+        assert_eq!(b.error_code, E::MemberIdRequired.code());
         assert_eq!(c.state(G), Some(GroupState::Stable));
         assert!(c.join(30, 5, jreq("", None, b"v3 client")).is_empty());
         assert_eq!(c.state(G), Some(GroupState::PreparingRebalance));
@@ -1650,13 +1638,13 @@ mod tests {
 
         // A pending member that never comes back expires and stops holding the group.
         let d = join_of(&c.join(60, 8, req), 8);
-        assert_eq!(d.error_code, ec::MEMBER_ID_REQUIRED);
+        assert_eq!(d.error_code, E::MemberIdRequired.code());
         assert!(c.next_deadline_ms().is_some_and(|t| t <= 60 + 10_000));
         let mut late = jreq(&d.member_id, None, b"a");
         c.tick(60 + 10_000);
         late.require_known_member_id = true;
         let e = join_of(&c.join(70_000, 9, late), 9);
-        assert_eq!(e.error_code, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(e.error_code, E::UnknownMemberId.code());
     }
 
     #[test]
@@ -1675,11 +1663,11 @@ mod tests {
         assert_eq!(c.state(G), Some(GroupState::PreparingRebalance));
         assert_eq!(
             c.heartbeat(deadline, hb(&ids[0], generation)),
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         );
         assert_eq!(
             c.heartbeat(deadline, hb(&ids[1], generation)),
-            Err(ec::REBALANCE_IN_PROGRESS)
+            Err(E::RebalanceInProgress.code())
         );
         assert!(c.join(deadline, 20, jreq(&ids[1], None, b"m")).is_empty());
         let actions = c.join(deadline, 21, jreq(&ids[2], None, b"m"));
@@ -1711,7 +1699,7 @@ mod tests {
         assert_eq!((j.generation_id, j.members.len()), (generation + 1, 1));
         assert_eq!(
             c.heartbeat(now + 30_000, hb(&ids[1], generation)),
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         );
     }
 
@@ -1730,8 +1718,8 @@ mod tests {
         ];
         let (top, codes, actions) = c.leave(now, G, &leaving);
         assert_eq!(top, Ok(()));
-        assert_eq!(codes[0].1, ec::NONE);
-        assert_eq!(codes[1].1, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(codes[0].1, NONE);
+        assert_eq!(codes[1].1, E::UnknownMemberId.code());
         assert!(actions.is_empty());
         assert_eq!(c.state(G), Some(GroupState::PreparingRebalance));
         // Member 1 re-joins, then leaves while its join waits: the join is answered.
@@ -1741,25 +1729,25 @@ mod tests {
             group_instance_id: None,
         }];
         let (_, _, actions) = c.leave(now, G, &one);
-        assert_eq!(join_of(&actions, 40).error_code, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(join_of(&actions, 40).error_code, E::UnknownMemberId.code());
         // The static member leaves by instance id only: the group becomes Empty.
         let by_instance = [LeaveMember {
             member_id: String::new(),
             group_instance_id: Some("s".into()),
         }];
         let (_, codes, actions) = c.leave(now, G, &by_instance);
-        assert_eq!(codes[0].1, ec::NONE);
+        assert_eq!(codes[0].1, NONE);
         assert!(actions.contains(&Action::GroupChanged { group_id: G.into() }));
         assert_eq!(c.state(G), Some(GroupState::Empty));
         assert_eq!(c.describe(G).map(|d| d.members.len()), Some(0));
         assert_eq!(c.validate_commit(G, -1, "", None), Ok(()));
         assert_eq!(
             c.validate_commit(G, generation, &ids[0], None),
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         );
         let (top, codes, _) = c.leave(now, "unknown", &one);
-        assert_eq!((top, codes[0].1), (Ok(()), ec::UNKNOWN_MEMBER_ID));
-        assert_eq!(c.leave(now, "", &one).0, Err(ec::INVALID_GROUP_ID));
+        assert_eq!((top, codes[0].1), (Ok(()), E::UnknownMemberId.code()));
+        assert_eq!(c.leave(now, "", &one).0, Err(E::InvalidGroupId.code()));
     }
 
     #[test]
@@ -1770,7 +1758,7 @@ mod tests {
         let actions = c.join(now + 1_000, 50, jreq("", Some("i1"), b"m"));
         assert_eq!(responses(&actions), 1);
         let j = join_of(&actions, 50);
-        assert_eq!((j.error_code, j.generation_id), (ec::NONE, generation));
+        assert_eq!((j.error_code, j.generation_id), (NONE, generation));
         assert_ne!(j.member_id, ids[1]);
         assert_eq!(j.leader, ids[0]);
         assert!(j.members.is_empty());
@@ -1778,37 +1766,34 @@ mod tests {
         let mut s = sreq(&j.member_id, generation, &[]);
         s.group_instance_id = Some("i1".into());
         let got = sync_of(&c.sync(now + 1_000, 51, s), 51);
-        assert_eq!(
-            (got.error_code, &got.assignment[..]),
-            (ec::NONE, &b"p1"[..])
-        );
+        assert_eq!((got.error_code, &got.assignment[..]), (NONE, &b"p1"[..]));
         // The old id is fenced wherever it shows up with its instance id.
         let mut old_hb = hb(&ids[1], generation);
         old_hb.group_instance_id = Some("i1".into());
         assert_eq!(
             c.heartbeat(now + 1_000, old_hb),
-            Err(ec::FENCED_INSTANCE_ID)
+            Err(E::FencedInstanceId.code())
         );
         let mut old_sync = sreq(&ids[1], generation, &[]);
         old_sync.group_instance_id = Some("i1".into());
         let f = sync_of(&c.sync(now + 1_000, 52, old_sync), 52);
-        assert_eq!(f.error_code, ec::FENCED_INSTANCE_ID);
+        assert_eq!(f.error_code, E::FencedInstanceId.code());
         let f = join_of(
             &c.join(now + 1_000, 53, jreq(&ids[1], Some("i1"), b"m")),
             53,
         );
-        assert_eq!(f.error_code, ec::FENCED_INSTANCE_ID);
+        assert_eq!(f.error_code, E::FencedInstanceId.code());
         assert_eq!(
             c.validate_commit(G, generation, &ids[1], Some("i1")),
-            Err(ec::FENCED_INSTANCE_ID)
+            Err(E::FencedInstanceId.code())
         );
         assert_eq!(
             c.heartbeat(now + 1_000, hb(&ids[1], generation)),
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         );
         // The leader restarts: the answer names the old leader id, so it does not assign.
         let l = join_of(&c.join(now + 2_000, 54, jreq("", Some("i0"), b"m")), 54);
-        assert_eq!((l.error_code, l.generation_id), (ec::NONE, generation));
+        assert_eq!((l.error_code, l.generation_id), (NONE, generation));
         assert_eq!(l.leader, ids[0]);
         assert!(l.members.is_empty());
         assert_eq!(c.state(G), Some(GroupState::Stable));
@@ -1832,29 +1817,29 @@ mod tests {
         let (mut c, ids, leader, generation, now) = stable_group(&[None, None]);
         assert_eq!(
             c.heartbeat(now, hb(&ids[1], generation + 1)),
-            Err(ec::ILLEGAL_GENERATION)
+            Err(E::IllegalGeneration.code())
         );
         let s = sync_of(&c.sync(now, 60, sreq(&ids[1], generation - 1, &[])), 60);
-        assert_eq!(s.error_code, ec::ILLEGAL_GENERATION);
+        assert_eq!(s.error_code, E::IllegalGeneration.code());
         assert_eq!(
             c.validate_commit(G, generation + 1, &ids[1], None),
-            Err(ec::ILLEGAL_GENERATION)
+            Err(E::IllegalGeneration.code())
         );
         assert_eq!(
             c.heartbeat(now, hb("ghost", generation)),
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         );
         let s = sync_of(&c.sync(now, 61, sreq("ghost", generation, &[])), 61);
-        assert_eq!(s.error_code, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(s.error_code, E::UnknownMemberId.code());
         let j = join_of(&c.join(now, 62, jreq("ghost", None, b"m")), 62);
-        assert_eq!(j.error_code, ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(j.error_code, E::UnknownMemberId.code());
         // The leader re-joining forces a rebalance: sync now fails, heartbeats say so.
         assert!(c.join(now, 63, jreq(&leader, None, b"m")).is_empty());
         let s = sync_of(&c.sync(now, 64, sreq(&ids[1], generation, &[])), 64);
-        assert_eq!(s.error_code, ec::REBALANCE_IN_PROGRESS);
+        assert_eq!(s.error_code, E::RebalanceInProgress.code());
         assert_eq!(
             c.heartbeat(now, hb(&ids[1], generation)),
-            Err(ec::REBALANCE_IN_PROGRESS)
+            Err(E::RebalanceInProgress.code())
         );
         let actions = c.join(now, 65, jreq(&ids[1], None, b"m"));
         assert_eq!(join_of(&actions, 65).generation_id, generation + 1);
@@ -1862,10 +1847,10 @@ mod tests {
         assert_eq!(c.heartbeat(now, hb(&ids[1], generation + 1)), Ok(()));
         assert_eq!(
             c.validate_commit(G, generation + 1, &ids[1], None),
-            Err(ec::REBALANCE_IN_PROGRESS)
+            Err(E::RebalanceInProgress.code())
         );
         let s = sync_of(&c.sync(now, 66, sreq(&ids[1], generation, &[])), 66);
-        assert_eq!(s.error_code, ec::ILLEGAL_GENERATION);
+        assert_eq!(s.error_code, E::IllegalGeneration.code());
     }
 
     #[test]
@@ -1891,7 +1876,7 @@ mod tests {
         c.tick(30_000);
         assert_eq!(
             c.heartbeat(30_000, hb(&b.member_id, 2)),
-            Err(ec::UNKNOWN_MEMBER_ID)
+            Err(E::UnknownMemberId.code())
         );
         assert_eq!(c.state(G), Some(GroupState::PreparingRebalance));
     }
@@ -1924,25 +1909,25 @@ mod tests {
             .all(|m| &m.metadata[..] == b"roundrobin"));
 
         let bad = join_of(&c.join(0, 6, with(&["sticky"])), 6);
-        assert_eq!(bad.error_code, ec::INCONSISTENT_GROUP_PROTOCOL);
+        assert_eq!(bad.error_code, E::InconsistentGroupProtocol.code());
         let mut other_type = with(&["roundrobin"]);
         other_type.protocol_type = "connect".into();
         let bad = join_of(&c.join(0, 7, other_type), 7);
-        assert_eq!(bad.error_code, ec::INCONSISTENT_GROUP_PROTOCOL);
+        assert_eq!(bad.error_code, E::InconsistentGroupProtocol.code());
         let mut short = with(&["roundrobin"]);
         short.session_timeout_ms = 1_000;
         let bad = join_of(&c.join(0, 8, short), 8);
-        assert_eq!(bad.error_code, ec::INVALID_SESSION_TIMEOUT);
+        assert_eq!(bad.error_code, E::InvalidSessionTimeout.code());
         let mut no_group = with(&["range"]);
         no_group.group_id = String::new();
         assert_eq!(
             join_of(&c.join(0, 9, no_group), 9).error_code,
-            ec::INVALID_GROUP_ID
+            E::InvalidGroupId.code()
         );
         let mut empty_protocols = with(&[]);
         empty_protocols.group_id = "other".into();
         let bad = join_of(&c.join(0, 10, empty_protocols), 10);
-        assert_eq!(bad.error_code, ec::INCONSISTENT_GROUP_PROTOCOL);
+        assert_eq!(bad.error_code, E::InconsistentGroupProtocol.code());
         assert_eq!(c.list().len(), 1, "a rejected first join leaves no group");
     }
 
@@ -1957,10 +1942,10 @@ mod tests {
         );
         assert_eq!(
             join_of(&c.join(0, 1, jreq("", None, b"m")), 1).error_code,
-            ec::NONE
+            NONE
         );
         let full = join_of(&c.join(0, 2, jreq("", None, b"m")), 2);
-        assert_eq!(full.error_code, ec::GROUP_MAX_SIZE_REACHED);
+        assert_eq!(full.error_code, E::GroupMaxSizeReached.code());
     }
 
     #[test]
@@ -1970,12 +1955,12 @@ mod tests {
             c.list(),
             vec![(G.to_string(), "consumer".to_string(), "Stable".to_string())]
         );
-        assert_eq!(c.delete(G), Err(ec::NON_EMPTY_GROUP));
-        assert_eq!(c.delete("nope"), Err(ec::GROUP_ID_NOT_FOUND));
+        assert_eq!(c.delete(G), Err(E::NonEmptyGroup.code()));
+        assert_eq!(c.delete("nope"), Err(E::GroupIdNotFound.code()));
         assert_eq!(c.validate_commit("simple", -1, "", None), Ok(()));
         assert_eq!(
             c.validate_commit("simple", 3, "m", None),
-            Err(ec::ILLEGAL_GENERATION)
+            Err(E::IllegalGeneration.code())
         );
         c.ensure_group("simple");
         assert_eq!(c.describe("simple").map(|d| d.state), Some("Empty"));
@@ -1994,7 +1979,7 @@ mod tests {
         let s = sync_of(&restored.sync(now, 1, sreq(&leader, generation, &[])), 1);
         assert_eq!(&s.assignment[..], b"p0");
         let j = join_of(&restored.join(now, 2, jreq("", Some("i0"), b"m")), 2);
-        assert_eq!((j.error_code, j.generation_id), (ec::NONE, generation));
+        assert_eq!((j.error_code, j.generation_id), (NONE, generation));
     }
 
     // ---- randomized simulation ----
@@ -2222,10 +2207,7 @@ mod tests {
                 group_instance_id: cl.instance.clone(),
             };
             let result = self.c.heartbeat(self.now, req);
-            *self
-                .codes
-                .entry(result.err().unwrap_or(ec::NONE))
-                .or_default() += 1;
+            *self.codes.entry(result.err().unwrap_or(NONE)).or_default() += 1;
             if result.is_ok() {
                 assert!(
                     self.is_member(&cl.member_id),
@@ -2240,7 +2222,9 @@ mod tests {
             let cl = &mut self.clients[i];
             match result {
                 Ok(()) => {}
-                Err(ec::UNKNOWN_MEMBER_ID) | Err(ec::FENCED_INSTANCE_ID) => {
+                Err(code)
+                    if code == E::UnknownMemberId.code() || code == E::FencedInstanceId.code() =>
+                {
                     cl.member_id.clear();
                     cl.phase = Phase::Out;
                 }
@@ -2256,7 +2240,7 @@ mod tests {
             let ctx = self.ctx();
             if let Some((token, generation, map)) = leader_sync {
                 let accepted = actions.iter().any(|a| {
-                    matches!(a, Action::SyncResponse { token: t, resp } if *t == token && resp.error_code == ec::NONE)
+                    matches!(a, Action::SyncResponse { token: t, resp } if *t == token && resp.error_code == NONE)
                 });
                 if accepted {
                     self.stored.entry(generation).or_insert(map);
@@ -2273,7 +2257,7 @@ mod tests {
                             });
                         assert_eq!(kind, Kind::Join, "{ctx}");
                         *self.codes.entry(resp.error_code).or_default() += 1;
-                        if resp.error_code == ec::NONE {
+                        if resp.error_code == NONE {
                             self.successes += 1;
                             assert_eq!(resp.generation_id, current, "{ctx}: stale generation");
                             assert!(
@@ -2299,18 +2283,20 @@ mod tests {
                         }
                         let cl = &mut self.clients[i];
                         match resp.error_code {
-                            ec::NONE => {
+                            NONE => {
                                 cl.member_id = resp.member_id.clone();
                                 cl.generation = resp.generation_id;
                                 cl.leader = resp.leader == resp.member_id;
                                 cl.join_members = resp.members;
                                 cl.phase = Phase::NeedSync;
                             }
-                            ec::MEMBER_ID_REQUIRED => {
+                            code if code == E::MemberIdRequired.code() => {
                                 cl.member_id = resp.member_id;
                                 cl.phase = Phase::Out;
                             }
-                            ec::UNKNOWN_MEMBER_ID | ec::FENCED_INSTANCE_ID => {
+                            code if code == E::UnknownMemberId.code()
+                                || code == E::FencedInstanceId.code() =>
+                            {
                                 cl.member_id.clear();
                                 cl.phase = Phase::Out;
                             }
@@ -2324,7 +2310,7 @@ mod tests {
                             });
                         assert_eq!(kind, Kind::Sync, "{ctx}");
                         *self.codes.entry(resp.error_code).or_default() += 1;
-                        if resp.error_code == ec::NONE {
+                        if resp.error_code == NONE {
                             self.successes += 1;
                             assert_eq!(generation, current, "{ctx}: sync ok for old generation");
                             assert!(self.is_member(&member_id), "{ctx}: sync ok for non-member");
@@ -2353,8 +2339,10 @@ mod tests {
                         }
                         let cl = &mut self.clients[i];
                         match resp.error_code {
-                            ec::NONE => cl.phase = Phase::Member,
-                            ec::UNKNOWN_MEMBER_ID | ec::FENCED_INSTANCE_ID => {
+                            NONE => cl.phase = Phase::Member,
+                            code if code == E::UnknownMemberId.code()
+                                || code == E::FencedInstanceId.code() =>
+                            {
                                 cl.member_id.clear();
                                 cl.phase = Phase::Out;
                             }
@@ -2495,11 +2483,11 @@ mod tests {
         }
         println!("answers by error code: {codes:?}");
         let interesting = [
-            ec::MEMBER_ID_REQUIRED,
-            ec::FENCED_INSTANCE_ID,
-            ec::REBALANCE_IN_PROGRESS,
-            ec::UNKNOWN_MEMBER_ID,
-            ec::ILLEGAL_GENERATION,
+            E::MemberIdRequired.code(),
+            E::FencedInstanceId.code(),
+            E::RebalanceInProgress.code(),
+            E::UnknownMemberId.code(),
+            E::IllegalGeneration.code(),
         ];
         for code in interesting {
             assert!(
