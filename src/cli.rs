@@ -319,7 +319,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     });
 
     if let Some(l) = metrics_listener {
-        crate::metrics::endpoint::spawn(l, mesh.clone(), cores.clone())
+        crate::server::metrics_endpoint::spawn(l, mesh.clone(), cores.clone())
             .context("cannot start the metrics thread")?;
     }
     // Installed before any shard listens, so that a SIGTERM arriving as soon as the port

@@ -1,16 +1,16 @@
-//! Metrics: what each shard counts, and the Prometheus endpoint that shows it.
+//! Metrics: what each shard counts, and the Prometheus text that shows it.
 //!
 //! Recording is shard-local and lock-free: every shard thread keeps plain `Cell` counters and
 //! HdrHistograms in a thread-local `Recorder`; nothing is shared between cores on the hot path.
-//! A scrape (`endpoint`, a small std thread outside the shards) sends each shard a job through
-//! the mesh; the job copies that shard's figures into a `Snapshot`, and the endpoint renders
-//! the snapshots with the `prometheus` crate's text encoder. A shard that does not answer within
-//! the scrape timeout is left out of that scrape (and counted), never waited on forever.
+//! A scrape (`server/metrics_endpoint.rs`, a small std thread outside the shards) sends each
+//! shard a job through the mesh; the job copies that shard's figures into a `Snapshot`
+//! (`shard::snapshot`), and the endpoint renders the snapshots with the `prometheus` crate's
+//! text encoder. A shard that does not answer within the scrape timeout is left out of that
+//! scrape (and counted), never waited on forever.
 //!
-//! Owns: the recorder, snapshots and rendering. Never touches partitions' data: the snapshot
-//! job reads figures the shard already keeps (open partitions, groups, cache sizes).
+//! Owns: the recorder, snapshots and rendering. Imports nothing from the rest of the broker, so
+//! every layer may record into it.
 
-pub mod endpoint;
 mod errors;
 mod render;
 
@@ -342,13 +342,10 @@ pub struct Snapshot {
     pub committed: Vec<(String, Vec<(String, i32, i64)>)>,
 }
 
-/// Groups whose committed offsets one scrape reads per shard: bounds its size.
-const GROUPS_PER_SHARD_MAX: usize = 1000;
-
-/// Copies this shard's figures. Runs on the shard, as a mesh job.
-pub fn snapshot(shard: &crate::shard::Shard, core: usize) -> Snapshot {
+/// Copies what this thread's recorder counted; the shard adds what it owns (`shard::snapshot`).
+pub fn recorded_snapshot() -> Snapshot {
     let stats = glommio::executor().executor_stats();
-    let mut s = LOCAL.with(|r| {
+    LOCAL.with(|r| {
         r.busy.set(r.busy.get() + stats.total_runtime());
         r.tasks.set(r.tasks.get() + stats.tasks_executed());
         Snapshot {
@@ -390,40 +387,7 @@ pub fn snapshot(shard: &crate::shard::Shard, core: usize) -> Snapshot {
             tasks: r.tasks.get(),
             ..Default::default()
         }
-    });
-    s.shard = shard.id;
-    s.core = core;
-    let parts = shard.open_partitions();
-    s.partitions = parts.len() as u64;
-    s.cache_budget_bytes = shard.tuning.batch_cache_bytes_per_shard as u64;
-    for p in &parts {
-        s.cache_bytes += p.log.cache_bytes() as u64;
-        s.high_watermarks
-            .push((p.topic.to_string(), p.index, p.high_watermark()));
-    }
-    // try_borrow: a snapshot must never be the one to panic on a borrow that a group task
-    // holds; a busy group is simply left out of this scrape.
-    let groups = shard.groups.try_borrow().ok().and_then(|g| g.clone());
-    if let Some(g) = groups {
-        if let (Ok(coord), Ok(consumer)) = (g.coord.try_borrow(), g.consumer.try_borrow()) {
-            s.groups = coord
-                .list()
-                .into_iter()
-                .map(|(id, _, state)| (id, state))
-                .chain(consumer.list())
-                .collect();
-        }
-        if let Ok(offsets) = g.offsets.try_borrow() {
-            for (group, committed) in offsets.iter().take(GROUPS_PER_SHARD_MAX) {
-                let c = committed
-                    .iter()
-                    .map(|((t, p), v)| (t.clone(), *p, v.offset))
-                    .collect();
-                s.committed.push((group.clone(), c));
-            }
-        }
-    }
-    s
+    })
 }
 
 #[cfg(test)]

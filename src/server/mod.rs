@@ -1,10 +1,12 @@
 //! The Kafka listener of a shard: accept, framing (4-byte size + request header), dispatch by
 //! ApiKey to `handlers/<api>.rs`, responses written in request order. Owns connections only;
-//! partition data is reached through the shard module.
+//! partition data is reached through the shard module. `metrics_endpoint.rs` is the other
+//! listener: the Prometheus endpoint's thread, which scrapes every shard through the mesh.
 
 pub mod bounded_decode;
 pub mod errors;
 pub mod handlers;
+pub mod metrics_endpoint;
 
 use std::rc::Rc;
 

@@ -267,6 +267,48 @@ async fn panic_free_never<R>() -> R {
     futures::future::pending::<R>().await
 }
 
+/// Groups whose committed offsets one scrape reads per shard: bounds its size.
+const GROUPS_PER_SHARD_MAX: usize = 1000;
+
+/// Copies this shard's figures for a metrics scrape: what its recorder counted and what the shard
+/// owns (open partitions, groups, cache sizes). Runs on the shard, as a mesh job.
+pub fn snapshot(shard: &Shard, core: usize) -> crate::metrics::Snapshot {
+    let mut s = crate::metrics::recorded_snapshot();
+    s.shard = shard.id;
+    s.core = core;
+    let parts = shard.open_partitions();
+    s.partitions = parts.len() as u64;
+    s.cache_budget_bytes = shard.tuning.batch_cache_bytes_per_shard as u64;
+    for p in &parts {
+        s.cache_bytes += p.log.cache_bytes() as u64;
+        s.high_watermarks
+            .push((p.topic.to_string(), p.index, p.high_watermark()));
+    }
+    // try_borrow: a snapshot must never be the one to panic on a borrow that a group task
+    // holds; a busy group is simply left out of this scrape.
+    let groups = shard.groups.try_borrow().ok().and_then(|g| g.clone());
+    if let Some(g) = groups {
+        if let (Ok(coord), Ok(consumer)) = (g.coord.try_borrow(), g.consumer.try_borrow()) {
+            s.groups = coord
+                .list()
+                .into_iter()
+                .map(|(id, _, state)| (id, state))
+                .chain(consumer.list())
+                .collect();
+        }
+        if let Ok(offsets) = g.offsets.try_borrow() {
+            for (group, committed) in offsets.iter().take(GROUPS_PER_SHARD_MAX) {
+                let c = committed
+                    .iter()
+                    .map(|((t, p), v)| (t.clone(), *p, v.offset))
+                    .collect();
+                s.committed.push((group.clone(), c));
+            }
+        }
+    }
+    s
+}
+
 /// Runs a controller operation on the controller shard, where every change to the metadata image
 /// is serialized.
 pub async fn on_controller<F, R>(node: &Node, f: F) -> R

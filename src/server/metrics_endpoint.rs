@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::shard::{Job, Mesh};
 
-use super::Snapshot;
+use crate::metrics::{render, Snapshot};
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A scraper's request head larger than this is refused.
@@ -96,7 +96,7 @@ pub fn scrape(mesh: &Mesh, cores: &[usize]) -> String {
         let core = cores.get(i).copied().unwrap_or(i);
         let job: Job = Box::new(move || {
             Box::pin(async move {
-                let s = super::snapshot(&crate::shard::local(), core);
+                let s = crate::shard::snapshot(&crate::shard::local(), core);
                 let _ = stx.send(s);
             })
         });
@@ -120,5 +120,5 @@ pub fn scrape(mesh: &Mesh, cores: &[usize]) -> String {
         }
     }
     let depths: Vec<usize> = mesh.iter().map(|tx| tx.len()).collect();
-    super::render(&snaps, &depths, missing)
+    render(&snaps, &depths, missing)
 }
