@@ -10,9 +10,25 @@ use uuid::Uuid;
 use super::metadata::{self, TopicMeta};
 use super::node::Node;
 use super::topic_config;
-use crate::server::errors as ec;
 
-pub type OpResult<T> = Result<T, (i16, String)>;
+/// Why a controller operation failed; the handlers map it to a Kafka error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    InvalidTopic,
+    TopicExists,
+    UnknownTopic,
+    InvalidPartitions,
+    InvalidReplicationFactor,
+    InvalidConfig,
+    InvalidRequest,
+    /// The metadata could not be persisted.
+    Storage,
+    /// A bug: the state changed under the operation.
+    Internal,
+}
+
+/// A controller operation's outcome: the value, or why it failed and a message for the client.
+pub type OpResult<T> = Result<T, (Refused, String)>;
 
 pub struct NewTopic {
     pub name: String,
@@ -26,29 +42,29 @@ pub const PARTITIONS_MAX: i32 = 100_000;
 
 fn check_new_topic(node: &Node, t: &NewTopic) -> OpResult<()> {
     if !t.internal {
-        metadata::valid_topic_name(&t.name).map_err(|m| (ec::INVALID_TOPIC_EXCEPTION, m))?;
+        metadata::valid_topic_name(&t.name).map_err(|m| (Refused::InvalidTopic, m))?;
     }
     if node.image().topic(&t.name).is_some() {
         return Err((
-            ec::TOPIC_ALREADY_EXISTS,
+            Refused::TopicExists,
             format!("Topic '{}' already exists.", t.name),
         ));
     }
     if t.partitions < 1 || t.partitions > PARTITIONS_MAX {
         return Err((
-            ec::INVALID_PARTITIONS,
+            Refused::InvalidPartitions,
             format!("Number of partitions must be between 1 and {PARTITIONS_MAX}."),
         ));
     }
     if t.replication_factor == 0 || t.replication_factor < -1 {
         return Err((
-            ec::INVALID_REPLICATION_FACTOR,
+            Refused::InvalidReplicationFactor,
             "Replication factor must be larger than 0.".into(),
         ));
     }
     if t.replication_factor > 1 {
         return Err((
-            ec::INVALID_REPLICATION_FACTOR,
+            Refused::InvalidReplicationFactor,
             format!(
                 "Replication factor: {} larger than available brokers: 1.",
                 t.replication_factor
@@ -56,7 +72,7 @@ fn check_new_topic(node: &Node, t: &NewTopic) -> OpResult<()> {
         ));
     }
     for (k, v) in &t.configs {
-        topic_config::validate(k, v).map_err(|m| (ec::INVALID_CONFIG, m))?;
+        topic_config::validate(k, v).map_err(|m| (Refused::InvalidConfig, m))?;
     }
     Ok(())
 }
@@ -91,7 +107,7 @@ pub fn create_topics(
         if let Err(e) = metadata::save_image(&node.data_dir, &next) {
             tracing::error!("cannot persist metadata: {e}");
             out.push(Err((
-                ec::KAFKA_STORAGE_ERROR,
+                Refused::Storage,
                 format!("cannot persist metadata: {e}"),
             )));
             continue;
@@ -101,7 +117,7 @@ pub fn create_topics(
         tracing::info!("created topic {} with {} partitions", t.name, t.partitions);
         match created {
             Some(c) => out.push(Ok(c)),
-            None => out.push(Err((ec::UNKNOWN_SERVER_ERROR, "topic vanished".into()))),
+            None => out.push(Err((Refused::Internal, "topic vanished".into()))),
         }
     }
     out
@@ -126,23 +142,19 @@ fn remove_stale_partition_dirs(node: &Node, topic: &str, partitions: std::ops::R
 pub fn delete_topic(node: &Node, name: &str) -> OpResult<Arc<TopicMeta>> {
     let Some(t) = node.image().topic(name).cloned() else {
         return Err((
-            ec::UNKNOWN_TOPIC_OR_PARTITION,
+            Refused::UnknownTopic,
             "This server does not host this topic-partition.".into(),
         ));
     };
     if t.internal {
         return Err((
-            ec::INVALID_TOPIC_EXCEPTION,
+            Refused::InvalidTopic,
             "internal topics cannot be deleted".into(),
         ));
     }
     let next = node.image().without_topic(name);
-    metadata::save_image(&node.data_dir, &next).map_err(|e| {
-        (
-            ec::KAFKA_STORAGE_ERROR,
-            format!("cannot persist metadata: {e}"),
-        )
-    })?;
+    metadata::save_image(&node.data_dir, &next)
+        .map_err(|e| (Refused::Storage, format!("cannot persist metadata: {e}")))?;
     node.meta.store(Arc::new(next));
     Ok(t)
 }
@@ -151,13 +163,13 @@ pub fn delete_topic(node: &Node, name: &str) -> OpResult<Arc<TopicMeta>> {
 pub fn create_partitions(node: &Node, name: &str, count: i32, validate_only: bool) -> OpResult<()> {
     let Some(t) = node.image().topic(name).cloned() else {
         return Err((
-            ec::UNKNOWN_TOPIC_OR_PARTITION,
+            Refused::UnknownTopic,
             "This server does not host this topic-partition.".into(),
         ));
     };
     if count < t.partitions {
         return Err((
-            ec::INVALID_PARTITIONS,
+            Refused::InvalidPartitions,
             format!(
                 "Topic currently has {} partitions, which is higher than the requested {count}.",
                 t.partitions
@@ -166,13 +178,13 @@ pub fn create_partitions(node: &Node, name: &str, count: i32, validate_only: boo
     }
     if count == t.partitions {
         return Err((
-            ec::INVALID_PARTITIONS,
+            Refused::InvalidPartitions,
             format!("Topic already has {count} partitions."),
         ));
     }
     if count > PARTITIONS_MAX {
         return Err((
-            ec::INVALID_PARTITIONS,
+            Refused::InvalidPartitions,
             format!("Number of partitions must be at most {PARTITIONS_MAX}."),
         ));
     }
@@ -183,12 +195,8 @@ pub fn create_partitions(node: &Node, name: &str, count: i32, validate_only: boo
     let mut meta = (*t).clone();
     meta.partitions = count;
     let next = node.image().with_topic(meta);
-    metadata::save_image(&node.data_dir, &next).map_err(|e| {
-        (
-            ec::KAFKA_STORAGE_ERROR,
-            format!("cannot persist metadata: {e}"),
-        )
-    })?;
+    metadata::save_image(&node.data_dir, &next)
+        .map_err(|e| (Refused::Storage, format!("cannot persist metadata: {e}")))?;
     node.meta.store(Arc::new(next));
     Ok(())
 }
@@ -204,7 +212,7 @@ pub fn alter_topic_configs(
 ) -> OpResult<()> {
     let Some(t) = node.image().topic(name).cloned() else {
         return Err((
-            ec::UNKNOWN_TOPIC_OR_PARTITION,
+            Refused::UnknownTopic,
             format!("Topic {name} does not exist"),
         ));
     };
@@ -216,24 +224,24 @@ pub fn alter_topic_configs(
     for (k, op, v) in ops {
         match (op, v) {
             (0, Some(v)) => {
-                topic_config::validate(&k, &v).map_err(|m| (ec::INVALID_CONFIG, m))?;
+                topic_config::validate(&k, &v).map_err(|m| (Refused::InvalidConfig, m))?;
                 configs.insert(k, v);
             }
             (0, None) if !incremental => {}
             (1, _) => {
                 topic_config::def(&k).ok_or((
-                    ec::INVALID_CONFIG,
+                    Refused::InvalidConfig,
                     format!("Unknown topic config name: {k}"),
                 ))?;
                 configs.remove(&k);
             }
             (2 | 3, Some(v)) => {
                 let d = topic_config::def(&k).ok_or((
-                    ec::INVALID_CONFIG,
+                    Refused::InvalidConfig,
                     format!("Unknown topic config name: {k}"),
                 ))?;
                 if d.kind != topic_config::ConfigType::List {
-                    return Err((ec::INVALID_CONFIG, format!("Config {k} is not a list")));
+                    return Err((Refused::InvalidConfig, format!("Config {k} is not a list")));
                 }
                 let current = configs
                     .get(&k)
@@ -252,12 +260,12 @@ pub fn alter_topic_configs(
                     }
                 }
                 let joined = items.join(",");
-                topic_config::validate(&k, &joined).map_err(|m| (ec::INVALID_CONFIG, m))?;
+                topic_config::validate(&k, &joined).map_err(|m| (Refused::InvalidConfig, m))?;
                 configs.insert(k, joined);
             }
             _ => {
                 return Err((
-                    ec::INVALID_REQUEST,
+                    Refused::InvalidRequest,
                     format!("invalid operation {op} for {k}"),
                 ))
             }
@@ -269,12 +277,8 @@ pub fn alter_topic_configs(
     let mut meta = (*t).clone();
     meta.configs = configs;
     let next = node.image().with_topic(meta);
-    metadata::save_image(&node.data_dir, &next).map_err(|e| {
-        (
-            ec::KAFKA_STORAGE_ERROR,
-            format!("cannot persist metadata: {e}"),
-        )
-    })?;
+    metadata::save_image(&node.data_dir, &next)
+        .map_err(|e| (Refused::Storage, format!("cannot persist metadata: {e}")))?;
     node.meta.store(Arc::new(next));
     Ok(())
 }
@@ -291,7 +295,7 @@ pub fn allocate_producer_id(node: &Node) -> OpResult<i64> {
         };
         metadata::save_cluster(&node.data_dir, &c).map_err(|e| {
             (
-                ec::KAFKA_STORAGE_ERROR,
+                Refused::Storage,
                 format!("cannot persist producer id block: {e}"),
             )
         })?;

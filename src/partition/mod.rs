@@ -11,8 +11,8 @@ use futures::channel::oneshot;
 use crate::cluster::topic_config::EffectiveConfig;
 use crate::log::batch::{validate_payload, BatchError, BatchInfo};
 use crate::log::{LogError, LogSettings, ProducerBatch, SharedLog};
+use crate::notify::{Notified, Notify};
 use crate::server::errors as ec;
-use crate::shard::notify::{Notified, Notify};
 
 pub struct Partition {
     pub topic: Arc<str>,

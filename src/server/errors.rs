@@ -6,6 +6,24 @@
 
 use kafka_protocol::ResponseError as E;
 
+use crate::cluster::controller::Refused;
+
+/// The code a refused controller operation is answered with, and its message.
+pub fn controller((refused, message): (Refused, String)) -> (i16, String) {
+    let code = match refused {
+        Refused::InvalidTopic => INVALID_TOPIC_EXCEPTION,
+        Refused::TopicExists => TOPIC_ALREADY_EXISTS,
+        Refused::UnknownTopic => UNKNOWN_TOPIC_OR_PARTITION,
+        Refused::InvalidPartitions => INVALID_PARTITIONS,
+        Refused::InvalidReplicationFactor => INVALID_REPLICATION_FACTOR,
+        Refused::InvalidConfig => INVALID_CONFIG,
+        Refused::InvalidRequest => INVALID_REQUEST,
+        Refused::Storage => KAFKA_STORAGE_ERROR,
+        Refused::Internal => UNKNOWN_SERVER_ERROR,
+    };
+    (code, message)
+}
+
 /// No error. `ResponseError` has no variant for it.
 pub const NONE: i16 = 0;
 pub const UNKNOWN_SERVER_ERROR: i16 = E::UnknownServerError.code();

@@ -17,7 +17,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use super::notify::Notify;
+use crate::notify::Notify;
 
 pub struct MemoryBudget {
     limit_bytes: usize,

@@ -3,7 +3,6 @@
 //! mutable on the data path: another shard's partition is reached by sending it a job.
 
 pub mod budget;
-pub mod notify;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

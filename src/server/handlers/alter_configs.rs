@@ -34,6 +34,7 @@ pub async fn alter_resource(
     })
     .await
     .err()
+    .map(ec::controller)
 }
 
 pub async fn handle(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConfigsResponse {

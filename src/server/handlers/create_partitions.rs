@@ -7,6 +7,7 @@ use kafka_protocol::messages::create_partitions_response::{
 
 use super::util::sb;
 use crate::cluster::controller;
+use crate::server::errors as ec;
 use crate::server::ConnCtx;
 use crate::shard::on_controller;
 
@@ -21,7 +22,7 @@ pub async fn handle(ctx: &ConnCtx, req: CreatePartitionsRequest) -> CreatePartit
             controller::create_partitions(node, &name, count, validate_only)
         })
         .await;
-        if let Err((code, msg)) = created {
+        if let Err((code, msg)) = created.map_err(ec::controller) {
             r.error_code = code;
             r.error_message = Some(sb(&msg));
         }

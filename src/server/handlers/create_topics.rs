@@ -9,7 +9,7 @@ use kafka_protocol::messages::create_topics_response::{
 
 use super::describe_configs::{SOURCE_DEFAULT, SOURCE_TOPIC};
 use super::util::sb;
-use crate::cluster::controller::{self, NewTopic};
+use crate::cluster::controller::{self, NewTopic, Refused};
 use crate::cluster::topic_config::{self, TOPIC_CONFIGS};
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
@@ -86,7 +86,8 @@ pub async fn handle(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTopicsResp
             Some(e) => Err(e),
             None => results
                 .next()
-                .unwrap_or(Err((ec::UNKNOWN_SERVER_ERROR, "missing result".into()))),
+                .unwrap_or(Err((Refused::Internal, "missing result".into())))
+                .map_err(ec::controller),
         };
         match outcome {
             Ok(meta) => {

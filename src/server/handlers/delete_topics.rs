@@ -38,7 +38,9 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> De
         match resolved {
             None => r.error_code = ec::UNKNOWN_TOPIC_ID,
             Some(n) => {
-                if let Err((code, msg)) = shard::delete_topic(&node, n).await {
+                if let Err((code, msg)) =
+                    shard::delete_topic(&node, n).await.map_err(ec::controller)
+                {
                     r.error_code = code;
                     r.error_message = Some(sb(&msg));
                 }

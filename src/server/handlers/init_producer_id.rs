@@ -30,7 +30,8 @@ pub async fn handle(ctx: &ConnCtx, req: InitProducerIdRequest) -> InitProducerId
             resp.producer_id = ProducerId(id);
             resp.producer_epoch = 0;
         }
-        Err((code, _)) => {
+        Err(refused) => {
+            let (code, _) = ec::controller(refused);
             resp.error_code = code;
             resp.producer_id = ProducerId(-1);
             resp.producer_epoch = -1;

@@ -9,7 +9,7 @@ use kafka_protocol::messages::metadata_response::{
 use kafka_protocol::messages::BrokerId;
 
 use super::util::{sb, tn};
-use crate::cluster::controller::{self, NewTopic};
+use crate::cluster::controller::{self, NewTopic, Refused};
 use crate::cluster::metadata::TopicMeta;
 use crate::partition::LEADER_EPOCH;
 use crate::server::errors as ec;
@@ -101,8 +101,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
         })
         .await;
         for r in created {
-            if let Err((code, msg)) = r {
-                if code != ec::TOPIC_ALREADY_EXISTS {
+            if let Err((refused, msg)) = r {
+                if refused != Refused::TopicExists {
                     tracing::warn!("auto-create failed: {msg}");
                 }
             }
