@@ -1,6 +1,7 @@
-//! Cluster metadata: the topic image every shard reads (copy-on-write, lock-free loads) and the
-//! controller operations that change it. Changes are serialized on the controller shard and
-//! persisted before they become visible. Never touches partition data.
+//! Cluster metadata: the node (`node.rs`), the topic image every shard reads (copy-on-write,
+//! lock-free loads) and the controller operations that change it. Changes are serialized on the
+//! controller shard and persisted before they become visible. Never touches partition data and
+//! knows nothing of shards: callers run controller operations where they must run.
 
 pub mod controller;
 pub mod metadata;
