@@ -347,9 +347,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 if pin {
                     core_affinity::set_for_current(core_affinity::CoreId { id: core });
                 }
-                if let Err(e) =
-                    shard_main(i, st, node, mesh, rx, probe, listen, status.clone()).await
-                {
+                // Created here, on its own thread: a shard is Rc-based and never leaves it.
+                let shard = Rc::new(Shard::new(i, st, node, mesh));
+                if let Err(e) = shard_main(shard, rx, probe, listen, status.clone()).await {
                     let _ = status.send(Err(format!("shard {i}: {e:#}")));
                 }
             })
@@ -450,10 +450,7 @@ fn shard_cores(
 }
 
 async fn shard_main(
-    id: usize,
-    st: crate::config::ShardTuning,
-    node: Arc<Node>,
-    mesh: Mesh,
+    shard: Rc<Shard>,
     rx: flume::Receiver<Job>,
     probe: PathBuf,
     listen: std::net::SocketAddr,
@@ -466,10 +463,10 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot open probe file {}: {e}", probe.display()))?;
     let _ = f.read_at(0, 4096).await;
     let _ = f.close().await;
+    let node = shard.node.clone();
     if !node.tuning.metrics.listen.is_empty() {
         crate::metrics::enable_on_this_thread();
     }
-    let shard = Rc::new(Shard::new(id, st, node.clone(), mesh));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);
     shard::install(shard.clone());
@@ -489,7 +486,7 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     glommio::spawn_local(crate::server::accept_loop(listener, shard.clone())).detach();
     glommio::spawn_local(retention_loop(shard.clone())).detach();
-    let _ = status.send(Ok(id));
+    let _ = status.send(Ok(shard.id));
     let _ = stop_rx.await;
     for p in shard.open_partitions() {
         if let Err(e) = p.log.flush().await {
