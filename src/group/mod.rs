@@ -290,6 +290,16 @@ impl GroupShard {
     }
 }
 
+/// The record that deletes a committed offset from `__consumer_offsets` (compaction drops both).
+fn offset_tombstone(group: &str, topic: String, partition: i32) -> (Vec<u8>, Option<Vec<u8>>) {
+    let key = OffsetsKey::Offset {
+        group: group.to_owned(),
+        topic,
+        partition,
+    };
+    (key.encode(), None)
+}
+
 /// One row of ListGroups.
 pub struct GroupListing {
     pub group_id: String,
@@ -532,17 +542,7 @@ impl GroupShard {
         let removed = self.offsets.borrow_mut().remove(group).unwrap_or_default();
         let mut kvs: Vec<(Vec<u8>, Option<Vec<u8>>)> = removed
             .into_keys()
-            .map(|(t, p)| {
-                (
-                    OffsetsKey::Offset {
-                        group: group.to_owned(),
-                        topic: t,
-                        partition: p,
-                    }
-                    .encode(),
-                    None,
-                )
-            })
+            .map(|(t, p)| offset_tombstone(group, t, p))
             .collect();
         kvs.push((
             OffsetsKey::Group {
@@ -589,15 +589,7 @@ impl GroupShard {
                 .and_then(|o| o.remove(&(t.clone(), p)))
                 .is_some()
             {
-                kvs.push((
-                    OffsetsKey::Offset {
-                        group: group.to_owned(),
-                        topic: t,
-                        partition: p,
-                    }
-                    .encode(),
-                    None,
-                ));
+                kvs.push(offset_tombstone(group, t, p));
             }
             per.push(state::NONE);
         }
