@@ -201,12 +201,54 @@ pub fn create_partitions(node: &Node, name: &str, count: i32, validate_only: boo
     Ok(())
 }
 
-/// Replaces (incremental=false) or edits a topic's config overrides. `ops` are
-/// (name, op, value) with Kafka's IncrementalAlterConfigs ops: 0 set, 1 delete, 2 append, 3 subtract.
+/// An IncrementalAlterConfigs operation (AlterConfigs only sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigOp {
+    Set,
+    Delete,
+    /// Adds items to a list config.
+    Append,
+    /// Removes items from a list config.
+    Subtract,
+    /// A code Kafka does not define; refused with its number.
+    Unknown(i8),
+}
+
+impl ConfigOp {
+    /// Kafka's numbering: 0 set, 1 delete, 2 append, 3 subtract.
+    pub fn from_kafka(code: i8) -> ConfigOp {
+        match code {
+            0 => ConfigOp::Set,
+            1 => ConfigOp::Delete,
+            2 => ConfigOp::Append,
+            3 => ConfigOp::Subtract,
+            other => ConfigOp::Unknown(other),
+        }
+    }
+
+    fn kafka_code(self) -> i8 {
+        match self {
+            ConfigOp::Set => 0,
+            ConfigOp::Delete => 1,
+            ConfigOp::Append => 2,
+            ConfigOp::Subtract => 3,
+            ConfigOp::Unknown(code) => code,
+        }
+    }
+}
+
+/// One change to one config of a topic.
+pub struct ConfigChange {
+    pub name: String,
+    pub op: ConfigOp,
+    pub value: Option<String>,
+}
+
+/// Replaces (incremental=false) or edits a topic's config overrides, change by change.
 pub fn alter_topic_configs(
     node: &Node,
     name: &str,
-    ops: Vec<(String, i8, Option<String>)>,
+    changes: Vec<ConfigChange>,
     incremental: bool,
     validate_only: bool,
 ) -> OpResult<()> {
@@ -221,21 +263,26 @@ pub fn alter_topic_configs(
     } else {
         BTreeMap::new()
     };
-    for (k, op, v) in ops {
+    for ConfigChange {
+        name: k,
+        op,
+        value: v,
+    } in changes
+    {
         match (op, v) {
-            (0, Some(v)) => {
+            (ConfigOp::Set, Some(v)) => {
                 topic_config::validate(&k, &v).map_err(|m| (Refused::InvalidConfig, m))?;
                 configs.insert(k, v);
             }
-            (0, None) if !incremental => {}
-            (1, _) => {
+            (ConfigOp::Set, None) if !incremental => {}
+            (ConfigOp::Delete, _) => {
                 topic_config::def(&k).ok_or((
                     Refused::InvalidConfig,
                     format!("Unknown topic config name: {k}"),
                 ))?;
                 configs.remove(&k);
             }
-            (2 | 3, Some(v)) => {
+            (ConfigOp::Append | ConfigOp::Subtract, Some(v)) => {
                 let d = topic_config::def(&k).ok_or((
                     Refused::InvalidConfig,
                     format!("Unknown topic config name: {k}"),
@@ -253,9 +300,9 @@ pub fn alter_topic_configs(
                     .filter(|s| !s.is_empty())
                     .collect();
                 for x in v.split(',').map(|s| s.trim().to_string()) {
-                    if op == 2 && !items.contains(&x) {
+                    if op == ConfigOp::Append && !items.contains(&x) {
                         items.push(x);
-                    } else if op == 3 {
+                    } else if op == ConfigOp::Subtract {
                         items.retain(|i| *i != x);
                     }
                 }
@@ -266,7 +313,7 @@ pub fn alter_topic_configs(
             _ => {
                 return Err((
                     Refused::InvalidRequest,
-                    format!("invalid operation {op} for {k}"),
+                    format!("invalid operation {} for {k}", op.kafka_code()),
                 ))
             }
         }

@@ -40,6 +40,8 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 /// Group ids longer than this are refused with INVALID_GROUP_ID.
 pub const GROUP_ID_BYTES_MAX: usize = 255;
+/// Groups whose committed offsets one metrics scrape reads per shard: bounds its size.
+const GROUPS_PER_SNAPSHOT_MAX: usize = 1000;
 
 /// Kafka's placement: abs(groupId.hashCode) % offsets.topic.num.partitions (Java String hash).
 pub fn offsets_partition_for(group: &str, partitions: i32) -> i32 {
@@ -75,11 +77,11 @@ enum Pending {
 
 /// The coordinator state of one shard: every group whose offsets partition this shard owns.
 pub struct GroupShard {
-    pub coord: RefCell<GroupCoordinator>,
+    coord: RefCell<GroupCoordinator>,
     /// KIP-848 consumer groups.
-    pub consumer: RefCell<consumer_group::ConsumerGroups>,
+    consumer: RefCell<consumer_group::ConsumerGroups>,
     /// group → (topic, partition) → committed offset.
-    pub offsets: RefCell<HashMap<String, BTreeMap<(String, i32), OffsetValue>>>,
+    offsets: RefCell<HashMap<String, BTreeMap<(String, i32), OffsetValue>>>,
     pending: RefCell<HashMap<Token, Pending>>,
     next_token: Cell<Token>,
 }
@@ -641,6 +643,28 @@ impl GroupShard {
                 .collect::<Vec<_>>()
         });
         Ok((resp, assignment))
+    }
+
+    /// Copies the groups' states and committed offsets into a metrics snapshot. A part that a
+    /// group task has borrowed is left out of this scrape rather than waited for or panicked on.
+    pub fn snapshot_into(&self, s: &mut crate::metrics::Snapshot) {
+        if let (Ok(coord), Ok(consumer)) = (self.coord.try_borrow(), self.consumer.try_borrow()) {
+            s.groups = coord
+                .list()
+                .into_iter()
+                .map(|(id, _, state)| (id, state))
+                .chain(consumer.list())
+                .collect();
+        }
+        if let Ok(offsets) = self.offsets.try_borrow() {
+            for (group, committed) in offsets.iter().take(GROUPS_PER_SNAPSHOT_MAX) {
+                let c = committed
+                    .iter()
+                    .map(|((t, p), v)| (t.clone(), *p, v.offset))
+                    .collect();
+                s.committed.push((group.clone(), c));
+            }
+        }
     }
 
     /// ConsumerGroupDescribe of a KIP-848 group; None for an unknown group.

@@ -269,9 +269,6 @@ async fn panic_free_never<R>() -> R {
     futures::future::pending::<R>().await
 }
 
-/// Groups whose committed offsets one scrape reads per shard: bounds its size.
-const GROUPS_PER_SHARD_MAX: usize = 1000;
-
 /// Copies this shard's figures for a metrics scrape: what its recorder counted and what the shard
 /// owns (open partitions, groups, cache sizes). Runs on the shard, as a mesh job.
 pub fn snapshot(shard: &Shard, core: usize) -> crate::metrics::Snapshot {
@@ -287,26 +284,10 @@ pub fn snapshot(shard: &Shard, core: usize) -> crate::metrics::Snapshot {
             .push((p.topic.to_string(), p.index, p.high_watermark()));
     }
     // try_borrow: a snapshot must never be the one to panic on a borrow that a group task
-    // holds; a busy group is simply left out of this scrape.
+    // holds; a busy coordinator is simply left out of this scrape.
     let groups = shard.groups.try_borrow().ok().and_then(|g| g.clone());
     if let Some(g) = groups {
-        if let (Ok(coord), Ok(consumer)) = (g.coord.try_borrow(), g.consumer.try_borrow()) {
-            s.groups = coord
-                .list()
-                .into_iter()
-                .map(|(id, _, state)| (id, state))
-                .chain(consumer.list())
-                .collect();
-        }
-        if let Ok(offsets) = g.offsets.try_borrow() {
-            for (group, committed) in offsets.iter().take(GROUPS_PER_SHARD_MAX) {
-                let c = committed
-                    .iter()
-                    .map(|((t, p), v)| (t.clone(), *p, v.offset))
-                    .collect();
-                s.committed.push((group.clone(), c));
-            }
-        }
+        g.snapshot_into(&mut s);
     }
     s
 }

@@ -7,7 +7,7 @@ use kafka_protocol::messages::alter_configs_response::{
 
 use super::describe_configs::RESOURCE_TOPIC;
 use super::util::sb;
-use crate::cluster::controller;
+use crate::cluster::controller::{self, ConfigChange, ConfigOp};
 use crate::cluster::node::Node;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
@@ -18,56 +18,54 @@ pub async fn alter_resource(
     node: &Node,
     resource_type: i8,
     name: &str,
-    ops: Vec<(String, i8, Option<String>)>,
+    changes: Vec<ConfigChange>,
     incremental: bool,
     validate_only: bool,
-) -> Option<(i16, String)> {
+) -> Result<(), (i16, String)> {
     if resource_type != RESOURCE_TOPIC {
-        return Some((
+        return Err((
             ec::INVALID_REQUEST,
             "only topic configs can be altered".into(),
         ));
     }
     let name = name.to_owned();
     on_controller(node, move |node| {
-        controller::alter_topic_configs(node, &name, ops, incremental, validate_only)
+        controller::alter_topic_configs(node, &name, changes, incremental, validate_only)
     })
     .await
-    .err()
-    .map(ec::controller)
+    .map_err(ec::controller)
 }
 
 pub async fn handle(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConfigsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = AlterConfigsResponse::default();
     for res in req.resources {
-        let mut r = AlterConfigsResourceResponse::default();
-        r.resource_type = res.resource_type;
-        r.resource_name = res.resource_name.clone();
-        // AlterConfigs replaces the whole set: every entry is a "set" (op 0).
-        let ops = res
+        // AlterConfigs replaces the whole set: every entry is a "set".
+        let changes = res
             .configs
             .iter()
-            .map(|c| {
-                (
-                    c.name.to_string(),
-                    0i8,
-                    c.value.as_ref().map(|v| v.to_string()),
-                )
+            .map(|c| ConfigChange {
+                name: c.name.to_string(),
+                op: ConfigOp::Set,
+                value: c.value.as_ref().map(|v| v.to_string()),
             })
             .collect();
-        if let Some((code, msg)) = alter_resource(
+        let name = res.resource_name.as_str();
+        let altered = alter_resource(
             &node,
             res.resource_type,
-            res.resource_name.as_str(),
-            ops,
+            name,
+            changes,
             false,
             req.validate_only,
         )
-        .await
-        {
+        .await;
+        let mut r = AlterConfigsResourceResponse::default();
+        r.resource_type = res.resource_type;
+        r.resource_name = res.resource_name;
+        if let Err((code, message)) = altered {
             r.error_code = code;
-            r.error_message = Some(sb(&msg));
+            r.error_message = Some(sb(&message));
         }
         resp.responses.push(r);
     }

@@ -7,6 +7,7 @@ use kafka_protocol::messages::incremental_alter_configs_response::{
 
 use super::alter_configs::alter_resource;
 use super::util::sb;
+use crate::cluster::controller::{ConfigChange, ConfigOp};
 use crate::server::ConnCtx;
 
 pub async fn handle(
@@ -16,32 +17,31 @@ pub async fn handle(
     let node = ctx.shard.node.clone();
     let mut resp = IncrementalAlterConfigsResponse::default();
     for res in req.resources {
-        let mut r = IncResourceResponse::default();
-        r.resource_type = res.resource_type;
-        r.resource_name = res.resource_name.clone();
-        let ops = res
+        let changes = res
             .configs
             .iter()
-            .map(|c| {
-                (
-                    c.name.to_string(),
-                    c.config_operation,
-                    c.value.as_ref().map(|v| v.to_string()),
-                )
+            .map(|c| ConfigChange {
+                name: c.name.to_string(),
+                op: ConfigOp::from_kafka(c.config_operation),
+                value: c.value.as_ref().map(|v| v.to_string()),
             })
             .collect();
-        if let Some((code, msg)) = alter_resource(
+        let name = res.resource_name.as_str();
+        let altered = alter_resource(
             &node,
             res.resource_type,
-            res.resource_name.as_str(),
-            ops,
+            name,
+            changes,
             true,
             req.validate_only,
         )
-        .await
-        {
+        .await;
+        let mut r = IncResourceResponse::default();
+        r.resource_type = res.resource_type;
+        r.resource_name = res.resource_name;
+        if let Err((code, message)) = altered {
             r.error_code = code;
-            r.error_message = Some(sb(&msg));
+            r.error_message = Some(sb(&message));
         }
         resp.responses.push(r);
     }
