@@ -1,11 +1,13 @@
 //! Shards: one glommio executor per core (started by `cli.rs`), each owning a set of partitions
-//! outright. Owns the `Shard` (its open partitions, its group coordinator, its memory budget) and
-//! the cross-shard mesh (`invoke`); runs controller operations on the controller shard
+//! outright. Owns the `Shard` (its open partitions, its group coordinator, its memory budget),
+//! the cross-shard mesh (`invoke`) and the fan-out of a request over the shards that own its
+//! partitions (`fanout`); runs controller operations on the controller shard
 //! (`on_controller`) and gives the group coordinator its offsets partitions (`OffsetsLog`).
 //! Shards share nothing mutable on the data path: another shard's partition is reached by
 //! sending it a job. Placement (which shard owns a partition) is `cluster::metadata::shard_of`.
 
 pub mod budget;
+pub mod fanout;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

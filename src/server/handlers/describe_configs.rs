@@ -5,10 +5,11 @@ use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResponse, DescribeConfigsResult,
 };
 
-use super::util::{per_shard, sb};
+use super::util::sb;
 use crate::cluster::topic_config::{self, ConfigType, TOPIC_CONFIGS};
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::fanout::{per_partition, PartitionJob};
 
 pub const RESOURCE_TOPIC: i8 = 2;
 pub const RESOURCE_BROKER: i8 = 4;
@@ -24,34 +25,30 @@ const QUARANTINE_KEY: &str = "fjord.quarantined.segments";
 /// the topic's open partitions.
 async fn quarantined_segments(ctx: &ConnCtx, topic: &str, partitions: i32) -> Vec<String> {
     let node = ctx.shard.node.clone();
-    let items: Vec<(usize, (String, i32))> = (0..partitions)
-        .map(|p| (node.shard_of(topic, p), (topic.to_string(), p)))
+    let jobs = (0..partitions)
+        .map(|partition| PartitionJob {
+            topic: topic.to_string(),
+            partition,
+            input: (),
+        })
         .collect();
-    let found = per_shard(
-        node.shards(),
-        items,
-        |sh, its: Vec<(String, i32)>| async move {
-            let mut out = Vec::with_capacity(its.len());
-            for (t, p) in its {
-                let mut lines = Vec::new();
-                if let Some(part) = sh.partition(&t, p).await {
-                    for q in part.log.inner.borrow().quarantined.iter() {
-                        let file = q
-                            .path
-                            .file_name()
-                            .map(|f| f.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        lines.push(format!(
-                            "partition {p}: {file} (damaged at byte {}), offsets {}..{} lost",
-                            q.damaged_at_byte, q.gap_from_offset, q.gap_to_offset
-                        ));
-                    }
-                }
-                out.push(lines);
+    let found = per_partition(&node, jobs, |part, job| async move {
+        let mut lines = Vec::new();
+        if let Some(part) = part {
+            for q in part.log.inner.borrow().quarantined.iter() {
+                let file = q
+                    .path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                lines.push(format!(
+                    "partition {}: {file} (damaged at byte {}), offsets {}..{} lost",
+                    job.partition, q.damaged_at_byte, q.gap_from_offset, q.gap_to_offset
+                ));
             }
-            out
-        },
-    )
+        }
+        lines
+    })
     .await;
     found.into_iter().flatten().collect()
 }

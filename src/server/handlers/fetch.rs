@@ -11,9 +11,10 @@ use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, Partition
 use kafka_protocol::messages::BrokerId;
 use kafka_protocol::protocol::Encodable;
 
-use super::util::{per_shard, tn};
+use super::util::tn;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::fanout::per_shard;
 
 #[derive(Clone)]
 struct Want {

@@ -6,10 +6,10 @@ use kafka_protocol::messages::list_offsets_response::{
 };
 use kafka_protocol::records::RecordBatchDecoder;
 
-use super::util::per_shard;
 use crate::partition::{Partition, LEADER_EPOCH};
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::fanout::{per_partition, PartitionJob};
 
 pub const EARLIEST: i64 = -2;
 pub const LATEST: i64 = -1;
@@ -61,30 +61,22 @@ fn record_at_or_after(mut batch: bytes::Bytes, ts: i64) -> Option<(i64, i64)> {
 
 pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let node = ctx.shard.node.clone();
-    let mut items = Vec::new();
+    let mut jobs = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
-            let name = t.name.0.to_string();
-            items.push((
-                node.shard_of(&name, p.partition_index),
-                (name, p.partition_index, p.timestamp),
-            ));
+            jobs.push(PartitionJob {
+                topic: t.name.0.to_string(),
+                partition: p.partition_index,
+                input: p.timestamp,
+            });
         }
     }
-    let results = per_shard(
-        node.shards(),
-        items,
-        |sh, its: Vec<(String, i32, i64)>| async move {
-            let mut out = Vec::new();
-            for (t, p, ts) in its {
-                match sh.partition(&t, p).await {
-                    Some(part) => out.push(lookup(&part, ts).await),
-                    None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
-                }
-            }
-            out
-        },
-    )
+    let results = per_partition(&node, jobs, |part, job| async move {
+        match part {
+            Some(part) => lookup(&part, job.input).await,
+            None => (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1),
+        }
+    })
     .await;
     let mut results = results.into_iter();
     let mut resp = ListOffsetsResponse::default();

@@ -5,10 +5,11 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
     EpochEndOffset, OffsetForLeaderEpochResponse, OffsetForLeaderTopicResult,
 };
 
-use super::util::{per_shard, tn};
+use super::util::tn;
 use crate::partition::LEADER_EPOCH;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::fanout::{per_partition, PartitionJob};
 
 /// Single node with one leader epoch forever: epoch 0 ends at the log end offset.
 pub async fn handle(
@@ -16,33 +17,25 @@ pub async fn handle(
     req: OffsetForLeaderEpochRequest,
 ) -> OffsetForLeaderEpochResponse {
     let node = ctx.shard.node.clone();
-    let mut items = Vec::new();
+    let mut jobs = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
-            let name = t.topic.0.to_string();
-            items.push((
-                node.shard_of(&name, p.partition),
-                (name, p.partition, p.leader_epoch),
-            ));
+            jobs.push(PartitionJob {
+                topic: t.topic.0.to_string(),
+                partition: p.partition,
+                input: p.leader_epoch,
+            });
         }
     }
-    let results = per_shard(
-        node.shards(),
-        items,
-        |sh, its: Vec<(String, i32, i32)>| async move {
-            let mut out = Vec::new();
-            for (t, p, epoch) in its {
-                match sh.partition(&t, p).await {
-                    Some(part) if epoch <= LEADER_EPOCH => {
-                        out.push((ec::NONE, LEADER_EPOCH, part.high_watermark()))
-                    }
-                    Some(_) => out.push((ec::NONE, -1, -1)),
-                    None => out.push((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1)),
-                }
+    let results = per_partition(&node, jobs, |part, job| async move {
+        match part {
+            Some(part) if job.input <= LEADER_EPOCH => {
+                (ec::NONE, LEADER_EPOCH, part.high_watermark())
             }
-            out
-        },
-    )
+            Some(_) => (ec::NONE, -1, -1),
+            None => (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1),
+        }
+    })
     .await;
     let mut results = results.into_iter();
     let mut resp = OffsetForLeaderEpochResponse::default();

@@ -6,9 +6,10 @@ use kafka_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
 };
 
-use super::util::{per_shard, sb};
+use super::util::sb;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
+use crate::shard::fanout::per_shard;
 
 struct Item {
     topic: String,

@@ -1,5 +1,5 @@
-//! Small helpers shared by handlers: string conversions, fan-out over shards and routing to a
-//! group's coordinator shard.
+//! Small helpers shared by handlers: string conversions, authorized operations and routing to a
+//! group's coordinator shard. Fan-out over partitions is `shard::fanout`.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -72,43 +72,4 @@ pub fn sb(s: &str) -> StrBytes {
 
 pub fn tn(s: &str) -> TopicName {
     TopicName(sb(s))
-}
-
-/// Runs `f` once per shard over the items that shard owns, concurrently, and returns the
-/// outputs in the order of `items`. `f` must return one output per input, in order.
-pub async fn per_shard<I, O, F, Fut>(shards: usize, items: Vec<(usize, I)>, f: F) -> Vec<O>
-where
-    I: Send + 'static,
-    O: Send + 'static,
-    F: Fn(Rc<Shard>, Vec<I>) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Vec<O>> + 'static,
-{
-    let n = items.len();
-    let mut buckets: Vec<(Vec<usize>, Vec<I>)> =
-        (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
-    for (i, (shard, item)) in items.into_iter().enumerate() {
-        let b = &mut buckets[shard.min(shards - 1)];
-        b.0.push(i);
-        b.1.push(item);
-    }
-    let mut futs = Vec::new();
-    let mut orders = Vec::new();
-    for (shard, (order, its)) in buckets.into_iter().enumerate() {
-        if its.is_empty() {
-            continue;
-        }
-        let f = f.clone();
-        orders.push(order);
-        futs.push(invoke(shard, move |sh| f(sh, its)));
-    }
-    let results = futures::future::join_all(futs).await;
-    let mut out: Vec<Option<O>> = (0..n).map(|_| None).collect();
-    for (order, res) in orders.into_iter().zip(results) {
-        for (i, o) in order.into_iter().zip(res) {
-            out[i] = Some(o);
-        }
-    }
-    out.into_iter()
-        .map(|o| o.expect("every item answered by its shard"))
-        .collect()
 }
