@@ -463,6 +463,7 @@ async fn shard_main(
     if !node.tuning.metrics.listen.is_empty() {
         crate::metrics::enable_on_this_thread();
     }
+    crate::log::storage::set_syncs_in_flight(st.syncs_in_flight);
     let shard = Rc::new(Shard::new(id, st, node.clone()));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);
