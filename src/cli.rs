@@ -464,6 +464,10 @@ async fn shard_main(
         crate::metrics::enable_on_this_thread();
     }
     crate::log::storage::set_syncs_in_flight(st.syncs_in_flight);
+    crate::log::read_ahead::configure(
+        node.tuning.memory.read_ahead_bytes_per_shard,
+        node.tuning.memory.read_ahead_bytes_per_partition,
+    );
     let shard = Rc::new(Shard::new(id, st, node.clone()));
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);

@@ -123,6 +123,20 @@ pub struct MemorySection {
     /// that ask for no limit (max_bytes <= 0) or for more.
     #[serde(default = "default_fetch_bytes_max")]
     pub fetch_bytes_max: usize,
+    /// The most a partition's sequential reader reads ahead of its fetches (0: never).
+    #[serde(default = "default_read_ahead_bytes_per_partition")]
+    pub read_ahead_bytes_per_partition: usize,
+    /// All read-ahead windows of one shard together stay within this.
+    #[serde(default = "default_read_ahead_bytes_per_shard")]
+    pub read_ahead_bytes_per_shard: usize,
+}
+
+fn default_read_ahead_bytes_per_partition() -> usize {
+    16 << 20
+}
+
+fn default_read_ahead_bytes_per_shard() -> usize {
+    256 << 20
 }
 
 fn default_job_queue_max() -> usize {
