@@ -129,6 +129,14 @@ pub struct MemorySection {
     /// All read-ahead windows of one shard together stay within this.
     #[serde(default = "default_read_ahead_bytes_per_shard")]
     pub read_ahead_bytes_per_shard: usize,
+    /// Incremental fetch sessions (KIP-227) one shard keeps (Kafka's
+    /// max.incremental.fetch.session.cache.slots); 0 turns sessions off.
+    #[serde(default = "default_fetch_session_cache_slots")]
+    pub fetch_session_cache_slots: usize,
+}
+
+fn default_fetch_session_cache_slots() -> usize {
+    1000
 }
 
 fn default_read_ahead_bytes_per_partition() -> usize {
@@ -313,6 +321,11 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         1,
     ),
     ("message.max.bytes", "log.max_message_bytes", 1),
+    (
+        "max.incremental.fetch.session.cache.slots",
+        "memory.fetch_session_cache_slots",
+        1,
+    ),
     ("auto.create.topics.enable", "log.auto_create_topics", 1),
     (
         "log.message.timestamp.type",

@@ -4,6 +4,7 @@
 
 pub mod bounded_decode;
 pub mod errors;
+pub mod fetch_session;
 pub mod handlers;
 
 use std::rc::Rc;
