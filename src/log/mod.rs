@@ -919,7 +919,9 @@ impl SharedLog {
             }
         }
         crate::metrics::cache_lookup(false);
-        self.read_disk(offset, max_bytes, upper).await
+        let r = self.read_disk(offset, max_bytes, upper).await;
+        self.read_ahead.trim();
+        r
     }
 
     /// Reads whole batches from disk starting with the one holding `offset`, as slices of what
@@ -990,6 +992,7 @@ impl SharedLog {
                 }
                 if let Some(from) = span_from {
                     out.push(data.slice(from..at));
+                    self.read_ahead.served(&file, pos + at as u64);
                 }
                 if done {
                     return Ok(out);
@@ -1331,6 +1334,12 @@ mod tests {
                 }
                 assert!(!chunks.is_empty(), "read at {next} returned nothing");
             }
+            // A reader that has caught up leaves at most a small remainder behind.
+            assert!(
+                read_ahead::bytes_in_use() <= 256 << 10,
+                "{} bytes still held",
+                read_ahead::bytes_in_use()
+            );
             let ra = &log.read_ahead;
             let from_memory = ra.hits.get() + ra.ahead_used.get();
             assert!(

@@ -85,7 +85,13 @@ pub struct ReadAhead {
     pub ahead_used: Cell<u64>,
     /// Reads in a row that found their bytes read ahead: the reader keeps up sequentially.
     streak: Cell<u32>,
+    /// Where the last fetch stopped serving: the window keeps only what lies past it.
+    served_to: RefCell<Option<(Weak<DmaFile>, u64)>>,
 }
+
+/// A window remainder at most this large is copied out, so that the (larger) buffer it was cut
+/// from is freed once the responses holding it are written.
+const COPY_REMAINDER_BYTES: usize = 256 << 10;
 
 /// A DMA read of `len` bytes at `pos`, as `Bytes` (one copy out of the DMA buffer).
 async fn read_bytes(file: &DmaFile, pos: u64, len: usize) -> Result<Bytes, String> {
@@ -95,6 +101,46 @@ async fn read_bytes(file: &DmaFile, pos: u64, len: usize) -> Result<Bytes, Strin
 }
 
 impl ReadAhead {
+    /// Notes that a fetch served `file` up to position `end`.
+    pub fn served(&self, file: &Rc<DmaFile>, end: u64) {
+        *self.served_to.borrow_mut() = Some((Rc::downgrade(file), end));
+    }
+
+    /// Drops what the window holds before the point the last fetch served to: a reader that
+    /// has caught up, or stopped, leaves no more than a partial batch behind.
+    pub fn trim(&self) {
+        let Some((file, end)) = self.served_to.borrow_mut().take() else {
+            return;
+        };
+        let mut w = self.window.borrow_mut();
+        let Some(win) = w.as_mut() else {
+            return;
+        };
+        if !Weak::ptr_eq(&win.file, &file) || end < win.start {
+            return;
+        }
+        let skip = ((end - win.start) as usize).min(win.data.len());
+        let rest = win.data.slice(skip..);
+        if rest.is_empty() {
+            *w = None;
+            return;
+        }
+        let rest = if rest.len() <= COPY_REMAINDER_BYTES {
+            Bytes::copy_from_slice(&rest)
+        } else {
+            rest
+        };
+        // The shorter window takes a smaller charge (released first, so it always fits).
+        let n = rest.len();
+        let file = w.take().map(|o| o.file).unwrap_or_default();
+        *w = Charge::try_take(n).map(|c| Window {
+            file,
+            start: end,
+            data: rest,
+            _charge: c,
+        });
+    }
+
     /// Forgets the window and cancels the read ahead (the log was truncated or replaced).
     pub fn clear(&self) {
         self.window.borrow_mut().take();
