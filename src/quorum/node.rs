@@ -205,6 +205,17 @@ impl<S: QuorumStorage> QuorumNode<S> {
         let _ = self.raw.step(msg);
     }
 
+    /// Tells raft-rs whether a snapshot it sent to `to` arrived: until told, it sends that
+    /// follower nothing more. The transport reports a failure when it could not deliver one.
+    pub fn report_snapshot(&mut self, to: u64, status: raft::SnapshotStatus) {
+        self.raw.report_snapshot(to, status);
+    }
+
+    /// The transport could not reach `to`: raft-rs probes it again instead of streaming.
+    pub fn report_unreachable(&mut self, to: u64) {
+        self.raw.report_unreachable(to);
+    }
+
     /// The image the next proposal will meet when it commits: the committed image plus every
     /// entry this leader has appended after it. Raft commits a leader's log in order, so rules
     /// judged on this image see exactly the state their records will be applied to.
