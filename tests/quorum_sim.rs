@@ -48,7 +48,7 @@ const BROKERS: i32 = 5;
 const HEARTBEAT_MS: u64 = 2_000;
 /// Simulated time allowed for convergence once everything heals (steps of STEP_MS).
 const HEAL_STEPS_MAX: usize = 6_000;
-const DEFAULT_SEEDS: u64 = 24;
+const DEFAULT_SEEDS: u64 = 32;
 const DEFAULT_STEPS: usize = 4_000;
 
 /// splitmix64: tiny, seedable, good enough to draw schedules.
@@ -156,6 +156,9 @@ struct Faults {
     duplicate_per_million: u64,
     delay_max_ms: u64,
     crash_per_million: u64,
+    /// Crash a node right after it sent a vote or an append acknowledgement: the moment a
+    /// write that was acknowledged but not durable would be lost.
+    crash_after_ack_per_million: u64,
     partition_per_million: u64,
     heal_per_million: u64,
 }
@@ -207,7 +210,8 @@ impl Sim {
             drop_per_million: rng.pick(&[0, 10_000, 50_000, 200_000]),
             duplicate_per_million: rng.pick(&[0, 5_000, 20_000]),
             delay_max_ms: rng.pick(&[5, 30, 120, 400]),
-            crash_per_million: rng.pick(&[0, 500, 2_000]),
+            crash_per_million: rng.pick(&[0, 500, 2_000, 8_000]),
+            crash_after_ack_per_million: rng.pick(&[0, 20_000, 100_000]),
             partition_per_million: rng.pick(&[0, 1_000, 3_000]),
             heal_per_million: rng.pick(&[2_000, 10_000]),
         };
@@ -322,12 +326,7 @@ impl Sim {
         if self.rng.chance(self.faults.crash_per_million) {
             let i = self.rng.below(self.nodes.len() as u64) as usize;
             if self.nodes[i].raft.is_some() {
-                let down_ms = self.rng.range(200, 12_000);
-                let n = &mut self.nodes[i];
-                n.raft = None;
-                n.ctl = Controller::new(ControllerConfig::default());
-                n.down_until_ms = self.now_ms + down_ms;
-                self.stats.node_crashes += 1;
+                self.crash(i);
             }
         }
         if self.rng.chance(self.faults.partition_per_million) {
@@ -350,6 +349,15 @@ impl Sim {
         if !self.cut.is_empty() && self.rng.chance(self.faults.heal_per_million) {
             self.cut.clear();
         }
+    }
+
+    fn crash(&mut self, i: usize) {
+        let down_ms = self.rng.range(200, 12_000);
+        let n = &mut self.nodes[i];
+        n.raft = None;
+        n.ctl = Controller::new(ControllerConfig::default());
+        n.down_until_ms = self.now_ms + down_ms;
+        self.stats.node_crashes += 1;
     }
 
     fn heal(&mut self) {
@@ -692,8 +700,17 @@ impl Sim {
                 let last = k + 1 == n_applied;
                 self.on_applied(i, a, last.then_some(fp_after))?;
             }
+            let acked = out.messages.iter().any(|m| {
+                matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgAppendResponse | MessageType::MsgRequestVoteResponse
+                )
+            });
             for m in out.messages {
                 self.send(m);
+            }
+            if self.chaos && acked && self.rng.chance(self.faults.crash_after_ack_per_million) {
+                self.crash(i);
             }
         }
         Ok(())
@@ -873,14 +890,27 @@ fn quorum_simulation() {
         }
     };
     let mut total = Stats::default();
+    let mut failures = Vec::new();
     for &seed in &seeds {
         let mut sim = Sim::new(seed);
-        if let Err(e) = sim.run(steps) {
-            panic!(
-                "quorum simulation failed: seed {seed}, step {}, t={} ms: {e}\n\
-                 replay: FJORD_QUORUM_SEED={seed} cargo test --test quorum_sim -- --nocapture",
+        // A panic inside raft-rs (it asserts its own invariants) is a failed schedule too:
+        // report its seed like any other.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run(steps)))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(format!("panic: {what}"))
+            });
+        if let Err(e) = outcome {
+            println!(
+                "quorum simulation FAILED: seed {seed}, step {}, t={} ms: {e}\n  replay: \
+                 FJORD_QUORUM_SEED={seed} cargo test --test quorum_sim -- --nocapture",
                 sim.step, sim.now_ms
             );
+            failures.push(seed);
         }
         total.add(&sim.stats);
     }
@@ -892,6 +922,12 @@ fn quorum_simulation() {
         started.elapsed().as_secs_f64()
     );
     println!("{total:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {} schedules failed, seeds {failures:?} (see above)",
+        failures.len(),
+        seeds.len()
+    );
     if !replay && seeds.len() >= 8 {
         // The schedules must exercise what they claim to check.
         assert!(total.terms_with_leader > seeds.len() as u64, "{total:?}");
