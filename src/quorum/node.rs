@@ -370,16 +370,17 @@ fn apply_entry(img: &mut MetadataImage, e: &Entry, stats: &mut NodeStats) {
 #[cfg(test)]
 mod tests {
     use super::super::controller::{Controller, ControllerConfig, RegisterRequest};
+    use super::super::disk::DiskStorage;
     use super::super::storage::{LogState, MemDisk, MemStorage};
     use super::*;
     use uuid::Uuid;
 
-    #[test]
-    fn single_voter_elects_itself_commits_and_compacts() {
-        let disk = MemDisk::new(LogState::new(&[1], &[]));
+    /// A single voter elects itself, commits registrations, compacts, and after a restart on
+    /// what `open` finds has the same brokers.
+    fn single_voter_round<S: QuorumStorage>(open: impl Fn() -> S) {
         let mut config = QuorumConfig::new(1);
         config.snapshot_entries_max = 4;
-        let mut node = QuorumNode::open(config.clone(), MemStorage::open(&disk)).unwrap();
+        let mut node = QuorumNode::open(config.clone(), open()).unwrap();
         let refused: Result<_, ProposeError<()>> = node.propose_with(|_, _| Ok(vec![]));
         assert!(matches!(
             refused,
@@ -414,7 +415,7 @@ mod tests {
         // A restart recovers the same image from snapshot + log.
         let image = node.image().clone();
         drop(node);
-        let mut node = QuorumNode::open(config.clone(), MemStorage::open(&disk)).unwrap();
+        let mut node = QuorumNode::open(config.clone(), open()).unwrap();
         for _ in 0..config.election_timeout_ticks + 1 {
             node.tick();
             node.handle_ready().unwrap();
@@ -423,5 +424,17 @@ mod tests {
         // The new leader's empty entry follows what was there.
         assert_eq!(node.image().applied_index, image.applied_index + 1);
         assert_eq!(node.image().brokers, image.brokers);
+    }
+
+    #[test]
+    fn single_voter_in_memory() {
+        let disk = MemDisk::new(LogState::new(&[1], &[]));
+        single_voter_round(|| MemStorage::open(&disk));
+    }
+
+    #[test]
+    fn single_voter_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        single_voter_round(|| DiskStorage::open(dir.path(), &[1], &[]).unwrap());
     }
 }

@@ -57,15 +57,15 @@ impl LogState {
         }
     }
 
-    fn snapshot_index(&self) -> u64 {
+    pub fn snapshot_index(&self) -> u64 {
         self.snapshot.get_metadata().index
     }
 
-    fn first_index(&self) -> u64 {
+    pub fn first_index(&self) -> u64 {
         self.snapshot_index() + 1
     }
 
-    fn last_index(&self) -> u64 {
+    pub fn last_index(&self) -> u64 {
         self.snapshot_index() + self.entries.len() as u64
     }
 
@@ -111,7 +111,7 @@ impl LogState {
         self.snapshot = snap;
     }
 
-    fn term(&self, idx: u64) -> raft::Result<u64> {
+    pub(crate) fn term(&self, idx: u64) -> raft::Result<u64> {
         if idx == self.snapshot_index() {
             return Ok(self.snapshot.get_metadata().term);
         }
@@ -124,7 +124,12 @@ impl LogState {
         Ok(self.entries[(idx - self.first_index()) as usize].term)
     }
 
-    fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> raft::Result<Vec<Entry>> {
+    pub(crate) fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> raft::Result<Vec<Entry>> {
         if low < self.first_index() {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
@@ -138,14 +143,14 @@ impl LogState {
         Ok(out)
     }
 
-    fn raft_state(&self) -> RaftState {
+    pub(crate) fn raft_state(&self) -> RaftState {
         RaftState {
             hard_state: self.hard_state.clone(),
             conf_state: self.conf_state.clone(),
         }
     }
 
-    fn snapshot_at_least(&self, request_index: u64) -> raft::Result<Snapshot> {
+    pub(crate) fn snapshot_at_least(&self, request_index: u64) -> raft::Result<Snapshot> {
         if self.snapshot_index() < request_index {
             // Compaction makes a newer one soon; raft-rs asks again.
             return Err(raft::Error::Store(
@@ -190,32 +195,41 @@ impl MemStorage {
     }
 }
 
-impl raft::Storage for MemStorage {
-    fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(self.working.raft_state())
-    }
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        self.working.entries(low, high, max_size.into())
-    }
-    fn term(&self, idx: u64) -> raft::Result<u64> {
-        self.working.term(idx)
-    }
-    fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.working.first_index())
-    }
-    fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.working.last_index())
-    }
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        self.working.snapshot_at_least(request_index)
-    }
+/// raft-rs reads every storage through its in-memory [`LogState`]; this writes that delegation
+/// once for each storage type (a blanket impl of a foreign trait is not allowed).
+macro_rules! read_through_log_state {
+    ($ty:ty, $field:ident) => {
+        impl raft::Storage for $ty {
+            fn initial_state(&self) -> raft::Result<RaftState> {
+                Ok(self.$field.raft_state())
+            }
+            fn entries(
+                &self,
+                low: u64,
+                high: u64,
+                max_size: impl Into<Option<u64>>,
+                _context: GetEntriesContext,
+            ) -> raft::Result<Vec<Entry>> {
+                self.$field.entries(low, high, max_size.into())
+            }
+            fn term(&self, idx: u64) -> raft::Result<u64> {
+                self.$field.term(idx)
+            }
+            fn first_index(&self) -> raft::Result<u64> {
+                Ok(self.$field.first_index())
+            }
+            fn last_index(&self) -> raft::Result<u64> {
+                Ok(self.$field.last_index())
+            }
+            fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+                self.$field.snapshot_at_least(request_index)
+            }
+        }
+    };
 }
+pub(crate) use read_through_log_state;
+
+read_through_log_state!(MemStorage, working);
 
 impl QuorumStorage for MemStorage {
     fn append(&mut self, entries: &[Entry]) -> std::io::Result<()> {
