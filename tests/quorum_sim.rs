@@ -879,6 +879,30 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.trim().parse().ok())
 }
 
+/// Straight to stderr, past the test harness's capture: CI logs show what was checked even
+/// when the test passes.
+fn say(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A digest of a whole run: the committed log and every node's final image.
+fn run_digest(seed: u64, steps: usize) -> u64 {
+    let mut sim = Sim::new(seed);
+    sim.run(steps).expect("schedule passes");
+    let mut h = DefaultHasher::new();
+    sim.log.hash(&mut h);
+    for n in &sim.nodes {
+        n.raft.as_ref().map(|r| fingerprint(r.image())).hash(&mut h);
+    }
+    h.finish()
+}
+
+#[test]
+fn quorum_simulation_replays_exactly() {
+    assert_eq!(run_digest(77, 1_500), run_digest(77, 1_500));
+}
+
 #[test]
 fn quorum_simulation() {
     let started = Instant::now();
@@ -906,23 +930,22 @@ fn quorum_simulation() {
                 Err(format!("panic: {what}"))
             });
         if let Err(e) = outcome {
-            println!(
+            say(format!(
                 "quorum simulation FAILED: seed {seed}, step {}, t={} ms: {e}\n  replay: \
                  FJORD_QUORUM_SEED={seed} cargo test --test quorum_sim -- --nocapture",
                 sim.step, sim.now_ms
-            );
+            ));
             failures.push(seed);
         }
         total.add(&sim.stats);
     }
-    println!(
-        "quorum simulation: {} schedules, {} steps ({} s simulated) checked in {:.1} s",
+    say(format!(
+        "quorum simulation: {} schedules, {} steps ({} s simulated) checked in {:.1} s\n  {total:?}",
         seeds.len(),
         total.steps,
         total.steps * STEP_MS / 1000,
         started.elapsed().as_secs_f64()
-    );
-    println!("{total:?}");
+    ));
     assert!(
         failures.is_empty(),
         "{} of {} schedules failed, seeds {failures:?} (see above)",
