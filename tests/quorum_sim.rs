@@ -48,7 +48,7 @@ const BROKERS: i32 = 5;
 const HEARTBEAT_MS: u64 = 2_000;
 /// Simulated time allowed for convergence once everything heals (steps of STEP_MS).
 const HEAL_STEPS_MAX: usize = 6_000;
-const DEFAULT_SEEDS: u64 = 32;
+const DEFAULT_SEEDS: u64 = 48;
 const DEFAULT_STEPS: usize = 4_000;
 
 /// splitmix64: tiny, seedable, good enough to draw schedules.
@@ -514,7 +514,7 @@ impl Sim {
                 }
                 continue;
             }
-            if self.rng.chance(300) {
+            if self.rng.chance(600) {
                 let down = self.rng.range(1_000, 20_000);
                 let br = &mut self.brokers[b];
                 br.up = false;
@@ -628,7 +628,7 @@ impl Sim {
     }
 
     fn clients_act(&mut self) {
-        if !self.rng.chance(8_000) {
+        if !self.rng.chance(25_000) {
             return;
         }
         let Some(id) = self.leader() else { return };
@@ -692,7 +692,11 @@ impl Sim {
             let out = r
                 .handle_ready()
                 .map_err(|e| format!("node {id} stopped: {e}"))?;
-            let fp_after = fingerprint(r.image());
+            let fp_after = if out.applied.is_empty() {
+                0
+            } else {
+                fingerprint(r.image())
+            };
             let n_applied = out.applied.len();
             for (k, a) in out.applied.into_iter().enumerate() {
                 // Only the last applied state is observable here; intermediate images are
