@@ -120,6 +120,7 @@ struct Stats {
     messages_dropped: u64,
     fences: u64,
     unfences: u64,
+    controlled_shutdowns: u64,
     registrations: u64,
     duplicates_refused: u64,
     topics_created: u64,
@@ -140,6 +141,7 @@ impl Stats {
         self.messages_dropped += o.messages_dropped;
         self.fences += o.fences;
         self.unfences += o.unfences;
+        self.controlled_shutdowns += o.controlled_shutdowns;
         self.registrations += o.registrations;
         self.duplicates_refused += o.duplicates_refused;
         self.topics_created += o.topics_created;
@@ -516,6 +518,25 @@ impl Sim {
             }
             if self.rng.chance(600) {
                 let down = self.rng.range(1_000, 20_000);
+                // Half the time a SIGTERM: a controlled shutdown asked for first, whatever
+                // comes of it (the controller may be away), then the process goes.
+                if let (true, Some(broker_epoch)) =
+                    (self.rng.chance(500_000), self.brokers[b].epoch)
+                {
+                    let req = HeartbeatRequest {
+                        broker_id: self.brokers[b].id,
+                        broker_epoch,
+                        metadata_offset: 0,
+                        want_shutdown: true,
+                    };
+                    let contact = self.brokers[b].contact;
+                    let res = self.propose(contact, |ctl, img, _, now| {
+                        ctl.heartbeat(img, &req, now).map(|(_, recs)| recs)
+                    });
+                    if let Some(Ok(Proposal::Appended { .. })) = res {
+                        self.stats.controlled_shutdowns += 1;
+                    }
+                }
                 let br = &mut self.brokers[b];
                 br.up = false;
                 br.down_until_ms = now + down;
@@ -564,6 +585,7 @@ impl Sim {
                         broker_id,
                         broker_epoch,
                         metadata_offset,
+                        want_shutdown: false,
                     };
                     self.propose(contact, |ctl, img, _, now| {
                         ctl.heartbeat(img, &req, now).map(|(_, recs)| recs)
@@ -961,6 +983,7 @@ fn quorum_simulation() {
         assert!(total.terms_with_leader > seeds.len() as u64, "{total:?}");
         assert!(total.node_crashes > 0 && total.partitions > 0, "{total:?}");
         assert!(total.fences > 0 && total.unfences > 0, "{total:?}");
+        assert!(total.controlled_shutdowns > 0, "{total:?}");
         assert!(total.duplicates_refused > 0, "{total:?}");
         assert!(
             total.topics_created > 0 && total.invalid_replication_factor > 0,

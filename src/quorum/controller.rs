@@ -96,12 +96,16 @@ pub struct HeartbeatRequest {
     /// The highest metadata log offset the broker has applied: it is unfenced only once this
     /// reaches its own registration (KIP-841: caught up before it may lead or join an ISR).
     pub metadata_offset: u64,
+    /// SIGTERM: the broker asks to shut down (Kafka's controlled shutdown).
+    pub want_shutdown: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatReply {
     /// Fenced as of the image the heartbeat was judged on plus the returned records.
     pub fenced: bool,
+    /// The broker may exit: it leads nothing and is in no ISR it could hold up.
+    pub should_shut_down: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,10 +258,32 @@ impl Controller {
                 expires_at_ms: now_ms + self.config.session_timeout_ms,
             },
         );
-        if b.fenced && req.metadata_offset >= b.broker_epoch.max(0) as u64 {
-            return Ok((HeartbeatReply { fenced: false }, unfence_changes(image, b)));
+        if req.want_shutdown {
+            // Controlled shutdown, in one change: fenced, out of every ISR, its leaderships
+            // moved to in-sync replicas, so clients move before the process goes. A partition
+            // whose only in-sync replica it is keeps it, leaderless, as on any fencing.
+            let reply = HeartbeatReply {
+                fenced: true,
+                should_shut_down: true,
+            };
+            if b.fenced {
+                return Ok((reply, Vec::new()));
+            }
+            let mut recs = vec![MetadataRecord::FenceBroker {
+                broker_id: b.broker_id,
+                broker_epoch: b.broker_epoch,
+            }];
+            recs.extend(fence_changes(image, b.broker_id));
+            return Ok((reply, recs));
         }
-        Ok((HeartbeatReply { fenced: b.fenced }, Vec::new()))
+        let reply = |fenced| HeartbeatReply {
+            fenced,
+            should_shut_down: false,
+        };
+        if b.fenced && req.metadata_offset >= b.broker_epoch.max(0) as u64 {
+            return Ok((reply(false), unfence_changes(image, b)));
+        }
+        Ok((reply(b.fenced), Vec::new()))
     }
 
     /// Fences every unfenced broker whose session ran out, each with its partition changes,
@@ -569,6 +595,7 @@ mod tests {
                 broker_id: id,
                 broker_epoch: epoch,
                 metadata_offset: img.applied_index,
+                want_shutdown: false,
             };
             let (reply, recs) = ctl.heartbeat(&img, &hb, now).unwrap();
             assert!(!reply.fenced);
@@ -616,6 +643,7 @@ mod tests {
             broker_id: 2,
             broker_epoch: 4,
             metadata_offset: 100,
+            want_shutdown: false,
         };
         assert_eq!(
             ctl.heartbeat(&img, &hb, 1_100).unwrap_err().code(),
@@ -641,6 +669,7 @@ mod tests {
             broker_id: 1,
             broker_epoch: 1,
             metadata_offset: 0,
+            want_shutdown: false,
         };
         let (reply, recs) = ctl.heartbeat(&img, &hb, 10).unwrap();
         assert!(reply.fenced && recs.is_empty());
@@ -674,6 +703,7 @@ mod tests {
                 broker_id: id,
                 broker_epoch: img.brokers[&id].broker_epoch,
                 metadata_offset: img.applied_index,
+                want_shutdown: false,
             };
             ctl.heartbeat(&img, &hb, 8_000).unwrap();
         }
@@ -705,6 +735,7 @@ mod tests {
             broker_id: 1,
             broker_epoch: img.brokers[&1].broker_epoch,
             metadata_offset: img.applied_index,
+            want_shutdown: false,
         };
         let (reply, recs) = ctl.heartbeat(&img, &hb, 9_500).unwrap();
         assert!(!reply.fenced);
@@ -726,6 +757,7 @@ mod tests {
             broker_id: 3,
             broker_epoch: img.brokers[&3].broker_epoch,
             metadata_offset: img.applied_index,
+            want_shutdown: false,
         };
         ctl.heartbeat(&img, &hb, 5_000).unwrap();
         let recs = ctl.expire_sessions(&img, 9_000);
@@ -814,5 +846,35 @@ mod tests {
         commit(&mut img, &recs);
         assert!(img.topics.is_empty());
         assert!(ctl.delete_topic(&img, "t").is_err());
+    }
+
+    #[test]
+    fn controlled_shutdown_moves_leadership_first_and_stays_fenced() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let recs = ctl.create_topic(&img, &topic("t", 9, 6, 2)).unwrap();
+        commit(&mut img, &recs);
+        let mut hb = HeartbeatRequest {
+            broker_id: 2,
+            broker_epoch: img.brokers[&2].broker_epoch,
+            metadata_offset: img.applied_index,
+            want_shutdown: true,
+        };
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 100).unwrap();
+        assert!(reply.should_shut_down && reply.fenced);
+        commit(&mut img, &recs);
+        assert!(!img.is_unfenced(2));
+        for p in img.partitions() {
+            assert!(p.leader != 2 && !p.isr.contains(&2));
+        }
+        // Asking again changes nothing; a plain heartbeat later (a restart of the same
+        // incarnation would re-register) unfences it once caught up.
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 200).unwrap();
+        assert!(reply.should_shut_down && recs.is_empty());
+        hb.want_shutdown = false;
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 300).unwrap();
+        assert!(!reply.fenced && !reply.should_shut_down);
+        commit(&mut img, &recs);
+        assert!(img.is_unfenced(2));
     }
 }
