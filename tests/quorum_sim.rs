@@ -21,8 +21,9 @@
 //! image at the same index.
 //!
 //! `FJORD_QUORUM_SEEDS=N` sets how many schedules run (default below, sized for CI in a debug
-//! build); `FJORD_QUORUM_SEED=S` replays the one schedule S; `FJORD_QUORUM_STEPS` overrides the
-//! steps per schedule.
+//! build) and `FJORD_QUORUM_SEED_BASE` the first (1: CI runs fixed seeds; change it to explore);
+//! `FJORD_QUORUM_SEED=S` replays the one schedule S; `FJORD_QUORUM_STEPS` overrides the steps
+//! per schedule.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
@@ -937,7 +938,8 @@ fn quorum_simulation() {
         Some(s) => (vec![s], true),
         None => {
             let n = env_u64("FJORD_QUORUM_SEEDS").unwrap_or(DEFAULT_SEEDS);
-            ((1..=n).collect(), false)
+            let base = env_u64("FJORD_QUORUM_SEED_BASE").unwrap_or(1);
+            ((base..base.saturating_add(n)).collect(), false)
         }
     };
     let mut total = Stats::default();

@@ -84,6 +84,8 @@ pub enum QuorumError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error("snapshot image stands at (index, term) {image:?}, its Raft metadata at {raft:?}")]
+    SnapshotMisplaced { image: (u64, u64), raft: (u64, u64) },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,11 +306,12 @@ impl<S: QuorumStorage> QuorumNode<S> {
     ) -> Result<(), QuorumError> {
         let image = MetadataImage::decode_snapshot(snap.get_data())?;
         let meta = snap.get_metadata();
-        assert_eq!(
-            (image.applied_index, image.applied_term),
-            (meta.index, meta.term),
-            "snapshot image does not stand where its metadata says"
-        );
+        if (image.applied_index, image.applied_term) != (meta.index, meta.term) {
+            return Err(QuorumError::SnapshotMisplaced {
+                image: (image.applied_index, image.applied_term),
+                raft: (meta.index, meta.term),
+            });
+        }
         self.raw.mut_store().install_snapshot(&snap)?;
         out.applied.push(Applied::Snapshot {
             index: meta.index,
