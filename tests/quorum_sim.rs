@@ -34,8 +34,9 @@ use bytes::Bytes;
 use fjord::quorum::controller::{CreateTopicRequest, HeartbeatRequest, RegisterRequest};
 use fjord::quorum::record::{Listener, NO_LEADER};
 use fjord::quorum::{
-    Applied, Controller, ControllerConfig, ControllerError, LogState, MemDisk, MemStorage,
-    MetadataImage, MetadataRecord, Proposal, ProposeError, QuorumConfig, QuorumNode,
+    Applied, Controller, ControllerConfig, ControllerError, DiskStorage, LogState, MemDisk,
+    MemStorage, MetadataImage, MetadataRecord, Proposal, ProposeError, QuorumConfig, QuorumNode,
+    QuorumStorage,
 };
 use raft::eraftpb::{Message, MessageType};
 use uuid::Uuid;
@@ -87,10 +88,35 @@ struct Flight {
     msg: Message,
 }
 
-struct Node {
+/// A node's durable storage as the simulator holds it across crashes.
+trait SimDisk {
+    type Storage: QuorumStorage;
+    /// What a (re)started process finds.
+    fn open(&self) -> Self::Storage;
+}
+
+/// In memory: crashes lose exactly what was not synced.
+impl SimDisk for MemDisk {
+    type Storage = MemStorage;
+    fn open(&self) -> MemStorage {
+        MemStorage::open(self)
+    }
+}
+
+/// Real files (`DiskStorage`): crashes lose the frames not yet written and synced.
+struct DirDisk(std::path::PathBuf);
+
+impl SimDisk for DirDisk {
+    type Storage = DiskStorage;
+    fn open(&self) -> DiskStorage {
+        DiskStorage::open(&self.0, &VOTERS, &[LEARNER]).expect("open the quorum directory")
+    }
+}
+
+struct Node<D: SimDisk> {
     id: u64,
-    disk: MemDisk,
-    raft: Option<QuorumNode<MemStorage>>,
+    disk: D,
+    raft: Option<QuorumNode<D::Storage>>,
     /// Broker sessions: memory, lost in a crash.
     ctl: Controller,
     down_until_ms: u64,
@@ -166,12 +192,12 @@ struct Faults {
     heal_per_million: u64,
 }
 
-struct Sim {
+struct Sim<D: SimDisk> {
     seed: u64,
     rng: Rng,
     now_ms: u64,
     step: usize,
-    nodes: Vec<Node>,
+    nodes: Vec<Node<D>>,
     net: Vec<Flight>,
     seq: u64,
     /// Cut links, as (low id, high id).
@@ -206,8 +232,9 @@ fn node_config(id: u64, rng: &mut Rng) -> QuorumConfig {
     c
 }
 
-impl Sim {
-    fn new(seed: u64) -> Sim {
+impl<D: SimDisk> Sim<D> {
+    /// `disks` in node id order, fresh.
+    fn new(seed: u64, disks: Vec<D>) -> Self {
         let mut rng = Rng(seed);
         let faults = Faults {
             drop_per_million: rng.pick(&[0, 10_000, 50_000, 200_000]),
@@ -219,9 +246,8 @@ impl Sim {
             heal_per_million: rng.pick(&[2_000, 10_000]),
         };
         let mut nodes = Vec::new();
-        for id in NODE_IDS {
-            let disk = MemDisk::new(LogState::new(&VOTERS, &[LEARNER]));
-            let raft = QuorumNode::open(node_config(id, &mut rng), MemStorage::open(&disk))
+        for (id, disk) in NODE_IDS.into_iter().zip(disks) {
+            let raft = QuorumNode::open(node_config(id, &mut rng), disk.open())
                 .expect("open a fresh node");
             nodes.push(Node {
                 id,
@@ -381,7 +407,7 @@ impl Sim {
             }
             let config = node_config(self.nodes[i].id, &mut self.rng);
             let n = &mut self.nodes[i];
-            let raft = QuorumNode::open(config, MemStorage::open(&n.disk))
+            let raft = QuorumNode::open(config, n.disk.open())
                 .map_err(|e| format!("node {} cannot restart: {e}", n.id))?;
             let at = raft.image().applied_index;
             n.next_apply = at + 1;
@@ -398,7 +424,7 @@ impl Sim {
         !self.cut.contains(&(a.min(b), a.max(b)))
     }
 
-    fn node_mut(&mut self, id: u64) -> &mut Node {
+    fn node_mut(&mut self, id: u64) -> &mut Node<D> {
         &mut self.nodes[(id - 1) as usize]
     }
 
@@ -914,8 +940,15 @@ fn say(line: String) {
 }
 
 /// A digest of a whole run: the committed log and every node's final image.
+fn mem_disks() -> Vec<MemDisk> {
+    NODE_IDS
+        .iter()
+        .map(|_| MemDisk::new(LogState::new(&VOTERS, &[LEARNER])))
+        .collect()
+}
+
 fn run_digest(seed: u64, steps: usize) -> u64 {
-    let mut sim = Sim::new(seed);
+    let mut sim = Sim::new(seed, mem_disks());
     sim.run(steps).expect("schedule passes");
     let mut h = DefaultHasher::new();
     sim.log.hash(&mut h);
@@ -923,6 +956,34 @@ fn run_digest(seed: u64, steps: usize) -> u64 {
         n.raft.as_ref().map(|r| fingerprint(r.image())).hash(&mut h);
     }
     h.finish()
+}
+
+/// The same schedules on real files: `DiskStorage` under raft-rs, crashes included (a crash
+/// loses what was not synced; power loss below the page cache is out of its reach).
+#[test]
+fn quorum_simulation_on_disk() {
+    let seeds = env_u64("FJORD_QUORUM_DISK_SEEDS").unwrap_or(8);
+    let started = Instant::now();
+    let mut steps = 0;
+    for seed in 1..=seeds {
+        let root = tempfile::tempdir().expect("temp dir");
+        let disks = NODE_IDS
+            .iter()
+            .map(|id| DirDisk(root.path().join(format!("node{id}"))))
+            .collect();
+        let mut sim = Sim::new(seed, disks);
+        if let Err(e) = sim.run(DEFAULT_STEPS) {
+            panic!(
+                "quorum simulation on disk failed: seed {seed}, step {}: {e}",
+                sim.step
+            );
+        }
+        steps += sim.stats.steps;
+    }
+    say(format!(
+        "quorum simulation on disk: {seeds} schedules, {steps} steps in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
 }
 
 #[test]
@@ -945,7 +1006,7 @@ fn quorum_simulation() {
     let mut total = Stats::default();
     let mut failures = Vec::new();
     for &seed in &seeds {
-        let mut sim = Sim::new(seed);
+        let mut sim = Sim::new(seed, mem_disks());
         // A panic inside raft-rs (it asserts its own invariants) is a failed schedule too:
         // report its seed like any other.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run(steps)))
