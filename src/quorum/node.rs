@@ -144,6 +144,10 @@ pub struct QuorumNode<S: QuorumStorage> {
     config: QuorumConfig,
     raw: RawNode<S>,
     image: MetadataImage,
+    /// The leader image and the log position (index, term) it stands at. An (index, term)
+    /// names one log prefix (Raft's log matching), so the cache is valid exactly while the
+    /// log ends there; proposals move it along instead of rebuilding it per request.
+    leader_cache: Option<(u64, u64, MetadataImage)>,
     stats: NodeStats,
 }
 
@@ -163,6 +167,7 @@ impl<S: QuorumStorage> QuorumNode<S> {
             config,
             raw,
             image,
+            leader_cache: None,
             stats: NodeStats::default(),
         })
     }
@@ -221,16 +226,23 @@ impl<S: QuorumStorage> QuorumNode<S> {
     /// The image the next proposal will meet when it commits: the committed image plus every
     /// entry this leader has appended after it. Raft commits a leader's log in order, so rules
     /// judged on this image see exactly the state their records will be applied to.
-    pub fn leader_image(&self) -> Result<MetadataImage, QuorumError> {
-        let mut img = self.image.clone();
-        let tail = self.raw.raft.raft_log.entries(
-            img.applied_index + 1,
-            NO_LIMIT,
-            GetEntriesContext::empty(false),
-        )?;
-        for e in tail {
-            apply_entry(&mut img, &e, &mut NodeStats::default());
+    pub fn leader_image(&mut self) -> Result<&MetadataImage, QuorumError> {
+        let last = self.last_index();
+        let last_term = self.raw.raft.raft_log.term(last)?;
+        let fresh = matches!(&self.leader_cache, Some((i, t, _)) if (*i, *t) == (last, last_term));
+        if !fresh {
+            let mut img = self.image.clone();
+            let tail = self.raw.raft.raft_log.entries(
+                img.applied_index + 1,
+                NO_LIMIT,
+                GetEntriesContext::empty(false),
+            )?;
+            for e in tail {
+                apply_entry(&mut img, &e, &mut NodeStats::default());
+            }
+            self.leader_cache = Some((last, last_term, img));
         }
+        let (_, _, img) = self.leader_cache.as_ref().expect("filled above");
         Ok(img)
     }
 
@@ -245,14 +257,14 @@ impl<S: QuorumStorage> QuorumNode<S> {
                 leader_id: self.leader_id(),
             });
         }
-        let img = self.leader_image()?;
         let index = self.last_index() + 1;
-        let records = decide(&img, index).map_err(ProposeError::Rejected)?;
+        let records = decide(self.leader_image()?, index).map_err(ProposeError::Rejected)?;
         if records.is_empty() {
             return Ok(Proposal::Nothing);
         }
+        let data = encode_batch(&records);
         self.raw
-            .propose(Vec::new(), encode_batch(&records))
+            .propose(Vec::new(), data.clone())
             .map_err(ProposeError::Dropped)?;
         // The leader appends at once; anything else would make the broker epoch a lie.
         assert_eq!(
@@ -260,10 +272,13 @@ impl<S: QuorumStorage> QuorumNode<S> {
             index,
             "proposal not appended where expected"
         );
-        Ok(Proposal::Appended {
-            index,
-            term: self.term(),
-        })
+        let term = self.term();
+        if let Some((i, t, img)) = self.leader_cache.as_mut() {
+            // Through the same path as the committed apply, so both images agree.
+            let _ = img.apply_entry(index, term, &data);
+            (*i, *t) = (index, term);
+        }
+        Ok(Proposal::Appended { index, term })
     }
 
     /// Handles everything raft-rs has ready; returns the messages to send (in order) and what
