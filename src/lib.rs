@@ -13,6 +13,7 @@ pub mod group;
 pub mod log;
 pub mod metrics;
 pub mod partition;
+pub mod quorum;
 pub mod server;
 pub mod shard;
 pub mod top;
