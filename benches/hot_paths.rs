@@ -120,7 +120,8 @@ fn fetch_assembly(c: &mut Criterion) {
     // the batch cache (a 16-byte patched header and the producer's bytes per batch) or from a
     // read-ahead window (one slice per partition).
     let window = Bytes::from(vec![7u8; 16 * b.len()]);
-    let shapes: [(&str, Box<dyn Fn(usize) -> Vec<Bytes>>); 2] = [
+    type RecordsOf<'a> = Box<dyn Fn(usize) -> Vec<Bytes> + 'a>;
+    let shapes: [(&str, RecordsOf); 2] = [
         (
             "cached",
             Box::new(|p| {

@@ -581,7 +581,7 @@ mod tests {
             ]);
         }
         let chunks = encode_response(12, 0, 0, vec![(tr, recs)]);
-        let fields = outside(&chunks, &[window.clone()]);
+        let fields = outside(&chunks, std::slice::from_ref(&window));
         let total: usize = chunks.iter().map(|c| c.len()).sum();
         assert_eq!(total - fields, 16 * 9_000, "all record bytes by reference");
         assert!(
