@@ -116,6 +116,62 @@ fn fetch_assembly(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+    // Fjord's own assembly: the encoded fields as chunks, the record bytes by reference, from
+    // the batch cache (a 16-byte patched header and the producer's bytes per batch) or from a
+    // read-ahead window (one slice per partition).
+    let window = Bytes::from(vec![7u8; 16 * b.len()]);
+    type RecordsOf<'a> = Box<dyn Fn(usize) -> Vec<Bytes> + 'a>;
+    let shapes: [(&str, RecordsOf); 2] = [
+        (
+            "cached",
+            Box::new(|p| {
+                let at = p * b.len();
+                vec![
+                    window.slice(at..at + 16),
+                    window.slice(at + 16..at + b.len()),
+                ]
+            }),
+        ),
+        (
+            "disk",
+            Box::new(|p| vec![window.slice(p * b.len()..(p + 1) * b.len())]),
+        ),
+    ];
+    for (name, records_of) in &shapes {
+        let build = || {
+            let mut t = FetchableTopicResponse::default();
+            t.topic = TopicName(StrBytes::from_static_str("bench"));
+            let mut recs = Vec::new();
+            for p in 0..16 {
+                let mut pd = PartitionData::default();
+                pd.partition_index = p as i32;
+                pd.high_watermark = 1000;
+                pd.records = Some(Bytes::new());
+                t.partitions.push(pd);
+                recs.push(records_of(p));
+            }
+            fjord::server::handlers::fetch::encode_response(12, 0, 0, vec![(t, recs)])
+        };
+        // Bytes copied per fetched byte: what is not a slice of the stored bytes.
+        let chunks = build();
+        let (a, z) = (
+            window.as_ptr() as usize,
+            window.as_ptr() as usize + window.len(),
+        );
+        let copied: usize = chunks
+            .iter()
+            .filter(|c| !(c.as_ptr() as usize >= a && c.as_ptr() as usize + c.len() <= z))
+            .map(|c| c.len())
+            .sum();
+        let records = 16 * b.len();
+        eprintln!(
+            "fetch_response/fjord_{name}: {copied} bytes encoded or copied for {records} record bytes (record bytes copied: {})",
+            chunks.iter().map(|c| c.len()).sum::<usize>() - copied - records
+        );
+        g.bench_function(format!("fjord_{name}_16_partitions"), |bench| {
+            bench.iter(|| black_box(build().len()))
+        });
+    }
     g.finish();
 }
 

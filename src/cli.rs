@@ -467,6 +467,11 @@ async fn shard_main(
     if !node.tuning.metrics.listen.is_empty() {
         crate::metrics::enable_on_this_thread();
     }
+    crate::log::storage::set_syncs_in_flight(shard.tuning.syncs_in_flight);
+    crate::log::read_ahead::configure(
+        node.tuning.memory.read_ahead_bytes_per_shard,
+        node.tuning.memory.read_ahead_bytes_per_partition,
+    );
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel();
     *shard.stop_tx.borrow_mut() = Some(stop_tx);
     shard::install(shard.clone());

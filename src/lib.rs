@@ -3,7 +3,8 @@
 //!
 //! Layers, each importing only from the layers below it (`tests/layering.rs` checks this):
 //! `server` (listeners, one handler file per Kafka API) → `shard` (executors, the cross-shard
-//! mesh, placement) → `group`, `partition`, `cluster` (the domain) → `log`. `config`,
+//! mesh, placement) → `group`, `partition`, `cluster` (the domain) → `log` and `quorum` (the
+//! sans-IO controller quorum, not yet run by `fjord serve`). `config`,
 //! `metrics`, `alloc` and `notify` are leaves every layer may use; `cli`, `admin`, `top` and
 //! `tune` are the binary's commands, above everything.
 
@@ -20,6 +21,7 @@ pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod partition;
+pub mod quorum;
 pub mod server;
 pub mod shard;
 pub mod top;

@@ -53,6 +53,7 @@ pub struct CoreSection {
     pub io_memory_bytes: Option<usize>,
     pub ring_depth: Option<usize>,
     pub spin_before_park_us: Option<u64>,
+    pub syncs_in_flight: Option<usize>,
 }
 
 /// The settings one shard runs with: the node-wide values with its core's overrides applied.
@@ -63,6 +64,7 @@ pub struct ShardTuning {
     pub io_memory_bytes: usize,
     pub ring_depth: usize,
     pub spin_before_park_us: u64,
+    pub syncs_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +123,28 @@ pub struct MemorySection {
     /// that ask for no limit (max_bytes <= 0) or for more.
     #[serde(default = "default_fetch_bytes_max")]
     pub fetch_bytes_max: usize,
+    /// The most a partition's sequential reader reads ahead of its fetches (0: never).
+    #[serde(default = "default_read_ahead_bytes_per_partition")]
+    pub read_ahead_bytes_per_partition: usize,
+    /// All read-ahead windows of one shard together stay within this.
+    #[serde(default = "default_read_ahead_bytes_per_shard")]
+    pub read_ahead_bytes_per_shard: usize,
+    /// Incremental fetch sessions (KIP-227) one shard keeps (Kafka's
+    /// max.incremental.fetch.session.cache.slots); 0 turns sessions off.
+    #[serde(default = "default_fetch_session_cache_slots")]
+    pub fetch_session_cache_slots: usize,
+}
+
+fn default_fetch_session_cache_slots() -> usize {
+    1000
+}
+
+fn default_read_ahead_bytes_per_partition() -> usize {
+    16 << 20
+}
+
+fn default_read_ahead_bytes_per_shard() -> usize {
+    256 << 20
 }
 
 fn default_job_queue_max() -> usize {
@@ -148,6 +172,17 @@ fn default_fetch_bytes_max() -> usize {
 pub struct IoSection {
     pub ring_depth: usize,
     pub spin_before_park_us: u64,
+    /// fdatasyncs one shard runs at once (see tuning/default.toml).
+    #[serde(default = "default_syncs_in_flight")]
+    pub syncs_in_flight: usize,
+}
+
+fn default_syncs_in_flight() -> usize {
+    1
+}
+
+fn default_visibility() -> String {
+    "synced".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +209,10 @@ pub struct LogSection {
     /// against the time before consumers see a record).
     #[serde(default = "default_visibility_sync_delay_us")]
     pub visibility_sync_delay_us: u64,
+    /// "synced": consumers read only what is on stable storage; "written": what is written,
+    /// as Kafka does (a power cut can take back records consumers have read).
+    #[serde(default = "default_visibility")]
+    pub visibility: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,6 +321,11 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         1,
     ),
     ("message.max.bytes", "log.max_message_bytes", 1),
+    (
+        "max.incremental.fetch.session.cache.slots",
+        "memory.fetch_session_cache_slots",
+        1,
+    ),
     ("auto.create.topics.enable", "log.auto_create_topics", 1),
     (
         "log.message.timestamp.type",
@@ -871,6 +915,12 @@ impl Tuning {
         if self.io.ring_depth < 8 || self.io.ring_depth > 32768 {
             return bad("io.ring_depth", "must be between 8 and 32768");
         }
+        if self.io.syncs_in_flight < 1 || self.io.syncs_in_flight > 1024 {
+            return bad("io.syncs_in_flight", "must be between 1 and 1024");
+        }
+        if !matches!(self.log.visibility.as_str(), "synced" | "written") {
+            return bad("log.visibility", "must be \"synced\" or \"written\"");
+        }
         if !matches!(self.log.fsync.as_str(), "acks" | "always") {
             return bad("log.fsync", "must be \"acks\" or \"always\"");
         }
@@ -938,6 +988,7 @@ impl Tuning {
             io_memory_bytes: self.memory.io_memory_bytes,
             ring_depth: self.io.ring_depth,
             spin_before_park_us: self.io.spin_before_park_us,
+            syncs_in_flight: self.io.syncs_in_flight,
         };
         if let Some(c) = self.core.iter().find(|c| c.ids.contains(&core)) {
             t.batch_cache_bytes_per_partition = c
@@ -949,8 +1000,14 @@ impl Tuning {
             t.io_memory_bytes = c.io_memory_bytes.unwrap_or(t.io_memory_bytes);
             t.ring_depth = c.ring_depth.unwrap_or(t.ring_depth);
             t.spin_before_park_us = c.spin_before_park_us.unwrap_or(t.spin_before_park_us);
+            t.syncs_in_flight = c.syncs_in_flight.unwrap_or(t.syncs_in_flight);
         }
         t
+    }
+
+    /// Consumers may read what is written but not yet synced (`log.visibility = "written"`).
+    pub fn visible_when_written(&self) -> bool {
+        self.log.visibility == "written"
     }
 
     pub fn fsync_always(&self) -> bool {
@@ -1045,6 +1102,27 @@ mod tests {
         // A Kafka name under a section that does not hold it is not guessed at.
         let e = Tuning::parse("[io]\nnum.partitions = 3\n", "g.toml").unwrap_err();
         assert!(e.to_string().contains("g.toml line 2"), "{e}");
+    }
+
+    #[test]
+    fn storage_knobs_validate_and_override_per_core() {
+        let t = Tuning::load(None).unwrap();
+        assert_eq!(t.for_core(0).syncs_in_flight, 1);
+        assert!(!t.visible_when_written());
+        let text = "[io]\nsyncs_in_flight = 4\n[log]\nvisibility = \"written\"\n[[core]]\nids = [1]\nsyncs_in_flight = 2\n";
+        let l = Tuning::layered(Some((text, "s.toml")), &[]).unwrap();
+        assert_eq!(l.tuning.for_core(0).syncs_in_flight, 4);
+        assert_eq!(l.tuning.for_core(1).syncs_in_flight, 2);
+        assert!(l.tuning.visible_when_written());
+        for (text, key) in [
+            ("[io]\nsyncs_in_flight = 0\n", "io.syncs_in_flight"),
+            ("[log]\nvisibility = \"eventually\"\n", "log.visibility"),
+        ] {
+            let e = Tuning::layered(Some((text, "s.toml")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

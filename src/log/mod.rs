@@ -21,6 +21,7 @@
 pub mod batch;
 pub mod compaction;
 pub mod index;
+pub mod read_ahead;
 pub mod recovery;
 pub mod storage;
 
@@ -258,6 +259,8 @@ pub struct SharedLog {
     pub flushing: Cell<bool>,
     /// (offset, waiter): answered once everything below offset is written (or failed).
     write_waiters: RefCell<Vec<(u64, futures::channel::oneshot::Sender<Result<(), String>>)>>,
+    /// The sequential reader's window and the read ahead of it.
+    read_ahead: read_ahead::ReadAhead,
 }
 
 async fn open_dma_rw(path: &Path) -> Result<DmaFile, LogError> {
@@ -377,6 +380,7 @@ impl SharedLog {
             sync_waiters: RefCell::new(Vec::new()),
             flushing: Cell::new(false),
             write_waiters: RefCell::new(Vec::new()),
+            read_ahead: read_ahead::ReadAhead::default(),
         })
     }
 
@@ -915,16 +919,21 @@ impl SharedLog {
             }
         }
         crate::metrics::cache_lookup(false);
-        Ok(vec![self.read_disk(offset, max_bytes, upper).await?])
+        let r = self.read_disk(offset, max_bytes, upper).await;
+        self.read_ahead.trim();
+        r
     }
 
+    /// Reads whole batches from disk starting with the one holding `offset`, as slices of what
+    /// the read-ahead window holds (no copy per batch).
     async fn read_disk(
         &self,
         offset: u64,
         max_bytes: usize,
         upper: u64,
-    ) -> Result<Bytes, LogError> {
-        let mut out = BytesMut::new();
+    ) -> Result<Vec<Bytes>, LogError> {
+        let mut out: Vec<Bytes> = Vec::new();
+        let mut served = 0usize;
         let mut want = offset;
         // Bounded by the number of segments: each pass finishes one segment.
         for _ in 0..1_000_000u32 {
@@ -946,67 +955,77 @@ impl SharedLog {
                 )
             };
             while pos < size {
-                let budget = max_bytes.saturating_sub(out.len()) as u64;
+                let budget = max_bytes.saturating_sub(served) as u64;
                 let chunk = budget.clamp(64 * 1024, 8 << 20).min(size - pos) as usize;
-                let rr = file
-                    .read_at(pos, chunk)
+                let data = self
+                    .read_ahead
+                    .read(&file, pos, chunk, size)
                     .await
-                    .map_err(|e| glommio_io(&path, e))?;
-                crate::metrics::dma_read(rr.len());
-                let data: &[u8] = &rr;
+                    .map_err(|e| LogError::io(&path, std::io::Error::other(e)))?;
                 let mut at = 0usize;
+                // The span of `data` served so far in this pass: [span_from, at).
+                let mut span_from = None;
+                let mut done = false;
                 while at + HEADER_BYTES <= data.len() {
                     let h = BatchHeader::new(&data[at..]);
                     let total = h.total_bytes();
-                    if total < HEADER_BYTES {
-                        // Never written by us: stop rather than loop on garbage.
-                        return Ok(out.freeze());
-                    }
                     let base = h.base_offset() as u64;
                     let last = base + h.last_offset_delta().max(0) as u64;
-                    if base >= upper {
-                        return Ok(out.freeze());
+                    // Never written by us (stop rather than loop on garbage), or not readable.
+                    if total < HEADER_BYTES || base >= upper {
+                        done = true;
+                        break;
                     }
                     if at + total > data.len() {
                         break;
                     }
                     if last >= want {
-                        if !out.is_empty() && out.len() + total > max_bytes {
-                            return Ok(out.freeze());
+                        if served > 0 && served + total > max_bytes {
+                            done = true;
+                            break;
                         }
-                        out.extend_from_slice(&data[at..at + total]);
+                        span_from.get_or_insert(at);
+                        served += total;
                         want = last + 1;
                     }
                     at += total;
                 }
+                if let Some(from) = span_from {
+                    out.push(data.slice(from..at));
+                    self.read_ahead.served(&file, pos + at as u64);
+                }
+                if done {
+                    return Ok(out);
+                }
                 if at == 0 {
-                    // One batch larger than the chunk: read it whole.
+                    // One batch larger than what was read: read it whole.
                     if data.len() < HEADER_BYTES {
                         break;
                     }
-                    let h = BatchHeader::new(data);
+                    let h = BatchHeader::new(&data);
                     let total = h.total_bytes();
                     let last = h.base_offset() as u64 + h.last_offset_delta().max(0) as u64;
-                    let whole = file
-                        .read_at(pos, total)
+                    let whole = self
+                        .read_ahead
+                        .read(&file, pos, total, size)
                         .await
-                        .map_err(|e| glommio_io(&path, e))?;
-                    crate::metrics::dma_read(whole.len());
+                        .map_err(|e| LogError::io(&path, std::io::Error::other(e)))?;
                     if whole.len() < total {
                         break;
                     }
                     if last >= want {
-                        if !out.is_empty() && out.len() + total > max_bytes {
-                            return Ok(out.freeze());
+                        if served > 0 && served + total > max_bytes {
+                            return Ok(out);
                         }
-                        out.extend_from_slice(&whole[..total]);
+                        out.push(whole.slice(..total));
+                        served += total;
                         want = last + 1;
                     }
                     at = total;
                 }
                 pos += at as u64;
-                if out.len() >= max_bytes {
-                    return Ok(out.freeze());
+                if served >= max_bytes {
+                    return Ok(out);
                 }
             }
             want = want.max(seg_next);
@@ -1014,7 +1033,7 @@ impl SharedLog {
                 break;
             }
         }
-        Ok(out.freeze())
+        Ok(out)
     }
 
     /// The first offset whose batch max timestamp is >= ts, with the segment position to
@@ -1287,6 +1306,49 @@ mod tests {
             assert_eq!(log.synced_end(), expect);
             let bytes = log.read(0, 1 << 20, expect, 0).await.unwrap();
             assert!(!bytes.is_empty());
+        });
+    }
+
+    #[test]
+    fn sequential_disk_reads_are_served_from_read_ahead() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            std::fs::create_dir_all(&dir).unwrap();
+            let batches: Vec<(i32, i64)> = (0..3000).map(|i| (5, 1_000 + i)).collect();
+            let end = write_segment(&dir, 0, &batches);
+            let log = SharedLog::open(dir).await.unwrap();
+            assert_eq!(log.log_end_offset(), end);
+            // Nothing is cached after a restart: every read goes to disk.
+            let (mut next, mut reads) = (0u64, 0u64);
+            while next < end {
+                let chunks = log.read_chunks(next, 64 << 10, end, 0).await.unwrap();
+                reads += 1;
+                for c in &chunks {
+                    let mut at = 0;
+                    while at < c.len() {
+                        let h = BatchHeader::new(&c[at..]);
+                        assert_eq!(h.base_offset() as u64, next, "batches in order, no gaps");
+                        next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
+                        at += h.total_bytes();
+                    }
+                }
+                assert!(!chunks.is_empty(), "read at {next} returned nothing");
+            }
+            // A reader that has caught up leaves at most a small remainder behind.
+            assert!(
+                read_ahead::bytes_in_use() <= 256 << 10,
+                "{} bytes still held",
+                read_ahead::bytes_in_use()
+            );
+            let ra = &log.read_ahead;
+            let from_memory = ra.hits.get() + ra.ahead_used.get();
+            assert!(
+                from_memory * 10 >= reads * 8,
+                "{from_memory} of {reads} reads served from what was read ahead"
+            );
+            // A reader elsewhere is served directly, correctly.
+            let chunks = log.read_chunks(5, 64 << 10, end, 0).await.unwrap();
+            assert_eq!(BatchHeader::new(&chunks[0]).base_offset(), 5);
         });
     }
 

@@ -54,12 +54,28 @@ fn simulated() -> bool {
     with_sim(|_| ()).is_some()
 }
 
+thread_local! {
+    /// Bounds the fdatasyncs this shard runs at once (`io.syncs_in_flight`).
+    static SYNC_LANES: std::cell::RefCell<Rc<glommio::sync::Semaphore>> =
+        std::cell::RefCell::new(Rc::new(glommio::sync::Semaphore::new(1)));
+}
+
+/// Sets how many fdatasyncs this shard runs at once. A device flush slows every write issued
+/// while it runs, and one flush already makes everything written before it durable, so
+/// concurrent syncs of many partitions cost write throughput and buy no durability.
+pub fn set_syncs_in_flight(n: usize) {
+    SYNC_LANES.with(|l| *l.borrow_mut() = Rc::new(glommio::sync::Semaphore::new(n.max(1) as u64)));
+}
+
 /// fdatasync of a segment through io_uring, with the fault hook before and the durability note
 /// after. The caller decides what a failure means (the log fences the partition).
 pub async fn fdatasync(file: &glommio::io::DmaFile, path: &Path) -> io::Result<()> {
     fault(Op::Sync, path)?;
     match with_sim(|d| d.sync_delay_us.get()) {
         None => {
+            let lanes = SYNC_LANES.with(|l| l.borrow().clone());
+            // The semaphore is never closed, so the permit is always granted.
+            let _lane = lanes.acquire_permit(1).await;
             let started = std::time::Instant::now();
             file.fdatasync()
                 .await

@@ -21,6 +21,18 @@ pub struct Partition {
     /// Fetch long-polls wait on this; an entry lives only as long as its fetch waits.
     data_ready: Notify,
     syncer_running: std::cell::Cell<bool>,
+    /// What consumers may read (tuning `log.visibility`).
+    visibility: Visibility,
+}
+
+/// What the high watermark of a single replica is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// The synced end: nothing a power cut can take back is ever served.
+    Synced,
+    /// The written end, as Kafka with one replica: faster where flushes are slow, but a power
+    /// cut can take back records that consumers have read.
+    Written,
 }
 
 /// A produce whose batches are queued: offsets assigned, write pending.
@@ -53,6 +65,7 @@ impl Partition {
         topic: Arc<str>,
         index: i32,
         dir: std::path::PathBuf,
+        visibility: Visibility,
     ) -> Result<Partition, LogError> {
         Ok(Partition {
             topic,
@@ -60,13 +73,17 @@ impl Partition {
             log: SharedLog::open(dir).await?,
             data_ready: Notify::new(),
             syncer_running: std::cell::Cell::new(false),
+            visibility,
         })
     }
 
-    /// What consumers may read: the synced end, so that nothing a power cut can take back is
-    /// ever served (single replica: the high watermark is the durable log end).
+    /// What consumers may read: by default the synced end, so that nothing a power cut can
+    /// take back is ever served (single replica: the high watermark is the durable log end).
     pub fn high_watermark(&self) -> i64 {
-        self.log.synced_end() as i64
+        match self.visibility {
+            Visibility::Synced => self.log.synced_end() as i64,
+            Visibility::Written => self.log.log_end_offset() as i64,
+        }
     }
 
     /// No write or sync of this partition is running (tests and shutdown wait for it).
@@ -233,6 +250,7 @@ impl Partition {
             // Bounded by the queue: each round writes everything queued so far.
             loop {
                 match me.log.flush_round(&settings).await {
+                    Ok(true) if me.visibility == Visibility::Written => me.wake_fetchers(),
                     Ok(true) => me.kick_syncer(settings.visibility_sync_delay_us),
                     Ok(false) => break,
                     Err(e) => tracing::error!("write to {}-{} failed: {e}", me.topic, me.index),

@@ -67,3 +67,4 @@ pub const UNKNOWN_PRODUCER_ID: i16 = E::UnknownProducerId.code();
 pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = E::TransactionalIdAuthorizationFailed.code();
 pub const INVALID_RECORD: i16 = E::InvalidRecord.code();
 pub const FETCH_SESSION_ID_NOT_FOUND: i16 = E::FetchSessionIdNotFound.code();
+pub const INVALID_FETCH_SESSION_EPOCH: i16 = E::InvalidFetchSessionEpoch.code();

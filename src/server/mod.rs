@@ -5,8 +5,10 @@
 
 pub mod bounded_decode;
 pub mod errors;
+pub mod fetch_session;
 pub mod handlers;
 pub mod metrics_endpoint;
+mod sendv;
 
 use std::rc::Rc;
 
@@ -99,10 +101,6 @@ pub enum ConnError {
     Protocol(String),
 }
 
-/// Responses smaller than this are copied into one buffer and written with one call; larger
-/// record chunks are written from where they are.
-const INLINE_CHUNK_BYTES: usize = 64 * 1024;
-
 /// Requests one connection may have read but not yet answered.
 const IN_FLIGHT_MAX: usize = 32;
 
@@ -177,9 +175,10 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             .map(|a| a.ip().to_string())
             .unwrap_or_default(),
     );
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut rd, wr) = futures::AsyncReadExt::split(stream);
     let (mut tx, rx) = futures::channel::mpsc::channel::<glommio::Task<Answer>>(IN_FLIGHT_MAX);
-    let writer = glommio::spawn_local(write_loop(wr, rx, host.clone()));
+    let writer = glommio::spawn_local(write_loop(wr, fd, rx, host.clone()));
     let mut size_buf = [0u8; 4];
     let read_result = loop {
         if let Err(e) = rd.read_exact(&mut size_buf).await {
@@ -256,27 +255,22 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
 /// Writes answers in request order; stops (closing the connection) at the first protocol error.
 async fn write_loop(
     mut wr: futures::io::WriteHalf<TcpStream>,
+    fd: std::os::fd::RawFd,
     mut rx: futures::channel::mpsc::Receiver<glommio::Task<Answer>>,
     host: Rc<str>,
 ) -> Result<(), ConnError> {
     use futures::StreamExt;
-    let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(task) = rx.next().await {
         match task.await {
             Ok(Some((head, chunks, _held))) => {
-                out.clear();
-                out.extend_from_slice(&head);
-                for c in chunks {
-                    if c.len() < INLINE_CHUNK_BYTES {
-                        out.extend_from_slice(&c);
-                    } else {
-                        wr.write_all(&out).await?;
-                        out.clear();
-                        wr.write_all(&c).await?;
-                    }
-                }
-                if !out.is_empty() {
-                    wr.write_all(&out).await?;
+                if chunks.is_empty() {
+                    wr.write_all(&head).await?;
+                } else {
+                    // Head and record chunks in vectored writes, none copied.
+                    let mut parts: Vec<&[u8]> = Vec::with_capacity(chunks.len() + 1);
+                    parts.push(&head);
+                    parts.extend(chunks.iter().map(|c| &c[..]));
+                    sendv::write_all(&mut wr, fd, &parts).await?;
                 }
             }
             Ok(None) => {}

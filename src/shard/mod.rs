@@ -103,7 +103,12 @@ impl Shard {
             return Some(p.clone());
         }
         let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
-        match Partition::open(key.0.clone(), index, dir).await {
+        let visibility = if self.node.tuning.visible_when_written() {
+            crate::partition::Visibility::Written
+        } else {
+            crate::partition::Visibility::Synced
+        };
+        match Partition::open(key.0.clone(), index, dir, visibility).await {
             Ok(p) => {
                 let p = Rc::new(p);
                 self.partitions.borrow_mut().insert(key, p.clone());

@@ -1,5 +1,5 @@
 //! Fetch: read from each partition's owning shard, long-poll up to max_wait_ms until min_bytes
-//! have arrived. Sessionless (session id 0), which every client accepts (KIP-227).
+//! have arrived. Incremental fetch sessions (KIP-227) live in `server::fetch_session`.
 
 use std::time::{Duration, Instant};
 
@@ -11,14 +11,17 @@ use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, Partition
 use kafka_protocol::messages::BrokerId;
 use kafka_protocol::protocol::Encodable;
 
+use std::sync::Arc;
+
 use super::util::tn;
 use crate::server::errors as ec;
+use crate::server::fetch_session::{self, Plan};
 use crate::server::ConnCtx;
 use crate::shard::fanout::per_shard;
 
 #[derive(Clone)]
 struct Want {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     max_bytes: usize,
@@ -38,55 +41,169 @@ impl Got {
     }
 }
 
+/// One partition of the response: from the request, or from the fetch session.
+struct Entry {
+    topic: Arc<str>,
+    topic_id: uuid::Uuid,
+    partition: i32,
+    fetch_offset: i64,
+    max_bytes: i32,
+    /// An error found before reading (unknown topic or partition, bad size).
+    pre: Option<i16>,
+    /// What the session last told the client (incremental fetches only).
+    told: Option<(i64, i64)>,
+}
+
 /// Upper bound on fetch rounds in one request: each round follows a wake-up or the deadline.
 const FETCH_ROUNDS_MAX: usize = 64;
 
-/// Answers a fetch as the encoded response body, in chunks: the record bytes are the stored
-/// batches themselves (slices of the cache or of one disk read), never copied into the
-/// response buffer.
-pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes> {
-    let node = ctx.shard.node.clone();
-    // Resolve topics (by id from v13) and the per-partition requests.
-    let mut layout: Vec<(String, uuid::Uuid, Vec<(i32, Option<i16>)>)> = Vec::new();
-    let mut wants: Vec<(usize, Want)> = Vec::new();
-    {
-        let img = node.image();
-        for t in &req.topics {
-            let meta = if version >= 13 {
-                img.topic_by_id(&t.topic_id)
-            } else {
-                img.topic(t.topic.0.as_str())
+/// The partitions a request names, resolved against the metadata image.
+fn named_entries(
+    node: &crate::cluster::node::Node,
+    version: i16,
+    req: &FetchRequest,
+) -> Vec<Entry> {
+    let img = node.image();
+    let mut out = Vec::new();
+    for t in &req.topics {
+        let meta = if version >= 13 {
+            img.topic_by_id(&t.topic_id)
+        } else {
+            img.topic(t.topic.0.as_str())
+        };
+        let name: Arc<str> = Arc::from(meta.map(|m| m.name.as_str()).unwrap_or(t.topic.0.as_str()));
+        for p in &t.partitions {
+            let pre = match meta {
+                None if version >= 13 => Some(ec::UNKNOWN_TOPIC_ID),
+                None => Some(ec::UNKNOWN_TOPIC_OR_PARTITION),
+                Some(m) if p.partition < 0 || p.partition >= m.partitions => {
+                    Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
+                }
+                Some(_) if p.partition_max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
+                Some(_) => None,
             };
-            let name = meta
-                .map(|m| m.name.clone())
-                .unwrap_or_else(|| t.topic.0.to_string());
-            let mut parts = Vec::new();
-            for p in &t.partitions {
-                let pre = match meta {
-                    None if version >= 13 => Some(ec::UNKNOWN_TOPIC_ID),
-                    None => Some(ec::UNKNOWN_TOPIC_OR_PARTITION),
-                    Some(m) if p.partition < 0 || p.partition >= m.partitions => {
-                        Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
-                    }
-                    Some(_) if p.partition_max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
-                    Some(_) => {
-                        wants.push((
-                            node.shard_of(&name, p.partition),
-                            Want {
-                                topic: name.clone(),
-                                partition: p.partition,
-                                offset: p.fetch_offset,
-                                max_bytes: p.partition_max_bytes.max(0) as usize,
-                            },
-                        ));
-                        None
-                    }
-                };
-                parts.push((p.partition, pre));
-            }
-            layout.push((name, t.topic_id, parts));
+            out.push(Entry {
+                topic: name.clone(),
+                topic_id: t.topic_id,
+                partition: p.partition,
+                fetch_offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes,
+                pre,
+                told: None,
+            });
         }
     }
+    out
+}
+
+/// The partitions an incremental fetch reads: the session's, checked against the image again
+/// (a topic may have gone since).
+fn session_entries(
+    node: &crate::cluster::node::Node,
+    version: i16,
+    parts: Vec<(fetch_session::Key, fetch_session::Cached)>,
+) -> Vec<Entry> {
+    let img = node.image();
+    parts
+        .into_iter()
+        .map(|((topic, partition), c)| {
+            let pre = match img.topic(&topic) {
+                None if version >= 13 => Some(ec::UNKNOWN_TOPIC_ID),
+                None => Some(ec::UNKNOWN_TOPIC_OR_PARTITION),
+                Some(m) if partition < 0 || partition >= m.partitions => {
+                    Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
+                }
+                Some(_) if c.max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
+                Some(_) => None,
+            };
+            Entry {
+                topic,
+                topic_id: c.topic_id,
+                partition,
+                fetch_offset: c.fetch_offset,
+                max_bytes: c.max_bytes,
+                pre,
+                told: Some((c.high_watermark, c.log_start_offset)),
+            }
+        })
+        .collect()
+}
+
+/// The partitions a request asks the session to forget, by name.
+fn forgotten(
+    node: &crate::cluster::node::Node,
+    version: i16,
+    req: &FetchRequest,
+) -> Vec<fetch_session::Key> {
+    let img = node.image();
+    let mut out = Vec::new();
+    for f in &req.forgotten_topics_data {
+        let name: Option<Arc<str>> = if version >= 13 {
+            img.topic_by_id(&f.topic_id)
+                .map(|m| Arc::from(m.name.as_str()))
+        } else {
+            Some(Arc::from(f.topic.0.as_str()))
+        };
+        if let Some(name) = name {
+            out.extend(f.partitions.iter().map(|p| (name.clone(), *p)));
+        }
+    }
+    out
+}
+
+/// Answers a fetch as the encoded response body, in chunks: the record bytes are the stored
+/// batches themselves (slices of the cache or of one disk read), never copied into the
+/// response buffer. Fetch sessions (KIP-227) from version 7.
+pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes> {
+    let node = ctx.shard.node.clone();
+    let now = Instant::now();
+    let (session_id, epoch) = if version >= 7 {
+        (req.session_id, req.session_epoch)
+    } else {
+        (0, fetch_session::FINAL_EPOCH)
+    };
+    let named = named_entries(&node, version, &req);
+    let plan = if version >= 7 {
+        let for_session = named
+            .iter()
+            .map(|e| fetch_session::Named {
+                key: (e.topic.clone(), e.partition),
+                topic_id: e.topic_id,
+                fetch_offset: e.fetch_offset,
+                max_bytes: e.max_bytes,
+            })
+            .collect();
+        let gone = forgotten(&node, version, &req);
+        fetch_session::with(|c| c.plan(session_id, epoch, for_session, gone, now))
+    } else {
+        Plan::Sessionless
+    };
+    let opening = plan == Plan::Open;
+    let (entries, incremental_id) = match plan {
+        Plan::Error(code) => {
+            crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, code);
+            return encode_response(version, code, 0, Vec::new());
+        }
+        Plan::Sessionless | Plan::Open => (named, None),
+        Plan::Incremental { id, partitions } => {
+            (session_entries(&node, version, partitions), Some(id))
+        }
+    };
+    let wants: Vec<(usize, Want)> = entries
+        .iter()
+        .filter(|e| e.pre.is_none())
+        .map(|e| {
+            (
+                node.shard_of(&e.topic, e.partition),
+                Want {
+                    topic: e.topic.clone(),
+                    partition: e.partition,
+                    offset: e.fetch_offset,
+                    max_bytes: e.max_bytes.max(0) as usize,
+                },
+            )
+        })
+        .collect();
     // A fetch asking for no limit, or for more than the broker serves, gets the broker's cap
     // (fetch.max.bytes): a response is assembled in memory before it is written.
     let cap = node.tuning.memory.fetch_bytes_max;
@@ -96,7 +213,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         (req.max_bytes as usize).min(cap)
     };
     let min_bytes = req.min_bytes.max(0) as usize;
-    let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
+    let deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
     let shards = node.shards();
     let mut got: Vec<Got> = Vec::new();
     for _ in 0..FETCH_ROUNDS_MAX {
@@ -129,51 +246,105 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         budget = budget.saturating_sub(n);
         first = false;
     }
+    // Each entry's answer, in entry order.
     let mut got = got.into_iter();
-    let mut topics = Vec::with_capacity(layout.len());
-    for (name, id, parts) in layout {
-        let mut tr = FetchableTopicResponse::default();
-        tr.topic = tn(&name);
-        tr.topic_id = id;
-        let mut records_of = Vec::with_capacity(parts.len());
-        for (index, pre) in parts {
-            let mut pd = PartitionData::default();
-            pd.partition_index = index;
-            pd.preferred_read_replica = BrokerId(-1);
-            match pre {
-                Some(code) => {
-                    crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, code);
-                    pd.error_code = code;
-                    pd.high_watermark = -1;
-                    pd.last_stable_offset = -1;
-                    pd.log_start_offset = -1;
-                    records_of.push(Vec::new());
-                }
-                None => {
-                    let g = got.next().unwrap_or(Got {
-                        code: ec::UNKNOWN_SERVER_ERROR,
-                        hwm: -1,
-                        log_start: -1,
-                        records: Vec::new(),
-                    });
-                    crate::metrics::fetched(&name, index, &g.records);
-                    crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, g.code);
-                    pd.error_code = g.code;
-                    pd.high_watermark = g.hwm;
-                    pd.last_stable_offset = g.hwm;
-                    pd.log_start_offset = g.log_start;
-                    records_of.push(g.records);
-                }
+    let answers: Vec<Got> = entries
+        .iter()
+        .map(|e| match e.pre {
+            Some(code) => Got {
+                code,
+                hwm: -1,
+                log_start: -1,
+                records: Vec::new(),
+            },
+            None => got.next().unwrap_or(Got {
+                code: ec::UNKNOWN_SERVER_ERROR,
+                hwm: -1,
+                log_start: -1,
+                records: Vec::new(),
+            }),
+        })
+        .collect();
+    // An incremental answer leaves out partitions with nothing new for the client.
+    let keep: Vec<bool> = entries
+        .iter()
+        .zip(&answers)
+        .map(|(e, g)| match e.told {
+            Some((hw, start)) => {
+                g.code != ec::NONE || !g.records.is_empty() || g.hwm != hw || g.log_start != start
             }
-            pd.records = Some(Bytes::new());
-            if req.isolation_level == 1 {
-                pd.aborted_transactions = Some(Vec::new());
-            }
-            tr.partitions.push(pd);
+            None => true,
+        })
+        .collect();
+    let told: Vec<(fetch_session::Key, i64, i64)> = entries
+        .iter()
+        .zip(&answers)
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|((e, g), _)| ((e.topic.clone(), e.partition), g.hwm, g.log_start))
+        .collect();
+    let response_session = match incremental_id {
+        Some(id) => {
+            fetch_session::with(|c| c.answered(id, &told));
+            id
         }
-        topics.push((tr, records_of));
+        None if opening => {
+            let parts = entries
+                .iter()
+                .zip(&answers)
+                .map(|(e, g)| {
+                    (
+                        (e.topic.clone(), e.partition),
+                        fetch_session::Cached {
+                            topic_id: e.topic_id,
+                            fetch_offset: e.fetch_offset,
+                            max_bytes: e.max_bytes,
+                            high_watermark: g.hwm,
+                            log_start_offset: g.log_start,
+                        },
+                    )
+                })
+                .collect();
+            let slots = node.tuning.memory.fetch_session_cache_slots;
+            fetch_session::with(|c| c.open(parts, slots, Instant::now()))
+        }
+        None => 0,
+    };
+    // Group into topics, in entry order (a topic's partitions are adjacent).
+    let mut topics: Vec<(FetchableTopicResponse, Vec<Vec<Bytes>>)> = Vec::new();
+    for ((e, g), k) in entries.iter().zip(answers).zip(keep) {
+        if !k {
+            continue;
+        }
+        let same = topics
+            .last()
+            .is_some_and(|(tr, _)| tr.topic.0.as_str() == &*e.topic && tr.topic_id == e.topic_id);
+        if !same {
+            let mut tr = FetchableTopicResponse::default();
+            tr.topic = tn(&e.topic);
+            tr.topic_id = e.topic_id;
+            topics.push((tr, Vec::new()));
+        }
+        let mut pd = PartitionData::default();
+        pd.partition_index = e.partition;
+        pd.preferred_read_replica = BrokerId(-1);
+        crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, g.code);
+        if e.pre.is_none() {
+            crate::metrics::fetched(&e.topic, e.partition, &g.records);
+        }
+        pd.error_code = g.code;
+        pd.high_watermark = g.hwm;
+        pd.last_stable_offset = g.hwm;
+        pd.log_start_offset = g.log_start;
+        pd.records = Some(Bytes::new());
+        if req.isolation_level == 1 {
+            pd.aborted_transactions = Some(Vec::new());
+        }
+        let (tr, recs) = topics.last_mut().expect("pushed above");
+        tr.partitions.push(pd);
+        recs.push(g.records);
     }
-    encode_response(version, topics)
+    encode_response(version, ec::NONE, response_session, topics)
 }
 
 fn put_uvarint(b: &mut BytesMut, mut v: u64) {
@@ -195,8 +366,10 @@ fn put_array_len(b: &mut BytesMut, flexible: bool, n: usize) {
 /// Encodes the FetchResponse body by hand around kafka-protocol's encoding of each partition's
 /// fixed fields, splicing the record chunks in by reference. Falls back to kafka-protocol's own
 /// encoding of a partition (one copy) if its layout is not the one expected.
-fn encode_response(
+pub fn encode_response(
     version: i16,
+    error_code: i16,
+    session_id: i32,
     topics: Vec<(FetchableTopicResponse, Vec<Vec<Bytes>>)>,
 ) -> Vec<Bytes> {
     let flexible = version >= 12;
@@ -204,8 +377,8 @@ fn encode_response(
     let mut head = BytesMut::with_capacity(256);
     head.put_i32(0); // throttle_time_ms
     if version >= 7 {
-        head.put_i16(0); // error_code
-        head.put_i32(0); // session_id: sessionless
+        head.put_i16(error_code);
+        head.put_i32(session_id);
     }
     put_array_len(&mut head, flexible, topics.len());
     for (tr, records_of) in topics {
@@ -235,12 +408,12 @@ fn encode_response(
                     head.put_i32(n as i32);
                 }
                 for r in recs {
-                    if r.len() < 4096 {
-                        head.put_slice(&r);
-                    } else {
+                    // Record bytes are never copied: the encoded fields so far become one
+                    // chunk and the records follow as they are (vectored write).
+                    if !head.is_empty() {
                         chunks.push(head.split().freeze());
-                        chunks.push(r);
                     }
+                    chunks.push(r);
                 }
                 if flexible {
                     head.put_u8(0);
@@ -332,7 +505,7 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
 
 /// Waits until any wanted partition gets data past what the last round saw, or the deadline.
 async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], deadline: Instant) {
-    let mut buckets: Vec<Vec<(String, i32, i64)>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut buckets: Vec<Vec<(Arc<str>, i32, i64)>> = (0..shards).map(|_| Vec::new()).collect();
     for ((s, w), g) in wants.iter().zip(got.iter()) {
         buckets[(*s).min(shards - 1)].push((w.topic.clone(), w.partition, g.hwm.max(w.offset)));
     }
@@ -379,6 +552,49 @@ mod tests {
     use super::*;
     use kafka_protocol::protocol::Decodable;
 
+    /// Bytes of `out` that are not inside one of `sources` (were copied or newly encoded).
+    pub fn outside(out: &[Bytes], sources: &[Bytes]) -> usize {
+        out.iter()
+            .filter(|c| {
+                !sources.iter().any(|s| {
+                    let (a, b) = (s.as_ptr() as usize, s.as_ptr() as usize + s.len());
+                    let p = c.as_ptr() as usize;
+                    p >= a && p + c.len() <= b
+                })
+            })
+            .map(|c| c.len())
+            .sum()
+    }
+
+    /// Record bytes reach the response as they are: only the encoded fields are new bytes.
+    #[test]
+    fn record_bytes_are_never_copied() {
+        let window = Bytes::from(vec![7u8; 300_000]);
+        let mut tr = FetchableTopicResponse::default();
+        tr.topic = tn("t");
+        let mut recs = Vec::new();
+        for p in 0..16 {
+            let mut pd = PartitionData::default();
+            pd.partition_index = p;
+            pd.records = Some(Bytes::new());
+            tr.partitions.push(pd);
+            // Small slices (cache-served batches) and large ones (disk windows) alike.
+            let at = p as usize * 10_000;
+            recs.push(vec![
+                window.slice(at..at + 16),
+                window.slice(at + 16..at + 9_000),
+            ]);
+        }
+        let chunks = encode_response(12, 0, 0, vec![(tr, recs)]);
+        let fields = outside(&chunks, std::slice::from_ref(&window));
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        assert_eq!(total - fields, 16 * 9_000, "all record bytes by reference");
+        assert!(
+            fields < 16 * 40,
+            "only the partitions' fields are encoded: {fields}"
+        );
+    }
+
     /// The hand-assembled body decodes, with kafka-protocol, to the same response.
     #[test]
     fn spliced_encoding_matches_kafka_protocol() {
@@ -398,7 +614,7 @@ mod tests {
                     Bytes::from(vec![9u8; 100]),
                 ]);
             }
-            let chunks = encode_response(version, vec![(tr, recs)]);
+            let chunks = encode_response(version, 0, 0, vec![(tr, recs)]);
             let mut body = BytesMut::new();
             for c in chunks {
                 body.put_slice(&c);

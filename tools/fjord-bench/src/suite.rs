@@ -1,7 +1,9 @@
 //! `suite`: the standard matrix against one broker (produce 1/16 partitions × acks 1/all,
-//! consume, e2e at half the measured max rate) plus the host's physical limits measured in
-//! the same run (O_DIRECT write bandwidth, fdatasync latency, loopback TCP bandwidth), so each
-//! broker figure can be read as a fraction of what the machine can do.
+//! catch-up reads of a backlog larger than the cache with 1 and 16 partitions, cached consume,
+//! e2e at half the measured max rate) plus the host's physical limits measured in the same run
+//! (O_DIRECT write and read bandwidth, fdatasync latency, loopback TCP bandwidth), so each
+//! broker figure can be read as a fraction of what the machine can do. With `--broker-pid`,
+//! every row also shows the broker's CPU-seconds per GB moved.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -50,8 +52,37 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU-seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+/// Runs one step and measures the broker's CPU-seconds per GB of the step's payload.
+fn with_cpu(
+    pid: Option<u32>,
+    step: impl FnOnce() -> Result<Report>,
+) -> Result<(Report, Option<f64>)> {
+    let before = pid.and_then(cpu_seconds);
+    let r = step()?;
+    let after = pid.and_then(cpu_seconds);
+    let per_gb = match (before, after) {
+        (Some(b), Some(a)) if r.bytes > 0 => Some((a - b) / (r.bytes as f64 / 1e9)),
+        _ => None,
+    };
+    Ok((r, per_gb))
+}
+
 pub struct HostLimits {
     pub disk_write_mb_s: Option<f64>,
+    /// Sequential O_DIRECT reads, 1 MiB, one at a time.
+    pub disk_read_mb_s: Option<f64>,
     pub fdatasync: Option<Histogram<u64>>,
     pub loopback_mb_s: f64,
 }
@@ -77,6 +108,40 @@ pub fn probe_disk_write(dir: &Path, total: usize) -> Result<f64> {
         off += CHUNK as u64;
     }
     file.sync_data()?;
+    let secs = t0.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(total as f64 / secs / 1e6)
+}
+
+/// Sequential O_DIRECT read bandwidth, 1 MiB reads one at a time, of a file of `total` bytes
+/// written (and synced) first.
+pub fn probe_disk_read(dir: &Path, total: usize) -> Result<f64> {
+    const CHUNK: usize = 1 << 20;
+    let path = dir.join(".fjord-bench-probe-read");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("O_DIRECT open {}", path.display()))?;
+    let mut buf = AlignedBuf::new(CHUNK, 0x3c);
+    let mut off = 0u64;
+    while (off as usize) < total {
+        file.write_all_at(buf.as_slice(), off)
+            .context("O_DIRECT write")?;
+        off += CHUNK as u64;
+    }
+    file.sync_data()?;
+    let t0 = Instant::now();
+    let mut off = 0u64;
+    while (off as usize) < total {
+        file.read_exact_at(buf.as_mut_slice(), off)
+            .context("O_DIRECT read")?;
+        off += CHUNK as u64;
+    }
     let secs = t0.elapsed().as_secs_f64();
     drop(file);
     let _ = std::fs::remove_file(&path);
@@ -155,23 +220,28 @@ impl AlignedBuf {
     fn as_slice(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
     }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
 }
 
 pub fn measure_host(args: &SuiteArgs) -> Result<HostLimits> {
-    let (disk, sync) = match &args.data_dir {
+    let (disk, read, sync) = match &args.data_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
             let total = if args.quick { 64 << 20 } else { 256 << 20 };
             (
                 Some(probe_disk_write(dir, total)?),
+                Some(probe_disk_read(dir, total * 4)?),
                 Some(probe_fdatasync(dir, 200)?),
             )
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let loopback = probe_loopback(Duration::from_secs(if args.quick { 1 } else { 3 }))?;
     Ok(HostLimits {
         disk_write_mb_s: disk,
+        disk_read_mb_s: read,
         fdatasync: sync,
         loopback_mb_s: loopback,
     })
@@ -223,7 +293,9 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
     let step_s = if args.quick { 3.0 } else { 15.0 };
     eprintln!("suite: measuring host limits");
     let host = measure_host(args)?;
-    let mut rows: Vec<(String, Report, Option<f64>)> = Vec::new();
+    // (step, report, fraction of its host limit, broker CPU-seconds per GB)
+    let mut rows: Vec<(String, Report, Option<f64>, Option<f64>)> = Vec::new();
+    let pid = args.broker_pid;
 
     let mut max_rate_p1 = 0.0f64;
     for (parts, topic) in [(1, "fjord-bench-suite-p1"), (16, "fjord-bench-suite-p16")] {
@@ -232,7 +304,9 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
             eprintln!("suite: produce {parts} partition(s), acks={acks}");
             let connections = if parts > 1 { 4 } else { 1 };
             let a = suite_produce(topic, acks, connections, Some(step_s), None);
-            let r = crate::produce::run_with(common, &a, versions.clone(), layout.clone())?;
+            let (r, cpu) = with_cpu(pid, || {
+                crate::produce::run_with(common, &a, versions.clone(), layout.clone())
+            })?;
             if parts == 1 && acks == 1 {
                 max_rate_p1 = r.records_per_sec();
             }
@@ -246,19 +320,49 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
                 format!("produce 1 KiB, {parts} partition(s), acks={acks_s}"),
                 r,
                 frac,
+                cpu,
             ));
         }
         if parts == 16 {
-            eprintln!("suite: consume {topic} from earliest");
+            // What the produce steps wrote is far more than the batch cache holds.
+            eprintln!("suite: catch up on {topic} from earliest");
             let c = suite_consume(topic, step_s);
-            let r = crate::consume::run_with(common, &c, versions.clone(), layout.clone())?;
-            let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
+            let (r, cpu) = with_cpu(pid, || {
+                crate::consume::run_with(common, &c, versions.clone(), layout.clone())
+            })?;
+            let frac = host.disk_read_mb_s.map(|d| r.mb_per_sec() / d);
             rows.push((
-                "consume 16 partitions from earliest (mostly not in cache)".into(),
+                "catch-up: 16 partitions from earliest, backlog beyond the cache".into(),
                 r,
                 frac,
+                cpu,
             ));
         }
+    }
+
+    // Catch-up on one partition: a backlog of many times its batch cache, read from the start.
+    {
+        let topic = "fjord-bench-suite-backlog";
+        let (versions, layout) = crate::produce::setup(common, topic, Some(1))?;
+        let records = if args.quick { 256 * 1024 } else { 1024 * 1024 };
+        eprintln!("suite: write a {} MiB backlog to {topic}", records / 1024);
+        let fill = suite_produce(topic, 1, 1, None, Some(records));
+        crate::produce::run_with(common, &fill, versions.clone(), layout.clone())?;
+        eprintln!("suite: catch up on {topic} from earliest");
+        let c = suite_consume(topic, step_s * 4.0);
+        let (r, cpu) = with_cpu(pid, || {
+            crate::consume::run_with(common, &c, versions, layout)
+        })?;
+        let frac = host.disk_read_mb_s.map(|d| r.mb_per_sec() / d);
+        rows.push((
+            format!(
+                "catch-up: 1 partition from earliest, {} MiB backlog",
+                records / 1024
+            ),
+            r,
+            frac,
+            cpu,
+        ));
     }
 
     // Data still in the broker's cache: a fresh topic small enough to stay there (about
@@ -270,12 +374,15 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         let fill = suite_produce(topic, 1, 1, None, Some(16 * 6_000));
         crate::produce::run_with(common, &fill, versions.clone(), layout.clone())?;
         let c = suite_consume(topic, step_s);
-        let r = crate::consume::run_with(common, &c, versions, layout)?;
+        let (r, cpu) = with_cpu(pid, || {
+            crate::consume::run_with(common, &c, versions, layout)
+        })?;
         let frac = Some(r.mb_per_sec() / host.loopback_mb_s);
         rows.push((
             "consume 16 partitions from the broker's cache".into(),
             r,
             frac,
+            cpu,
         ));
     }
 
@@ -286,9 +393,16 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         eprintln!("suite: produce over {many} partitions");
         let (versions, layout) = crate::produce::setup(common, &topic, Some(many))?;
         let a = suite_produce(topic.clone(), 1, 4, Some(step_s), None);
-        let r = crate::produce::run_with(common, &a, versions, layout)?;
+        let (r, cpu) = with_cpu(pid, || {
+            crate::produce::run_with(common, &a, versions, layout)
+        })?;
         let frac = host.disk_write_mb_s.map(|d| r.mb_per_sec() / d);
-        rows.push((format!("produce 1 KiB, {many} partitions, acks=1"), r, frac));
+        rows.push((
+            format!("produce 1 KiB, {many} partitions, acks=1"),
+            r,
+            frac,
+            cpu,
+        ));
         args.broker_pid.and_then(rss_mib)
     };
     let rate = ((max_rate_p1 * 0.5) as u64).max(100);
@@ -301,14 +415,20 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         duration: step_s,
         record_size: 1024,
     };
-    let r = crate::e2e::run_with(common, &e, versions, layout)?;
-    rows.push((format!("e2e latency at {rate} rec/s (50% of max)"), r, None));
+    let (r, cpu) = with_cpu(pid, || crate::e2e::run_with(common, &e, versions, layout))?;
+    rows.push((
+        format!("e2e latency at {rate} rec/s (50% of max)"),
+        r,
+        None,
+        cpu,
+    ));
 
     if common.json {
         let mut out = json!({
             "bootstrap": common.bootstrap,
             "host": {
                 "disk_write_mb_s": host.disk_write_mb_s,
+                "disk_read_mb_s": host.disk_read_mb_s,
                 "fdatasync_p50_ms": host.fdatasync.as_ref().map(|h| ms(h.value_at_percentile(50.0))),
                 "fdatasync_p99_ms": host.fdatasync.as_ref().map(|h| ms(h.value_at_percentile(99.0))),
                 "loopback_mb_s": host.loopback_mb_s,
@@ -317,10 +437,11 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         });
         out["steps"] = rows
             .iter()
-            .map(|(name, r, frac)| {
+            .map(|(name, r, frac, cpu)| {
                 let mut v = r.to_json();
                 v["step"] = json!(name);
                 v["fraction_of_limit"] = json!(frac);
+                v["broker_cpu_s_per_gb"] = json!(cpu);
                 v
             })
             .collect();
@@ -333,17 +454,17 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         if args.quick { "quick" } else { "full" }
     );
     println!();
-    println!("| measurement | records/s | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | of host limit |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| measurement | records/s | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | of host limit | broker CPU-s/GB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
-    for (name, r, frac) in &rows {
+    for (name, r, frac, cpu) in &rows {
         let max = r
             .latency
             .as_ref()
             .filter(|h| !h.is_empty())
             .map(|h| ms(h.max()));
         println!(
-            "| {name} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             r.records_per_sec(),
             r.mb_per_sec(),
             f(r.latency_ms(50.0)),
@@ -353,17 +474,21 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
             r.error_count(),
             frac.map(|x| format!("{:.0}%", x * 100.0))
                 .unwrap_or_else(|| "-".into()),
+            f(*cpu),
         );
     }
     match host.disk_write_mb_s {
         Some(d) => {
-            println!("| host: O_DIRECT sequential write (1 MiB) | | {d:.1} | | | | | | 100% |")
+            println!("| host: O_DIRECT sequential write (1 MiB) | | {d:.1} | | | | | | 100% | |")
         }
-        None => println!("| host: O_DIRECT sequential write | | (no --data-dir) | | | | | | |"),
+        None => println!("| host: O_DIRECT sequential write | | (no --data-dir) | | | | | | | |"),
+    }
+    if let Some(d) = host.disk_read_mb_s {
+        println!("| host: O_DIRECT sequential read (1 MiB, one at a time) | | {d:.1} | | | | | | 100% | |");
     }
     if let Some(h) = &host.fdatasync {
         println!(
-            "| host: 4 KiB write + fdatasync | {:.0}/s | | {:.2} | {:.2} | {:.2} | {:.2} | | |",
+            "| host: 4 KiB write + fdatasync | {:.0}/s | | {:.2} | {:.2} | {:.2} | {:.2} | | | |",
             1000.0 / h.mean() * 1000.0,
             ms(h.value_at_percentile(50.0)),
             ms(h.value_at_percentile(99.0)),
@@ -372,16 +497,18 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         );
     }
     println!(
-        "| host: loopback TCP (1 stream) | | {:.1} | | | | | | 100% |",
+        "| host: loopback TCP (1 stream) | | {:.1} | | | | | | 100% | |",
         host.loopback_mb_s
     );
     match rss_after_many {
         Some(m) => println!(
-            "| broker resident memory after the {many}-partition step | | {m:.0} MiB | | | | | | |"
+            "| broker resident memory after the {many}-partition step | | {m:.0} MiB | | | | | | | |"
         ),
-        None => println!("| broker resident memory | | (give --broker-pid) | | | | | | |"),
+        None => println!("| broker resident memory | | (give --broker-pid) | | | | | | | |"),
     }
     println!();
-    println!("Produce rows are compared with the disk write bandwidth, consume with loopback TCP.");
+    println!(
+        "Produce rows are compared with the disk write bandwidth, catch-up reads with the disk read bandwidth, cached consume with loopback TCP."
+    );
     Ok(())
 }

@@ -1,0 +1,880 @@
+//! The active controller's rules, pure: an image and a request in, records (or a Kafka error)
+//! out. Time is passed in (monotonic ms); nothing here reads a clock or does I/O.
+//!
+//! The image handed in must be the one the records will meet when they commit: the committed
+//! image plus every entry the leader has appended ahead of it (`QuorumNode::propose_with`
+//! supplies it). Decisions are then exactly as good as if they were applied one at a time.
+//!
+//! Broker sessions (last heartbeat) live only in the active controller's memory, as in KRaft:
+//! a heartbeat is not a log record. A controller that becomes active starts every unfenced
+//! broker on a full session ([`Controller::activate`]), so a failover never fences a broker that
+//! kept heartbeating.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kafka_protocol::error::ResponseError;
+use uuid::Uuid;
+
+use super::image::MetadataImage;
+use super::record::{BrokerRegistration, Listener, MetadataRecord, PartitionRecord, NO_LEADER};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// Kafka's `broker.session.timeout.ms`.
+    pub session_timeout_ms: u64,
+    /// Producer ids handed out per AllocateProducerIds (Kafka: 1000).
+    pub producer_id_block_size: i64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            session_timeout_ms: 9_000,
+            producer_id_block_size: 1_000,
+        }
+    }
+}
+
+/// A refusal, carrying the Kafka error the broker or client receives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControllerError {
+    #[error("broker {0} is already registered by another live process")]
+    DuplicateBrokerRegistration(i32),
+    #[error("cluster id {got} does not match the quorum's {want}")]
+    InconsistentClusterId { got: Uuid, want: Uuid },
+    #[error("broker {0} is not registered")]
+    BrokerIdNotRegistered(i32),
+    #[error("broker {0} epoch {1} is stale")]
+    StaleBrokerEpoch(i32, i64),
+    #[error("replication factor {wanted} is above the {available} available brokers")]
+    InvalidReplicationFactor { wanted: i32, available: usize },
+    #[error("number of partitions {0} is invalid")]
+    InvalidPartitions(i32),
+    #[error("topic {0} already exists")]
+    TopicAlreadyExists(String),
+    #[error("topic {0} is unknown")]
+    UnknownTopic(String),
+}
+
+impl ControllerError {
+    pub fn response_error(&self) -> ResponseError {
+        match self {
+            ControllerError::DuplicateBrokerRegistration(_) => {
+                ResponseError::DuplicateBrokerRegistration
+            }
+            ControllerError::InconsistentClusterId { .. } => ResponseError::InconsistentClusterId,
+            ControllerError::BrokerIdNotRegistered(_) => ResponseError::BrokerIdNotRegistered,
+            ControllerError::StaleBrokerEpoch(..) => ResponseError::StaleBrokerEpoch,
+            ControllerError::InvalidReplicationFactor { .. } => {
+                ResponseError::InvalidReplicationFactor
+            }
+            ControllerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
+            ControllerError::TopicAlreadyExists(_) => ResponseError::TopicAlreadyExists,
+            ControllerError::UnknownTopic(_) => ResponseError::UnknownTopicOrPartition,
+        }
+    }
+    pub fn code(&self) -> i16 {
+        self.response_error().code()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRequest {
+    pub broker_id: i32,
+    pub incarnation_id: Uuid,
+    pub directory_id: Uuid,
+    /// The cluster id in the broker's `meta.properties`, if it has one yet.
+    pub cluster_id: Option<Uuid>,
+    pub listeners: Vec<Listener>,
+    pub rack: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatRequest {
+    pub broker_id: i32,
+    pub broker_epoch: i64,
+    /// The highest metadata log offset the broker has applied: it is unfenced only once this
+    /// reaches its own registration (KIP-841: caught up before it may lead or join an ISR).
+    pub metadata_offset: u64,
+    /// SIGTERM: the broker asks to shut down (Kafka's controlled shutdown).
+    pub want_shutdown: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// Fenced as of the image the heartbeat was judged on plus the returned records.
+    pub fenced: bool,
+    /// The broker may exit: it leads nothing and is in no ISR it could hold up.
+    pub should_shut_down: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateTopicRequest {
+    pub name: String,
+    /// Chosen by the caller (random in the server, seeded in the simulator).
+    pub topic_id: Uuid,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub configs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    incarnation_id: Uuid,
+    expires_at_ms: u64,
+}
+
+/// The active controller's memory beside the image: broker sessions.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    config: ControllerConfig,
+    sessions: BTreeMap<i32, Session>,
+    /// The Raft term this controller's sessions were started in; `None` when not active.
+    active_term: Option<u64>,
+}
+
+impl Controller {
+    pub fn new(config: ControllerConfig) -> Self {
+        Controller {
+            config,
+            sessions: BTreeMap::new(),
+            active_term: None,
+        }
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    /// Call before every decision as leader of `term`. On a new term the sessions of an earlier
+    /// reign are stale (heartbeats went to another controller meanwhile): every registered
+    /// broker gets a full session from now, as Kafka's controller does on failover.
+    pub fn activate(&mut self, term: u64, image: &MetadataImage, now_ms: u64) {
+        if self.active_term == Some(term) {
+            return;
+        }
+        self.active_term = Some(term);
+        self.sessions = image
+            .brokers
+            .values()
+            .map(|b| {
+                (
+                    b.broker_id,
+                    Session {
+                        incarnation_id: b.incarnation_id,
+                        expires_at_ms: now_ms + self.config.session_timeout_ms,
+                    },
+                )
+            })
+            .collect();
+    }
+
+    /// Leadership lost: forget the sessions.
+    pub fn deactivate(&mut self) {
+        self.active_term = None;
+        self.sessions.clear();
+    }
+
+    /// The records that form a new cluster, if the image has none yet.
+    pub fn bootstrap(image: &MetadataImage, cluster_id: Uuid) -> Vec<MetadataRecord> {
+        match image.cluster_id {
+            None => vec![MetadataRecord::ClusterId { cluster_id }],
+            Some(_) => Vec::new(),
+        }
+    }
+
+    /// BrokerRegistration. `broker_epoch` is the log index the records will be written at
+    /// (KRaft's rule: a broker epoch is the offset of its registration).
+    pub fn register(
+        &mut self,
+        image: &MetadataImage,
+        req: &RegisterRequest,
+        broker_epoch: i64,
+        now_ms: u64,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        if let (Some(got), Some(want)) = (req.cluster_id, image.cluster_id) {
+            if got != want {
+                return Err(ControllerError::InconsistentClusterId { got, want });
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(old) = image.brokers.get(&req.broker_id) {
+            let same_process = old.incarnation_id == req.incarnation_id;
+            let same_disk = old.directory_id == req.directory_id;
+            // Live means within its session, fenced or not (Kafka's rule): a process still
+            // catching up after registering keeps its id against a second process.
+            let live = self.sessions.get(&req.broker_id).is_some_and(|s| {
+                s.incarnation_id == old.incarnation_id && s.expires_at_ms > now_ms
+            });
+            if !same_process && !same_disk && live {
+                return Err(ControllerError::DuplicateBrokerRegistration(req.broker_id));
+            }
+            // A restart (or a retry) replaces the old incarnation: fenced in the same change,
+            // its leaderships move now rather than after its session runs out.
+            if !old.fenced {
+                out.extend(fence_changes(image, req.broker_id));
+            }
+        }
+        out.push(MetadataRecord::RegisterBroker(BrokerRegistration {
+            broker_id: req.broker_id,
+            incarnation_id: req.incarnation_id,
+            directory_id: req.directory_id,
+            broker_epoch,
+            listeners: req.listeners.clone(),
+            rack: req.rack.clone(),
+            fenced: true,
+        }));
+        self.sessions.insert(
+            req.broker_id,
+            Session {
+                incarnation_id: req.incarnation_id,
+                expires_at_ms: now_ms + self.config.session_timeout_ms,
+            },
+        );
+        Ok(out)
+    }
+
+    /// BrokerHeartbeat: renews the session; unfences a fenced broker once it has caught up.
+    pub fn heartbeat(
+        &mut self,
+        image: &MetadataImage,
+        req: &HeartbeatRequest,
+        now_ms: u64,
+    ) -> Result<(HeartbeatReply, Vec<MetadataRecord>), ControllerError> {
+        let b = image
+            .brokers
+            .get(&req.broker_id)
+            .ok_or(ControllerError::BrokerIdNotRegistered(req.broker_id))?;
+        if b.broker_epoch != req.broker_epoch {
+            return Err(ControllerError::StaleBrokerEpoch(
+                req.broker_id,
+                req.broker_epoch,
+            ));
+        }
+        self.sessions.insert(
+            req.broker_id,
+            Session {
+                incarnation_id: b.incarnation_id,
+                expires_at_ms: now_ms + self.config.session_timeout_ms,
+            },
+        );
+        if req.want_shutdown {
+            // Controlled shutdown, in one change: fenced, out of every ISR, its leaderships
+            // moved to in-sync replicas, so clients move before the process goes. A partition
+            // whose only in-sync replica it is keeps it, leaderless, as on any fencing.
+            let reply = HeartbeatReply {
+                fenced: true,
+                should_shut_down: true,
+            };
+            if b.fenced {
+                return Ok((reply, Vec::new()));
+            }
+            let mut recs = vec![MetadataRecord::FenceBroker {
+                broker_id: b.broker_id,
+                broker_epoch: b.broker_epoch,
+            }];
+            recs.extend(fence_changes(image, b.broker_id));
+            return Ok((reply, recs));
+        }
+        let reply = |fenced| HeartbeatReply {
+            fenced,
+            should_shut_down: false,
+        };
+        if b.fenced && req.metadata_offset >= b.broker_epoch.max(0) as u64 {
+            return Ok((reply(false), unfence_changes(image, b)));
+        }
+        Ok((reply(b.fenced), Vec::new()))
+    }
+
+    /// Fences every unfenced broker whose session ran out, each with its partition changes,
+    /// in one change.
+    pub fn expire_sessions(&mut self, image: &MetadataImage, now_ms: u64) -> Vec<MetadataRecord> {
+        // A broker with no session here (registered in an entry this controller had not seen
+        // when it activated) starts one now rather than being fenced unheard.
+        for b in image.brokers.values() {
+            let fresh = Session {
+                incarnation_id: b.incarnation_id,
+                expires_at_ms: now_ms + self.config.session_timeout_ms,
+            };
+            let s = self.sessions.entry(b.broker_id).or_insert(fresh.clone());
+            if s.incarnation_id != b.incarnation_id {
+                *s = fresh;
+            }
+        }
+        let expired: Vec<i32> = image
+            .brokers
+            .values()
+            .filter(|b| !b.fenced && self.sessions[&b.broker_id].expires_at_ms <= now_ms)
+            .map(|b| b.broker_id)
+            .collect();
+        if expired.is_empty() {
+            return Vec::new();
+        }
+        // Each fence must see the previous ones (a partition may lose two leaders at once).
+        let mut scratch = image.clone();
+        let mut out = Vec::new();
+        for id in expired {
+            let Some(b) = scratch.brokers.get(&id) else {
+                continue;
+            };
+            let mut recs = vec![MetadataRecord::FenceBroker {
+                broker_id: id,
+                broker_epoch: b.broker_epoch,
+            }];
+            recs.extend(fence_changes(&scratch, id));
+            scratch.apply_all(&recs);
+            out.extend(recs);
+        }
+        out
+    }
+
+    /// When [`Controller::expire_sessions`] next has work, if ever.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.sessions.values().map(|s| s.expires_at_ms).min()
+    }
+
+    /// CreateTopics for one topic: replicas placed over unfenced brokers, across racks.
+    pub fn create_topic(
+        &self,
+        image: &MetadataImage,
+        req: &CreateTopicRequest,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        if image.topic_ids.contains_key(&req.name) {
+            return Err(ControllerError::TopicAlreadyExists(req.name.clone()));
+        }
+        if req.partitions <= 0 {
+            return Err(ControllerError::InvalidPartitions(req.partitions));
+        }
+        let eligible: Vec<(i32, Option<&str>)> = image
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| (b.broker_id, b.rack.as_deref()))
+            .collect();
+        let placement = place_replicas(&eligible, req.partitions, req.replication_factor)?;
+        let mut out = vec![MetadataRecord::Topic {
+            name: req.name.clone(),
+            topic_id: req.topic_id,
+        }];
+        for (p, replicas) in placement.into_iter().enumerate() {
+            out.push(MetadataRecord::Partition(PartitionRecord {
+                topic_id: req.topic_id,
+                partition: p as i32,
+                leader: replicas[0],
+                isr: replicas.clone(),
+                replicas,
+                leader_epoch: 0,
+                partition_epoch: 0,
+            }));
+        }
+        out.extend(
+            req.configs
+                .iter()
+                .map(|(k, v)| MetadataRecord::TopicConfig {
+                    topic_id: req.topic_id,
+                    name: k.clone(),
+                    value: Some(v.clone()),
+                }),
+        );
+        Ok(out)
+    }
+
+    pub fn delete_topic(
+        &self,
+        image: &MetadataImage,
+        name: &str,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        let t = image
+            .topic_by_name(name)
+            .ok_or_else(|| ControllerError::UnknownTopic(name.to_string()))?;
+        Ok(vec![MetadataRecord::RemoveTopic {
+            topic_id: t.topic_id,
+        }])
+    }
+
+    /// Sets (`Some`) or removes (`None`) topic config overrides.
+    pub fn alter_topic_configs(
+        &self,
+        image: &MetadataImage,
+        name: &str,
+        changes: &[(String, Option<String>)],
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        let t = image
+            .topic_by_name(name)
+            .ok_or_else(|| ControllerError::UnknownTopic(name.to_string()))?;
+        Ok(changes
+            .iter()
+            .map(|(k, v)| MetadataRecord::TopicConfig {
+                topic_id: t.topic_id,
+                name: k.clone(),
+                value: v.clone(),
+            })
+            .collect())
+    }
+
+    /// AllocateProducerIds: the block `[first, first + size)` and the record that reserves it.
+    pub fn allocate_producer_ids(
+        &self,
+        image: &MetadataImage,
+        broker_id: i32,
+        broker_epoch: i64,
+    ) -> Result<(i64, Vec<MetadataRecord>), ControllerError> {
+        let b = image
+            .brokers
+            .get(&broker_id)
+            .ok_or(ControllerError::BrokerIdNotRegistered(broker_id))?;
+        if b.broker_epoch != broker_epoch {
+            return Err(ControllerError::StaleBrokerEpoch(broker_id, broker_epoch));
+        }
+        let first = image.next_producer_id;
+        Ok((
+            first,
+            vec![MetadataRecord::ProducerIds {
+                broker_id,
+                broker_epoch,
+                next_producer_id: first + self.config.producer_id_block_size,
+            }],
+        ))
+    }
+}
+
+/// The partition changes that fencing `broker_id` brings, Kafka's way: it leaves every ISR;
+/// where it was the last member the ISR keeps it and the partition has no leader (so no
+/// acknowledged write is lost by electing an out-of-sync replica); a partition it led gets the
+/// first other in-sync, unfenced replica in replica order, with a new leader epoch.
+pub fn fence_changes(image: &MetadataImage, broker_id: i32) -> Vec<MetadataRecord> {
+    let mut out = Vec::new();
+    for p in image.partitions() {
+        if !p.isr.contains(&broker_id) && p.leader != broker_id {
+            continue;
+        }
+        let mut next = p.clone();
+        let others: Vec<i32> = p.isr.iter().copied().filter(|r| *r != broker_id).collect();
+        if !others.is_empty() {
+            next.isr = others;
+        }
+        if p.leader == broker_id {
+            next.leader = next
+                .replicas
+                .iter()
+                .copied()
+                .find(|r| *r != broker_id && next.isr.contains(r) && image.is_unfenced(*r))
+                .unwrap_or(NO_LEADER);
+            next.leader_epoch += 1;
+        }
+        if next != *p {
+            next.partition_epoch += 1;
+            out.push(MetadataRecord::Partition(next));
+        }
+    }
+    out
+}
+
+/// Unfencing `b`, with a leader for every leaderless partition whose ISR holds it.
+fn unfence_changes(image: &MetadataImage, b: &BrokerRegistration) -> Vec<MetadataRecord> {
+    let mut out = vec![MetadataRecord::UnfenceBroker {
+        broker_id: b.broker_id,
+        broker_epoch: b.broker_epoch,
+    }];
+    for p in image.partitions() {
+        if p.leader == NO_LEADER && p.isr.contains(&b.broker_id) {
+            let mut next = p.clone();
+            next.leader = b.broker_id;
+            next.leader_epoch += 1;
+            next.partition_epoch += 1;
+            out.push(MetadataRecord::Partition(next));
+        }
+    }
+    out
+}
+
+/// Places `rf` replicas for each of `partitions` over `brokers` (id, rack), deterministically.
+///
+/// Brokers are ordered rack by rack in turn (rack A's first, rack B's first, …, rack A's
+/// second, …), so neighbours in the order sit on different racks. Partition `p` starts at
+/// position `p` and takes brokers in order, skipping any whose rack it already uses while an
+/// unused rack remains: replicas of one partition land on distinct racks wherever the racks
+/// allow, and leaders (the first replica) rotate over all brokers.
+pub fn place_replicas(
+    brokers: &[(i32, Option<&str>)],
+    partitions: i32,
+    rf: i32,
+) -> Result<Vec<Vec<i32>>, ControllerError> {
+    if rf <= 0 || rf as usize > brokers.len() {
+        return Err(ControllerError::InvalidReplicationFactor {
+            wanted: rf,
+            available: brokers.len(),
+        });
+    }
+    let mut by_rack: BTreeMap<Option<&str>, Vec<i32>> = BTreeMap::new();
+    for (id, rack) in brokers {
+        by_rack.entry(*rack).or_default().push(*id);
+    }
+    for ids in by_rack.values_mut() {
+        ids.sort_unstable();
+    }
+    let racks_n = by_rack.len();
+    let mut order: Vec<(i32, Option<&str>)> = Vec::with_capacity(brokers.len());
+    let longest = by_rack.values().map(Vec::len).max().unwrap_or(0);
+    for i in 0..longest {
+        for (rack, ids) in &by_rack {
+            if let Some(id) = ids.get(i) {
+                order.push((*id, *rack));
+            }
+        }
+    }
+    let n = order.len();
+    let mut out = Vec::with_capacity(partitions.max(0) as usize);
+    for p in 0..partitions as usize {
+        let mut chosen: Vec<i32> = Vec::with_capacity(rf as usize);
+        let mut racks: BTreeSet<Option<&str>> = BTreeSet::new();
+        // Two passes at most: first only new racks, then anyone not chosen yet.
+        for pass in 0..2 {
+            for k in 0..n {
+                if chosen.len() == rf as usize {
+                    break;
+                }
+                let (id, rack) = order[(p + k) % n];
+                let rack_ok = pass == 1 || racks.len() == racks_n || !racks.contains(&rack);
+                if rack_ok && !chosen.contains(&id) {
+                    chosen.push(id);
+                    racks.insert(rack);
+                }
+            }
+        }
+        out.push(chosen);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uuid(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn reg(id: i32, incarnation: u128, dir: u128, rack: Option<&str>) -> RegisterRequest {
+        RegisterRequest {
+            broker_id: id,
+            incarnation_id: uuid(incarnation),
+            directory_id: uuid(dir),
+            cluster_id: None,
+            listeners: vec![Listener {
+                name: "PLAINTEXT".into(),
+                host: "localhost".into(),
+                port: 9000 + id as u16,
+            }],
+            rack: rack.map(str::to_string),
+        }
+    }
+
+    /// Applies a decision as the quorum would, at the next index.
+    fn commit(img: &mut MetadataImage, records: &[MetadataRecord]) {
+        assert_eq!(img.apply_all(records), vec![]);
+        img.applied_index += 1;
+    }
+
+    /// An image with brokers 1..=n registered and unfenced, sessions started at `now`.
+    fn cluster(ctl: &mut Controller, n: i32, now: u64) -> MetadataImage {
+        let mut img = MetadataImage::default();
+        ctl.activate(1, &img, now);
+        for id in 1..=n {
+            let epoch = img.applied_index as i64 + 1;
+            let recs = ctl
+                .register(
+                    &img,
+                    &reg(id, id as u128, 100 + id as u128, None),
+                    epoch,
+                    now,
+                )
+                .unwrap();
+            commit(&mut img, &recs);
+            let hb = HeartbeatRequest {
+                broker_id: id,
+                broker_epoch: epoch,
+                metadata_offset: img.applied_index,
+                want_shutdown: false,
+            };
+            let (reply, recs) = ctl.heartbeat(&img, &hb, now).unwrap();
+            assert!(!reply.fenced);
+            commit(&mut img, &recs);
+        }
+        img
+    }
+
+    fn topic(name: &str, id: u128, partitions: i32, rf: i32) -> CreateTopicRequest {
+        CreateTopicRequest {
+            name: name.into(),
+            topic_id: uuid(id),
+            partitions,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn duplicate_id_refused_while_live_restart_with_same_dir_accepted() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let recs = ctl.create_topic(&img, &topic("t", 9, 3, 3)).unwrap();
+        commit(&mut img, &recs);
+        // Another process (other incarnation, other disk) claims id 2 within its session.
+        let err = ctl
+            .register(&img, &reg(2, 77, 777, None), 99, 1_000)
+            .unwrap_err();
+        assert_eq!(err, ControllerError::DuplicateBrokerRegistration(2));
+        assert_eq!(err.code(), 101);
+        // Broker 2 restarts from its own data dir: accepted at once, old incarnation fenced,
+        // leaderships moved in the same change.
+        let recs = ctl
+            .register(&img, &reg(2, 78, 102, None), 50, 1_000)
+            .unwrap();
+        commit(&mut img, &recs);
+        let b = &img.brokers[&2];
+        assert!(b.fenced && b.incarnation_id == uuid(78) && b.broker_epoch == 50);
+        for p in img.partitions() {
+            assert_ne!(p.leader, 2);
+            assert!(!p.isr.contains(&2));
+        }
+        // The old incarnation's heartbeats are stale now.
+        let hb = HeartbeatRequest {
+            broker_id: 2,
+            broker_epoch: 4,
+            metadata_offset: 100,
+            want_shutdown: false,
+        };
+        assert_eq!(
+            ctl.heartbeat(&img, &hb, 1_100).unwrap_err().code(),
+            ResponseError::StaleBrokerEpoch.code()
+        );
+        // Once the session of the new incarnation runs out, a third process may take the id.
+        assert!(ctl
+            .register(&img, &reg(2, 79, 779, None), 60, 5_000)
+            .is_err());
+        assert!(ctl
+            .register(&img, &reg(2, 79, 779, None), 60, 10_001)
+            .is_ok());
+    }
+
+    #[test]
+    fn unfenced_only_once_caught_up() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = MetadataImage::default();
+        ctl.activate(1, &img, 0);
+        let recs = ctl.register(&img, &reg(1, 1, 1, None), 1, 0).unwrap();
+        commit(&mut img, &recs);
+        let mut hb = HeartbeatRequest {
+            broker_id: 1,
+            broker_epoch: 1,
+            metadata_offset: 0,
+            want_shutdown: false,
+        };
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 10).unwrap();
+        assert!(reply.fenced && recs.is_empty());
+        hb.metadata_offset = 1;
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 20).unwrap();
+        assert!(!reply.fenced);
+        commit(&mut img, &recs);
+        assert!(img.is_unfenced(1));
+        let other = RegisterRequest {
+            cluster_id: Some(uuid(5)),
+            ..reg(2, 2, 2, None)
+        };
+        img.cluster_id = Some(uuid(6));
+        assert_eq!(
+            ctl.register(&img, &other, 3, 30).unwrap_err().code(),
+            ResponseError::InconsistentClusterId.code()
+        );
+    }
+
+    #[test]
+    fn session_timeout_fences_and_moves_leadership_in_one_change() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let recs = ctl.create_topic(&img, &topic("t", 9, 6, 3)).unwrap();
+        commit(&mut img, &recs);
+        let recs = ctl.create_topic(&img, &topic("solo", 10, 3, 1)).unwrap();
+        commit(&mut img, &recs);
+        // Brokers 2 and 3 keep heartbeating, 1 goes silent.
+        for id in [2, 3] {
+            let hb = HeartbeatRequest {
+                broker_id: id,
+                broker_epoch: img.brokers[&id].broker_epoch,
+                metadata_offset: img.applied_index,
+                want_shutdown: false,
+            };
+            ctl.heartbeat(&img, &hb, 8_000).unwrap();
+        }
+        assert!(ctl.expire_sessions(&img, 8_999).is_empty());
+        assert_eq!(ctl.next_deadline_ms(), Some(9_000));
+        let recs = ctl.expire_sessions(&img, 9_000);
+        assert!(matches!(
+            recs[0],
+            MetadataRecord::FenceBroker { broker_id: 1, .. }
+        ));
+        let before = img.clone();
+        commit(&mut img, &recs);
+        assert!(!img.is_unfenced(1));
+        for p in img.partitions() {
+            let old = before.topics[&p.topic_id].partitions[&p.partition].clone();
+            if old.replicas == vec![1] {
+                // Last ISR member: kept, no leader.
+                assert_eq!((p.isr.clone(), p.leader), (vec![1], NO_LEADER));
+            } else {
+                assert!(!p.isr.contains(&1));
+                assert!(p.leader != 1 && img.is_unfenced(p.leader));
+            }
+            if old.leader == 1 {
+                assert_eq!(p.leader_epoch, old.leader_epoch + 1);
+            }
+        }
+        // Broker 1 comes back, heartbeats with its epoch, and leads its lone partitions again.
+        let hb = HeartbeatRequest {
+            broker_id: 1,
+            broker_epoch: img.brokers[&1].broker_epoch,
+            metadata_offset: img.applied_index,
+            want_shutdown: false,
+        };
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 9_500).unwrap();
+        assert!(!reply.fenced);
+        commit(&mut img, &recs);
+        let solo = img.topic_by_name("solo").unwrap();
+        assert!(solo
+            .partitions
+            .values()
+            .all(|p| p.leader != NO_LEADER && img.is_unfenced(p.leader)));
+    }
+
+    #[test]
+    fn two_brokers_expiring_together_leave_no_fenced_leader() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let recs = ctl.create_topic(&img, &topic("t", 9, 6, 3)).unwrap();
+        commit(&mut img, &recs);
+        let hb = HeartbeatRequest {
+            broker_id: 3,
+            broker_epoch: img.brokers[&3].broker_epoch,
+            metadata_offset: img.applied_index,
+            want_shutdown: false,
+        };
+        ctl.heartbeat(&img, &hb, 5_000).unwrap();
+        let recs = ctl.expire_sessions(&img, 9_000);
+        commit(&mut img, &recs);
+        for p in img.partitions() {
+            assert_eq!((p.leader, p.isr.clone()), (3, vec![3]));
+        }
+    }
+
+    #[test]
+    fn failover_gives_every_broker_a_fresh_session() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let img = cluster(&mut ctl, 2, 0);
+        let mut next = Controller::new(ControllerConfig::default());
+        next.activate(2, &img, 20_000);
+        assert!(next.expire_sessions(&img, 28_999).is_empty());
+        assert_eq!(next.expire_sessions(&img, 29_000).len(), 2);
+    }
+
+    #[test]
+    fn placement_spreads_over_racks_and_refuses_too_many_replicas() {
+        let brokers = [
+            (1, Some("a")),
+            (2, Some("a")),
+            (3, Some("b")),
+            (4, Some("b")),
+            (5, Some("c")),
+        ];
+        let p = place_replicas(&brokers, 10, 3).unwrap();
+        let rack = |id: i32| brokers.iter().find(|b| b.0 == id).unwrap().1;
+        let mut leaders = BTreeSet::new();
+        for replicas in &p {
+            assert_eq!(replicas.len(), 3);
+            let racks: BTreeSet<_> = replicas.iter().map(|r| rack(*r)).collect();
+            assert_eq!(racks.len(), 3, "{replicas:?}");
+            leaders.insert(replicas[0]);
+        }
+        assert_eq!(leaders.len(), 5);
+        // More replicas than racks: distinct brokers, every rack used.
+        for replicas in place_replicas(&brokers, 5, 5).unwrap() {
+            assert_eq!(replicas.iter().collect::<BTreeSet<_>>().len(), 5);
+        }
+        assert_eq!(
+            place_replicas(&brokers, 1, 6).unwrap_err().code(),
+            ResponseError::InvalidReplicationFactor.code()
+        );
+        assert!(place_replicas(&brokers, 1, 0).is_err());
+
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let recs = ctl.expire_sessions(&img, 9_000);
+        commit(&mut img, &recs);
+        assert!(matches!(
+            ctl.create_topic(&img, &topic("t", 1, 1, 1)),
+            Err(ControllerError::InvalidReplicationFactor { available: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn topics_configs_deletion_and_producer_ids() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 1, 0);
+        let mut req = topic("t", 9, 2, 1);
+        req.configs.insert("retention.ms".into(), "5".into());
+        let recs = ctl.create_topic(&img, &req).unwrap();
+        commit(&mut img, &recs);
+        assert_eq!(
+            ctl.create_topic(&img, &req).unwrap_err().code(),
+            ResponseError::TopicAlreadyExists.code()
+        );
+        let changes = [
+            ("retention.ms".to_string(), None),
+            ("cleanup.policy".to_string(), Some("compact".to_string())),
+        ];
+        let recs = ctl.alter_topic_configs(&img, "t", &changes).unwrap();
+        commit(&mut img, &recs);
+        let t = img.topic_by_name("t").unwrap();
+        assert_eq!(t.configs.len(), 1);
+        assert_eq!(t.configs["cleanup.policy"], "compact");
+        let epoch = img.brokers[&1].broker_epoch;
+        let (first, recs) = ctl.allocate_producer_ids(&img, 1, epoch).unwrap();
+        commit(&mut img, &recs);
+        let (second, _) = ctl.allocate_producer_ids(&img, 1, epoch).unwrap();
+        assert_eq!((first, second), (0, 1_000));
+        let recs = ctl.delete_topic(&img, "t").unwrap();
+        commit(&mut img, &recs);
+        assert!(img.topics.is_empty());
+        assert!(ctl.delete_topic(&img, "t").is_err());
+    }
+
+    #[test]
+    fn controlled_shutdown_moves_leadership_first_and_stays_fenced() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let recs = ctl.create_topic(&img, &topic("t", 9, 6, 2)).unwrap();
+        commit(&mut img, &recs);
+        let mut hb = HeartbeatRequest {
+            broker_id: 2,
+            broker_epoch: img.brokers[&2].broker_epoch,
+            metadata_offset: img.applied_index,
+            want_shutdown: true,
+        };
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 100).unwrap();
+        assert!(reply.should_shut_down && reply.fenced);
+        commit(&mut img, &recs);
+        assert!(!img.is_unfenced(2));
+        for p in img.partitions() {
+            assert!(p.leader != 2 && !p.isr.contains(&2));
+        }
+        // Asking again changes nothing; a plain heartbeat later (a restart of the same
+        // incarnation would re-register) unfences it once caught up.
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 200).unwrap();
+        assert!(reply.should_shut_down && recs.is_empty());
+        hb.want_shutdown = false;
+        let (reply, recs) = ctl.heartbeat(&img, &hb, 300).unwrap();
+        assert!(!reply.fenced && !reply.should_shut_down);
+        commit(&mut img, &recs);
+        assert!(img.is_unfenced(2));
+    }
+}

@@ -1,0 +1,215 @@
+//! Incremental fetch sessions (KIP-227) against the real broker: raw Fetch frames with chosen
+//! session ids and epochs, and kafka-python, which uses sessions on its own.
+
+mod common;
+
+use common::raw::{batch, call, connect, metadata, topic_name};
+use common::Broker;
+use kafka_protocol::messages::fetch_request::{
+    FetchPartition, FetchRequest, FetchTopic, ForgottenTopic,
+};
+use kafka_protocol::messages::produce_request::{
+    PartitionProduceData, ProduceRequest, TopicProduceData,
+};
+use kafka_protocol::messages::{ApiKey, BrokerId, FetchResponse, ProduceResponse};
+
+const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
+const INVALID_FETCH_SESSION_EPOCH: i16 = 71;
+
+fn produce(s: &mut std::net::TcpStream, topic: &str, partition: i32, n: usize) {
+    let mut pd = PartitionProduceData::default();
+    pd.index = partition;
+    pd.records = Some(batch(n, 100));
+    let mut td = TopicProduceData::default();
+    td.name = topic_name(topic);
+    td.partition_data.push(pd);
+    let mut req = ProduceRequest::default();
+    req.acks = -1;
+    req.timeout_ms = 5000;
+    req.topic_data.push(td);
+    let r: ProduceResponse = call(s, ApiKey::Produce, 9, &req);
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+}
+
+fn fetch(
+    s: &mut std::net::TcpStream,
+    session: (i32, i32),
+    parts: &[(&str, i32, i64)],
+    forget: &[(&str, i32)],
+) -> FetchResponse {
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = 100;
+    req.min_bytes = 1;
+    req.max_bytes = 1 << 20;
+    req.session_id = session.0;
+    req.session_epoch = session.1;
+    for (t, p, offset) in parts {
+        let mut fp = FetchPartition::default();
+        fp.partition = *p;
+        fp.fetch_offset = *offset;
+        fp.partition_max_bytes = 1 << 20;
+        let mut ft = FetchTopic::default();
+        ft.topic = topic_name(t);
+        ft.partitions.push(fp);
+        req.topics.push(ft);
+    }
+    for (t, p) in forget {
+        let mut f = ForgottenTopic::default();
+        f.topic = topic_name(t);
+        f.partitions.push(*p);
+        req.forgotten_topics_data.push(f);
+    }
+    call(s, ApiKey::Fetch, 12, &req)
+}
+
+/// (partition, records bytes, high watermark) of every partition in a response.
+fn seen(r: &FetchResponse) -> Vec<(i32, usize, i64)> {
+    let mut v: Vec<(i32, usize, i64)> = r
+        .responses
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| {
+            (
+                p.partition_index,
+                p.records.as_ref().map_or(0, |r| r.len()),
+                p.high_watermark,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn incremental_fetches_carry_only_what_changed() {
+    let b = Broker::start_with(&["--set", "log.num_partitions=3"]);
+    let mut s = connect(&b);
+    assert_eq!(metadata(&mut s, "sess").topics[0].error_code, 0);
+    for p in 0..3 {
+        produce(&mut s, "sess", p, 5);
+    }
+    // Epoch 0 opens a session: a full answer, with a new session id.
+    let all = [("sess", 0, 0), ("sess", 1, 0), ("sess", 2, 0)];
+    let r = fetch(&mut s, (0, 0), &all, &[]);
+    assert_eq!(r.error_code, 0);
+    let id = r.session_id;
+    assert!(id > 0, "a session was opened");
+    let first = seen(&r);
+    assert_eq!(first.len(), 3);
+    assert!(
+        first.iter().all(|(_, n, hw)| *n > 0 && *hw == 5),
+        "{first:?}"
+    );
+    // Epoch 1, nothing named: positions are remembered (still at 0), so the data comes again.
+    let r = fetch(&mut s, (id, 1), &[], &[]);
+    assert_eq!((r.error_code, r.session_id), (0, id));
+    assert_eq!(seen(&r).len(), 3);
+    // Epoch 2: the client moved to the end of each partition; nothing new, nothing sent.
+    let r = fetch(
+        &mut s,
+        (id, 2),
+        &[("sess", 0, 5), ("sess", 1, 5), ("sess", 2, 5)],
+        &[],
+    );
+    assert_eq!(r.error_code, 0);
+    assert_eq!(seen(&r), vec![], "unchanged partitions are left out");
+    // New data on partition 1 only: only partition 1 comes back.
+    produce(&mut s, "sess", 1, 2);
+    let r = fetch(&mut s, (id, 3), &[], &[]);
+    let got = seen(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].2), (1, 7));
+    // Forget partition 1 and move on; new data there is not sent, new data on 2 is.
+    produce(&mut s, "sess", 1, 1);
+    produce(&mut s, "sess", 2, 1);
+    let r = fetch(&mut s, (id, 4), &[], &[("sess", 1)]);
+    let got = seen(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].2), (2, 6));
+    // Session errors, as Kafka answers them.
+    let r = fetch(&mut s, (id, 4), &[], &[]);
+    assert_eq!(
+        r.error_code, INVALID_FETCH_SESSION_EPOCH,
+        "a repeated epoch"
+    );
+    assert!(r.responses.is_empty());
+    let r = fetch(&mut s, (id + 1, 1), &[], &[]);
+    assert_eq!(
+        r.error_code, FETCH_SESSION_ID_NOT_FOUND,
+        "an unknown session"
+    );
+    // Epoch -1 closes the session and fetches in full without one.
+    let r = fetch(&mut s, (id, -1), &all, &[]);
+    assert_eq!((r.error_code, r.session_id), (0, 0));
+    assert_eq!(seen(&r).len(), 3);
+    let r = fetch(&mut s, (id, 5), &[], &[]);
+    assert_eq!(r.error_code, FETCH_SESSION_ID_NOT_FOUND, "closed");
+}
+
+#[test]
+fn a_full_cache_answers_without_a_session() {
+    let b = Broker::start_with(&["--set", "max.incremental.fetch.session.cache.slots=1"]);
+    let mut s = connect(&b);
+    assert_eq!(metadata(&mut s, "full").topics[0].error_code, 0);
+    produce(&mut s, "full", 0, 1);
+    let r = fetch(&mut s, (0, 0), &[("full", 0, 0)], &[]);
+    assert!(r.session_id > 0);
+    // The only slot is taken by a session used just now: the next client fetches in full.
+    let r = fetch(&mut s, (0, 0), &[("full", 0, 0)], &[]);
+    assert_eq!((r.error_code, r.session_id), (0, 0));
+    assert_eq!(seen(&r).len(), 1);
+}
+
+/// kafka-python opens a session and sends incremental fetches on its own; it must read every
+/// record, including one produced while it polls.
+#[test]
+fn kafka_python_reads_everything_through_a_session() {
+    if !common::have("python3") {
+        eprintln!("SKIP: python3 not installed");
+        return;
+    }
+    let b = Broker::start_with(&["--set", "log.num_partitions=8"]);
+    let script = r#"
+import sys, time, logging, kafka
+seen = {"incremental": 0}
+class Count(logging.Handler):
+    def emit(self, rec):
+        if "incremental fetch response" in rec.getMessage():
+            seen["incremental"] += 1
+h = Count(); h.setLevel(logging.DEBUG)
+lg = logging.getLogger("kafka.consumer.fetcher"); lg.setLevel(logging.DEBUG); lg.addHandler(h)
+bs = sys.argv[1]
+p = kafka.KafkaProducer(bootstrap_servers=bs)
+for i in range(400):
+    p.send("py-sess", b"v%d" % i, partition=i % 8)
+p.flush()
+c = kafka.KafkaConsumer("py-sess", bootstrap_servers=bs, auto_offset_reset="earliest",
+                        enable_auto_commit=False, fetch_max_wait_ms=100)
+got, late_sent, t = set(), False, time.time()
+while time.time() - t < 30 and len(got) < 401:
+    for tp, msgs in c.poll(timeout_ms=200).items():
+        for m in msgs:
+            got.add(m.value)
+    if len(got) == 400 and not late_sent:
+        time.sleep(0.5)
+        p.send("py-sess", b"late", partition=5); p.flush(); late_sent = True
+print("GOT", len(got), "INCREMENTAL", seen["incremental"])
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &b.bootstrap()])
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("GOT"))
+        .unwrap_or_else(|| panic!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f[1], "401", "every record, the late one too: {line}");
+    let incremental: u32 = f[3].parse().unwrap();
+    assert!(
+        incremental > 0,
+        "kafka-python used incremental fetches: {line}"
+    );
+}
