@@ -335,17 +335,17 @@ impl SharedLog {
             let file = open_dma_rw(&path).await?;
             segments.insert(base, Segment::empty(base, file, path, now_ms()));
         }
-        // The recovered tail may be in the page cache only (a killed process): sync it before
+        // What lies past the recovery point may be in the page cache only (a killed process,
+        // perhaps in the middle of a roll, before the closed segment was synced): sync it before
         // anything below its end is served or acknowledged again. After a clean stop the
         // recovery point already covers it, and a start with many partitions skips the sync.
-        if let Some(active) = segments
+        for seg in segments
             .values()
-            .next_back()
-            .filter(|_| rec.recovery_point < log_end_offset)
+            .filter(|s| s.next_offset > rec.recovery_point)
         {
-            storage::fdatasync(&active.file, &active.path)
+            storage::fdatasync(&seg.file, &seg.path)
                 .await
-                .map_err(|e| LogError::io(&active.path, e))?;
+                .map_err(|e| LogError::io(&seg.path, e))?;
         }
         storage::sync_dir(&dir)
             .await

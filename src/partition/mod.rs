@@ -355,7 +355,7 @@ impl Partition {
         if offset < 0 {
             return Err(ec::OFFSET_OUT_OF_RANGE);
         }
-        let hwm = self.log.synced_end();
+        let hwm = self.high_watermark() as u64;
         self.log
             .read_chunks(offset as u64, max_bytes, hwm, LEADER_EPOCH)
             .await
