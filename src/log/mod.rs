@@ -448,6 +448,12 @@ impl SharedLog {
             self.fence(&format!("fdatasync failed: {e}"));
             return Err(e);
         }
+        // Another sync of this segment failed meanwhile: the kernel reports a lost writeback
+        // once, so this sync's success proves nothing, and no recovery point may vouch for
+        // the segment.
+        if let Some(reason) = self.fenced() {
+            return Err(LogError::io(&old_path, std::io::Error::other(reason)));
+        }
         // Indexes carry a CRC and the segment size; a stale or torn one is rebuilt by recovery,
         // so they need no fsync ordering of their own.
         if let Err(e) = storage::off_reactor(index_job).await {
@@ -473,6 +479,9 @@ impl SharedLog {
         storage::sync_dir(&dir)
             .await
             .map_err(|e| LogError::io(&dir, e))?;
+        if let Some(reason) = self.fenced() {
+            return Err(LogError::io(&dir, std::io::Error::other(reason)));
+        }
         recovery::write_recovery_point(&dir, base)
             .await
             .map_err(|e| LogError::io(&dir, e))?;

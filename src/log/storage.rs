@@ -287,6 +287,56 @@ pub mod sim {
         Ok(out)
     }
 
+    /// A file's content as the device has it. Segments are written with O_DIRECT, and a
+    /// buffered read racing such a write can leave stale pages in the page cache; the model
+    /// reads with O_DIRECT too (which first writes back any dirty pages of buffered writers),
+    /// so that a snapshot is what was written, not an old cached copy.
+    fn read_coherent(path: &Path) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        const ALIGN: usize = 4096;
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => f,
+            // File systems without O_DIRECT (tmpfs) have only the page cache anyway.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return std::fs::read(path),
+            Err(e) => return Err(e),
+        };
+        let len = f.metadata()?.len() as usize;
+        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        let layout = std::alloc::Layout::from_size_align(cap, ALIGN)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        // SAFETY: the layout has a non-zero size; the buffer is freed below on every path.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::other("out of memory"));
+        }
+        // SAFETY: `ptr` points to `cap` initialised (zeroed) bytes owned here.
+        let buf = unsafe { std::slice::from_raw_parts_mut(ptr, cap) };
+        let mut got = 0usize;
+        let r = loop {
+            if got >= len {
+                break Ok(());
+            }
+            match f.read_at(&mut buf[got..], got as u64) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+            // O_DIRECT reads stop short only at the end of the file.
+            if got % ALIGN != 0 {
+                break Ok(());
+            }
+        };
+        let out = buf[..got.min(len)].to_vec();
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        r.map(|_| out)
+    }
+
     impl SimDisk {
         /// Installs a simulated disk over `root` on this thread (replacing any other);
         /// everything currently under `root` counts as durable.
@@ -329,7 +379,7 @@ pub mod sim {
                     match ino {
                         None => stack.push(p),
                         Some(ino) => {
-                            let bytes = std::fs::read(&p)?;
+                            let bytes = read_coherent(&p)?;
                             self.durable_files.borrow_mut().insert(*ino, bytes);
                         }
                     }
@@ -359,7 +409,7 @@ pub mod sim {
                 Some(f) => {
                     self.faults_fired.set(self.faults_fired.get() + 1);
                     if op == Op::Sync {
-                        if let (Ok(md), Ok(now)) = (std::fs::metadata(path), std::fs::read(path)) {
+                        if let (Ok(md), Ok(now)) = (std::fs::metadata(path), read_coherent(path)) {
                             let on_disk = self
                                 .durable_files
                                 .borrow()
@@ -379,7 +429,7 @@ pub mod sim {
             if !self.covers(path) {
                 return;
             }
-            if let (Ok(md), Ok(mut bytes)) = (std::fs::metadata(path), std::fs::read(path)) {
+            if let (Ok(md), Ok(mut bytes)) = (std::fs::metadata(path), read_coherent(path)) {
                 if let Some((on_disk, at_failure)) = self.poisoned.borrow_mut().remove(&md.ino()) {
                     // Sectors left as they were at the failed sync were never written.
                     for (i, chunk) in bytes.chunks_mut(SECTOR_BYTES).enumerate() {
@@ -419,7 +469,7 @@ pub mod sim {
                 if let Ok(l) = listing(dir) {
                     for (name, ino) in l {
                         if let Some(ino) = ino {
-                            if let Ok(b) = std::fs::read(dir.join(&name)) {
+                            if let Ok(b) = read_coherent(&dir.join(&name)) {
                                 current_by_ino.insert(ino, b);
                             }
                         }
@@ -485,7 +535,7 @@ pub mod sim {
                         None => stack.push(dir.join(name)),
                         Some(_) => {
                             let out = out_dir.join(name);
-                            std::fs::copy(dir.join(name), &out)?;
+                            std::fs::write(&out, read_coherent(&dir.join(name))?)?;
                             new_inos.insert(name.clone(), std::fs::metadata(&out)?.ino());
                         }
                     }
