@@ -327,7 +327,7 @@ pub mod sim {
                 Err(e) => break Err(e),
             }
             // O_DIRECT reads stop short only at the end of the file.
-            if got % ALIGN != 0 {
+            if !got.is_multiple_of(ALIGN) {
                 break Ok(());
             }
         };

@@ -8,7 +8,9 @@ pub mod errors;
 pub mod fetch_session;
 pub mod handlers;
 pub mod metrics_endpoint;
-mod sendv;
+
+/// Response chunks smaller than this are gathered by copying.
+const INLINE_CHUNK_BYTES: usize = 64 * 1024;
 
 use std::rc::Rc;
 
@@ -175,10 +177,9 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             .map(|a| a.ip().to_string())
             .unwrap_or_default(),
     );
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut rd, wr) = futures::AsyncReadExt::split(stream);
     let (mut tx, rx) = futures::channel::mpsc::channel::<glommio::Task<Answer>>(IN_FLIGHT_MAX);
-    let writer = glommio::spawn_local(write_loop(wr, fd, rx, host.clone()));
+    let writer = glommio::spawn_local(write_loop(wr, rx, host.clone()));
     let mut size_buf = [0u8; 4];
     let read_result = loop {
         if let Err(e) = rd.read_exact(&mut size_buf).await {
@@ -255,7 +256,6 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
 /// Writes answers in request order; stops (closing the connection) at the first protocol error.
 async fn write_loop(
     mut wr: futures::io::WriteHalf<TcpStream>,
-    fd: std::os::fd::RawFd,
     mut rx: futures::channel::mpsc::Receiver<glommio::Task<Answer>>,
     host: Rc<str>,
 ) -> Result<(), ConnError> {
@@ -263,14 +263,22 @@ async fn write_loop(
     while let Some(task) = rx.next().await {
         match task.await {
             Ok(Some((head, chunks, _held))) => {
-                if chunks.is_empty() {
-                    wr.write_all(&head).await?;
-                } else {
-                    // Head and record chunks in vectored writes, none copied.
-                    let mut parts: Vec<&[u8]> = Vec::with_capacity(chunks.len() + 1);
-                    parts.push(&head);
-                    parts.extend(chunks.iter().map(|c| &c[..]));
-                    sendv::write_all(&mut wr, fd, &parts).await?;
+                // Small chunks are gathered by copying (one syscall for many), chunks of at
+                // least INLINE_CHUNK_BYTES go out as they are. (Vectored sendmsg of every chunk
+                // was measured at 0.7x the cached-consume throughput of this and not kept.)
+                let mut out = BytesMut::with_capacity(64 * 1024);
+                out.extend_from_slice(&head);
+                for c in chunks {
+                    if c.len() < INLINE_CHUNK_BYTES {
+                        out.extend_from_slice(&c);
+                    } else {
+                        wr.write_all(&out).await?;
+                        out.clear();
+                        wr.write_all(&c).await?;
+                    }
+                }
+                if !out.is_empty() {
+                    wr.write_all(&out).await?;
                 }
             }
             Ok(None) => {}

@@ -409,7 +409,7 @@ pub fn encode_response(
                 }
                 for r in recs {
                     // Record bytes are never copied: the encoded fields so far become one
-                    // chunk and the records follow as they are (vectored write).
+                    // chunk and the records follow as they are.
                     if !head.is_empty() {
                         chunks.push(head.split().freeze());
                     }
