@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::raw::batch;
+
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,9 +18,6 @@ use kafka_protocol::messages::produce_request::{
 };
 use kafka_protocol::messages::{ApiKey, ProduceResponse, RequestHeader, TopicName};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -158,37 +157,6 @@ fn produce_raw(b: &Broker, topic: &str, batch: bytes::Bytes) -> i16 {
     .unwrap();
     let resp = ProduceResponse::decode(&mut buf, 9).unwrap();
     resp.responses[0].partition_responses[0].error_code
-}
-
-fn batch(n: usize, value_len: usize) -> bytes::Bytes {
-    let records: Vec<Record> = (0..n)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: -1,
-            timestamp: 1000,
-            key: None,
-            value: Some(bytes::Bytes::from(vec![b'v'; value_len])),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        records.iter(),
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap();
-    buf.freeze()
 }
 
 #[test]

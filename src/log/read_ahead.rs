@@ -224,7 +224,9 @@ impl ReadAhead {
             return;
         }
         let end = pos + data.len() as u64;
-        // Without budget the data is still served, just not kept.
+        // The old window gives its share back first; without budget the data is still
+        // served, just not kept.
+        self.window.borrow_mut().take();
         *self.window.borrow_mut() = Charge::try_take(data.len()).map(|c| Window {
             file: Rc::downgrade(file),
             start: pos,
