@@ -48,6 +48,14 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// The cluster a running node belongs to: nodes, the active controller, the quorum.
+    Cluster {
+        /// Node to talk to (before or after the subcommand).
+        #[arg(long, global = true, default_value = "127.0.0.1:9092", value_name = "HOST:PORT")]
+        bootstrap: String,
+        #[command(subcommand)]
+        cmd: crate::admin::ClusterCmd,
+    },
     /// Inspect consumer groups on a running broker: state, members, assignment, lag.
     Groups {
         /// Broker to talk to.
@@ -88,6 +96,21 @@ pub struct ServeArgs {
     /// Data directory. Default: the tuning file's node.data_dir (./fjord-data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// This node's id in the cluster (Kafka's node.id). Default: the tuning file's node.id (0).
+    #[arg(long, value_name = "N")]
+    pub node_id: Option<i32>,
+    /// The controller quorum's voters, ID@HOST:PORT,... (Kafka's controller.quorum.voters). A
+    /// node whose id is listed runs a voter on that address. Without it the node is a
+    /// one-node cluster.
+    #[arg(long, value_name = "ID@HOST:PORT,...")]
+    pub controllers: Option<String>,
+    /// This node's rack: replicas of a partition are spread across racks.
+    #[arg(long, value_name = "RACK")]
+    pub rack: Option<String>,
+    /// Pin the shards to these cores, e.g. `1`, `2-5` or `0,2`: one shard per core listed
+    /// (several nodes can share a host this way).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub cpus: Option<Vec<usize>>,
     /// Number of shards (cores) to run. Default: every core the tuning file names (all cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub cores: Option<u16>,
@@ -113,11 +136,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tune(a) => crate::tune::run(a),
         Cmd::Topics { bootstrap, cmd } => crate::admin::topics(&bootstrap, cmd),
         Cmd::Groups { bootstrap, cmd } => crate::admin::groups(&bootstrap, cmd),
+        Cmd::Cluster { bootstrap, cmd } => crate::admin::cluster(&bootstrap, cmd),
         Cmd::Config {
             cmd: ConfigCmd::Show(a),
         } => config_show(&a),
         Cmd::Top(a) => crate::top::run(a),
     }
+}
+
+fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{x:?} in --cpus {s:?} is not a core number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b || b - a > 4096 {
+                    return Err(format!("range {part:?} in --cpus is empty or too large"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    if out.is_empty() {
+        return Err("--cpus names no core".into());
+    }
+    Ok(out)
 }
 
 fn config_show(a: &ConfigArgs) -> anyhow::Result<()> {
@@ -218,6 +267,21 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = &a.data_dir {
         tuning.node.data_dir = d.display().to_string();
     }
+    if let Some(id) = a.node_id {
+        tuning.node.node_id = id;
+    }
+    if let Some(c) = &a.controllers {
+        tuning.node.controllers = c.clone();
+    }
+    if let Some(r) = &a.rack {
+        tuning.node.rack = r.clone();
+    }
+    if let Some(cpus) = &a.cpus {
+        tuning.shards.cores = cpus.clone();
+    }
+    if tuning.node.node_id < 0 {
+        bail!("node id {} is negative", tuning.node.node_id);
+    }
     let listen: std::net::SocketAddr = tuning.node.listen.parse().context("node.listen")?;
     let advertised = a.advertise.clone().unwrap_or_else(|| {
         if tuning.node.advertised_listener.is_empty() {
@@ -239,6 +303,22 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let data_dir = tuning.data_dir();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let dir_lock = crate::cluster::meta_properties::lock(&data_dir).map_err(anyhow::Error::msg)?;
+    let identity = crate::cluster::meta_properties::load_or_create(&data_dir, tuning.node.node_id)
+        .map_err(anyhow::Error::msg)?;
+    let cluster_settings = if tuning.node.controllers.trim().is_empty() {
+        None
+    } else {
+        let voters = crate::server::controller::wire::parse_voters(&tuning.node.controllers)
+            .map_err(|e| anyhow::anyhow!("--controllers: {e}"))?;
+        Some(crate::cluster::node::ClusterSettings {
+            voters,
+            rack: Some(tuning.node.rack.clone()).filter(|r| !r.is_empty()),
+            directory_id: identity.directory_id,
+            incarnation_id: uuid::Uuid::new_v4(),
+            known_cluster_id: identity.cluster_id.clone(),
+        })
+    };
     let probe = write_probe(&data_dir)?;
     raise_fd_limit();
     // Refuse a port another process serves: SO_REUSEPORT would otherwise share it silently.
@@ -267,8 +347,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.cores.map(usize::from),
         a.overprovisioned,
     )?;
-    let mut image = metadata::load_image(&data_dir)?;
-    if image.topic(crate::group::OFFSETS_TOPIC).is_none() {
+    let mut image = if cluster_settings.is_some() {
+        // A clustered node serves what the metadata log says, once it has caught up.
+        metadata::MetadataImage::default()
+    } else {
+        metadata::load_image(&data_dir)?
+    };
+    if cluster_settings.is_none() && image.topic(crate::group::OFFSETS_TOPIC).is_none() {
         // The compacted internal topic holding committed offsets and group metadata.
         let mut configs = std::collections::BTreeMap::new();
         configs.insert("cleanup.policy".to_string(), "compact".to_string());
@@ -279,6 +364,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             partitions: tuning.group.offsets_topic_num_partitions,
             configs,
             internal: true,
+            assignments: Vec::new(),
         });
         metadata::save_image(&data_dir, &image)?;
     }
@@ -316,6 +402,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         next_producer_id: AtomicI64::new(cluster.producer_id_block_end),
         producer_id_block_end: AtomicI64::new(cluster.producer_id_block_end),
         tuning: tuning.clone(),
+        cluster: cluster_settings,
     });
 
     if let Some(l) = metrics_listener {
@@ -375,6 +462,21 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let sig = signals.forever().next();
     tracing::info!("signal {sig:?}: shutting down");
+    if node.cluster.is_some() {
+        // Kafka's controlled shutdown: leaderships move away before the node stops serving.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let job: Job = Box::new(move || {
+            Box::pin(async move {
+                if let Some(h) = crate::server::controller::handle() {
+                    h.controlled_shutdown(Duration::from_secs(15)).await;
+                }
+                let _ = done_tx.send(());
+            })
+        });
+        if mesh[node.controller_shard()].send(job).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(20));
+        }
+    }
     for tx in mesh.iter() {
         let job: Job = Box::new(|| {
             Box::pin(async {
@@ -390,6 +492,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     for h in handles {
         let _ = h.join();
     }
+    drop(dir_lock);
     tracing::info!("fjord stopped");
     Ok(())
 }
@@ -491,6 +594,9 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     glommio::spawn_local(crate::server::accept_loop(listener, shard.clone())).detach();
     glommio::spawn_local(retention_loop(shard.clone())).detach();
+    if node.cluster.is_some() && shard.id == node.controller_shard() {
+        crate::server::controller::start(&shard)?;
+    }
     let _ = status.send(Ok(shard.id));
     let _ = stop_rx.await;
     for p in shard.open_partitions() {

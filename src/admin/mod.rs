@@ -409,3 +409,83 @@ pub fn broker_config(bootstrap: &str, key: &str) -> anyhow::Result<Option<String
     }
     Ok(None)
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Nodes (id, address, rack, fenced), the active controller, the quorum's term and each
+    /// voter's lag behind the committed metadata log.
+    Status,
+}
+
+pub fn cluster(bootstrap: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Status => print!("{}", cluster_status(bootstrap)?),
+    }
+    Ok(())
+}
+
+/// DescribeCluster (fenced brokers included) and DescribeQuorum, as text.
+pub fn cluster_status(bootstrap: &str) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut c = Client::connect(bootstrap)?;
+    let mut req = DescribeClusterRequest::default();
+    req.include_fenced_brokers = true;
+    req.endpoint_type = 1;
+    let cl = c.call(2, &req)?;
+    if cl.error_code != 0 {
+        bail!("DescribeCluster: {}", err_name(cl.error_code));
+    }
+    let mut q = DescribeQuorumRequest::default();
+    let mut t = describe_quorum_request::TopicData::default();
+    t.topic_name = TopicName(sb("__cluster_metadata"));
+    let mut p = describe_quorum_request::PartitionData::default();
+    p.partition_index = 0;
+    t.partitions.push(p);
+    q.topics.push(t);
+    let qr = c.call(1, &q)?;
+    let mut out = String::new();
+    writeln!(out, "cluster id: {}", cl.cluster_id)?;
+    if qr.error_code != 0 {
+        writeln!(out, "quorum: {}", err_name(qr.error_code))?;
+    }
+    let part = qr.topics.first().and_then(|t| t.partitions.first());
+    if let Some(p) = part {
+        if p.leader_id.0 >= 0 {
+            writeln!(
+                out,
+                "active controller: node {} (term {}), metadata log committed up to {}",
+                p.leader_id.0, p.leader_epoch, p.high_watermark
+            )?;
+        } else {
+            writeln!(out, "active controller: none (term {})", p.leader_epoch)?;
+        }
+    }
+    writeln!(out, "nodes:")?;
+    writeln!(out, "  {:<6} {:<24} {:<10} STATE", "ID", "ADDRESS", "RACK")?;
+    let mut brokers: Vec<_> = cl.brokers.iter().collect();
+    brokers.sort_by_key(|b| b.broker_id.0);
+    for b in brokers {
+        writeln!(
+            out,
+            "  {:<6} {:<24} {:<10} {}",
+            b.broker_id.0,
+            format!("{}:{}", b.host, b.port),
+            b.rack.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            if b.is_fenced { "fenced" } else { "unfenced" }
+        )?;
+    }
+    if let Some(p) = part {
+        writeln!(out, "voters:")?;
+        writeln!(out, "  {:<6} {:<12} LAG", "ID", "LOG END")?;
+        for v in &p.current_voters {
+            writeln!(
+                out,
+                "  {:<6} {:<12} {}",
+                v.replica_id.0,
+                v.log_end_offset,
+                (p.high_watermark - v.log_end_offset).max(0)
+            )?;
+        }
+    }
+    Ok(out)
+}

@@ -95,6 +95,7 @@ pub fn create_topics(
             partitions: t.partitions,
             configs: t.configs,
             internal: t.internal,
+            assignments: Vec::new(),
         };
         if validate_only {
             out.push(Ok(Arc::new(meta)));

@@ -17,12 +17,115 @@ pub struct TopicMeta {
     pub configs: BTreeMap<String, String>,
     #[serde(default)]
     pub internal: bool,
+    /// Per partition, in a cluster: its replicas and leader. Empty on a one-node cluster, where
+    /// this node holds and leads every partition.
+    #[serde(skip)]
+    pub assignments: Vec<Assignment>,
+}
+
+/// Where a partition lives in a cluster (from the quorum's metadata image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub replicas: Vec<i32>,
+    /// -1 when no replica may lead.
+    pub leader: i32,
+    pub leader_epoch: i32,
+}
+
+impl TopicMeta {
+    /// The partition's leader: `local` on a one-node cluster.
+    pub fn leader(&self, partition: i32, local: i32) -> i32 {
+        if self.assignments.is_empty() {
+            return local;
+        }
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.assignments.get(p))
+            .map_or(-1, |a| a.leader)
+    }
+}
+
+/// A registered broker as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerView {
+    pub id: i32,
+    pub host: String,
+    pub port: i32,
+    pub rack: Option<String>,
+    pub fenced: bool,
+}
+
+/// What a node of a multi-node cluster knows beyond the topics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    pub cluster_id: String,
+    /// Every registered broker, fenced ones included (Metadata lists only the others).
+    pub brokers: Vec<BrokerView>,
+    /// The metadata log position this image stands for.
+    pub applied_index: u64,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct MetadataImage {
     pub topics: BTreeMap<String, Arc<TopicMeta>>,
     pub by_id: HashMap<Uuid, String>,
+    /// Set on a node of a cluster with a controller quorum; `None` on a one-node cluster.
+    pub cluster: Option<Arc<ClusterView>>,
+}
+
+/// The image a node serves, built from the quorum's committed metadata image.
+/// `internal_topic` names the one internal topic (`__consumer_offsets`).
+pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> MetadataImage {
+    let mut img = MetadataImage::default();
+    for t in q.topics.values() {
+        let count = t.partitions.keys().next_back().map_or(0, |p| p + 1);
+        let mut assignments = Vec::with_capacity(count as usize);
+        for p in 0..count {
+            assignments.push(match t.partitions.get(&p) {
+                Some(r) => Assignment {
+                    replicas: r.replicas.clone(),
+                    leader: r.leader,
+                    leader_epoch: r.leader_epoch,
+                },
+                None => Assignment {
+                    replicas: Vec::new(),
+                    leader: -1,
+                    leader_epoch: -1,
+                },
+            });
+        }
+        img = img.with_topic(TopicMeta {
+            name: t.name.clone(),
+            id: t.topic_id,
+            partitions: count,
+            configs: t.configs.clone(),
+            internal: t.name == internal_topic,
+            assignments,
+        });
+    }
+    let brokers = q
+        .brokers
+        .values()
+        .map(|b| {
+            let l = b.listeners.first();
+            BrokerView {
+                id: b.broker_id,
+                host: l.map(|l| l.host.clone()).unwrap_or_default(),
+                port: l.map_or(-1, |l| l.port as i32),
+                rack: b.rack.clone(),
+                fenced: b.fenced,
+            }
+        })
+        .collect();
+    img.cluster = Some(Arc::new(ClusterView {
+        cluster_id: q
+            .cluster_id
+            .map(|c| base64_url(c.as_bytes()))
+            .unwrap_or_default(),
+        brokers,
+        applied_index: q.applied_index,
+    }));
+    img
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -212,6 +315,7 @@ mod tests {
             partitions: 3,
             configs: BTreeMap::new(),
             internal: false,
+            assignments: Vec::new(),
         });
         save_image(d.path(), &img).unwrap();
         let back = load_image(d.path()).unwrap();

@@ -4,6 +4,7 @@
 //! knows nothing of shards: callers run controller operations where they must run.
 
 pub mod controller;
+pub mod meta_properties;
 pub mod metadata;
 pub mod node;
 pub mod topic_config;

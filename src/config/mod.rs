@@ -74,6 +74,25 @@ pub struct NodeSection {
     pub listen: String,
     pub advertised_listener: String,
     pub data_dir: String,
+    /// The controller quorum's voters, `ID@HOST:PORT,...` (Kafka's `controller.quorum.voters`);
+    /// empty: a one-node cluster without a quorum.
+    #[serde(default)]
+    pub controllers: String,
+    /// Rack of this node (Kafka's `broker.rack`); empty: none.
+    #[serde(default)]
+    pub rack: String,
+    /// A broker that has not heartbeaten to the active controller for this long is fenced.
+    #[serde(default = "default_broker_session_timeout_ms")]
+    pub broker_session_timeout_ms: u64,
+    #[serde(default = "default_broker_heartbeat_interval_ms")]
+    pub broker_heartbeat_interval_ms: u64,
+}
+
+fn default_broker_session_timeout_ms() -> u64 {
+    9_000
+}
+fn default_broker_heartbeat_interval_ms() -> u64 {
+    2_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -305,6 +324,18 @@ pub struct Entry {
 const KAFKA_NAMES: &[(&str, &str, i64)] = &[
     ("broker.id", "node.node_id", 1),
     ("node.id", "node.node_id", 1),
+    ("controller.quorum.voters", "node.controllers", 1),
+    ("broker.rack", "node.rack", 1),
+    (
+        "broker.session.timeout.ms",
+        "node.broker_session_timeout_ms",
+        1,
+    ),
+    (
+        "broker.heartbeat.interval.ms",
+        "node.broker_heartbeat_interval_ms",
+        1,
+    ),
     ("log.dir", "node.data_dir", 1),
     ("log.dirs", "node.data_dir", 1),
     ("num.partitions", "log.num_partitions", 1),

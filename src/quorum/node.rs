@@ -197,6 +197,22 @@ impl<S: QuorumStorage> QuorumNode<S> {
     pub fn last_index(&self) -> u64 {
         self.raw.raft.raft_log.last_index()
     }
+    /// A leader's view of each voter: (raft id, highest log index known to match ours).
+    /// Empty on a follower, which does not track the others.
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut out: Vec<(u64, u64)> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, p)| (*id, p.matched))
+            .collect();
+        out.sort_unstable();
+        out
+    }
     pub fn storage(&self) -> &S {
         self.raw.store()
     }

@@ -160,6 +160,11 @@ pub fn probe_decode(key: ApiKey, buf: &mut ProbeBuf, version: i16) -> anyhow::Re
         OffsetDelete => OffsetDeleteRequest,
         ConsumerGroupHeartbeat => ConsumerGroupHeartbeatRequest,
         ConsumerGroupDescribe => ConsumerGroupDescribeRequest,
+        DescribeQuorum => DescribeQuorumRequest,
+        // The controller listener's (server::controller).
+        BrokerRegistration => BrokerRegistrationRequest,
+        BrokerHeartbeat => BrokerHeartbeatRequest,
+        AllocateProducerIds => AllocateProducerIdsRequest,
     )
 }
 

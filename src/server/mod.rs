@@ -4,6 +4,7 @@
 //! listener: the Prometheus endpoint's thread, which scrapes every shard through the mesh.
 
 pub mod bounded_decode;
+pub mod controller;
 pub mod errors;
 pub mod fetch_session;
 pub mod handlers;
@@ -47,7 +48,8 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::AlterConfigs => (0, 2),
         ApiKey::IncrementalAlterConfigs => (0, 1),
         ApiKey::InitProducerId => (0, 5),
-        ApiKey::DescribeCluster => (0, 1),
+        ApiKey::DescribeCluster => (0, 2),
+        ApiKey::DescribeQuorum => (0, 1),
         ApiKey::OffsetForLeaderEpoch => (2, 4),
         ApiKey::FindCoordinator => (0, 4),
         ApiKey::JoinGroup => (0, 9),

@@ -87,6 +87,15 @@ impl Shard {
 
     /// The partition if this shard owns it and the topic has it; opens it on first use.
     pub async fn partition(&self, topic: &str, index: i32) -> Option<PartitionRef> {
+        if self.node.cluster.is_some() {
+            // Leadership moves in a cluster: a partition open here is served only while this
+            // node leads it.
+            let img = self.node.image();
+            let t = img.topic(topic)?;
+            if !self.node.leads(t, index) {
+                return None;
+            }
+        }
         let key: (Arc<str>, i32) = (Arc::from(topic), index);
         if let Some(p) = self.partitions.borrow().get(&key) {
             return Some(p.clone());
@@ -94,7 +103,8 @@ impl Shard {
         {
             let img = self.node.image();
             let t = img.topic(topic)?;
-            if index < 0 || index >= t.partitions {
+            // In a cluster only the leader's replica serves (replication comes later).
+            if index < 0 || index >= t.partitions || !self.node.leads(t, index) {
                 return None;
             }
         }
@@ -368,6 +378,7 @@ mod tests {
             node_id: 0,
             advertised_host: "127.0.0.1".into(),
             advertised_port: 9092,
+            cluster: None,
             cluster_id: "test".into(),
             meta: ArcSwap::from_pointee(MetadataImage::default()),
             shard_count: shards,

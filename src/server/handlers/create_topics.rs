@@ -123,3 +123,46 @@ pub async fn handle(ctx: &ConnCtx, req: CreateTopicsRequest) -> CreateTopicsResp
     }
     resp
 }
+
+/// In a cluster the active controller creates the topics (Kafka's forwarding); the answer
+/// waits until this node serves them, so the client's next Metadata sees them here.
+pub async fn forwarded(
+    ctx: &ConnCtx,
+    version: i16,
+    req: CreateTopicsRequest,
+) -> CreateTopicsResponse {
+    let node = ctx.shard.node.clone();
+    let validate_only = req.validate_only;
+    match crate::server::controller::forward(&node, version, &req).await {
+        Ok(resp) => {
+            if !validate_only {
+                let created: Vec<String> = resp
+                    .topics
+                    .iter()
+                    .filter(|t| t.error_code == ec::NONE)
+                    .map(|t| t.name.0.to_string())
+                    .collect();
+                crate::server::controller::wait_for_image(
+                    &node,
+                    std::time::Duration::from_secs(5),
+                    |img| created.iter().all(|n| img.topic(n).is_some()),
+                )
+                .await;
+            }
+            resp
+        }
+        Err(e) => {
+            let mut resp = CreateTopicsResponse::default();
+            for t in req.topics {
+                let mut r = CreatableTopicResult::default();
+                r.name = t.name;
+                r.error_code = ec::NOT_CONTROLLER;
+                r.error_message = Some(sb(&format!("{e:#}")));
+                r.num_partitions = -1;
+                r.replication_factor = -1;
+                resp.topics.push(r);
+            }
+            resp
+        }
+    }
+}

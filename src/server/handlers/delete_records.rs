@@ -23,7 +23,12 @@ pub async fn handle(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteRecordsRe
     }
     let results = per_partition(&node, jobs, |part, job| async move {
         let Some(part) = part else {
-            return (ec::UNKNOWN_TOPIC_OR_PARTITION, -1);
+            return (
+                crate::shard::local()
+                    .node
+                    .not_served_code(&job.topic, job.partition),
+                -1,
+            );
         };
         let hwm = part.high_watermark();
         // -1 means "up to the high watermark", as in Kafka.

@@ -50,3 +50,53 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> De
     }
     resp
 }
+
+/// In a cluster the active controller deletes the topics; the answer waits until this node no
+/// longer serves them.
+pub async fn forwarded(
+    ctx: &ConnCtx,
+    version: i16,
+    req: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
+    let node = ctx.shard.node.clone();
+    match crate::server::controller::forward(&node, version, &req).await {
+        Ok(resp) => {
+            let gone: Vec<uuid::Uuid> = resp
+                .responses
+                .iter()
+                .filter(|r| r.error_code == ec::NONE)
+                .map(|r| r.topic_id)
+                .collect();
+            crate::server::controller::wait_for_image(
+                &node,
+                std::time::Duration::from_secs(5),
+                |img| gone.iter().all(|id| img.topic_by_id(id).is_none()),
+            )
+            .await;
+            resp
+        }
+        Err(e) => {
+            let mut resp = DeleteTopicsResponse::default();
+            let names: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
+                req.topics
+                    .iter()
+                    .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
+                    .collect()
+            } else {
+                req.topic_names
+                    .iter()
+                    .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+                    .collect()
+            };
+            for (name, id) in names {
+                let mut r = DeletableTopicResult::default();
+                r.name = name.as_deref().map(tn);
+                r.topic_id = id;
+                r.error_code = ec::NOT_CONTROLLER;
+                r.error_message = Some(sb(&format!("{e:#}")));
+                resp.responses.push(r);
+            }
+            resp
+        }
+    }
+}

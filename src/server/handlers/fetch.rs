@@ -79,6 +79,7 @@ fn named_entries(
                 Some(m) if p.partition < 0 || p.partition >= m.partitions => {
                     Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
                 }
+                Some(m) if !node.leads(m, p.partition) => Some(ec::NOT_LEADER_OR_FOLLOWER),
                 Some(_) if p.partition_max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
                 Some(_) => None,
             };
@@ -113,6 +114,7 @@ fn session_entries(
                 Some(m) if partition < 0 || partition >= m.partitions => {
                     Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
                 }
+                Some(m) if !node.leads(m, partition) => Some(ec::NOT_LEADER_OR_FOLLOWER),
                 Some(_) if c.max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
                 Some(_) => None,
             };
@@ -451,7 +453,7 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
         for w in ws {
             let Some(p) = sh.partition(&w.topic, w.partition).await else {
                 out.push(Got {
-                    code: ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    code: sh.node.not_served_code(&w.topic, w.partition),
                     hwm: -1,
                     log_start: -1,
                     records: Vec::new(),

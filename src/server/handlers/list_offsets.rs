@@ -74,7 +74,13 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: ListOffsetsRequest) -> Lis
     let results = per_partition(&node, jobs, |part, job| async move {
         match part {
             Some(part) => lookup(&part, job.input).await,
-            None => (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1),
+            None => (
+                crate::shard::local()
+                    .node
+                    .not_served_code(&job.topic, job.partition),
+                -1,
+                -1,
+            ),
         }
     })
     .await;

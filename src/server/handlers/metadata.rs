@@ -25,24 +25,63 @@ pub fn topic_entry(t: &TopicMeta, node_id: i32) -> MetadataResponseTopic {
     for p in 0..t.partitions {
         let mut rp = MetadataResponsePartition::default();
         rp.partition_index = p;
-        rp.leader_id = BrokerId(node_id);
-        rp.leader_epoch = LEADER_EPOCH;
-        rp.replica_nodes = vec![BrokerId(node_id)];
-        rp.isr_nodes = vec![BrokerId(node_id)];
+        match t.assignments.get(p as usize) {
+            None => {
+                rp.leader_id = BrokerId(node_id);
+                rp.leader_epoch = LEADER_EPOCH;
+                rp.replica_nodes = vec![BrokerId(node_id)];
+                rp.isr_nodes = vec![BrokerId(node_id)];
+            }
+            Some(a) => {
+                rp.leader_id = BrokerId(a.leader);
+                rp.leader_epoch = a.leader_epoch;
+                rp.replica_nodes = a.replicas.iter().map(|r| BrokerId(*r)).collect();
+                // Until replication lands only the leader holds the data: no follower is
+                // reported in sync.
+                rp.isr_nodes = if a.leader >= 0 {
+                    vec![BrokerId(a.leader)]
+                } else {
+                    rp.error_code = ec::LEADER_NOT_AVAILABLE;
+                    Vec::new()
+                };
+            }
+        }
         rt.partitions.push(rp);
     }
     rt
 }
 
+/// The brokers a client may talk to: every unfenced registered broker in a cluster, this node
+/// alone otherwise.
+pub fn brokers(node: &crate::cluster::node::Node) -> Vec<(i32, String, i32, Option<String>)> {
+    match &node.image().cluster {
+        Some(c) => c
+            .brokers
+            .iter()
+            .filter(|b| !b.fenced)
+            .map(|b| (b.id, b.host.clone(), b.port, b.rack.clone()))
+            .collect(),
+        None => vec![(
+            node.node_id,
+            node.advertised_host.clone(),
+            node.advertised_port,
+            None,
+        )],
+    }
+}
+
 pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> MetadataResponse {
     let node = ctx.shard.node.clone();
     let mut resp = MetadataResponse::default();
-    let mut b = MetadataResponseBroker::default();
-    b.node_id = BrokerId(node.node_id);
-    b.host = sb(&node.advertised_host);
-    b.port = node.advertised_port;
-    resp.brokers.push(b);
-    resp.cluster_id = Some(sb(&node.cluster_id));
+    for (id, host, port, rack) in brokers(&node) {
+        let mut b = MetadataResponseBroker::default();
+        b.node_id = BrokerId(id);
+        b.host = sb(&host);
+        b.port = port;
+        b.rack = rack.map(|r| sb(&r));
+        resp.brokers.push(b);
+    }
+    resp.cluster_id = Some(sb(&node.cluster_id()));
     resp.controller_id = BrokerId(node.node_id);
     resp.cluster_authorized_operations = super::util::authorized_operations(
         req.include_cluster_authorized_operations,
@@ -95,7 +134,9 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
             order.push((name, rt.topic_id));
         }
     }
-    if !to_create.is_empty() {
+    if !to_create.is_empty() && node.cluster.is_some() {
+        auto_create_in_cluster(&node, to_create).await;
+    } else if !to_create.is_empty() {
         let created = on_controller(&node, move |node| {
             controller::create_topics(node, to_create, false)
         })
@@ -136,4 +177,36 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: MetadataRequest) -> Metada
         }
     }
     resp
+}
+
+/// Auto-creation in a cluster: a CreateTopics forwarded to the active controller; the topics
+/// are answered once this node's image has them.
+async fn auto_create_in_cluster(node: &crate::cluster::node::Node, topics: Vec<NewTopic>) {
+    use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
+    let mut req = CreateTopicsRequest::default();
+    req.timeout_ms = 10_000;
+    let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+    for t in topics {
+        let mut c = CreatableTopic::default();
+        c.name = tn(&t.name);
+        c.num_partitions = t.partitions;
+        c.replication_factor = -1;
+        req.topics.push(c);
+    }
+    match crate::server::controller::forward(node, 5, &req).await {
+        Ok(resp) => {
+            for t in &resp.topics {
+                if t.error_code != ec::NONE && t.error_code != ec::TOPIC_ALREADY_EXISTS {
+                    tracing::warn!("auto-create of {} failed: error {}", t.name.0, t.error_code);
+                }
+            }
+            crate::server::controller::wait_for_image(
+                node,
+                std::time::Duration::from_secs(5),
+                |img| names.iter().all(|n| img.topic(n).is_some()),
+            )
+            .await;
+        }
+        Err(e) => tracing::warn!("auto-create failed: {e:#}"),
+    }
 }

@@ -15,6 +15,7 @@ pub mod delete_topics;
 pub mod describe_cluster;
 pub mod describe_configs;
 pub mod describe_groups;
+pub mod describe_quorum;
 pub mod fetch;
 pub mod find_coordinator;
 pub mod heartbeat;
@@ -79,11 +80,20 @@ async fn dispatch_kind(
         RequestKind::OffsetForLeaderEpoch(r) => {
             ResponseKind::OffsetForLeaderEpoch(offset_for_leader_epoch::handle(ctx, r).await)
         }
+        RequestKind::CreateTopics(r) if ctx.shard.node.cluster.is_some() => {
+            ResponseKind::CreateTopics(create_topics::forwarded(ctx, version, r).await)
+        }
         RequestKind::CreateTopics(r) => {
             ResponseKind::CreateTopics(create_topics::handle(ctx, r).await)
         }
+        RequestKind::DeleteTopics(r) if ctx.shard.node.cluster.is_some() => {
+            ResponseKind::DeleteTopics(delete_topics::forwarded(ctx, version, r).await)
+        }
         RequestKind::DeleteTopics(r) => {
             ResponseKind::DeleteTopics(delete_topics::handle(ctx, version, r).await)
+        }
+        RequestKind::DescribeQuorum(r) => {
+            ResponseKind::DescribeQuorum(describe_quorum::handle(ctx, version, r).await)
         }
         RequestKind::CreatePartitions(r) => {
             ResponseKind::CreatePartitions(create_partitions::handle(ctx, r).await)

@@ -33,7 +33,13 @@ pub async fn handle(
                 (ec::NONE, LEADER_EPOCH, part.high_watermark())
             }
             Some(_) => (ec::NONE, -1, -1),
-            None => (ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1),
+            None => (
+                crate::shard::local()
+                    .node
+                    .not_served_code(&job.topic, job.partition),
+                -1,
+                -1,
+            ),
         }
     })
     .await;

@@ -88,6 +88,8 @@ pub async fn handle(
                     .unwrap_or(true)
                 {
                     Some((ec::UNKNOWN_TOPIC_OR_PARTITION, -1, -1, -1, None, Vec::new()))
+                } else if topic.is_some_and(|t| !node.leads(t, p.index)) {
+                    Some((ec::NOT_LEADER_OR_FOLLOWER, -1, -1, -1, None, Vec::new()))
                 } else if topic.map(|t| t.internal).unwrap_or(false) {
                     Some((
                         ec::INVALID_TOPIC_EXCEPTION,
@@ -148,7 +150,7 @@ pub async fn handle(
             };
             let Some(part) = sh.partition(&it.topic, it.partition).await else {
                 queued.push(Err((
-                    ec::UNKNOWN_TOPIC_OR_PARTITION,
+                    sh.node.not_served_code(&it.topic, it.partition),
                     String::new(),
                     Vec::new(),
                 )));
