@@ -51,7 +51,12 @@ pub enum Cmd {
     /// The cluster a running node belongs to: nodes, the active controller, the quorum.
     Cluster {
         /// Node to talk to (before or after the subcommand).
-        #[arg(long, global = true, default_value = "127.0.0.1:9092", value_name = "HOST:PORT")]
+        #[arg(
+            long,
+            global = true,
+            default_value = "127.0.0.1:9092",
+            value_name = "HOST:PORT"
+        )]
         bootstrap: String,
         #[command(subcommand)]
         cmd: crate::admin::ClusterCmd,

@@ -470,7 +470,10 @@ pub fn cluster_status(bootstrap: &str) -> anyhow::Result<String> {
             "  {:<6} {:<24} {:<10} {}",
             b.broker_id.0,
             format!("{}:{}", b.host, b.port),
-            b.rack.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            b.rack
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
             if b.is_fenced { "fenced" } else { "unfenced" }
         )?;
     }

@@ -1,0 +1,400 @@
+//! A cluster of real `fjord serve` processes on loopback: three controller voters and a
+//! broker-only node, driven with librdkafka (the `rdkafka` crate) and `fjord cluster status`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{free_port, Broker};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// Short sessions so that fencing is seen within a test's patience.
+const SESSION_MS: &str = "node.broker_session_timeout_ms=3000";
+const HEARTBEAT_MS: &str = "node.broker_heartbeat_interval_ms=500";
+
+struct Cluster {
+    nodes: Vec<(i32, Broker)>,
+    voters: String,
+}
+
+impl Cluster {
+    /// `voters` controller voters (ids 1..=voters) and `brokers` broker-only nodes after them;
+    /// node i gets rack "r{i % 2}".
+    fn start(voters: i32, brokers: i32) -> Cluster {
+        let list: Vec<String> = (1..=voters)
+            .map(|id| format!("{id}@127.0.0.1:{}", free_port()))
+            .collect();
+        let voters_arg = list.join(",");
+        let mut nodes = Vec::new();
+        for id in 1..=voters + brokers {
+            nodes.push((id, Cluster::spawn(id, &voters_arg, None)));
+        }
+        Cluster {
+            nodes,
+            voters: voters_arg,
+        }
+    }
+
+    fn spawn(id: i32, voters: &str, data: Option<std::path::PathBuf>) -> Broker {
+        let id_s = id.to_string();
+        let rack = format!("r{}", id % 2);
+        Broker::start_in(
+            data,
+            &[
+                "--node-id",
+                &id_s,
+                "--controllers",
+                voters,
+                "--rack",
+                &rack,
+                "--cores",
+                "1",
+                "--overprovisioned",
+                "--set",
+                SESSION_MS,
+                "--set",
+                HEARTBEAT_MS,
+            ],
+        )
+    }
+
+    fn node(&self, id: i32) -> &Broker {
+        &self.nodes.iter().find(|(i, _)| *i == id).expect("node").1
+    }
+
+    fn node_mut(&mut self, id: i32) -> &mut Broker {
+        &mut self
+            .nodes
+            .iter_mut()
+            .find(|(i, _)| *i == id)
+            .expect("node")
+            .1
+    }
+
+    fn status(&self, via: i32) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_fjord"))
+            .args(["cluster", "status", "--bootstrap"])
+            .arg(self.node(via).bootstrap())
+            .output()
+            .expect("run fjord cluster status");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// The active controller, as `fjord cluster status` reports it.
+    fn active_controller(&self, via: i32) -> Option<i32> {
+        let s = self.status(via);
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("active controller: node "))?;
+        line["active controller: node ".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin")
+}
+
+/// Broker ids and, per partition of `topic`, (leader, replicas, isr) as librdkafka sees them.
+fn metadata(
+    bootstrap: &str,
+    topic: Option<&str>,
+) -> (BTreeSet<i32>, Vec<(i32, Vec<i32>, Vec<i32>)>) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("consumer");
+    let Ok(md) = c.fetch_metadata(topic, Duration::from_secs(5)) else {
+        return (BTreeSet::new(), Vec::new());
+    };
+    let brokers = md.brokers().iter().map(|b| b.id()).collect();
+    let parts = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter())
+        .map(|p| (p.leader(), p.replicas().to_vec(), p.isr().to_vec()))
+        .collect();
+    (brokers, parts)
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn create_topic(bootstrap: &str, name: &str, partitions: i32, rf: i32) {
+    let a = admin(bootstrap);
+    let t = NewTopic::new(name, partitions, TopicReplication::Fixed(rf));
+    let r = futures::executor::block_on(a.create_topics(
+        &[t],
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+    ))
+    .expect("create_topics");
+    for x in r {
+        x.expect("topic created");
+    }
+}
+
+fn produce(bootstrap: &str, topic: &str, n: usize) {
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    for i in 0..n {
+        let key = format!("k{i}");
+        let value = format!("v{i}");
+        p.send(BaseRecord::to(topic).key(&key).payload(&value))
+            .expect("enqueue");
+    }
+    p.flush(Duration::from_secs(30))
+        .expect("every record acknowledged");
+}
+
+fn consume_count(bootstrap: &str, topic: &str, partitions: i32, expected: usize) -> usize {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "cluster-assign-only")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    c.assign(&tpl).expect("assign");
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            seen.insert(m.payload().map(|p| p.to_vec()).unwrap_or_default());
+        }
+    }
+    seen.len()
+}
+
+#[test]
+fn three_voters_and_a_broker_form_a_cluster_that_survives_losing_its_controller() {
+    let mut cl = Cluster::start(3, 1);
+    let all: BTreeSet<i32> = [1, 2, 3, 4].into();
+    let boot = cl.node(4).bootstrap();
+    wait_for(
+        "every node registered and unfenced",
+        Duration::from_secs(30),
+        || (metadata(&boot, None).0 == all).then_some(()),
+    );
+    let status = cl.status(1);
+    assert!(status.contains("cluster id: "), "{status}");
+    for id in 1..=4 {
+        assert!(
+            status.contains(&format!("  {id:<6} 127.0.0.1:")),
+            "node {id} missing from\n{status}"
+        );
+    }
+
+    // Replication factor 3: three distinct replicas per partition, spread over the nodes;
+    // only the leader is reported in sync until replication lands.
+    create_topic(&cl.node(2).bootstrap(), "orders", 6, 3);
+    let (_, parts) = metadata(&boot, Some("orders"));
+    assert_eq!(parts.len(), 6);
+    let mut leaders = BTreeSet::new();
+    for (leader, replicas, isr) in &parts {
+        let distinct: BTreeSet<i32> = replicas.iter().copied().collect();
+        assert_eq!(distinct.len(), 3, "replicas {replicas:?}");
+        assert!(distinct.is_subset(&all));
+        assert_eq!(isr, &vec![*leader]);
+        assert_eq!(replicas[0], *leader);
+        leaders.insert(*leader);
+    }
+    assert!(leaders.len() >= 3, "leaders spread over nodes: {leaders:?}");
+    let rf4 = {
+        let a = admin(&boot);
+        let t = NewTopic::new("too-many", 1, TopicReplication::Fixed(5));
+        futures::executor::block_on(a.create_topics(&[t], &AdminOptions::new()))
+            .expect("create_topics")
+    };
+    assert!(
+        matches!(
+            &rf4[0],
+            Err((
+                _,
+                rdkafka::types::RDKafkaErrorCode::InvalidReplicationFactor
+            ))
+        ),
+        "{rf4:?}"
+    );
+
+    // Clients reach every leader through any node.
+    produce(&boot, "orders", 300);
+    assert_eq!(
+        consume_count(&cl.node(1).bootstrap(), "orders", 6, 300),
+        300
+    );
+
+    // kill -9 the active controller: another voter takes over and metadata changes go on.
+    let active = wait_for("an active controller", Duration::from_secs(20), || {
+        cl.active_controller(4)
+    });
+    cl.node_mut(active).kill9();
+    let survivor = if active == 1 { 2 } else { 1 };
+    let sb = cl.node(survivor).bootstrap();
+    create_topic(&sb, "after-failover", 2, 2);
+    let (_, parts) = metadata(&sb, Some("after-failover"));
+    assert_eq!(parts.len(), 2);
+    let new_active = wait_for("a new active controller", Duration::from_secs(20), || {
+        cl.active_controller(survivor).filter(|a| *a != active)
+    });
+    assert_ne!(new_active, active);
+
+    // The killed node misses its session timeout: fenced, gone from Metadata, and it leads
+    // nothing any more.
+    wait_for("the dead node fenced", Duration::from_secs(20), || {
+        let (brokers, parts) = metadata(&sb, Some("orders"));
+        (!brokers.contains(&active) && brokers.len() == 3 && parts.iter().all(|p| p.0 != active))
+            .then_some(())
+    });
+    let status = cl.status(survivor);
+    assert!(
+        status.contains("fenced") && status.contains(&format!("node {new_active}")),
+        "{status}"
+    );
+
+    // Restarted with the same data dir, it registers again and is unfenced.
+    let data = cl.node(active).data().to_path_buf();
+    let voters = cl.voters.clone();
+    *cl.node_mut(active) = Cluster::spawn(active, &voters, Some(data));
+    wait_for("the restarted node back", Duration::from_secs(30), || {
+        (metadata(&sb, None).0 == all).then_some(())
+    });
+}
+
+#[test]
+fn a_live_node_id_is_refused_to_a_second_process_and_a_restart_is_accepted() {
+    let mut cl = Cluster::start(1, 1);
+    let boot = cl.node(1).bootstrap();
+    let both: BTreeSet<i32> = [1, 2].into();
+    wait_for("both nodes registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == both).then_some(())
+    });
+
+    // Another process, another data dir, the same node id as the live node 2.
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args([
+            "serve",
+            "--node-id",
+            "2",
+            "--cores",
+            "1",
+            "--overprovisioned",
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--controllers")
+        .arg(&cl.voters)
+        .output()
+        .expect("run a duplicate");
+    assert!(!out.status.success(), "the duplicate must exit non-zero");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("registered by another live process"), "{log}");
+    assert_eq!(
+        metadata(&boot, None).0,
+        both,
+        "the first keeps its registration"
+    );
+
+    // The same node restarted on its data dir is accepted at once, within its old session.
+    let restarted = Instant::now();
+    let before = cl
+        .node(2)
+        .log()
+        .matches("registered with the controller")
+        .count();
+    cl.node_mut(2).restart();
+    wait_for("the restart registered", Duration::from_secs(10), || {
+        (cl.node(2)
+            .log()
+            .matches("registered with the controller")
+            .count()
+            > before)
+            .then_some(())
+    });
+    assert!(restarted.elapsed() < Duration::from_secs(10));
+
+    // A data dir belongs to one node id.
+    let data = cl.node(2).data().to_path_buf();
+    cl.node_mut(2).kill9();
+    let out = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args([
+            "serve",
+            "--node-id",
+            "7",
+            "--cores",
+            "1",
+            "--overprovisioned",
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--controllers")
+        .arg(&cl.voters)
+        .output()
+        .expect("run with a foreign data dir");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("belongs to node 2"), "{log}");
+}
+
+#[test]
+fn sigterm_moves_leadership_away_before_the_node_exits() {
+    let mut cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    create_topic(&boot, "spread", 6, 3);
+    let (_, parts) = metadata(&boot, Some("spread"));
+    assert!(
+        parts.iter().any(|p| p.0 == 3),
+        "node 3 leads something: {parts:?}"
+    );
+    let status = cl.node_mut(3).stop();
+    assert!(status.success(), "clean exit on SIGTERM");
+    let log = cl.node(3).log();
+    assert!(
+        log.contains("controlled shutdown: the controller moved"),
+        "{log}"
+    );
+    // Right after the exit (well within a session timeout), node 3 leads nothing.
+    let (_, parts) = metadata(&boot, Some("spread"));
+    assert!(parts.iter().all(|p| p.0 != 3), "{parts:?}");
+}
