@@ -157,13 +157,17 @@ fn create_topic(bootstrap: &str, name: &str, partitions: i32, rf: i32) {
 }
 
 fn produce(bootstrap: &str, topic: &str, n: usize) {
+    produce_from(bootstrap, topic, 0, n)
+}
+
+fn produce_from(bootstrap: &str, topic: &str, start: usize, n: usize) {
     let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
         .set("message.timeout.ms", "30000")
         .create()
         .expect("producer");
-    for i in 0..n {
+    for i in start..start + n {
         let key = format!("k{i}");
         let value = format!("v{i}");
         p.send(BaseRecord::to(topic).key(&key).payload(&value))
@@ -397,4 +401,60 @@ fn sigterm_moves_leadership_away_before_the_node_exits() {
     // Right after the exit (well within a session timeout), node 3 leads nothing.
     let (_, parts) = metadata(&boot, Some("spread"));
     assert!(parts.iter().all(|p| p.0 != 3), "{parts:?}");
+}
+
+/// Consumes from `topic` in `group` (subscribe, so the group coordinator assigns) until
+/// `expected` distinct values arrived or nothing came for a while; commits what it read.
+fn group_consume(bootstrap: &str, group: &str, topic: &str, expected: usize) -> BTreeSet<Vec<u8>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                seen.insert(m.payload().map(|p| p.to_vec()).unwrap_or_default());
+                quiet_since = Instant::now();
+            }
+            _ => {
+                if seen.len() >= expected && quiet_since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+        }
+    }
+    c.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
+    seen
+}
+
+#[test]
+fn consumer_groups_work_across_the_cluster_with_offsets_replicated_three_ways() {
+    let cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(2).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    create_topic(&boot, "events", 4, 3);
+    produce(&boot, "events", 200);
+    let first = group_consume(&cl.node(1).bootstrap(), "g1", "events", 200);
+    assert_eq!(first.len(), 200);
+    // The offsets topic was created through the controller with three replicas.
+    let (_, parts) = metadata(&boot, Some("__consumer_offsets"));
+    assert_eq!(parts.len(), 50);
+    assert!(parts.iter().all(|p| p.1.len() == 3), "{parts:?}");
+    // Committed offsets hold: the same group, through another node, gets only what is new.
+    produce_from(&boot, "events", 200, 50);
+    let second = group_consume(&cl.node(3).bootstrap(), "g1", "events", 50);
+    assert_eq!(second.len(), 50, "only the records after the commit");
+    assert!(second.is_disjoint(&first));
 }

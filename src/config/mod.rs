@@ -88,6 +88,9 @@ pub struct NodeSection {
     pub broker_heartbeat_interval_ms: u64,
 }
 
+fn default_offsets_topic_replication_factor() -> i16 {
+    3
+}
 fn default_broker_session_timeout_ms() -> u64 {
     9_000
 }
@@ -238,6 +241,10 @@ pub struct LogSection {
 #[serde(deny_unknown_fields)]
 pub struct GroupSection {
     pub offsets_topic_num_partitions: i32,
+    /// In a cluster, `__consumer_offsets` is created with this many replicas (Kafka's
+    /// offsets.topic.replication.factor); groups wait until there are that many brokers.
+    #[serde(default = "default_offsets_topic_replication_factor")]
+    pub offsets_topic_replication_factor: i16,
     pub initial_rebalance_delay_ms: u64,
     pub min_session_timeout_ms: i32,
     pub max_session_timeout_ms: i32,
@@ -366,6 +373,11 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
     (
         "offsets.topic.num.partitions",
         "group.offsets_topic_num_partitions",
+        1,
+    ),
+    (
+        "offsets.topic.replication.factor",
+        "group.offsets_topic_replication_factor",
         1,
     ),
     (

@@ -84,6 +84,9 @@ pub struct GroupShard {
     offsets: RefCell<HashMap<String, BTreeMap<(String, i32), OffsetValue>>>,
     pending: RefCell<HashMap<Token, Pending>>,
     next_token: Cell<Token>,
+    /// Offsets partitions read into memory: a partition this node comes to lead later (in a
+    /// cluster) is loaded then, once.
+    loaded: RefCell<std::collections::HashSet<i32>>,
 }
 
 impl GroupShard {
@@ -104,6 +107,7 @@ impl GroupShard {
             offsets: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
+            loaded: RefCell::new(std::collections::HashSet::new()),
         }
     }
 
@@ -189,12 +193,13 @@ impl GroupShard {
         let mut groups: HashMap<String, Option<GroupMetadataValue>> = HashMap::new();
         let mut loaded = 0usize;
         for p in 0..n {
-            if !shard.owns_offsets_partition(p) {
+            if !shard.owns_offsets_partition(p) || self.loaded.borrow().contains(&p) {
                 continue;
             }
             let Some(part) = shard.offsets_partition(p).await else {
                 continue;
             };
+            self.loaded.borrow_mut().insert(p);
             let mut offset = part.log.log_start_offset();
             let end = part.log.log_end_offset();
             // Bounded by the log: each pass advances past at least one batch.

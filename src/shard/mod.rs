@@ -186,6 +186,11 @@ impl OffsetsLog for Shard {
 
     fn owns_offsets_partition(&self, partition: i32) -> bool {
         self.node.shard_of(OFFSETS_TOPIC, partition) == self.id
+            && self
+                .node
+                .image()
+                .topic(OFFSETS_TOPIC)
+                .is_some_and(|t| self.node.leads(t, partition))
     }
 
     async fn offsets_partition(&self, partition: i32) -> Option<PartitionRef> {

@@ -44,6 +44,8 @@ pub struct ClusterHandle {
     may_exit: crate::notify::Notify,
     may_exit_now: Cell<bool>,
     cluster_id_stored: Cell<bool>,
+    /// The producer-id block this node hands out from: [next, end).
+    producer_ids: Cell<(i64, i64)>,
 }
 
 thread_local! {
@@ -87,6 +89,7 @@ pub fn start(shard: &Rc<Shard>) -> anyhow::Result<()> {
         may_exit: crate::notify::Notify::new(),
         may_exit_now: Cell::new(false),
         cluster_id_stored: Cell::new(settings.known_cluster_id.is_some()),
+        producer_ids: Cell::new((0, 0)),
     });
     HANDLE.with(|x| *x.borrow_mut() = Some(h.clone()));
     match &quorum {
@@ -121,7 +124,32 @@ impl ClusterHandle {
             .filter(|t| next.topic_by_id(&t.id).is_none())
             .cloned()
             .collect();
+        let me = self.node.node_id;
+        let offsets_led = |img: &metadata::MetadataImage| -> Vec<i32> {
+            img.topic(crate::group::OFFSETS_TOPIC)
+                .map(|t| {
+                    (0..t.partitions)
+                        .filter(|p| t.leader(*p, me) == me)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let newly_led = offsets_led(&next)
+            .into_iter()
+            .any(|p| !offsets_led(&old).contains(&p));
         self.node.meta.store(Arc::new(next));
+        if newly_led {
+            // The coordinators of these partitions' groups now live here: load their state.
+            for s in 0..self.node.shards() {
+                glommio::spawn_local(shard::invoke(s, |sh| async move {
+                    let groups = sh.groups.borrow().clone();
+                    if let Some(g) = groups {
+                        g.load(sh.as_ref()).await;
+                    }
+                }))
+                .detach();
+            }
+        }
         if let (Some(id), false) = (q.cluster_id, self.cluster_id_stored.get()) {
             self.store_cluster_id(id);
         }
@@ -146,6 +174,29 @@ impl ClusterHandle {
 
     pub fn broker_epoch(&self) -> i64 {
         self.broker_epoch.get()
+    }
+
+    /// A producer id no other node hands out: from this node's block, a new block from the
+    /// active controller (AllocateProducerIds) when it is used up.
+    pub async fn next_producer_id(&self) -> Result<i64, i16> {
+        let (next, end) = self.producer_ids.get();
+        if next < end {
+            self.producer_ids.set((next + 1, end));
+            return Ok(next);
+        }
+        let mut req = AllocateProducerIdsRequest::default();
+        req.broker_id = BrokerId(self.node.node_id);
+        req.broker_epoch = self.broker_epoch.get();
+        let r = forward(&self.node, 0, &req)
+            .await
+            .map_err(|_| ec::NOT_CONTROLLER)?;
+        if r.error_code != ec::NONE {
+            return Err(r.error_code);
+        }
+        let start = r.producer_id_start.0;
+        self.producer_ids
+            .set((start + 1, start + i64::from(r.producer_id_len.max(1))));
+        Ok(start)
     }
 
     /// Controlled shutdown (SIGTERM): heartbeats ask to shut down until the controller has

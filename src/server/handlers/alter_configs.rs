@@ -28,6 +28,12 @@ pub async fn alter_resource(
             "only topic configs can be altered".into(),
         ));
     }
+    if node.cluster.is_some() {
+        return Err((
+            ec::INVALID_REQUEST,
+            "altering topic configs is not supported in a cluster yet".into(),
+        ));
+    }
     let name = name.to_owned();
     on_controller(node, move |node| {
         controller::alter_topic_configs(node, &name, changes, incremental, validate_only)

@@ -17,6 +17,13 @@ pub async fn handle(ctx: &ConnCtx, req: CreatePartitionsRequest) -> CreatePartit
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default();
         r.name = t.name.clone();
+        if node.cluster.is_some() {
+            // Growing a topic needs the controller to place the new partitions: not yet.
+            r.error_code = ec::INVALID_REQUEST;
+            r.error_message = Some(sb("CreatePartitions is not supported in a cluster yet"));
+            resp.results.push(r);
+            continue;
+        }
         let (name, count, validate_only) = (t.name.0.to_string(), t.count, req.validate_only);
         let created = on_controller(&node, move |node| {
             controller::create_partitions(node, &name, count, validate_only)

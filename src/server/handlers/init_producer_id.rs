@@ -25,6 +25,28 @@ pub async fn handle(ctx: &ConnCtx, req: InitProducerIdRequest) -> InitProducerId
         resp.producer_epoch = req.producer_epoch + 1;
         return resp;
     }
+    if ctx.shard.node.cluster.is_some() {
+        let node = ctx.shard.node.clone();
+        let got = crate::shard::invoke(node.controller_shard(), |_| async move {
+            match crate::server::controller::handle() {
+                Some(h) => h.next_producer_id().await,
+                None => Err(ec::COORDINATOR_NOT_AVAILABLE),
+            }
+        })
+        .await;
+        match got {
+            Ok(id) => {
+                resp.producer_id = ProducerId(id);
+                resp.producer_epoch = 0;
+            }
+            Err(code) => {
+                resp.error_code = code;
+                resp.producer_id = ProducerId(-1);
+                resp.producer_epoch = -1;
+            }
+        }
+        return resp;
+    }
     match on_controller(&ctx.shard.node, controller::allocate_producer_id).await {
         Ok(id) => {
             resp.producer_id = ProducerId(id);

@@ -52,7 +52,17 @@ where
     Fut: Future<Output = R> + 'static,
     R: Send + 'static,
 {
-    let partitions = node.tuning.group.offsets_topic_num_partitions;
+    let mut partitions = node.tuning.group.offsets_topic_num_partitions;
+    if node.cluster.is_some() {
+        // In a cluster the group lives with the leader of its offsets partition: elsewhere
+        // the client is told to find its coordinator again.
+        let img = node.image();
+        let t = img.topic(OFFSETS_TOPIC)?;
+        partitions = t.partitions;
+        if !node.leads(t, offsets_partition_for(group, partitions)) {
+            return None;
+        }
+    }
     let target = node.shard_of(OFFSETS_TOPIC, offsets_partition_for(group, partitions));
     invoke(target, move |sh| async move {
         let groups = sh.groups.borrow().clone()?;
