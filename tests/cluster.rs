@@ -109,11 +109,11 @@ fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
         .expect("admin")
 }
 
-/// Broker ids and, per partition of `topic`, (leader, replicas, isr) as librdkafka sees them.
-fn metadata(
-    bootstrap: &str,
-    topic: Option<&str>,
-) -> (BTreeSet<i32>, Vec<(i32, Vec<i32>, Vec<i32>)>) {
+/// A partition as librdkafka sees it: (leader, replicas, isr).
+type PartitionView = (i32, Vec<i32>, Vec<i32>);
+
+/// Broker ids and, per partition of `topic`, its view.
+fn metadata(bootstrap: &str, topic: Option<&str>) -> (BTreeSet<i32>, Vec<PartitionView>) {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("allow.auto.create.topics", "false")
@@ -457,4 +457,257 @@ fn consumer_groups_work_across_the_cluster_with_offsets_replicated_three_ways() 
     let second = group_consume(&cl.node(3).bootstrap(), "g1", "events", 50);
     assert_eq!(second.len(), 50, "only the records after the commit");
     assert!(second.is_disjoint(&first));
+}
+
+#[test]
+fn partitions_and_configs_change_through_any_node() {
+    use rdkafka::admin::{AlterConfig, NewPartitions, ResourceSpecifier};
+    let cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    create_topic(&boot, "grow", 2, 2);
+    let a = admin(&cl.node(2).bootstrap());
+    let opts = AdminOptions::new();
+    let r =
+        futures::executor::block_on(a.create_partitions(&[NewPartitions::new("grow", 5)], &opts))
+            .expect("create_partitions");
+    r[0].as_ref().expect("grown");
+    // Seen at once through a third node, the new partitions placed like the first ones.
+    let (_, parts) = metadata(&cl.node(3).bootstrap(), Some("grow"));
+    assert_eq!(parts.len(), 5);
+    assert!(parts.iter().all(|p| p.1.len() == 2), "{parts:?}");
+    let r =
+        futures::executor::block_on(a.create_partitions(&[NewPartitions::new("grow", 3)], &opts))
+            .expect("create_partitions");
+    assert!(r[0].is_err(), "shrinking is refused");
+
+    let r = futures::executor::block_on(a.alter_configs(
+        &[AlterConfig::new(ResourceSpecifier::Topic("grow")).set("retention.ms", "120000")],
+        &opts,
+    ))
+    .expect("alter_configs");
+    r[0].as_ref().expect("altered");
+    let other = admin(&cl.node(3).bootstrap());
+    let d = futures::executor::block_on(
+        other.describe_configs(&[ResourceSpecifier::Topic("grow")], &opts),
+    )
+    .expect("describe_configs");
+    let res = d[0].as_ref().expect("described");
+    assert_eq!(
+        res.get("retention.ms")
+            .and_then(|e| e.value.clone())
+            .as_deref(),
+        Some("120000")
+    );
+    // An invalid value changes nothing (librdkafka does not surface the per-resource error).
+    let _ = futures::executor::block_on(a.alter_configs(
+        &[AlterConfig::new(ResourceSpecifier::Topic("grow")).set("retention.ms", "soon")],
+        &opts,
+    ));
+    let d = futures::executor::block_on(
+        other.describe_configs(&[ResourceSpecifier::Topic("grow")], &opts),
+    )
+    .expect("describe_configs");
+    let res = d[0].as_ref().expect("described");
+    assert_eq!(
+        res.get("retention.ms")
+            .and_then(|e| e.value.clone())
+            .as_deref(),
+        Some("120000")
+    );
+}
+
+/// A TCP proxy the test can cut: while cut, it closes what it carries and refuses new
+/// connections (a network partition between two nodes).
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(target: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = l.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            for inbound in l.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            if c.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_partitioned_voter_loses_the_quorum_and_catches_up_after_the_heal() {
+    // Node i reaches voter j through a proxy of its own (i -> j), so the test can cut node 3
+    // off from the others while clients still reach every node directly.
+    let real: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut proxies = Vec::new();
+    let mut lists = Vec::new();
+    for i in 1..=3 {
+        let mut list = Vec::new();
+        for j in 1..=3 {
+            if i == j {
+                list.push(format!("{j}@127.0.0.1:{}", real[j as usize - 1]));
+            } else {
+                let target = format!("127.0.0.1:{}", real[j as usize - 1])
+                    .parse()
+                    .unwrap();
+                let p = Proxy::start(target);
+                list.push(format!("{j}@127.0.0.1:{}", p.port));
+                proxies.push(((i, j), p));
+            }
+        }
+        lists.push(list.join(","));
+    }
+    let nodes: Vec<(i32, Broker)> = (1..=3)
+        .map(|i| (i, Cluster::spawn(i, &lists[i as usize - 1], None)))
+        .collect();
+    let cl = Cluster {
+        nodes,
+        voters: String::new(),
+    };
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&cl.node(1).bootstrap(), None).0 == all).then_some(())
+    });
+    create_topic(&cl.node(3).bootstrap(), "before-cut", 3, 1);
+
+    // Cut node 3 off from nodes 1 and 2.
+    for ((i, j), p) in &proxies {
+        if *i == 3 || *j == 3 {
+            p.set_cut(true);
+        }
+    }
+    // The majority side elects (or keeps) a controller and commits without node 3.
+    wait_for(
+        "a controller on the majority side",
+        Duration::from_secs(20),
+        || cl.active_controller(1).filter(|a| *a != 3),
+    );
+    create_topic(&cl.node(1).bootstrap(), "during-cut", 2, 2);
+    // Node 3 no longer heartbeats to that controller: fenced, out of Metadata on the majority.
+    wait_for("node 3 fenced", Duration::from_secs(20), || {
+        (!metadata(&cl.node(1).bootstrap(), None).0.contains(&3)).then_some(())
+    });
+    // Cut off, node 3 does not fence itself: it keeps serving what it has.
+    let (brokers3, _) = metadata(&cl.node(3).bootstrap(), None);
+    assert!(brokers3.contains(&3), "node 3 still serves: {brokers3:?}");
+
+    // Heal: node 3 catches up with the metadata log and is unfenced again.
+    for (_, p) in &proxies {
+        p.set_cut(false);
+    }
+    wait_for(
+        "node 3 caught up and unfenced",
+        Duration::from_secs(30),
+        || {
+            let (_, parts) = metadata(&cl.node(3).bootstrap(), Some("during-cut"));
+            (parts.len() == 2 && metadata(&cl.node(1).bootstrap(), None).0 == all).then_some(())
+        },
+    );
+    let s = cl.status(3);
+    let line = s
+        .lines()
+        .find(|l| l.trim_start().starts_with("3 "))
+        .unwrap_or_default();
+    assert!(line.ends_with(" unfenced"), "{s}");
+}
+
+#[test]
+fn python_clients_and_kcat_see_a_three_node_cluster() {
+    let cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&cl.node(1).bootstrap(), None).0 == all).then_some(())
+    });
+    let nodes: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/cluster_clients.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(nodes.join(","))
+        .output()
+        .expect("python3 with confluent-kafka, kafka-python and aiokafka (pip install them)");
+    assert!(
+        out.status.success(),
+        "python clients failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // kcat (librdkafka 2.0.2): three brokers, and a consumer group through the cluster.
+    assert!(
+        common::have("kcat"),
+        "kcat is not installed (apt install kcat)"
+    );
+    let l = Command::new("kcat")
+        .args(["-L", "-b", &nodes[1]])
+        .output()
+        .expect("kcat -L");
+    let listing = String::from_utf8_lossy(&l.stdout);
+    assert!(listing.contains(" 3 brokers:"), "{listing}");
+    let g = Command::new("kcat")
+        .args([
+            "-b",
+            &nodes[2],
+            "-G",
+            "kcat-group",
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "py-rf3",
+        ])
+        .output()
+        .expect("kcat -G");
+    let lines = String::from_utf8_lossy(&g.stdout).lines().count();
+    assert_eq!(lines, 450, "kcat group consumed {lines}");
 }

@@ -253,6 +253,32 @@ pub fn alter_topic_configs(
     incremental: bool,
     validate_only: bool,
 ) -> OpResult<()> {
+    let (_, configs) = resolve_topic_configs(node, name, changes, incremental)?;
+    if validate_only {
+        return Ok(());
+    }
+    let Some(t) = node.image().topic(name).cloned() else {
+        return Err((
+            Refused::UnknownTopic,
+            format!("Topic {name} does not exist"),
+        ));
+    };
+    let mut meta = (*t).clone();
+    meta.configs = configs;
+    let next = node.image().with_topic(meta);
+    metadata::save_image(&node.data_dir, &next)
+        .map_err(|e| (Refused::Storage, format!("cannot persist metadata: {e}")))?;
+    node.meta.store(Arc::new(next));
+    Ok(())
+}
+
+/// The topic's overrides now and after the changes, validated; changes nothing.
+pub fn resolve_topic_configs(
+    node: &Node,
+    name: &str,
+    changes: Vec<ConfigChange>,
+    incremental: bool,
+) -> OpResult<(BTreeMap<String, String>, BTreeMap<String, String>)> {
     let Some(t) = node.image().topic(name).cloned() else {
         return Err((
             Refused::UnknownTopic,
@@ -319,16 +345,7 @@ pub fn alter_topic_configs(
             }
         }
     }
-    if validate_only {
-        return Ok(());
-    }
-    let mut meta = (*t).clone();
-    meta.configs = configs;
-    let next = node.image().with_topic(meta);
-    metadata::save_image(&node.data_dir, &next)
-        .map_err(|e| (Refused::Storage, format!("cannot persist metadata: {e}")))?;
-    node.meta.store(Arc::new(next));
-    Ok(())
+    Ok((t.configs.clone(), configs))
 }
 
 /// Hands out a new producer id; ids are reserved in persisted blocks so none is reused.

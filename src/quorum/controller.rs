@@ -412,6 +412,51 @@ impl Controller {
             .collect())
     }
 
+    /// CreatePartitions: grows a topic to `count` partitions (never shrinks); the new ones are
+    /// placed like a new topic's, with the replication factor of the existing ones.
+    pub fn create_partitions(
+        &self,
+        image: &MetadataImage,
+        name: &str,
+        count: i32,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        let t = image
+            .topic_by_name(name)
+            .ok_or_else(|| ControllerError::UnknownTopic(name.to_string()))?;
+        let current = t.partitions.len() as i32;
+        if count <= current {
+            return Err(ControllerError::InvalidPartitions(count));
+        }
+        let rf = t
+            .partitions
+            .values()
+            .next()
+            .map_or(1, |p| p.replicas.len() as i32);
+        let eligible: Vec<(i32, Option<&str>)> = image
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| (b.broker_id, b.rack.as_deref()))
+            .collect();
+        let placement = place_replicas(&eligible, count, rf)?;
+        Ok(placement
+            .into_iter()
+            .enumerate()
+            .skip(current as usize)
+            .map(|(p, replicas)| {
+                MetadataRecord::Partition(PartitionRecord {
+                    topic_id: t.topic_id,
+                    partition: p as i32,
+                    leader: replicas[0],
+                    isr: replicas.clone(),
+                    replicas,
+                    leader_epoch: 0,
+                    partition_epoch: 0,
+                })
+            })
+            .collect())
+    }
+
     /// AllocateProducerIds: the block `[first, first + size)` and the record that reserves it.
     pub fn allocate_producer_ids(
         &self,

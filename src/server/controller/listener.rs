@@ -189,6 +189,12 @@ async fn kafka_request(svc: &Rc<QuorumService>, frame: &Bytes) -> std::io::Resul
             ResponseKind::AllocateProducerIds(allocate_producer_ids(svc, r).await)
         }
         RequestKind::DescribeQuorum(_) => ResponseKind::DescribeQuorum(describe_quorum(svc)),
+        RequestKind::CreatePartitions(r) => {
+            ResponseKind::CreatePartitions(create_partitions(svc, r).await)
+        }
+        RequestKind::IncrementalAlterConfigs(r) => {
+            ResponseKind::IncrementalAlterConfigs(alter_configs(svc, r).await)
+        }
         _ => {
             return Err(std::io::Error::other(format!(
                 "{key:?} is not a controller request"
@@ -464,5 +470,95 @@ fn describe_quorum(svc: &QuorumService) -> DescribeQuorumResponse {
     t.partitions.push(p);
     let mut resp = DescribeQuorumResponse::default();
     resp.topics.push(t);
+    resp
+}
+
+async fn create_partitions(
+    svc: &QuorumService,
+    r: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
+    let mut resp = CreatePartitionsResponse::default();
+    for t in r.topics {
+        let mut res = create_partitions_response::CreatePartitionsTopicResult::default();
+        res.name = t.name.clone();
+        let name = t.name.0.to_string();
+        if t.assignments.is_some() {
+            res.error_code = ec::INVALID_REQUEST;
+            res.error_message = Some(StrBytes::from_static_str(
+                "manual replica assignment is not supported yet",
+            ));
+            resp.results.push(res);
+            continue;
+        }
+        let validate_only = r.validate_only;
+        match svc
+            .propose(|ctl, img, _, _| {
+                let recs = ctl.create_partitions(img, &name, t.count)?;
+                Ok(((), if validate_only { Vec::new() } else { recs }))
+            })
+            .await
+        {
+            Ok(()) => {}
+            Err(f) => {
+                res.error_code = fail_code(&f);
+                if let ProposeFail::Rejected(e) = &f {
+                    res.error_message = Some(StrBytes::from_string(e.to_string()));
+                }
+            }
+        }
+        resp.results.push(res);
+    }
+    resp
+}
+
+/// Topic config changes, already resolved by the forwarding broker into sets (operation 0)
+/// and deletions (operation 1), validated there.
+async fn alter_configs(
+    svc: &QuorumService,
+    r: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
+    let mut resp = IncrementalAlterConfigsResponse::default();
+    for res in r.resources {
+        let mut out = incremental_alter_configs_response::AlterConfigsResourceResponse::default();
+        out.resource_type = res.resource_type;
+        out.resource_name = res.resource_name.clone();
+        let name = res.resource_name.to_string();
+        let mut changes = Vec::new();
+        for c in &res.configs {
+            let value = c.value.as_ref().map(|v| v.to_string());
+            match c.config_operation {
+                0 => {
+                    let v = value.unwrap_or_default();
+                    if let Err(m) = topic_config::validate(c.name.as_str(), &v) {
+                        out.error_code = ec::INVALID_CONFIG;
+                        out.error_message = Some(StrBytes::from_string(m));
+                    }
+                    changes.push((c.name.to_string(), Some(v)));
+                }
+                1 => changes.push((c.name.to_string(), None)),
+                _ => {
+                    out.error_code = ec::INVALID_REQUEST;
+                    out.error_message = Some(StrBytes::from_static_str(
+                        "the controller takes resolved set and delete operations only",
+                    ));
+                }
+            }
+        }
+        if res.resource_type != 2 {
+            out.error_code = ec::INVALID_REQUEST;
+        }
+        if out.error_code == ec::NONE && !r.validate_only {
+            if let Err(f) = svc
+                .propose(|ctl, img, _, _| {
+                    ctl.alter_topic_configs(img, &name, &changes)
+                        .map(|r| ((), r))
+                })
+                .await
+            {
+                out.error_code = fail_code(&f);
+            }
+        }
+        resp.responses.push(out);
+    }
     resp
 }

@@ -29,10 +29,7 @@ pub async fn alter_resource(
         ));
     }
     if node.cluster.is_some() {
-        return Err((
-            ec::INVALID_REQUEST,
-            "altering topic configs is not supported in a cluster yet".into(),
-        ));
+        return forwarded(node, name, changes, incremental, validate_only).await;
     }
     let name = name.to_owned();
     on_controller(node, move |node| {
@@ -76,4 +73,63 @@ pub async fn handle(ctx: &ConnCtx, req: AlterConfigsRequest) -> AlterConfigsResp
         resp.responses.push(r);
     }
     resp
+}
+
+/// In a cluster: the changes are resolved against this node's image (the same rules as on one
+/// node), then the active controller records the resulting sets and deletions.
+async fn forwarded(
+    node: &Node,
+    name: &str,
+    changes: Vec<ConfigChange>,
+    incremental: bool,
+    validate_only: bool,
+) -> Result<(), (i16, String)> {
+    use kafka_protocol::messages::incremental_alter_configs_request::{
+        AlterConfigsResource, AlterableConfig, IncrementalAlterConfigsRequest,
+    };
+    let (current, next) = controller::resolve_topic_configs(node, name, changes, incremental)
+        .map_err(ec::controller)?;
+    let mut res = AlterConfigsResource::default();
+    res.resource_type = RESOURCE_TOPIC;
+    res.resource_name = sb(name);
+    for (k, v) in &next {
+        if current.get(k) != Some(v) {
+            let mut c = AlterableConfig::default();
+            c.name = sb(k);
+            c.config_operation = 0;
+            c.value = Some(sb(v));
+            res.configs.push(c);
+        }
+    }
+    for k in current.keys().filter(|k| !next.contains_key(*k)) {
+        let mut c = AlterableConfig::default();
+        c.name = sb(k);
+        c.config_operation = 1;
+        res.configs.push(c);
+    }
+    let mut req = IncrementalAlterConfigsRequest::default();
+    req.validate_only = validate_only;
+    req.resources.push(res);
+    let resp = crate::server::controller::forward(node, 1, &req)
+        .await
+        .map_err(|e| (ec::NOT_CONTROLLER, format!("{e:#}")))?;
+    if let Some(r) = resp.responses.first() {
+        if r.error_code != ec::NONE {
+            return Err((
+                r.error_code,
+                r.error_message
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+            ));
+        }
+    }
+    if !validate_only {
+        let name = name.to_string();
+        crate::server::controller::wait_for_image(node, std::time::Duration::from_secs(5), |img| {
+            img.topic(&name).is_some_and(|t| t.configs == next)
+        })
+        .await;
+    }
+    Ok(())
 }

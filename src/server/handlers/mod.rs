@@ -96,7 +96,7 @@ async fn dispatch_kind(
             ResponseKind::DescribeQuorum(describe_quorum::handle(ctx, version, r).await)
         }
         RequestKind::CreatePartitions(r) => {
-            ResponseKind::CreatePartitions(create_partitions::handle(ctx, r).await)
+            ResponseKind::CreatePartitions(create_partitions::handle(ctx, version, r).await)
         }
         RequestKind::DeleteRecords(r) => {
             ResponseKind::DeleteRecords(delete_records::handle(ctx, r).await)
