@@ -711,3 +711,41 @@ fn python_clients_and_kcat_see_a_three_node_cluster() {
     let lines = String::from_utf8_lossy(&g.stdout).lines().count();
     assert_eq!(lines, 450, "kcat group consumed {lines}");
 }
+
+/// Where `.ci/run` installs kafkajs (npm), unless FJORD_NODE_PATH names another place.
+fn kafkajs_path() -> std::path::PathBuf {
+    match std::env::var_os("FJORD_NODE_PATH") {
+        Some(p) => p.into(),
+        None => std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/fjord/js/node_modules"),
+    }
+}
+
+#[test]
+fn kafkajs_sees_a_three_node_cluster() {
+    let path = kafkajs_path();
+    assert!(
+        path.join("kafkajs").exists(),
+        "kafkajs is not installed in {} (npm install --prefix ~/.cache/fjord/js kafkajs@2.2.4)",
+        path.display()
+    );
+    let cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&cl.node(1).bootstrap(), None).0 == all).then_some(())
+    });
+    let nodes: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/cluster.js");
+    let out = Command::new("node")
+        .arg(script)
+        .arg(nodes.join(","))
+        .env("NODE_PATH", &path)
+        .output()
+        .expect("node (apt install nodejs)");
+    assert!(
+        out.status.success(),
+        "kafkajs failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
