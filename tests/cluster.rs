@@ -218,6 +218,15 @@ fn three_voters_and_a_broker_form_a_cluster_that_survives_losing_its_controller(
             "node {id} missing from\n{status}"
         );
     }
+    // One shard each, unfenced.
+    assert_eq!(
+        status
+            .lines()
+            .filter(|l| l.ends_with(" 1        unfenced"))
+            .count(),
+        4,
+        "{status}"
+    );
 
     // Replication factor 3: three distinct replicas per partition, spread over the nodes;
     // only the leader is reported in sync until replication lands.

@@ -29,8 +29,14 @@ fn err_name(code: i16) -> String {
 
 impl Client {
     pub fn connect(addr: &str) -> anyhow::Result<Client> {
-        let stream =
-            TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+        use std::net::ToSocketAddrs;
+        let resolved = addr
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve {addr}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+        let stream = TcpStream::connect_timeout(&resolved, Duration::from_secs(5))
+            .with_context(|| format!("cannot connect to {addr}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         Ok(Client {
             stream,
@@ -461,19 +467,31 @@ pub fn cluster_status(bootstrap: &str) -> anyhow::Result<String> {
         }
     }
     writeln!(out, "nodes:")?;
-    writeln!(out, "  {:<6} {:<24} {:<10} STATE", "ID", "ADDRESS", "RACK")?;
+    writeln!(
+        out,
+        "  {:<6} {:<24} {:<10} {:<8} STATE",
+        "ID", "ADDRESS", "RACK", "SHARDS"
+    )?;
     let mut brokers: Vec<_> = cl.brokers.iter().collect();
     brokers.sort_by_key(|b| b.broker_id.0);
     for b in brokers {
+        let addr = format!("{}:{}", b.host, b.port);
+        // Each live node says how many shards it runs (a broker config); "?" if unreachable.
+        let shards = if b.is_fenced {
+            None
+        } else {
+            broker_config(&addr, "fjord.shards").ok().flatten()
+        };
         writeln!(
             out,
-            "  {:<6} {:<24} {:<10} {}",
+            "  {:<6} {:<24} {:<10} {:<8} {}",
             b.broker_id.0,
-            format!("{}:{}", b.host, b.port),
+            addr,
             b.rack
                 .as_ref()
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "-".into()),
+            shards.unwrap_or_else(|| "?".into()),
             if b.is_fenced { "fenced" } else { "unfenced" }
         )?;
     }

@@ -37,7 +37,7 @@ pub async fn handle(
         })
         .await;
         match out {
-            None => dg.error_code = ec::COORDINATOR_NOT_AVAILABLE,
+            None => dg.error_code = super::util::no_coordinator(&ctx.shard.node, &group),
             Some(None) => {
                 dg.error_code = ec::GROUP_ID_NOT_FOUND;
                 dg.error_message = Some(sb(&format!("Group {group} not found.")));

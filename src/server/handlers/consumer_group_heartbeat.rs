@@ -48,7 +48,10 @@ pub async fn handle(
     })
     .await;
     match out {
-        None => error_response(ec::COORDINATOR_NOT_AVAILABLE, "coordinator not available"),
+        None => error_response(
+            super::util::no_coordinator(&ctx.shard.node, &group),
+            "coordinator not available",
+        ),
         Some(Err((code, msg))) => error_response(code, &msg),
         Some(Ok((resp, assignment))) => to_wire(resp, assignment),
     }

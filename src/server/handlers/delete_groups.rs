@@ -25,7 +25,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: DeleteGroupsRequest) -> Del
             g.delete_group_and_offsets(sh.as_ref(), &g2).await
         })
         .await;
-        dr.error_code = out.unwrap_or(ec::COORDINATOR_NOT_AVAILABLE);
+        dr.error_code = out.unwrap_or_else(|| super::util::no_coordinator(&ctx.shard.node, &group));
         resp.results.push(dr);
     }
     resp

@@ -140,6 +140,17 @@ pub async fn handle(ctx: &ConnCtx, req: DescribeConfigsRequest) -> DescribeConfi
                     ),
                     // Where `fjord top --bootstrap` finds the Prometheus endpoint.
                     ("metrics.listen", node.tuning.metrics.listen.clone()),
+                    ("node.id", node.node_id.to_string()),
+                    ("broker.rack", node.tuning.node.rack.clone()),
+                    (
+                        "offsets.topic.replication.factor",
+                        node.tuning
+                            .group
+                            .offsets_topic_replication_factor
+                            .to_string(),
+                    ),
+                    // How many shards (cores) serve on this node (`fjord cluster status`).
+                    ("fjord.shards", node.shards().to_string()),
                 ];
                 for (k, v) in broker_cfgs.iter().filter(|(k, _)| wanted(k)) {
                     let mut c = DescribeConfigsResourceResult::default();

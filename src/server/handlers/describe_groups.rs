@@ -34,7 +34,7 @@ pub async fn handle(
         })
         .await;
         match d {
-            None => dg.error_code = ec::COORDINATOR_NOT_AVAILABLE,
+            None => dg.error_code = super::util::no_coordinator(&ctx.shard.node, &group),
             Some(None) => dg.group_state = sb("Dead"),
             Some(Some(d)) => {
                 dg.group_state = sb(d.state);

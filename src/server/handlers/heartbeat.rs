@@ -26,7 +26,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: HeartbeatRequest) -> Heartb
     })
     .await;
     resp.error_code = match out {
-        None => ec::COORDINATOR_NOT_AVAILABLE,
+        None => super::util::no_coordinator(&ctx.shard.node, &group),
         Some(Ok(())) => ec::NONE,
         Some(Err(code)) => code,
     };

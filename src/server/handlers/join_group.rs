@@ -44,7 +44,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, r: JoinGroupRequest) -> JoinGro
     .await
     .flatten();
     match out {
-        None => resp.error_code = ec::COORDINATOR_NOT_AVAILABLE,
+        None => resp.error_code = super::util::no_coordinator(&ctx.shard.node, &group),
         Some(j) => {
             resp.error_code = j.error_code;
             resp.generation_id = j.generation_id;

@@ -35,7 +35,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, r: LeaveGroupRequest) -> LeaveG
     })
     .await;
     match out {
-        None => resp.error_code = ec::COORDINATOR_NOT_AVAILABLE,
+        None => resp.error_code = super::util::no_coordinator(&ctx.shard.node, &group),
         Some((top, per)) => {
             resp.error_code = top.err().unwrap_or(ec::NONE);
             if version >= 3 {

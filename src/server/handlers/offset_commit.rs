@@ -76,7 +76,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: OffsetCommitRequest) -> Off
             .await
         })
         .await
-        .unwrap_or(ec::COORDINATOR_NOT_AVAILABLE)
+        .unwrap_or_else(|| super::util::no_coordinator(&ctx.shard.node, &group))
     };
     for (t, row) in r.topics.iter().zip(pre) {
         let mut tr = OffsetCommitResponseTopic::default();

@@ -31,7 +31,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: OffsetDeleteRequest) -> Off
     })
     .await;
     match out {
-        None => resp.error_code = ec::COORDINATOR_NOT_AVAILABLE,
+        None => resp.error_code = super::util::no_coordinator(&ctx.shard.node, &group),
         Some(Err(code)) => resp.error_code = code,
         Some(Ok(per)) => {
             let mut per = per.into_iter();

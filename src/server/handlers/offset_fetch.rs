@@ -29,7 +29,7 @@ async fn validate_fetch(
         g.validate_fetch(&g2, member_id.as_deref(), member_epoch)
     })
     .await
-    .unwrap_or(Err(ec::COORDINATOR_NOT_AVAILABLE))
+    .unwrap_or_else(|| Err(super::util::no_coordinator(&ctx.shard.node, &group)))
 }
 
 /// One group's committed offsets: None topics means every committed partition.
@@ -46,7 +46,7 @@ async fn fetch_group(
         g.committed_offsets(&g2, topics)
     })
     .await
-    .ok_or(ec::COORDINATOR_NOT_AVAILABLE)
+    .ok_or_else(|| super::util::no_coordinator(&ctx.shard.node, &group))
 }
 
 pub async fn handle(ctx: &ConnCtx, version: i16, r: OffsetFetchRequest) -> OffsetFetchResponse {

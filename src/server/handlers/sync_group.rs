@@ -34,7 +34,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, r: SyncGroupRequest) -> SyncGro
     .await
     .flatten();
     match out {
-        None => resp.error_code = ec::COORDINATOR_NOT_AVAILABLE,
+        None => resp.error_code = super::util::no_coordinator(&ctx.shard.node, &group),
         Some(x) => {
             resp.error_code = x.error_code;
             if version >= 5 {

@@ -83,3 +83,18 @@ pub fn sb(s: &str) -> StrBytes {
 pub fn tn(s: &str) -> TopicName {
     TopicName(sb(s))
 }
+
+/// The error for a group request this node cannot serve: NOT_COORDINATOR when, in a cluster,
+/// another node leads the group's offsets partition (the client then looks its coordinator up
+/// again), COORDINATOR_NOT_AVAILABLE otherwise.
+pub fn no_coordinator(node: &Node, group: &str) -> i16 {
+    if node.cluster.is_some() {
+        let img = node.image();
+        if let Some(t) = img.topic(OFFSETS_TOPIC) {
+            if !node.leads(t, offsets_partition_for(group, t.partitions)) {
+                return crate::server::errors::NOT_COORDINATOR;
+            }
+        }
+    }
+    crate::server::errors::COORDINATOR_NOT_AVAILABLE
+}
