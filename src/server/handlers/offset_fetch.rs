@@ -29,7 +29,7 @@ async fn validate_fetch(
         g.validate_fetch(&g2, member_id.as_deref(), member_epoch)
     })
     .await
-    .unwrap_or_else(|| Err(super::util::no_coordinator(&ctx.shard.node, &group)))
+    .unwrap_or_else(|| Err(super::util::no_coordinator(&ctx.shard.node, group)))
 }
 
 /// One group's committed offsets: None topics means every committed partition.
