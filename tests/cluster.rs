@@ -758,3 +758,43 @@ fn kafkajs_sees_a_three_node_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_node_of_another_cluster_is_refused() {
+    let mut first = Cluster::start(1, 1);
+    let boot = first.node(1).bootstrap();
+    let both: BTreeSet<i32> = [1, 2].into();
+    wait_for("both nodes registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == both).then_some(())
+    });
+    // Node 2 has recorded the first cluster's id in meta.properties.
+    let data = first.node(2).data().to_path_buf();
+    wait_for("the cluster id recorded", Duration::from_secs(10), || {
+        std::fs::read_to_string(data.join("meta.properties"))
+            .ok()
+            .filter(|m| m.contains("cluster.id="))
+    });
+    first.node_mut(2).kill9();
+    // A new quorum (a new cluster id) on fresh disks: node 2's data dir does not belong there.
+    let second = Cluster::start(1, 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args([
+            "serve",
+            "--node-id",
+            "2",
+            "--cores",
+            "1",
+            "--overprovisioned",
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--controllers")
+        .arg(&second.voters)
+        .output()
+        .expect("run node 2 against another cluster");
+    assert!(!out.status.success(), "must exit non-zero");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("belongs to cluster"), "{log}");
+}

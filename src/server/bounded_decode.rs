@@ -165,6 +165,7 @@ pub fn probe_decode(key: ApiKey, buf: &mut ProbeBuf, version: i16) -> anyhow::Re
         BrokerRegistration => BrokerRegistrationRequest,
         BrokerHeartbeat => BrokerHeartbeatRequest,
         AllocateProducerIds => AllocateProducerIdsRequest,
+        Envelope => EnvelopeRequest,
     )
 }
 

@@ -126,6 +126,15 @@ async fn metadata_fetch(svc: &QuorumService, frame: &Bytes) -> std::io::Result<V
 
 /// Answers (or relays) one Kafka request; `None` when no controller can answer it now.
 async fn kafka_request(svc: &Rc<QuorumService>, frame: &Bytes) -> std::io::Result<Option<Vec<u8>>> {
+    Box::pin(kafka_request_inner(svc, frame, true)).await
+}
+
+/// `outer`: a frame from the connection; an envelope's inner request is not an envelope again.
+async fn kafka_request_inner(
+    svc: &Rc<QuorumService>,
+    frame: &Bytes,
+    outer: bool,
+) -> std::io::Result<Option<Vec<u8>>> {
     if !svc.is_leader() {
         let Some(leader) = svc.wait_for_leader(Duration::from_secs(5)).await else {
             return Ok(None);
@@ -189,6 +198,15 @@ async fn kafka_request(svc: &Rc<QuorumService>, frame: &Bytes) -> std::io::Resul
             ResponseKind::AllocateProducerIds(allocate_producer_ids(svc, r).await)
         }
         RequestKind::DescribeQuorum(_) => ResponseKind::DescribeQuorum(describe_quorum(svc)),
+        RequestKind::Envelope(e) if outer => {
+            // KIP-590: a broker forwards its client's request; answer it as its own.
+            let mut r = EnvelopeResponse::default();
+            match Box::pin(kafka_request_inner(svc, &e.request_data, false)).await {
+                Ok(Some(out)) => r.response_data = Some(Bytes::from(out).slice(4..)),
+                _ => r.error_code = ec::NOT_CONTROLLER,
+            }
+            ResponseKind::Envelope(r)
+        }
         RequestKind::CreatePartitions(r) => {
             ResponseKind::CreatePartitions(create_partitions(svc, r).await)
         }

@@ -438,6 +438,40 @@ pub async fn forward<R: Request>(
     Err(last_err.context("no active controller answered"))
 }
 
+/// Forwards a client's request to the active controller wrapped in an Envelope (KIP-590), as
+/// a KRaft broker does for the admin requests it receives; the controller answers it as if the
+/// client had sent it there.
+pub async fn forward_for_client<R: Request>(
+    node: &Node,
+    version: i16,
+    req: &R,
+    client_host: &str,
+) -> anyhow::Result<R::Response> {
+    use kafka_protocol::protocol::{Decodable, HeaderVersion};
+    let mut env = EnvelopeRequest::default();
+    env.request_data = wire::request_bytes(version, "fjord-forward", req)?;
+    env.client_host_address = match client_host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => bytes::Bytes::copy_from_slice(&a.octets()),
+        Ok(std::net::IpAddr::V6(a)) => bytes::Bytes::copy_from_slice(&a.octets()),
+        Err(_) => bytes::Bytes::from_static(&[127, 0, 0, 1]),
+    };
+    let resp = forward(node, 0, &env).await?;
+    if resp.error_code != ec::NONE {
+        anyhow::bail!(
+            "the controller refused the envelope: {:?}",
+            kafka_protocol::ResponseError::try_from_code(resp.error_code)
+        );
+    }
+    let mut data = resp
+        .response_data
+        .ok_or_else(|| anyhow::anyhow!("an envelope response without data"))?;
+    let _ = ResponseHeader::decode(
+        &mut data,
+        <R::Response as HeaderVersion>::header_version(version),
+    )?;
+    R::Response::decode(&mut data, version)
+}
+
 /// Waits (up to `d`) until this node's image satisfies `ready`.
 pub async fn wait_for_image(
     node: &Node,

@@ -80,6 +80,19 @@ pub fn kafka_frame<R: Request>(
     Ok(buf.to_vec())
 }
 
+/// A request's header and body without the size prefix: what an Envelope carries.
+pub fn request_bytes<R: Request>(version: i16, client_id: &str, req: &R) -> anyhow::Result<Bytes> {
+    let mut h = RequestHeader::default();
+    h.request_api_key = R::KEY;
+    h.request_api_version = version;
+    h.correlation_id = 0;
+    h.client_id = Some(StrBytes::from_string(client_id.to_string()));
+    let mut buf = BytesMut::new();
+    h.encode(&mut buf, R::header_version(version))?;
+    req.encode(&mut buf, version)?;
+    Ok(buf.freeze())
+}
+
 /// One connection to a controller listener; requests one at a time.
 pub struct Conn {
     stream: TcpStream,

@@ -18,7 +18,7 @@ pub async fn handle(
 ) -> CreatePartitionsResponse {
     let node = ctx.shard.node.clone();
     if node.cluster.is_some() {
-        return forwarded(&node, version, req).await;
+        return forwarded(&node, version, req, &ctx.client_host).await;
     }
     let mut resp = CreatePartitionsResponse::default();
     for t in req.topics {
@@ -44,13 +44,14 @@ async fn forwarded(
     node: &crate::cluster::node::Node,
     version: i16,
     req: CreatePartitionsRequest,
+    client_host: &str,
 ) -> CreatePartitionsResponse {
     let wanted: Vec<(String, i32)> = req
         .topics
         .iter()
         .map(|t| (t.name.0.to_string(), t.count))
         .collect();
-    match crate::server::controller::forward(node, version, &req).await {
+    match crate::server::controller::forward_for_client(node, version, &req, client_host).await {
         Ok(resp) => {
             if !req.validate_only {
                 let grown: Vec<(String, i32)> = resp

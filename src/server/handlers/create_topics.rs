@@ -133,7 +133,9 @@ pub async fn forwarded(
 ) -> CreateTopicsResponse {
     let node = ctx.shard.node.clone();
     let validate_only = req.validate_only;
-    match crate::server::controller::forward(&node, version, &req).await {
+    match crate::server::controller::forward_for_client(&node, version, &req, &ctx.client_host)
+        .await
+    {
         Ok(resp) => {
             if !validate_only {
                 let created: Vec<String> = resp

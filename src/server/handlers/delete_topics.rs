@@ -59,7 +59,9 @@ pub async fn forwarded(
     req: DeleteTopicsRequest,
 ) -> DeleteTopicsResponse {
     let node = ctx.shard.node.clone();
-    match crate::server::controller::forward(&node, version, &req).await {
+    match crate::server::controller::forward_for_client(&node, version, &req, &ctx.client_host)
+        .await
+    {
         Ok(resp) => {
             let gone: Vec<uuid::Uuid> = resp
                 .responses

@@ -18,7 +18,9 @@ pub async fn handle(
 ) -> DescribeQuorumResponse {
     let node = ctx.shard.node.clone();
     if node.cluster.is_some() {
-        return match crate::server::controller::forward(&node, version, &req).await {
+        let forwarded =
+            crate::server::controller::forward_for_client(&node, version, &req, &ctx.client_host);
+        return match forwarded.await {
             Ok(r) => r,
             Err(e) => {
                 let mut r = DescribeQuorumResponse::default();
