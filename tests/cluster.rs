@@ -228,8 +228,7 @@ fn three_voters_and_a_broker_form_a_cluster_that_survives_losing_its_controller(
         "{status}"
     );
 
-    // Replication factor 3: three distinct replicas per partition, spread over the nodes;
-    // only the leader is reported in sync until replication lands.
+    // Replication factor 3: three distinct replicas per partition, spread over the nodes.
     create_topic(&cl.node(2).bootstrap(), "orders", 6, 3);
     let (_, parts) = metadata(&boot, Some("orders"));
     assert_eq!(parts.len(), 6);
@@ -238,7 +237,9 @@ fn three_voters_and_a_broker_form_a_cluster_that_survives_losing_its_controller(
         let distinct: BTreeSet<i32> = replicas.iter().copied().collect();
         assert_eq!(distinct.len(), 3, "replicas {replicas:?}");
         assert!(distinct.is_subset(&all));
-        assert_eq!(isr, &vec![*leader]);
+        // Followers replicate: every replica of a new partition is in sync.
+        let in_sync: BTreeSet<i32> = isr.iter().copied().collect();
+        assert_eq!(in_sync, distinct, "isr {isr:?}");
         assert_eq!(replicas[0], *leader);
         leaders.insert(*leader);
     }
@@ -797,4 +798,115 @@ fn a_node_of_another_cluster_is_refused() {
     assert!(!out.status.success(), "must exit non-zero");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("belongs to cluster"), "{log}");
+}
+
+/// Every record of `topic` from the beginning, as (partition, offset, value).
+fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+) -> Vec<(i32, i64, Vec<u8>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "cluster-read-all")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    c.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.payload().map(|p| p.to_vec()).unwrap_or_default(),
+            ));
+        }
+    }
+    // Anything beyond what was expected (a duplicate) shows up in a short extra wait.
+    let extra_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < extra_until {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.payload().map(|p| p.to_vec()).unwrap_or_default(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
+    let mut cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    {
+        let a = admin(&boot);
+        let t =
+            NewTopic::new("durable", 3, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
+        let r = futures::executor::block_on(a.create_topics(&[t], &AdminOptions::new()))
+            .expect("create_topics");
+        r[0].as_ref().expect("created");
+    }
+    // An idempotent acks=all producer: every acknowledged record is on every in-sync replica.
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &boot)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .expect("producer");
+    for i in 0..1000 {
+        let v = format!("d{i}");
+        p.send(BaseRecord::<(), _>::to("durable").payload(&v))
+            .expect("enqueue");
+    }
+    p.flush(Duration::from_secs(30)).expect("all acknowledged");
+    let (_, parts) = metadata(&boot, Some("durable"));
+    let victim = parts[0].0;
+    // kill -9 the leader of partition 0; a replica from the ISR takes over with the data.
+    cl.node_mut(victim).kill9();
+    let survivor = *all.iter().find(|n| **n != victim).unwrap();
+    let sb = cl.node(survivor).bootstrap();
+    wait_for(
+        "a new leader for every partition",
+        Duration::from_secs(30),
+        || {
+            let (_, parts) = metadata(&sb, Some("durable"));
+            (parts.len() == 3 && parts.iter().all(|p| p.0 >= 0 && p.0 != victim)).then_some(())
+        },
+    );
+    // Writes go on with the two remaining replicas (min.insync.replicas = 2).
+    for i in 1000..1200 {
+        let v = format!("d{i}");
+        p.send(BaseRecord::<(), _>::to("durable").payload(&v))
+            .expect("enqueue");
+    }
+    p.flush(Duration::from_secs(60))
+        .expect("acknowledged after the failover");
+    let got = read_all(&sb, "durable", 3, 1200);
+    let values: BTreeSet<Vec<u8>> = got.iter().map(|g| g.2.clone()).collect();
+    assert_eq!(values.len(), 1200, "every acknowledged record is there");
+    assert_eq!(got.len(), 1200, "and none twice");
+    // The restarted node comes back as a follower and catches up.
+    let data = cl.node(victim).data().to_path_buf();
+    let voters = cl.voters.clone();
+    *cl.node_mut(victim) = Cluster::spawn(victim, &voters, Some(data));
+    wait_for(
+        "the restarted node registered",
+        Duration::from_secs(30),
+        || (metadata(&sb, None).0 == all).then_some(()),
+    );
 }

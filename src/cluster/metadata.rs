@@ -27,6 +27,8 @@ pub struct TopicMeta {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     pub replicas: Vec<i32>,
+    /// The in-sync replicas, leader included.
+    pub isr: Vec<i32>,
     /// -1 when no replica may lead.
     pub leader: i32,
     pub leader_epoch: i32,
@@ -84,11 +86,13 @@ pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> Me
             assignments.push(match t.partitions.get(&p) {
                 Some(r) => Assignment {
                     replicas: r.replicas.clone(),
+                    isr: r.isr.clone(),
                     leader: r.leader,
                     leader_epoch: r.leader_epoch,
                 },
                 None => Assignment {
                     replicas: Vec::new(),
+                    isr: Vec::new(),
                     leader: -1,
                     leader_epoch: -1,
                 },

@@ -244,6 +244,8 @@ pub struct EffectiveConfig {
     pub max_compaction_lag_ms: i64,
     /// The node's delay before the background sync that makes writes visible.
     pub visibility_sync_delay_us: u64,
+    /// min.insync.replicas: an acks=all produce needs this many in-sync replicas.
+    pub min_insync_replicas: usize,
 }
 
 impl EffectiveConfig {
@@ -283,6 +285,7 @@ impl EffectiveConfig {
                 || num("flush.ms", i64::MAX) < i64::MAX,
             max_compaction_lag_ms,
             visibility_sync_delay_us: t.log.visibility_sync_delay_us,
+            min_insync_replicas: num("min.insync.replicas", 1).max(1) as usize,
         }
     }
 }

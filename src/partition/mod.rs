@@ -1,6 +1,11 @@
 //! One partition replica on its owning shard: the log, the high watermark, the idempotent
-//! producer checks and the wake-ups of fetches waiting for data. Single node: the leader is
-//! the only replica, so the high watermark is the synced end of its log.
+//! producer checks and the wake-ups of fetches waiting for data.
+//!
+//! A partition with one replica (or on a one-node cluster): the high watermark is the synced
+//! end of its log. A replicated partition (`Replication`, Kafka's ISR rules): its leader's
+//! high watermark is the lowest synced end over itself and the in-sync followers (each
+//! follower reports its synced end as the offset it fetches next); a follower's is the
+//! leader's, capped at its own synced end. acks=all waits for the high watermark.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -23,6 +28,26 @@ pub struct Partition {
     syncer_running: std::cell::Cell<bool>,
     /// What consumers may read (tuning `log.visibility`).
     visibility: Visibility,
+    repl: std::cell::RefCell<Replication>,
+    /// Woken when the high watermark of a replicated partition moves (acks=all waits).
+    hw_moved: Notify,
+}
+
+/// A replicated partition's state on this replica: its role, the in-sync followers (from the
+/// metadata image) and, on the leader, what each follower has.
+#[derive(Debug, Default)]
+pub struct Replication {
+    /// More than one replica: the high watermark follows the ISR.
+    pub replicated: bool,
+    /// The replication factor.
+    pub replicas: usize,
+    pub leader: bool,
+    /// The in-sync replicas other than the leader (leader's view).
+    pub isr_followers: Vec<i32>,
+    /// Per follower: its synced log end, as its last fetch said.
+    pub follower_end: std::collections::HashMap<i32, u64>,
+    /// The high watermark (monotonic on the leader; the leader's, capped, on a follower).
+    pub hw: u64,
 }
 
 /// What the high watermark of a single replica is.
@@ -47,6 +72,8 @@ pub struct Queued {
 #[derive(Debug, Clone, Copy)]
 pub struct Appended {
     pub base_offset: i64,
+    /// One past the last offset appended.
+    pub end_offset: u64,
     pub log_append_time_ms: i64,
     pub log_start_offset: i64,
 }
@@ -74,16 +101,165 @@ impl Partition {
             data_ready: Notify::new(),
             syncer_running: std::cell::Cell::new(false),
             visibility,
+            repl: std::cell::RefCell::new(Replication::default()),
+            hw_moved: Notify::new(),
         })
+    }
+
+    /// The role and ISR from the metadata image. `isr_followers` are the in-sync replicas
+    /// other than the leader; `replicas` the replication factor.
+    pub fn set_replication(&self, replicas: usize, leader: bool, isr_followers: Vec<i32>) {
+        {
+            let mut r = self.repl.borrow_mut();
+            let became_leader = leader && !r.leader;
+            r.replicated = replicas > 1;
+            r.replicas = replicas;
+            r.leader = leader;
+            r.follower_end.retain(|f, _| isr_followers.contains(f));
+            r.isr_followers = isr_followers;
+            if became_leader {
+                // A new leader starts from what it knew as a follower (Kafka's rule: its high
+                // watermark may start lower than its predecessor's, never higher than its own
+                // synced end).
+                r.hw = r.hw.min(self.durable_end());
+            }
+        }
+        self.recompute_hw();
+    }
+
+    pub fn replication(&self) -> std::cell::Ref<'_, Replication> {
+        self.repl.borrow()
+    }
+
+    /// What this replica holds on stable storage (or has written, under `Visibility::Written`).
+    pub fn durable_end(&self) -> u64 {
+        match self.visibility {
+            Visibility::Synced => self.log.synced_end(),
+            Visibility::Written => self.log.log_end_offset(),
+        }
+    }
+
+    /// On the leader: a follower fetched from `offset`, so it holds (synced) everything below.
+    pub fn follower_fetched(&self, follower: i32, offset: u64) {
+        {
+            let mut r = self.repl.borrow_mut();
+            if !r.leader {
+                return;
+            }
+            r.follower_end.insert(follower, offset);
+        }
+        self.recompute_hw();
+    }
+
+    /// On a follower: the leader's high watermark from its fetch response.
+    pub fn leader_hw(&self, hw: u64) {
+        {
+            let mut r = self.repl.borrow_mut();
+            if r.leader {
+                return;
+            }
+            let capped = hw.min(self.durable_end());
+            if capped <= r.hw {
+                return;
+            }
+            r.hw = capped;
+        }
+        self.hw_moved.notify_waiters();
+        self.wake_fetchers();
+    }
+
+    /// The leader's rule: the lowest synced end over itself and the in-sync followers.
+    fn recompute_hw(&self) {
+        let moved = {
+            let mut r = self.repl.borrow_mut();
+            if !r.replicated || !r.leader {
+                return;
+            }
+            let mut hw = self.durable_end();
+            for f in &r.isr_followers {
+                hw = hw.min(r.follower_end.get(f).copied().unwrap_or(0));
+            }
+            if hw > r.hw {
+                r.hw = hw;
+                true
+            } else {
+                false
+            }
+        };
+        if moved {
+            self.hw_moved.notify_waiters();
+            self.wake_fetchers();
+        }
+    }
+
+    /// Refuses an acks=all produce before it is appended when the ISR is smaller than
+    /// min(min.insync.replicas, replication factor) (Kafka: NOT_ENOUGH_REPLICAS).
+    pub fn check_min_isr(&self, min_insync: usize) -> Result<(), (i16, String)> {
+        let r = self.repl.borrow();
+        if !r.replicated {
+            return Ok(());
+        }
+        let isr = 1 + r.isr_followers.len();
+        let need = min_insync.min(r.replicas);
+        if isr < need {
+            return Err((
+                ec::NOT_ENOUGH_REPLICAS,
+                format!("{isr} in-sync replicas, min.insync.replicas needs {need}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// acks=all on a replicated partition: waits until the high watermark covers `end` (every
+    /// in-sync replica has it synced), or the deadline. If the ISR shrinks below what
+    /// min.insync.replicas needs meanwhile, NOT_ENOUGH_REPLICAS_AFTER_APPEND (the records stay).
+    pub async fn wait_replicated(
+        &self,
+        end: u64,
+        min_insync: usize,
+        deadline: std::time::Instant,
+    ) -> Result<(), (i16, String)> {
+        // Bounded by the deadline: every pass waits for a move of the high watermark.
+        loop {
+            let moved = self.hw_moved.notified();
+            {
+                let r = self.repl.borrow();
+                if !r.replicated || r.hw >= end {
+                    return Ok(());
+                }
+                if !r.leader {
+                    return Err((ec::NOT_LEADER_OR_FOLLOWER, "leadership moved".into()));
+                }
+                if 1 + r.isr_followers.len() < min_insync.min(r.replicas) {
+                    return Err((
+                        ec::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                        "the ISR shrank below min.insync.replicas".into(),
+                    ));
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err((
+                    ec::REQUEST_TIMED_OUT,
+                    "in-sync replicas did not confirm in time".into(),
+                ));
+            }
+            let timer = glommio::timer::sleep(left.min(std::time::Duration::from_millis(500)));
+            futures::pin_mut!(timer);
+            futures::pin_mut!(moved);
+            let _ = futures::future::select(moved, timer).await;
+        }
     }
 
     /// What consumers may read: by default the synced end, so that nothing a power cut can
     /// take back is ever served (single replica: the high watermark is the durable log end).
     pub fn high_watermark(&self) -> i64 {
-        match self.visibility {
-            Visibility::Synced => self.log.synced_end() as i64,
-            Visibility::Written => self.log.log_end_offset() as i64,
+        let own = self.durable_end();
+        let r = self.repl.borrow();
+        if r.replicated {
+            return r.hw.min(own) as i64;
         }
+        own as i64
     }
 
     /// No write or sync of this partition is running (tests and shutdown wait for it).
@@ -114,8 +290,17 @@ impl Partition {
         cfg: &EffectiveConfig,
         cache_bytes_max: usize,
     ) -> Result<Appended, (i16, String)> {
+        if acks == -1 {
+            self.check_min_isr(cfg.min_insync_replicas)?;
+        }
         let q = self.enqueue(records, cfg, cache_bytes_max)?;
-        self.complete(q, acks == -1, 0).await
+        let a = self.complete(q, acks == -1, 0).await?;
+        if acks == -1 {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            self.wait_replicated(a.end_offset, cfg.min_insync_replicas, deadline)
+                .await?;
+        }
+        Ok(a)
     }
 
     /// First half of a produce, with no waiting: validates, checks producer sequences, assigns
@@ -164,40 +349,79 @@ impl Partition {
             None
         };
         let (base, end) = self.log.enqueue(&records, &infos, LEADER_EPOCH, lat);
-        {
-            let mut log = self.log.inner.borrow_mut();
-            let mut next = base;
-            for i in &infos {
-                if i.producer_id >= 0 {
-                    log.producers.entry(i.producer_id).or_default().record(
-                        i.producer_epoch,
-                        ProducerBatch {
-                            first_seq: i.base_sequence,
-                            last_seq: i.last_sequence,
-                            base_offset: next,
-                            last_offset: next + i.last_offset_delta as u64,
-                        },
-                    );
-                }
-                next += i.last_offset_delta as u64 + 1;
-            }
-        }
+        self.record_producers(base, &infos);
         let written = self.log.wait_written(end);
-        let settings = LogSettings {
-            segment_bytes: cfg.segment_bytes,
-            segment_ms: cfg.segment_ms,
-            retention_ms: cfg.retention_ms,
-            retention_bytes: cfg.retention_bytes,
-            cache_bytes_max,
-            visibility_sync_delay_us: cfg.visibility_sync_delay_us,
-        };
-        self.kick_writer(settings);
+        self.kick_writer(log_settings(cfg, cache_bytes_max));
         Ok(Queued {
             base_offset: base,
             end_offset: end,
             log_append_time_ms: lat.unwrap_or(-1),
             written: Some(written),
         })
+    }
+
+    /// Idempotent producers' sequence state of appended batches (leader and followers alike,
+    /// so that sequence checks survive a change of leader).
+    fn record_producers(&self, base: u64, infos: &[BatchInfo]) {
+        let mut log = self.log.inner.borrow_mut();
+        let mut next = base;
+        for i in infos {
+            if i.producer_id >= 0 {
+                log.producers.entry(i.producer_id).or_default().record(
+                    i.producer_epoch,
+                    ProducerBatch {
+                        first_seq: i.base_sequence,
+                        last_seq: i.last_sequence,
+                        base_offset: next,
+                        last_offset: next + i.last_offset_delta as u64,
+                    },
+                );
+            }
+            next += i.last_offset_delta as u64 + 1;
+        }
+    }
+
+    /// On a follower: appends batches fetched from the leader, with the offsets the leader
+    /// gave them, and returns once they are written and synced (a follower reports only what
+    /// it has on disk). The first batch must start at this replica's log end.
+    pub async fn append_replicated(
+        self: &Rc<Self>,
+        records: Bytes,
+        cfg: &EffectiveConfig,
+        cache_bytes_max: usize,
+    ) -> Result<u64, (i16, String)> {
+        let mut infos: Vec<BatchInfo> = Vec::new();
+        // The leader accepted these batches; only their integrity is checked again here.
+        validate_payload(&records, usize::MAX >> 1, &mut infos)
+            .map_err(|e| (ec::CORRUPT_MESSAGE, e.to_string()))?;
+        if infos.is_empty() {
+            return Ok(self.log.log_end_offset());
+        }
+        if let Some(reason) = self.log.fenced() {
+            return Err((ec::KAFKA_STORAGE_ERROR, reason));
+        }
+        let first = u64::from_be_bytes(records[..8].try_into().unwrap_or([0; 8]));
+        let next = self.log.log_end_offset();
+        if first != next || self.log.flushing.get() {
+            return Err((
+                ec::OFFSET_OUT_OF_RANGE,
+                format!("fetched batch at {first}, log ends at {next}"),
+            ));
+        }
+        let (base, end) = self.log.enqueue(&records, &infos, LEADER_EPOCH, None);
+        self.record_producers(base, &infos);
+        let written = self.log.wait_written(end);
+        self.kick_writer(log_settings(cfg, cache_bytes_max));
+        match written.await {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err((ec::KAFKA_STORAGE_ERROR, msg)),
+            Err(_) => return Err((ec::KAFKA_STORAGE_ERROR, "write abandoned".into())),
+        }
+        self.log
+            .sync_to(end)
+            .await
+            .map_err(|e| (ec::KAFKA_STORAGE_ERROR, e.to_string()))?;
+        Ok(end)
     }
 
     /// Second half of a produce: waits for the write, then for fdatasync when `sync` (acks=all,
@@ -212,6 +436,7 @@ impl Partition {
         let Some(written) = q.written else {
             return Ok(Appended {
                 base_offset: q.base_offset as i64,
+                end_offset: q.end_offset,
                 log_append_time_ms: -1,
                 log_start_offset,
             });
@@ -229,9 +454,11 @@ impl Partition {
                 tracing::error!("fdatasync of {}-{} failed: {e}", self.topic, self.index);
                 (ec::KAFKA_STORAGE_ERROR, e.to_string())
             })?;
+            self.recompute_hw();
         }
         Ok(Appended {
             base_offset: q.base_offset as i64,
+            end_offset: q.end_offset,
             log_append_time_ms: q.log_append_time_ms,
             log_start_offset,
         })
@@ -250,7 +477,10 @@ impl Partition {
             // Bounded by the queue: each round writes everything queued so far.
             loop {
                 match me.log.flush_round(&settings).await {
-                    Ok(true) if me.visibility == Visibility::Written => me.wake_fetchers(),
+                    Ok(true) if me.visibility == Visibility::Written => {
+                        me.recompute_hw();
+                        me.wake_fetchers()
+                    }
                     Ok(true) => me.kick_syncer(settings.visibility_sync_delay_us),
                     Ok(false) => break,
                     Err(e) => tracing::error!("write to {}-{} failed: {e}", me.topic, me.index),
@@ -284,6 +514,7 @@ impl Partition {
                     tracing::error!("fdatasync of {}-{} failed: {e}", me.topic, me.index);
                     break;
                 }
+                me.recompute_hw();
                 me.wake_fetchers();
             }
             me.syncer_running.set(false);
@@ -350,6 +581,30 @@ impl Partition {
         Ok(None)
     }
 
+    /// For a follower's fetch: stored batches from `offset` up to this replica's durable end
+    /// (past the high watermark, which the follower's own position moves).
+    pub async fn read_for_follower(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<Bytes>, i16> {
+        if offset < 0 {
+            return Err(ec::OFFSET_OUT_OF_RANGE);
+        }
+        let upper = self.durable_end();
+        if offset as u64 >= upper {
+            return if offset as u64 > self.log.log_end_offset() {
+                Err(ec::OFFSET_OUT_OF_RANGE)
+            } else {
+                Ok(Vec::new())
+            };
+        }
+        self.log
+            .read_chunks(offset as u64, max_bytes, upper, LEADER_EPOCH)
+            .await
+            .map_err(|e| log_error_code(&e))
+    }
+
     /// Stored batches from `offset`, as chunks to be written out without copying.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Vec<Bytes>, i16> {
         if offset < 0 {
@@ -364,3 +619,14 @@ impl Partition {
 }
 
 pub type PartitionRef = Rc<Partition>;
+
+fn log_settings(cfg: &EffectiveConfig, cache_bytes_max: usize) -> LogSettings {
+    LogSettings {
+        segment_bytes: cfg.segment_bytes,
+        segment_ms: cfg.segment_ms,
+        retention_ms: cfg.retention_ms,
+        retention_bytes: cfg.retention_bytes,
+        cache_bytes_max,
+        visibility_sync_delay_us: cfg.visibility_sync_delay_us,
+    }
+}

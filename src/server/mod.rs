@@ -9,6 +9,7 @@ pub mod errors;
 pub mod fetch_session;
 pub mod handlers;
 pub mod metrics_endpoint;
+pub mod replication;
 
 /// Response chunks smaller than this are gathered by copying.
 const INLINE_CHUNK_BYTES: usize = 64 * 1024;

@@ -85,7 +85,8 @@ impl Shard {
         }
     }
 
-    /// The partition if this shard owns it and the topic has it; opens it on first use.
+    /// The partition if this shard owns it, the topic has it and (in a cluster) this node leads
+    /// it: what clients are served from. Opens it on first use.
     pub async fn partition(&self, topic: &str, index: i32) -> Option<PartitionRef> {
         if self.node.cluster.is_some() {
             // Leadership moves in a cluster: a partition open here is served only while this
@@ -96,6 +97,26 @@ impl Shard {
                 return None;
             }
         }
+        self.open_replica(topic, index).await
+    }
+
+    /// This node's replica of the partition, leader or follower (the replica fetcher's).
+    pub async fn replica(&self, topic: &str, index: i32) -> Option<PartitionRef> {
+        {
+            let img = self.node.image();
+            let t = img.topic(topic)?;
+            let hosted = t.assignments.is_empty()
+                || t.assignments
+                    .get(usize::try_from(index).ok()?)
+                    .is_some_and(|a| a.replicas.contains(&self.node.node_id));
+            if !hosted {
+                return None;
+            }
+        }
+        self.open_replica(topic, index).await
+    }
+
+    async fn open_replica(&self, topic: &str, index: i32) -> Option<PartitionRef> {
         let key: (Arc<str>, i32) = (Arc::from(topic), index);
         if let Some(p) = self.partitions.borrow().get(&key) {
             return Some(p.clone());
@@ -103,8 +124,7 @@ impl Shard {
         {
             let img = self.node.image();
             let t = img.topic(topic)?;
-            // In a cluster only the leader's replica serves (replication comes later).
-            if index < 0 || index >= t.partitions || !self.node.leads(t, index) {
+            if index < 0 || index >= t.partitions {
                 return None;
             }
         }

@@ -138,6 +138,13 @@ impl ClusterHandle {
             .into_iter()
             .any(|p| !offsets_led(&old).contains(&p));
         self.node.meta.store(Arc::new(next));
+        // Every shard brings its replicas' roles, ISRs and fetchers in line with the image.
+        for s in 0..self.node.shards() {
+            glommio::spawn_local(shard::invoke(s, |sh| async move {
+                crate::server::replication::sync_shard(sh).await;
+            }))
+            .detach();
+        }
         if newly_led {
             // The coordinators of these partitions' groups now live here: load their state.
             for s in 0..self.node.shards() {

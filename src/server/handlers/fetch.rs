@@ -158,6 +158,9 @@ fn forgotten(
 /// response buffer. Fetch sessions (KIP-227) from version 7.
 pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes> {
     let node = ctx.shard.node.clone();
+    if node.cluster.is_some() && crate::server::replication::replica_id(version, &req) >= 0 {
+        return crate::server::replication::serve_follower(&ctx.shard, version, req).await;
+    }
     let now = Instant::now();
     let (session_id, epoch) = if version >= 7 {
         (req.session_id, req.session_epoch)

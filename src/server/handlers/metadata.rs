@@ -36,14 +36,10 @@ pub fn topic_entry(t: &TopicMeta, node_id: i32) -> MetadataResponseTopic {
                 rp.leader_id = BrokerId(a.leader);
                 rp.leader_epoch = a.leader_epoch;
                 rp.replica_nodes = a.replicas.iter().map(|r| BrokerId(*r)).collect();
-                // Until replication lands only the leader holds the data: no follower is
-                // reported in sync.
-                rp.isr_nodes = if a.leader >= 0 {
-                    vec![BrokerId(a.leader)]
-                } else {
+                rp.isr_nodes = a.isr.iter().map(|r| BrokerId(*r)).collect();
+                if a.leader < 0 {
                     rp.error_code = ec::LEADER_NOT_AVAILABLE;
-                    Vec::new()
-                };
+                }
             }
         }
         rt.partitions.push(rp);

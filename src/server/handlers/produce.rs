@@ -61,6 +61,7 @@ pub async fn handle(
 ) -> Option<ProduceResponse> {
     let node = ctx.shard.node.clone();
     let acks = req.acks;
+    let req_timeout_ms = req.timeout_ms;
     let acks_ok = (-1..=1).contains(&acks);
     let txn = req.transactional_id.is_some();
     let mut items = Vec::new();
@@ -117,6 +118,8 @@ pub async fn handle(
         }
     }
     let sync = acks == -1 || node.tuning.fsync_always();
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_millis(req_timeout_ms.clamp(0, 300_000) as u64);
     let window_us = node.tuning.log.group_commit_window_us;
     // Each shard queues its partitions' batches, reports that through `queued`, then waits for
     // the writes. Once every shard has queued, the connection may read its next request: its
@@ -173,6 +176,13 @@ pub async fn handle(
                 }
             }
             let sync = sync || cfg.sync_every_write;
+            if acks == -1 {
+                if let Err((code, msg)) = part.check_min_isr(cfg.min_insync_replicas) {
+                    queued.push(Err((code, msg, Vec::new())));
+                    continue;
+                }
+            }
+            let wait_isr = (acks == -1).then_some(cfg.min_insync_replicas);
             // A second handle on the same bytes (no copy), to count what was accepted.
             let counted = records.clone();
             let q = part.enqueue(records, &cfg, sh.cache_cap());
@@ -180,7 +190,7 @@ pub async fn handle(
                 crate::metrics::produced(&it.topic, it.partition, &counted);
             }
             queued.push(
-                q.map(|q| (part, q, sync))
+                q.map(|q| (part, q, sync, wait_isr))
                     .map_err(|(code, msg)| (code, msg, Vec::new())),
             );
         }
@@ -189,10 +199,18 @@ pub async fn handle(
         }
         let futs = queued.into_iter().map(|q| async move {
             let r = match q {
-                Ok((part, q, sync)) => part
-                    .complete(q, sync, window_us)
-                    .await
-                    .map_err(|(code, msg)| (code, msg, Vec::new())),
+                Ok((part, q, sync, wait_isr)) => {
+                    let done = part.complete(q, sync, window_us).await;
+                    match (done, wait_isr) {
+                        // acks=all on a replicated partition: the in-sync replicas have it too.
+                        (Ok(a), Some(min_isr)) => part
+                            .wait_replicated(a.end_offset, min_isr, deadline)
+                            .await
+                            .map(|_| a),
+                        (r, _) => r,
+                    }
+                    .map_err(|(code, msg)| (code, msg, Vec::new()))
+                }
                 Err(e) => Err(e),
             };
             match r {

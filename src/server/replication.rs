@@ -1,0 +1,430 @@
+//! Partition replication between nodes, Kafka's way: followers fetch from leaders.
+//!
+//! - **Follower side**: each shard keeps, per leader node, the set of partitions it follows
+//!   from that leader (from the metadata image) and one fetcher task per leader that sends one
+//!   Fetch (with this node's replica id) for all of them, appends what comes back with the
+//!   leader's offsets, syncs it, and fetches again from its new log end: the offset a follower
+//!   fetches from is what it holds on disk (Redpanda's rule, stronger than Kafka's default).
+//! - **Leader side**: a Fetch with a replica id is a follower's (`serve_follower`): the leader
+//!   records the follower's position (which moves the high watermark, see `partition`), and
+//!   answers from its synced log end rather than from the high watermark.
+//!
+//! The role and ISR of each replica come from the metadata image (`sync_shard`, run on every
+//! shard when the image changes). Not yet: leader epochs in batches and truncation of a
+//! diverged follower (KIP-101/279), ISR changes on lag (AlterPartition), preferred leaders.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::BrokerId;
+
+use crate::server::controller::wire::{self, Conn};
+use crate::server::errors as ec;
+use crate::server::handlers::util::tn;
+use crate::shard::Shard;
+
+/// The Fetch version followers send (topic names, flexible).
+const REPLICA_FETCH_VERSION: i16 = 12;
+const REPLICA_FETCH_WAIT_MS: i32 = 500;
+const REPLICA_FETCH_PARTITION_BYTES: i32 = 1 << 20;
+const REPLICA_FETCH_BYTES: i32 = 16 << 20;
+
+type Key = (Arc<str>, i32);
+
+#[derive(Default)]
+struct Followed {
+    /// Leader node → the partitions this shard follows from it.
+    by_leader: BTreeMap<i32, BTreeSet<Key>>,
+    /// Leaders with a running fetcher on this shard.
+    running: BTreeSet<i32>,
+}
+
+thread_local! {
+    static FOLLOWED: RefCell<Followed> = RefCell::new(Followed::default());
+}
+
+/// Brings this shard's replicas in line with the node's image: each open replica learns its
+/// role and ISR, and the partitions this shard follows get fetchers.
+pub async fn sync_shard(sh: Rc<Shard>) {
+    let node = sh.node.clone();
+    let me = node.node_id;
+    let mut by_leader: BTreeMap<i32, BTreeSet<Key>> = BTreeMap::new();
+    let mut roles: Vec<(Key, usize, bool, Vec<i32>)> = Vec::new();
+    {
+        let img = node.image();
+        for t in img.topics.values() {
+            let name: Arc<str> = Arc::from(t.name.as_str());
+            for (p, a) in t.assignments.iter().enumerate() {
+                let p = p as i32;
+                if !a.replicas.contains(&me) || node.shard_of(&t.name, p) != sh.id {
+                    continue;
+                }
+                let leader = a.leader == me;
+                let followers: Vec<i32> = a.isr.iter().copied().filter(|r| *r != me).collect();
+                roles.push(((name.clone(), p), a.replicas.len(), leader, followers));
+                if !leader && a.leader >= 0 && a.replicas.len() > 1 {
+                    by_leader
+                        .entry(a.leader)
+                        .or_default()
+                        .insert((name.clone(), p));
+                }
+            }
+        }
+    }
+    for ((t, p), replicas, leader, isr_followers) in roles {
+        if let Some(part) = sh.replica(&t, p).await {
+            part.set_replication(replicas, leader, isr_followers);
+        }
+    }
+    let start: Vec<i32> = FOLLOWED.with(|f| {
+        let mut f = f.borrow_mut();
+        f.by_leader = by_leader;
+        let leaders: Vec<i32> = f.by_leader.keys().copied().collect();
+        let start: Vec<i32> = leaders
+            .into_iter()
+            .filter(|l| !f.running.contains(l))
+            .collect();
+        f.running.extend(start.iter().copied());
+        start
+    });
+    for leader in start {
+        glommio::spawn_local(fetch_loop(sh.clone(), leader)).detach();
+    }
+}
+
+fn followed_from(leader: i32) -> Vec<Key> {
+    FOLLOWED.with(|f| {
+        f.borrow()
+            .by_leader
+            .get(&leader)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    })
+}
+
+fn leader_addr(sh: &Shard, leader: i32) -> Option<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let img = sh.node.image();
+    let b = img
+        .cluster
+        .as_ref()?
+        .brokers
+        .iter()
+        .find(|b| b.id == leader)?
+        .clone();
+    format!("{}:{}", b.host, b.port)
+        .to_socket_addrs()
+        .ok()?
+        .next()
+}
+
+/// One shard's fetcher from one leader: runs while the shard follows anything from it.
+async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
+    let mut conn: Option<Conn> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let keys = followed_from(leader);
+        if keys.is_empty() {
+            FOLLOWED.with(|f| f.borrow_mut().running.remove(&leader));
+            return;
+        }
+        if conn.is_none() {
+            let Some(addr) = leader_addr(&sh, leader) else {
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            match Conn::connect(addr, Duration::from_millis(500)).await {
+                Ok(c) => {
+                    conn = Some(c);
+                    backoff = Duration::from_millis(50);
+                }
+                Err(_) => {
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let mut req = FetchRequest::default();
+        req.replica_id = BrokerId(sh.node.node_id);
+        req.max_wait_ms = REPLICA_FETCH_WAIT_MS;
+        req.min_bytes = 1;
+        req.max_bytes = REPLICA_FETCH_BYTES;
+        req.session_epoch = -1;
+        let mut parts = Vec::new();
+        let mut by_topic: BTreeMap<Arc<str>, Vec<FetchPartition>> = BTreeMap::new();
+        for (t, p) in keys {
+            let Some(part) = sh.replica(&t, p).await else {
+                continue;
+            };
+            let mut fp = FetchPartition::default();
+            fp.partition = p;
+            fp.fetch_offset = part.log.log_end_offset() as i64;
+            fp.log_start_offset = part.log.log_start_offset() as i64;
+            fp.partition_max_bytes = REPLICA_FETCH_PARTITION_BYTES;
+            fp.current_leader_epoch = -1;
+            fp.last_fetched_epoch = -1;
+            by_topic.entry(t.clone()).or_default().push(fp);
+            parts.push(((t, p), part));
+        }
+        for (t, ps) in by_topic {
+            let mut ft = FetchTopic::default();
+            ft.topic = tn(&t);
+            ft.partitions = ps;
+            req.topics.push(ft);
+        }
+        let c = conn.as_mut().expect("connected above");
+        let call = c.call(REPLICA_FETCH_VERSION, &req);
+        let resp = match wire::within(Duration::from_secs(10), call).await {
+            Some(Ok(r)) => r,
+            _ => {
+                conn = None;
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut progressed = false;
+        for tr in resp.responses {
+            for pd in tr.partitions {
+                let key: Key = (Arc::from(tr.topic.0.as_str()), pd.partition_index);
+                let Some((_, part)) = parts.iter().find(|(k, _)| *k == key) else {
+                    continue;
+                };
+                if pd.error_code != ec::NONE {
+                    if pd.error_code == ec::OFFSET_OUT_OF_RANGE {
+                        tracing::warn!(
+                            "replica of {}-{} at {} is out of the leader's range (no truncation yet)",
+                            key.0,
+                            key.1,
+                            part.log.log_end_offset()
+                        );
+                    }
+                    continue;
+                }
+                if let Some(records) = pd.records.filter(|r| !r.is_empty()) {
+                    let Some(cfg) = sh.node.effective_config(&key.0) else {
+                        continue;
+                    };
+                    match part.append_replicated(records, &cfg, sh.cache_cap()).await {
+                        Ok(_) => progressed = true,
+                        Err((code, msg)) => tracing::warn!(
+                            "replica of {}-{}: cannot append what the leader sent ({code}): {msg}",
+                            key.0,
+                            key.1
+                        ),
+                    }
+                }
+                part.leader_hw(pd.high_watermark.max(0) as u64);
+            }
+        }
+        if !progressed {
+            // The leader long-polls; a fast empty answer (an error) must not spin.
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The replica id of a fetch: a follower's node id, or -1 for a consumer.
+pub fn replica_id(version: i16, req: &FetchRequest) -> i32 {
+    if version >= 15 {
+        req.replica_state.replica_id.0
+    } else {
+        req.replica_id.0
+    }
+}
+
+struct FollowerWant {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    max_bytes: usize,
+}
+
+struct FollowerGot {
+    code: i16,
+    hw: i64,
+    log_start: i64,
+    records: Vec<Bytes>,
+}
+
+/// A follower's fetch, on the leader: positions recorded, data served up to the synced end.
+pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> Vec<Bytes> {
+    let node = sh.node.clone();
+    let follower = replica_id(version, &req);
+    let mut wants: Vec<(usize, FollowerWant)> = Vec::new();
+    let mut shape: Vec<(Arc<str>, uuid::Uuid, Vec<i32>)> = Vec::new();
+    {
+        let img = node.image();
+        for t in &req.topics {
+            let meta = if version >= 13 {
+                img.topic_by_id(&t.topic_id)
+            } else {
+                img.topic(t.topic.0.as_str())
+            };
+            let name: Arc<str> =
+                Arc::from(meta.map(|m| m.name.as_str()).unwrap_or(t.topic.0.as_str()));
+            let mut idx = Vec::new();
+            for p in &t.partitions {
+                idx.push(p.partition);
+                wants.push((
+                    node.shard_of(&name, p.partition),
+                    FollowerWant {
+                        topic: name.clone(),
+                        partition: p.partition,
+                        offset: p.fetch_offset,
+                        max_bytes: p.partition_max_bytes.max(0) as usize,
+                    },
+                ));
+            }
+            shape.push((name, t.topic_id, idx));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 30_000) as u64);
+    let shards = node.shards();
+    let mut got = Vec::new();
+    // Bounded: at most a few rounds, each after a wake-up or the deadline.
+    for round in 0..8 {
+        let ws: Vec<(usize, FollowerWant)> = wants
+            .iter()
+            .map(|(s, w)| {
+                (
+                    *s,
+                    FollowerWant {
+                        topic: w.topic.clone(),
+                        partition: w.partition,
+                        offset: w.offset,
+                        max_bytes: w.max_bytes,
+                    },
+                )
+            })
+            .collect();
+        let first = round == 0;
+        got = crate::shard::fanout::per_shard(
+            shards,
+            ws,
+            move |sh, ws: Vec<FollowerWant>| async move {
+                let mut out = Vec::with_capacity(ws.len());
+                for w in ws {
+                    out.push(follower_read(&sh, follower, &w, first).await);
+                }
+                out
+            },
+        )
+        .await;
+        let any = got
+            .iter()
+            .any(|g: &FollowerGot| !g.records.is_empty() || g.code != ec::NONE);
+        if any || Instant::now() >= deadline {
+            break;
+        }
+        wait_any(shards, &wants, deadline).await;
+    }
+    let mut got = got.into_iter();
+    let mut topics = Vec::new();
+    for (name, id, idx) in shape {
+        let mut tr = FetchableTopicResponse::default();
+        tr.topic = tn(&name);
+        tr.topic_id = id;
+        let mut recs = Vec::new();
+        for p in idx {
+            let g = got.next().unwrap_or(FollowerGot {
+                code: ec::UNKNOWN_SERVER_ERROR,
+                hw: -1,
+                log_start: -1,
+                records: Vec::new(),
+            });
+            let mut pd = PartitionData::default();
+            pd.partition_index = p;
+            pd.error_code = g.code;
+            pd.high_watermark = g.hw;
+            pd.last_stable_offset = g.hw;
+            pd.log_start_offset = g.log_start;
+            pd.preferred_read_replica = BrokerId(-1);
+            pd.records = Some(Bytes::new());
+            tr.partitions.push(pd);
+            recs.push(g.records);
+        }
+        topics.push((tr, recs));
+    }
+    crate::server::handlers::fetch::encode_response(version, ec::NONE, 0, topics)
+}
+
+async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool) -> FollowerGot {
+    let Some(part) = sh.partition(&w.topic, w.partition).await else {
+        return FollowerGot {
+            code: sh.node.not_served_code(&w.topic, w.partition),
+            hw: -1,
+            log_start: -1,
+            records: Vec::new(),
+        };
+    };
+    if record && w.offset >= 0 {
+        part.follower_fetched(follower, w.offset as u64);
+    }
+    let hw = part.high_watermark();
+    let log_start = part.log.log_start_offset() as i64;
+    match part.read_for_follower(w.offset, w.max_bytes).await {
+        Ok(records) => FollowerGot {
+            code: ec::NONE,
+            hw,
+            log_start,
+            records,
+        },
+        Err(code) => FollowerGot {
+            code,
+            hw,
+            log_start,
+            records: Vec::new(),
+        },
+    }
+}
+
+/// Waits until any of the partitions gets new synced data, or the deadline.
+async fn wait_any(shards: usize, wants: &[(usize, FollowerWant)], deadline: Instant) {
+    let mut buckets: Vec<Vec<(Arc<str>, i32, i64)>> = (0..shards).map(|_| Vec::new()).collect();
+    for (s, w) in wants {
+        buckets[(*s).min(shards - 1)].push((w.topic.clone(), w.partition, w.offset));
+    }
+    let mut waits = Vec::new();
+    for (shard, keys) in buckets.into_iter().enumerate() {
+        if keys.is_empty() {
+            continue;
+        }
+        waits.push(Box::pin(crate::shard::invoke(
+            shard,
+            move |sh| async move {
+                let mut rxs = Vec::new();
+                for (t, p, offset) in &keys {
+                    if let Some(part) = sh.partition(t, *p).await {
+                        rxs.push(part.wait_for_data());
+                        // Data that arrived since the read would not wake us: look first.
+                        if part.durable_end() as i64 > *offset {
+                            return;
+                        }
+                    }
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timer = glommio::timer::sleep(left);
+                futures::pin_mut!(timer);
+                if rxs.is_empty() {
+                    timer.await;
+                } else {
+                    let _ = futures::future::select(futures::future::select_all(rxs), timer).await;
+                }
+            },
+        )));
+    }
+    if waits.is_empty() {
+        return;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    let timer = glommio::timer::sleep(left);
+    futures::pin_mut!(timer);
+    let _ = futures::future::select(futures::future::select_all(waits), timer).await;
+}
