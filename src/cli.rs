@@ -408,6 +408,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         producer_id_block_end: AtomicI64::new(cluster.producer_id_block_end),
         tuning: tuning.clone(),
         cluster: cluster_settings,
+        broker_epoch: AtomicI64::new(-1),
     });
 
     if let Some(l) = metrics_listener {

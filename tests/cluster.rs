@@ -909,4 +909,13 @@ fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
         Duration::from_secs(30),
         || (metadata(&sb, None).0 == all).then_some(()),
     );
+    // Once it has caught up, its leaders let it back into the ISR (AlterPartition).
+    wait_for(
+        "the restarted node back in every ISR",
+        Duration::from_secs(30),
+        || {
+            let (_, parts) = metadata(&sb, Some("durable"));
+            (parts.len() == 3 && parts.iter().all(|p| p.2.contains(&victim))).then_some(())
+        },
+    );
 }

@@ -32,6 +32,8 @@ pub struct Assignment {
     /// -1 when no replica may lead.
     pub leader: i32,
     pub leader_epoch: i32,
+    /// Bumped by every change of the partition (AlterPartition names it).
+    pub partition_epoch: i32,
 }
 
 impl TopicMeta {
@@ -89,12 +91,14 @@ pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> Me
                     isr: r.isr.clone(),
                     leader: r.leader,
                     leader_epoch: r.leader_epoch,
+                    partition_epoch: r.partition_epoch,
                 },
                 None => Assignment {
                     replicas: Vec::new(),
                     isr: Vec::new(),
                     leader: -1,
                     leader_epoch: -1,
+                    partition_epoch: -1,
                 },
             });
         }

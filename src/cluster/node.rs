@@ -28,6 +28,9 @@ pub struct Node {
     pub producer_id_block_end: AtomicI64,
     /// Set when the node is part of a cluster with a controller quorum (`--controllers`).
     pub cluster: Option<ClusterSettings>,
+    /// This node's broker epoch from its registration (-1 before it registered): broker
+    /// requests to the controller name it.
+    pub broker_epoch: AtomicI64,
 }
 
 /// A clustered node's settings and identity, fixed at start.

@@ -86,6 +86,10 @@ pub struct NodeSection {
     pub broker_session_timeout_ms: u64,
     #[serde(default = "default_broker_heartbeat_interval_ms")]
     pub broker_heartbeat_interval_ms: u64,
+    /// Kafka's replica.lag.time.max.ms: a follower that has not caught up for this long leaves
+    /// the ISR.
+    #[serde(default = "default_replica_lag_time_max_ms")]
+    pub replica_lag_time_max_ms: u64,
 }
 
 fn default_offsets_topic_replication_factor() -> i16 {
@@ -93,6 +97,9 @@ fn default_offsets_topic_replication_factor() -> i16 {
 }
 fn default_broker_session_timeout_ms() -> u64 {
     9_000
+}
+fn default_replica_lag_time_max_ms() -> u64 {
+    30_000
 }
 fn default_broker_heartbeat_interval_ms() -> u64 {
     2_000
@@ -343,6 +350,7 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         "node.broker_heartbeat_interval_ms",
         1,
     ),
+    ("replica.lag.time.max.ms", "node.replica_lag_time_max_ms", 1),
     ("log.dir", "node.data_dir", 1),
     ("log.dirs", "node.data_dir", 1),
     ("num.partitions", "log.num_partitions", 1),

@@ -46,6 +46,10 @@ pub struct Replication {
     pub isr_followers: Vec<i32>,
     /// Per follower: its synced log end, as its last fetch said.
     pub follower_end: std::collections::HashMap<i32, u64>,
+    /// Per follower: the leader's end when it answered the follower's last fetch, and when the
+    /// follower last caught up with that (fetched from at least the previous answer's end:
+    /// Kafka's rule for staying in, or joining, the ISR).
+    pub follower_seen: std::collections::HashMap<i32, (u64, std::time::Instant)>,
     /// The high watermark (monotonic on the leader; the leader's, capped, on a follower).
     pub hw: u64,
 }
@@ -115,7 +119,14 @@ impl Partition {
             r.replicated = replicas > 1;
             r.replicas = replicas;
             r.leader = leader;
-            r.follower_end.retain(|f, _| isr_followers.contains(f));
+            let now = std::time::Instant::now();
+            for f in &isr_followers {
+                // A member (new, or of a new leader) gets a full lag allowance from now.
+                if became_leader || !r.isr_followers.contains(f) {
+                    let end = r.follower_seen.get(f).map_or(0, |s| s.0);
+                    r.follower_seen.insert(*f, (end, now));
+                }
+            }
             r.isr_followers = isr_followers;
             if became_leader {
                 // A new leader starts from what it knew as a follower (Kafka's rule: its high
@@ -147,8 +158,52 @@ impl Partition {
                 return;
             }
             r.follower_end.insert(follower, offset);
+            let end = self.durable_end();
+            let now = std::time::Instant::now();
+            let caught_up_at = match r.follower_seen.get(&follower) {
+                Some((prev_end, _)) if offset >= *prev_end => now,
+                Some((_, at)) => *at,
+                None if offset >= end => now,
+                None => now - std::time::Duration::from_secs(3600),
+            };
+            r.follower_seen.insert(follower, (end, caught_up_at));
         }
         self.recompute_hw();
+    }
+
+    /// On the leader: the ISR it wants, by Kafka's rules, if that differs from the current
+    /// one: an in-sync follower that has not caught up for `lag_max` leaves; a follower that
+    /// has reached the high watermark (and caught up recently) joins.
+    pub fn wanted_isr(
+        &self,
+        me: i32,
+        replicas: &[i32],
+        lag_max: std::time::Duration,
+    ) -> Option<Vec<i32>> {
+        let r = self.repl.borrow();
+        if !r.leader || !r.replicated {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let mut isr = vec![me];
+        for f in replicas.iter().copied().filter(|f| *f != me) {
+            let seen = r.follower_seen.get(&f);
+            let recent = seen.is_some_and(|(_, at)| now.duration_since(*at) <= lag_max);
+            let keep = if r.isr_followers.contains(&f) {
+                recent
+            } else {
+                recent && r.follower_end.get(&f).is_some_and(|e| *e >= r.hw)
+            };
+            if keep {
+                isr.push(f);
+            }
+        }
+        let mut current = vec![me];
+        current.extend(r.isr_followers.iter().copied());
+        let mut a = isr.clone();
+        a.sort_unstable();
+        current.sort_unstable();
+        (a != current).then_some(isr)
     }
 
     /// On a follower: the leader's high watermark from its fetch response.

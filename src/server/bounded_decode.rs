@@ -166,6 +166,7 @@ pub fn probe_decode(key: ApiKey, buf: &mut ProbeBuf, version: i16) -> anyhow::Re
         BrokerHeartbeat => BrokerHeartbeatRequest,
         AllocateProducerIds => AllocateProducerIdsRequest,
         Envelope => EnvelopeRequest,
+        AlterPartition => AlterPartitionRequest,
     )
 }
 

@@ -43,7 +43,12 @@ struct Followed {
     by_leader: BTreeMap<i32, BTreeSet<Key>>,
     /// Leaders with a running fetcher on this shard.
     running: BTreeSet<i32>,
+    /// The ISR keeper of this shard's led partitions runs.
+    isr_keeper: bool,
 }
+
+/// How often a leader looks at its followers' lag (Kafka checks at half the lag limit).
+const ISR_CHECK: Duration = Duration::from_millis(500);
 
 thread_local! {
     static FOLLOWED: RefCell<Followed> = RefCell::new(Followed::default());
@@ -95,6 +100,86 @@ pub async fn sync_shard(sh: Rc<Shard>) {
     });
     for leader in start {
         glommio::spawn_local(fetch_loop(sh.clone(), leader)).detach();
+    }
+    let keeper = FOLLOWED.with(|f| !std::mem::replace(&mut f.borrow_mut().isr_keeper, true));
+    if keeper {
+        glommio::spawn_local(isr_keeper(sh.clone())).detach();
+    }
+}
+
+/// On the leaders of this shard: asks the controller (AlterPartition) to take followers that
+/// fell `replica.lag.time.max.ms` behind out of the ISR and to let caught-up ones back in. The
+/// new ISR takes effect when the committed image says so.
+async fn isr_keeper(sh: Rc<Shard>) {
+    use kafka_protocol::messages::alter_partition_request::{
+        AlterPartitionRequest, PartitionData as AlterData, TopicData as AlterTopic,
+    };
+    let node = sh.node.clone();
+    let lag_max = Duration::from_millis(node.tuning.node.replica_lag_time_max_ms.max(100));
+    // Bounded by the process: one pass per ISR_CHECK over this shard's open partitions.
+    loop {
+        glommio::timer::sleep(ISR_CHECK).await;
+        let epoch = node.broker_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if epoch < 0 {
+            continue;
+        }
+        let mut req = AlterPartitionRequest::default();
+        req.broker_id = BrokerId(node.node_id);
+        req.broker_epoch = epoch;
+        for part in sh.open_partitions() {
+            let img = node.image();
+            let Some(t) = img.topic(&part.topic) else {
+                continue;
+            };
+            let Some(a) = t.assignments.get(part.index as usize) else {
+                continue;
+            };
+            if a.leader != node.node_id {
+                continue;
+            }
+            let Some(isr) = part.wanted_isr(node.node_id, &a.replicas, lag_max) else {
+                continue;
+            };
+            tracing::info!(
+                "{}-{}: asking to change the ISR from {:?} to {isr:?}",
+                part.topic,
+                part.index,
+                a.isr
+            );
+            let mut pd = AlterData::default();
+            pd.partition_index = part.index;
+            pd.leader_epoch = a.leader_epoch;
+            pd.partition_epoch = a.partition_epoch;
+            pd.new_isr = isr.into_iter().map(BrokerId).collect();
+            match req.topics.iter_mut().find(|x| x.topic_id == t.id) {
+                Some(x) => x.partitions.push(pd),
+                None => {
+                    let mut x = AlterTopic::default();
+                    x.topic_id = t.id;
+                    x.partitions.push(pd);
+                    req.topics.push(x);
+                }
+            }
+        }
+        if req.topics.is_empty() {
+            continue;
+        }
+        match crate::server::controller::forward(&node, 2, &req).await {
+            Ok(resp) => {
+                for t in resp.topics {
+                    for p in t.partitions.iter().filter(|p| p.error_code != ec::NONE) {
+                        tracing::debug!(
+                            "AlterPartition {}: error {}",
+                            p.partition_index,
+                            p.error_code
+                        );
+                    }
+                }
+                // The change is visible once the image is: wait a moment before asking again.
+                glommio::timer::sleep(ISR_CHECK).await;
+            }
+            Err(e) => tracing::debug!("AlterPartition: {e:#}"),
+        }
     }
 }
 

@@ -404,6 +404,7 @@ mod tests {
             advertised_host: "127.0.0.1".into(),
             advertised_port: 9092,
             cluster: None,
+            broker_epoch: std::sync::atomic::AtomicI64::new(-1),
             cluster_id: "test".into(),
             meta: ArcSwap::from_pointee(MetadataImage::default()),
             shard_count: shards,

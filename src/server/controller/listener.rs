@@ -207,6 +207,9 @@ async fn kafka_request_inner(
             }
             ResponseKind::Envelope(r)
         }
+        RequestKind::AlterPartition(r) => {
+            ResponseKind::AlterPartition(alter_partition(svc, r).await)
+        }
         RequestKind::CreatePartitions(r) => {
             ResponseKind::CreatePartitions(create_partitions(svc, r).await)
         }
@@ -577,6 +580,53 @@ async fn alter_configs(
             }
         }
         resp.responses.push(out);
+    }
+    resp
+}
+
+/// AlterPartition from a partition's leader: ISR changes, judged by the controller's rules.
+async fn alter_partition(svc: &QuorumService, r: AlterPartitionRequest) -> AlterPartitionResponse {
+    let mut resp = AlterPartitionResponse::default();
+    for t in r.topics {
+        let mut tr = alter_partition_response::TopicData::default();
+        tr.topic_id = t.topic_id;
+        for p in t.partitions {
+            let mut pr = alter_partition_response::PartitionData::default();
+            pr.partition_index = p.partition_index;
+            let new_isr: Vec<i32> = if p.new_isr_with_epochs.is_empty() {
+                p.new_isr.iter().map(|b| b.0).collect()
+            } else {
+                p.new_isr_with_epochs
+                    .iter()
+                    .map(|b| b.broker_id.0)
+                    .collect()
+            };
+            let outcome = svc
+                .propose(|ctl, img, _, _| {
+                    ctl.alter_partition(
+                        img,
+                        r.broker_id.0,
+                        r.broker_epoch,
+                        t.topic_id,
+                        p.partition_index,
+                        p.leader_epoch,
+                        p.partition_epoch,
+                        &new_isr,
+                    )
+                })
+                .await;
+            match outcome {
+                Ok(next) => {
+                    pr.leader_id = BrokerId(next.leader);
+                    pr.leader_epoch = next.leader_epoch;
+                    pr.isr = next.isr.iter().map(|b| BrokerId(*b)).collect();
+                    pr.partition_epoch = next.partition_epoch;
+                }
+                Err(f) => pr.error_code = fail_code(&f),
+            }
+            tr.partitions.push(pr);
+        }
+        resp.topics.push(tr);
     }
     resp
 }

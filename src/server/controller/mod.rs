@@ -319,6 +319,8 @@ async fn lifecycle(h: Rc<ClusterHandle>) {
         match forward(&node, 3, &req).await {
             Ok(r) if r.error_code == ec::NONE => {
                 h.broker_epoch.set(r.broker_epoch);
+                node.broker_epoch
+                    .store(r.broker_epoch, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     "registered with the controller, broker epoch {}",
                     r.broker_epoch
