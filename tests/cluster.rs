@@ -919,3 +919,105 @@ fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
         },
     );
 }
+
+/// (base offset, CRC) of every batch in a partition's segment files: two replicas hold the
+/// same data exactly when these agree.
+fn batches_on_disk(dir: &std::path::Path) -> Vec<(i64, u32)> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let b = std::fs::read(&f).unwrap_or_default();
+        let mut pos = 0usize;
+        while pos + 61 <= b.len() {
+            let base = i64::from_be_bytes(b[pos..pos + 8].try_into().unwrap());
+            let len = i32::from_be_bytes(b[pos + 8..pos + 12].try_into().unwrap());
+            if len <= 0 || pos + 12 + len as usize > b.len() {
+                break;
+            }
+            let crc = u32::from_be_bytes(b[pos + 17..pos + 21].try_into().unwrap());
+            out.push((base, crc));
+            pos += 12 + len as usize;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_deposed_leader_cuts_its_unreplicated_tail_and_ends_identical_to_the_new_leader() {
+    let mut cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    create_topic(&boot, "diverge", 1, 3);
+    let (_, parts) = metadata(&boot, Some("diverge"));
+    let old = parts[0].0;
+    // The followers stop (SIGSTOP) while the leader takes acks=1 writes they never see;
+    // then the leader dies and a follower takes over.
+    let signal = |b: &Broker, sig: &str| {
+        let pid = b.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+    };
+    let followers: Vec<i32> = all.iter().copied().filter(|n| *n != old).collect();
+    produce_from(&boot, "diverge", 0, 100);
+    for f in &followers {
+        signal(cl.node(*f), "-STOP");
+    }
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", cl.node(old).bootstrap())
+        .set("acks", "1")
+        .create()
+        .expect("producer");
+    // A fetch the followers sent before they stopped may still be answered into their
+    // sockets: the first batch goes there, the second reaches no follower.
+    for round in 0..2 {
+        for i in 0..1000 {
+            let v = format!("lost{round}-{i}");
+            p.send(BaseRecord::<(), _>::to("diverge").payload(&v))
+                .expect("enqueue");
+        }
+        p.flush(Duration::from_secs(30))
+            .expect("acks=1 answered by the leader alone");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    cl.node_mut(old).kill9();
+    for f in &followers {
+        signal(cl.node(*f), "-CONT");
+    }
+    let ob = cl.node(followers[0]).bootstrap();
+    let new = wait_for("a new leader", Duration::from_secs(30), || {
+        let (_, parts) = metadata(&ob, Some("diverge"));
+        parts.first().map(|p| p.0).filter(|l| *l >= 0 && *l != old)
+    });
+    // The new leader writes on from its own end, over offsets the old leader had used.
+    produce_from(&ob, "diverge", 1000, 3000);
+    let data = cl.node(old).data().to_path_buf();
+    let voters = cl.voters.clone();
+    *cl.node_mut(old) = Cluster::spawn(old, &voters, Some(data.clone()));
+    wait_for(
+        "the old leader back in the ISR",
+        Duration::from_secs(30),
+        || {
+            let (_, parts) = metadata(&ob, Some("diverge"));
+            parts.first().filter(|p| p.2.contains(&old)).map(|_| ())
+        },
+    );
+    let leader_dir = cl.node(new).data().join("diverge-0");
+    let old_dir = data.join("diverge-0");
+    wait_for("identical replicas", Duration::from_secs(30), || {
+        let a = batches_on_disk(&leader_dir);
+        (!a.is_empty() && a == batches_on_disk(&old_dir)).then_some(())
+    });
+}

@@ -58,6 +58,18 @@ pub async fn write_log_start_offset(dir: &Path, offset: u64) -> std::io::Result<
     storage::write_file_durably(&dir.join(LSO_FILE), offset.to_string().into_bytes()).await
 }
 
+const HIGH_WATERMARK_FILE: &str = "high-watermark";
+
+/// Persists a replicated partition's high watermark: after a restart a follower cuts its log
+/// back to it before it fetches (what lies past it may differ from the leader's log).
+pub async fn write_high_watermark(dir: &Path, hw: u64) -> std::io::Result<()> {
+    storage::write_file_durably(&dir.join(HIGH_WATERMARK_FILE), hw.to_string().into_bytes()).await
+}
+
+pub fn read_high_watermark(dir: &Path) -> Option<u64> {
+    read_offset_file(dir, HIGH_WATERMARK_FILE)
+}
+
 /// Persists an offset below which every byte of the log is synced.
 pub async fn write_recovery_point(dir: &Path, offset: u64) -> std::io::Result<()> {
     storage::write_file_durably(
@@ -425,6 +437,75 @@ fn is_zero_tail(path: &Path, from: u64) -> std::io::Result<bool> {
     Ok(buf.iter().all(|b| *b == 0))
 }
 
+/// Cuts the log in `dir` so that it ends before `offset` (a follower whose tail may differ
+/// from its new leader's): removes the segments from `offset` on, newest first, then cuts the
+/// segment holding `offset` before the batch that holds it. The recovery point is lowered
+/// first, so that a crash in between leaves a log recovery accepts (a shorter prefix, which
+/// the follower fetches again). Runs with the partition closed; returns the new log end.
+pub fn truncate_blocking(dir: &Path, offset: u64) -> std::io::Result<u64> {
+    if read_offset_file(dir, RECOVERY_POINT_FILE).unwrap_or(0) > offset {
+        storage::write_file_durably_blocking(
+            &dir.join(RECOVERY_POINT_FILE),
+            offset.to_string().as_bytes(),
+        )?;
+    }
+    let mut bases: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        if let Some(stem) = name.to_string_lossy().strip_suffix(".log") {
+            if let Ok(b) = stem.parse::<u64>() {
+                bases.push(b);
+            }
+        }
+    }
+    bases.sort_unstable();
+    // Bounded by the segments: each is removed or cut once.
+    while let Some(&base) = bases.last() {
+        if base < offset {
+            break;
+        }
+        remove_segment_files(&dir.join(super::segment_file_name(base, "log")));
+        bases.pop();
+    }
+    let Some(&base) = bases.last() else {
+        // Nothing below `offset` is left: the log starts over there.
+        storage::write_file_durably_blocking(&dir.join(LSO_FILE), offset.to_string().as_bytes())?;
+        storage::sync_dir_blocking(dir)?;
+        return Ok(offset);
+    };
+    let path = dir.join(super::segment_file_name(base, "log"));
+    let mut f = BufReader::new(std::fs::File::open(&path)?);
+    let len = std::fs::metadata(&path)?.len();
+    let mut pos = 0u64;
+    let mut end = base;
+    let mut head = [0u8; HEADER_BYTES];
+    // Bounded by the file: every step moves past one whole batch.
+    while pos + HEADER_BYTES as u64 <= len {
+        f.seek(std::io::SeekFrom::Start(pos))?;
+        f.read_exact(&mut head)?;
+        let h = BatchHeader::new(&head);
+        let first = h.base_offset().max(0) as u64;
+        let last = first + h.last_offset_delta().max(0) as u64;
+        if h.batch_length() <= 0 || last >= offset {
+            break;
+        }
+        pos += h.total_bytes() as u64;
+        end = last + 1;
+    }
+    if pos < len {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .set_len(pos)?;
+        storage::sync_file_blocking(&path)?;
+        // Rebuilt by recovery from what is left.
+        let _ = std::fs::remove_file(path.with_extension("index"));
+        let _ = std::fs::remove_file(path.with_extension("timeindex"));
+    }
+    storage::sync_dir_blocking(dir)?;
+    Ok(end)
+}
+
 fn remove_segment_files(path: &Path) {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(path.with_extension("index"));
@@ -449,6 +530,33 @@ mod tests {
         all.extend_from_slice(garbage);
         std::fs::write(&path, all).unwrap();
         path
+    }
+
+    #[test]
+    fn truncation_cuts_before_the_batch_holding_the_offset_and_drops_later_segments() {
+        let d = tempfile::tempdir().unwrap();
+        // Segment 0 holds offsets 0..5 (batches of 3 and 2), segment 5 holds 5..9.
+        write_log(d.path(), &[make_batch(3, 10), make_batch(2, 20)], &[]);
+        let mut b3 = make_batch(4, 30);
+        patch_header(&mut b3, 5, 0);
+        std::fs::write(d.path().join(crate::log::segment_file_name(5, "log")), &b3).unwrap();
+        std::fs::write(d.path().join(RECOVERY_POINT_FILE), "9").unwrap();
+        // Offset 4 lies inside the second batch: the cut is before it, at 3.
+        assert_eq!(truncate_blocking(d.path(), 4).unwrap(), 3);
+        assert!(!d
+            .path()
+            .join(crate::log::segment_file_name(5, "log"))
+            .exists());
+        assert_eq!(read_offset_file(d.path(), RECOVERY_POINT_FILE), Some(4));
+        let r = recover(d.path()).unwrap();
+        assert_eq!(r.segments.len(), 1);
+        assert_eq!(r.segments[0].next_offset, 3);
+        // At a batch boundary nothing more is cut; below everything the log starts over.
+        assert_eq!(truncate_blocking(d.path(), 3).unwrap(), 3);
+        assert_eq!(truncate_blocking(d.path(), 0).unwrap(), 0);
+        let r = recover(d.path()).unwrap();
+        assert!(r.segments.iter().all(|s| s.next_offset == 0));
+        assert_eq!(r.log_start_offset, 0);
     }
 
     #[test]

@@ -52,6 +52,14 @@ pub struct Replication {
     pub follower_seen: std::collections::HashMap<i32, (u64, std::time::Instant)>,
     /// The high watermark (monotonic on the leader; the leader's, capped, on a follower).
     pub hw: u64,
+    /// Roles were set once (the first time decides whether a restarted follower truncates).
+    pub initialized: bool,
+    /// A follower must cut its log back to this before it fetches: it just became a follower
+    /// (its tail past the high watermark may differ from the new leader's), or the leader
+    /// said its fetch offset is past the leader's log.
+    pub truncate_to: Option<u64>,
+    /// The high watermark last persisted, and when.
+    pub hw_saved: (u64, Option<std::time::Instant>),
 }
 
 /// What the high watermark of a single replica is.
@@ -98,6 +106,7 @@ impl Partition {
         dir: std::path::PathBuf,
         visibility: Visibility,
     ) -> Result<Partition, LogError> {
+        let saved_hw = crate::log::recovery::read_high_watermark(&dir).unwrap_or(0);
         Ok(Partition {
             topic,
             index,
@@ -105,7 +114,11 @@ impl Partition {
             data_ready: Notify::new(),
             syncer_running: std::cell::Cell::new(false),
             visibility,
-            repl: std::cell::RefCell::new(Replication::default()),
+            repl: std::cell::RefCell::new(Replication {
+                hw: saved_hw,
+                hw_saved: (saved_hw, None),
+                ..Replication::default()
+            }),
             hw_moved: Notify::new(),
         })
     }
@@ -116,6 +129,11 @@ impl Partition {
         {
             let mut r = self.repl.borrow_mut();
             let became_leader = leader && !r.leader;
+            let became_follower = !leader && (r.leader || !r.initialized);
+            r.initialized = true;
+            if became_follower && replicas > 1 {
+                r.truncate_to = Some(r.hw);
+            }
             r.replicated = replicas > 1;
             r.replicas = replicas;
             r.leader = leader;
@@ -140,6 +158,45 @@ impl Partition {
 
     pub fn replication(&self) -> std::cell::Ref<'_, Replication> {
         self.repl.borrow()
+    }
+
+    /// On a follower: where to cut the log before fetching, once.
+    pub fn take_truncation(&self) -> Option<u64> {
+        self.repl.borrow_mut().truncate_to.take()
+    }
+
+    /// On a follower: the leader said our fetch offset is past its log; cut back to what is
+    /// surely shared (the lower of its high watermark and ours).
+    pub fn truncate_later(&self, leader_hw: u64) {
+        let mut r = self.repl.borrow_mut();
+        let to = leader_hw.min(r.hw);
+        r.truncate_to = Some(to);
+    }
+
+    /// A replica reopened after a truncation to `end`: a follower at that high watermark.
+    pub fn truncated(&self, end: u64, replicas: usize) {
+        let mut r = self.repl.borrow_mut();
+        r.initialized = true;
+        r.leader = false;
+        r.replicated = replicas > 1;
+        r.replicas = replicas;
+        r.hw = end;
+    }
+
+    /// The high watermark to persist now, if it moved and the last write is old enough.
+    pub fn hw_to_save(&self, every: std::time::Duration) -> Option<u64> {
+        let r = self.repl.borrow();
+        if !r.replicated || !r.initialized || r.hw == r.hw_saved.0 {
+            return None;
+        }
+        match r.hw_saved.1 {
+            Some(at) if at.elapsed() < every => None,
+            _ => Some(r.hw),
+        }
+    }
+
+    pub fn hw_saved(&self, hw: u64) {
+        self.repl.borrow_mut().hw_saved = (hw, Some(std::time::Instant::now()));
     }
 
     /// What this replica holds on stable storage (or has written, under `Visibility::Written`).

@@ -49,6 +49,9 @@ struct Followed {
 
 /// How often a leader looks at its followers' lag (Kafka checks at half the lag limit).
 const ISR_CHECK: Duration = Duration::from_millis(500);
+/// How often a replica's high watermark is persisted (Kafka's
+/// replica.high.watermark.checkpoint.interval.ms).
+const HW_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 thread_local! {
     static FOLLOWED: RefCell<Followed> = RefCell::new(Followed::default());
@@ -127,6 +130,21 @@ async fn isr_keeper(sh: Rc<Shard>) {
         req.broker_id = BrokerId(node.node_id);
         req.broker_epoch = epoch;
         for part in sh.open_partitions() {
+            if let Some(hw) = part.hw_to_save(HW_CHECKPOINT_EVERY) {
+                let dir = crate::cluster::metadata::partition_dir(
+                    &node.data_dir,
+                    &part.topic,
+                    part.index,
+                );
+                match crate::log::recovery::write_high_watermark(&dir, hw).await {
+                    Ok(()) => part.hw_saved(hw),
+                    Err(e) => tracing::warn!(
+                        "cannot persist the high watermark of {}-{}: {e}",
+                        part.topic,
+                        part.index
+                    ),
+                }
+            }
             let img = node.image();
             let Some(t) = img.topic(&part.topic) else {
                 continue;
@@ -245,9 +263,21 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
         let mut parts = Vec::new();
         let mut by_topic: BTreeMap<Arc<str>, Vec<FetchPartition>> = BTreeMap::new();
         for (t, p) in keys {
-            let Some(part) = sh.replica(&t, p).await else {
+            let Some(mut part) = sh.replica(&t, p).await else {
                 continue;
             };
+            if let Some(to) = part.take_truncation() {
+                if to < part.log.log_end_offset() {
+                    let replicas = part.replication().replicas;
+                    match sh.truncate_replica(&t, p, to).await {
+                        Some((reopened, end)) => {
+                            reopened.truncated(end, replicas);
+                            part = reopened;
+                        }
+                        None => continue,
+                    }
+                }
+            }
             let mut fp = FetchPartition::default();
             fp.partition = p;
             fp.fetch_offset = part.log.log_end_offset() as i64;
@@ -282,13 +312,14 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                     continue;
                 };
                 if pd.error_code != ec::NONE {
-                    if pd.error_code == ec::OFFSET_OUT_OF_RANGE {
+                    if pd.error_code == ec::OFFSET_OUT_OF_RANGE && pd.high_watermark >= 0 {
                         tracing::warn!(
-                            "replica of {}-{} at {} is out of the leader's range (no truncation yet)",
+                            "replica of {}-{} at {} is past the leader's log: cutting back",
                             key.0,
                             key.1,
                             part.log.log_end_offset()
                         );
+                        part.truncate_later(pd.high_watermark as u64);
                     }
                     continue;
                 }
@@ -449,7 +480,9 @@ async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool
             records: Vec::new(),
         };
     };
-    if record && w.offset >= 0 {
+    // A fetch from past this log's end is a follower whose tail diverged: it gets
+    // OFFSET_OUT_OF_RANGE below and counts for nothing until it has cut back.
+    if record && w.offset >= 0 && w.offset as u64 <= part.log.log_end_offset() {
         part.follower_fetched(follower, w.offset as u64);
     }
     let hw = part.high_watermark();

@@ -116,6 +116,45 @@ impl Shard {
         self.open_replica(topic, index).await
     }
 
+    /// Closes this node's replica of the partition, cuts its log before `offset` and opens it
+    /// again: a follower whose tail may differ from its leader's. Returns the reopened replica
+    /// and its new log end.
+    pub async fn truncate_replica(
+        &self,
+        topic: &str,
+        index: i32,
+        offset: u64,
+    ) -> Option<(PartitionRef, u64)> {
+        let key: (Arc<str>, i32) = (Arc::from(topic), index);
+        {
+            let _permit = self.open_lock.acquire_permit(1).await.ok()?;
+            let old = self.partitions.borrow_mut().remove(&key)?;
+            // Bounded: a follower's writes are awaited by its fetcher, so this is short.
+            for _ in 0..5000 {
+                if old.is_idle() {
+                    break;
+                }
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            drop(old);
+        }
+        let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
+        let end = match crate::log::storage::off_reactor(move || {
+            crate::log::recovery::truncate_blocking(&dir, offset)
+        })
+        .await
+        {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::error!("cannot truncate {topic}-{index} to {offset}: {e}");
+                return None;
+            }
+        };
+        tracing::info!("truncated replica {topic}-{index} to {end}");
+        let p = self.open_replica(topic, index).await?;
+        Some((p, end))
+    }
+
     async fn open_replica(&self, topic: &str, index: i32) -> Option<PartitionRef> {
         let key: (Arc<str>, i32) = (Arc::from(topic), index);
         if let Some(p) = self.partitions.borrow().get(&key) {
