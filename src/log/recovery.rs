@@ -439,16 +439,12 @@ fn is_zero_tail(path: &Path, from: u64) -> std::io::Result<bool> {
 
 /// Cuts the log in `dir` so that it ends before `offset` (a follower whose tail may differ
 /// from its new leader's): removes the segments from `offset` on, newest first, then cuts the
-/// segment holding `offset` before the batch that holds it. The recovery point is lowered
-/// first, so that a crash in between leaves a log recovery accepts (a shorter prefix, which
-/// the follower fetches again). Runs with the partition closed; returns the new log end.
-pub fn truncate_blocking(dir: &Path, offset: u64) -> std::io::Result<u64> {
-    if read_offset_file(dir, RECOVERY_POINT_FILE).unwrap_or(0) > offset {
-        storage::write_file_durably_blocking(
-            &dir.join(RECOVERY_POINT_FILE),
-            offset.to_string().as_bytes(),
-        )?;
-    }
+/// segment holding `offset` before the batch that holds it. The recovery point and the saved
+/// high watermark are lowered to the new end first, so that a crash in between leaves a log
+/// recovery accepts (a shorter prefix, which the follower fetches again). With `start_over`,
+/// everything goes and the log starts again at `offset` (a follower behind its leader's log
+/// start). Runs with the partition closed; returns the new log end.
+pub fn truncate_blocking(dir: &Path, offset: u64, start_over: bool) -> std::io::Result<u64> {
     let mut bases: Vec<u64> = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let name = e?.file_name();
@@ -459,40 +455,55 @@ pub fn truncate_blocking(dir: &Path, offset: u64) -> std::io::Result<u64> {
         }
     }
     bases.sort_unstable();
-    // Bounded by the segments: each is removed or cut once.
-    while let Some(&base) = bases.last() {
-        if base < offset {
-            break;
-        }
-        remove_segment_files(&dir.join(super::segment_file_name(base, "log")));
-        bases.pop();
-    }
-    let Some(&base) = bases.last() else {
-        // Nothing below `offset` is left: the log starts over there.
-        storage::write_file_durably_blocking(&dir.join(LSO_FILE), offset.to_string().as_bytes())?;
-        storage::sync_dir_blocking(dir)?;
-        return Ok(offset);
+    let keep: Vec<u64> = if start_over {
+        Vec::new()
+    } else {
+        bases.iter().copied().filter(|b| *b < offset).collect()
     };
-    let path = dir.join(super::segment_file_name(base, "log"));
-    let mut f = BufReader::new(std::fs::File::open(&path)?);
-    let len = std::fs::metadata(&path)?.len();
-    let mut pos = 0u64;
-    let mut end = base;
-    let mut head = [0u8; HEADER_BYTES];
-    // Bounded by the file: every step moves past one whole batch.
-    while pos + HEADER_BYTES as u64 <= len {
-        f.seek(std::io::SeekFrom::Start(pos))?;
-        f.read_exact(&mut head)?;
-        let h = BatchHeader::new(&head);
-        let first = h.base_offset().max(0) as u64;
-        let last = first + h.last_offset_delta().max(0) as u64;
-        if h.batch_length() <= 0 || last >= offset {
-            break;
+    // Where the cut falls in the last kept segment (read only; nothing changes yet).
+    let mut cut: Option<(PathBuf, u64, u64)> = None;
+    let end = match keep.last() {
+        None => offset,
+        Some(&base) => {
+            let path = dir.join(super::segment_file_name(base, "log"));
+            let mut f = BufReader::new(std::fs::File::open(&path)?);
+            let len = std::fs::metadata(&path)?.len();
+            let mut pos = 0u64;
+            let mut end = base;
+            let mut head = [0u8; HEADER_BYTES];
+            // Bounded by the file: every step moves past one whole batch.
+            while pos + HEADER_BYTES as u64 <= len {
+                f.seek(std::io::SeekFrom::Start(pos))?;
+                f.read_exact(&mut head)?;
+                let h = BatchHeader::new(&head);
+                let first = h.base_offset().max(0) as u64;
+                let last = first + h.last_offset_delta().max(0) as u64;
+                if h.batch_length() <= 0 || last >= offset {
+                    break;
+                }
+                pos += h.total_bytes() as u64;
+                end = last + 1;
+            }
+            if pos < len {
+                cut = Some((path, pos, len));
+            }
+            end
         }
-        pos += h.total_bytes() as u64;
-        end = last + 1;
+    };
+    for (name, value) in [(RECOVERY_POINT_FILE, end), (HIGH_WATERMARK_FILE, end)] {
+        if read_offset_file(dir, name).is_some_and(|v| v > value) {
+            storage::write_file_durably_blocking(&dir.join(name), value.to_string().as_bytes())?;
+        }
     }
-    if pos < len {
+    if keep.is_empty() {
+        // The log starts over at `end`, durably, before its segments go.
+        storage::write_file_durably_blocking(&dir.join(LSO_FILE), end.to_string().as_bytes())?;
+    }
+    // Newest first: a crash midway leaves a prefix.
+    for base in bases.iter().rev().filter(|b| !keep.contains(b)) {
+        remove_segment_files(&dir.join(super::segment_file_name(*base, "log")));
+    }
+    if let Some((path, pos, _)) = cut {
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)?
@@ -542,7 +553,7 @@ mod tests {
         std::fs::write(d.path().join(crate::log::segment_file_name(5, "log")), &b3).unwrap();
         std::fs::write(d.path().join(RECOVERY_POINT_FILE), "9").unwrap();
         // Offset 4 lies inside the second batch: the cut is before it, at 3.
-        assert_eq!(truncate_blocking(d.path(), 4).unwrap(), 3);
+        assert_eq!(truncate_blocking(d.path(), 4, false).unwrap(), 3);
         assert!(!d
             .path()
             .join(crate::log::segment_file_name(5, "log"))
@@ -552,11 +563,17 @@ mod tests {
         assert_eq!(r.segments.len(), 1);
         assert_eq!(r.segments[0].next_offset, 3);
         // At a batch boundary nothing more is cut; below everything the log starts over.
-        assert_eq!(truncate_blocking(d.path(), 3).unwrap(), 3);
-        assert_eq!(truncate_blocking(d.path(), 0).unwrap(), 0);
+        assert_eq!(truncate_blocking(d.path(), 3, false).unwrap(), 3);
+        assert_eq!(truncate_blocking(d.path(), 0, false).unwrap(), 0);
         let r = recover(d.path()).unwrap();
         assert!(r.segments.iter().all(|s| s.next_offset == 0));
         assert_eq!(r.log_start_offset, 0);
+        // Behind the leader's log start: everything goes, the log starts there.
+        write_log(d.path(), &[make_batch(3, 10)], &[]);
+        assert_eq!(truncate_blocking(d.path(), 50, true).unwrap(), 50);
+        let r = recover(d.path()).unwrap();
+        assert!(r.segments.is_empty());
+        assert_eq!(r.log_start_offset, 50);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Replication {
     /// The replication factor.
     pub replicas: usize,
     pub leader: bool,
+    /// The partition's leader as the image says (-1: none).
+    pub leader_id: i32,
     /// The in-sync replicas other than the leader (leader's view).
     pub isr_followers: Vec<i32>,
     /// Per follower: its synced log end, as its last fetch said.
@@ -57,7 +59,8 @@ pub struct Replication {
     /// A follower must cut its log back to this before it fetches: it just became a follower
     /// (its tail past the high watermark may differ from the new leader's), or the leader
     /// said its fetch offset is past the leader's log.
-    pub truncate_to: Option<u64>,
+    /// With `true`: empty the log and start at the offset (behind the leader's log start).
+    pub truncate_to: Option<(u64, bool)>,
     /// The high watermark last persisted, and when.
     pub hw_saved: (u64, Option<std::time::Instant>),
 }
@@ -125,14 +128,30 @@ impl Partition {
 
     /// The role and ISR from the metadata image. `isr_followers` are the in-sync replicas
     /// other than the leader; `replicas` the replication factor.
-    pub fn set_replication(&self, replicas: usize, leader: bool, isr_followers: Vec<i32>) {
+    pub fn set_replication(
+        &self,
+        replicas: usize,
+        leader_id: i32,
+        me: i32,
+        isr_followers: Vec<i32>,
+    ) {
         {
             let mut r = self.repl.borrow_mut();
+            let leader = leader_id == me;
             let became_leader = leader && !r.leader;
-            let became_follower = !leader && (r.leader || !r.initialized);
+            // A new leader's log may differ from ours past the high watermark: a replica that
+            // starts following (again, or another leader) cuts back to it first.
+            let became_follower =
+                !leader && (r.leader || !r.initialized || r.leader_id != leader_id);
             r.initialized = true;
+            r.leader_id = leader_id;
             if became_follower && replicas > 1 {
-                r.truncate_to = Some(r.hw);
+                r.truncate_to = Some((r.hw, false));
+            }
+            if became_leader {
+                // Positions from an earlier reign say nothing about what followers hold now.
+                r.follower_end.clear();
+                r.follower_seen.clear();
             }
             r.replicated = replicas > 1;
             r.replicas = replicas;
@@ -161,8 +180,13 @@ impl Partition {
     }
 
     /// On a follower: where to cut the log before fetching, once.
-    pub fn take_truncation(&self) -> Option<u64> {
+    pub fn take_truncation(&self) -> Option<(u64, bool)> {
         self.repl.borrow_mut().truncate_to.take()
+    }
+
+    /// On a follower: the leader's log starts past ours; empty it and start there.
+    pub fn start_over_at(&self, leader_log_start: u64) {
+        self.repl.borrow_mut().truncate_to = Some((leader_log_start, true));
     }
 
     /// On a follower: the leader said our fetch offset is past its log; cut back to what is
@@ -170,7 +194,7 @@ impl Partition {
     pub fn truncate_later(&self, leader_hw: u64) {
         let mut r = self.repl.borrow_mut();
         let to = leader_hw.min(r.hw);
-        r.truncate_to = Some(to);
+        r.truncate_to = Some((to, false));
     }
 
     /// A replica reopened after a truncation to `end`: a follower at that high watermark.
@@ -181,6 +205,7 @@ impl Partition {
         r.replicated = replicas > 1;
         r.replicas = replicas;
         r.hw = end;
+        r.truncate_to = None;
     }
 
     /// The high watermark to persist now, if it moved and the last write is old enough.

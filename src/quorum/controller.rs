@@ -18,6 +18,9 @@ use uuid::Uuid;
 use super::image::MetadataImage;
 use super::record::{BrokerRegistration, Listener, MetadataRecord, PartitionRecord, NO_LEADER};
 
+/// Partitions a topic may have (the node's own limit too).
+pub const PARTITIONS_MAX: i32 = 100_000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerConfig {
     /// Kafka's `broker.session.timeout.ms`.
@@ -357,7 +360,7 @@ impl Controller {
         if image.topic_ids.contains_key(&req.name) {
             return Err(ControllerError::TopicAlreadyExists(req.name.clone()));
         }
-        if req.partitions <= 0 {
+        if req.partitions <= 0 || req.partitions > PARTITIONS_MAX {
             return Err(ControllerError::InvalidPartitions(req.partitions));
         }
         let eligible: Vec<(i32, Option<&str>)> = image
@@ -439,7 +442,7 @@ impl Controller {
             .topic_by_name(name)
             .ok_or_else(|| ControllerError::UnknownTopic(name.to_string()))?;
         let current = t.partitions.len() as i32;
-        if count <= current {
+        if count <= current || count > PARTITIONS_MAX {
             return Err(ControllerError::InvalidPartitions(count));
         }
         let rf = t

@@ -55,6 +55,8 @@ const HW_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 thread_local! {
     static FOLLOWED: RefCell<Followed> = RefCell::new(Followed::default());
+    /// Bumped by every `sync_shard`: a run that an image newer than its own overtook stops.
+    static SYNC_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Brings this shard's replicas in line with the node's image: each open replica learns its
@@ -62,8 +64,13 @@ thread_local! {
 pub async fn sync_shard(sh: Rc<Shard>) {
     let node = sh.node.clone();
     let me = node.node_id;
+    let generation = SYNC_GENERATION.with(|g| {
+        g.set(g.get() + 1);
+        g.get()
+    });
+    let current = || SYNC_GENERATION.with(|g| g.get()) == generation;
     let mut by_leader: BTreeMap<i32, BTreeSet<Key>> = BTreeMap::new();
-    let mut roles: Vec<(Key, usize, bool, Vec<i32>)> = Vec::new();
+    let mut roles: Vec<(Key, usize, i32, Vec<i32>)> = Vec::new();
     {
         let img = node.image();
         for t in img.topics.values() {
@@ -75,7 +82,7 @@ pub async fn sync_shard(sh: Rc<Shard>) {
                 }
                 let leader = a.leader == me;
                 let followers: Vec<i32> = a.isr.iter().copied().filter(|r| *r != me).collect();
-                roles.push(((name.clone(), p), a.replicas.len(), leader, followers));
+                roles.push(((name.clone(), p), a.replicas.len(), a.leader, followers));
                 if !leader && a.leader >= 0 && a.replicas.len() > 1 {
                     by_leader
                         .entry(a.leader)
@@ -86,8 +93,12 @@ pub async fn sync_shard(sh: Rc<Shard>) {
         }
     }
     for ((t, p), replicas, leader, isr_followers) in roles {
-        if let Some(part) = sh.replica(&t, p).await {
-            part.set_replication(replicas, leader, isr_followers);
+        let part = sh.replica(&t, p).await;
+        if !current() {
+            return;
+        }
+        if let Some(part) = part {
+            part.set_replication(replicas, leader, me, isr_followers);
         }
     }
     let start: Vec<i32> = FOLLOWED.with(|f| {
@@ -266,10 +277,11 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
             let Some(mut part) = sh.replica(&t, p).await else {
                 continue;
             };
-            if let Some(to) = part.take_truncation() {
-                if to < part.log.log_end_offset() {
+            if let Some((to, start_over)) = part.take_truncation() {
+                let follower = !part.replication().leader;
+                if follower && (start_over || to < part.log.log_end_offset()) {
                     let replicas = part.replication().replicas;
-                    match sh.truncate_replica(&t, p, to).await {
+                    match sh.truncate_replica(&t, p, to, start_over).await {
                         Some((reopened, end)) => {
                             reopened.truncated(end, replicas);
                             part = reopened;
@@ -311,15 +323,35 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                 let Some((_, part)) = parts.iter().find(|(k, _)| *k == key) else {
                     continue;
                 };
+                // A late answer from a leader this shard no longer follows for it.
+                let still = FOLLOWED.with(|f| {
+                    f.borrow()
+                        .by_leader
+                        .get(&leader)
+                        .is_some_and(|s| s.contains(&key))
+                });
+                if !still {
+                    continue;
+                }
                 if pd.error_code != ec::NONE {
                     if pd.error_code == ec::OFFSET_OUT_OF_RANGE && pd.high_watermark >= 0 {
-                        tracing::warn!(
-                            "replica of {}-{} at {} is past the leader's log: cutting back",
-                            key.0,
-                            key.1,
-                            part.log.log_end_offset()
-                        );
-                        part.truncate_later(pd.high_watermark as u64);
+                        let end = part.log.log_end_offset();
+                        if pd.log_start_offset > end as i64 {
+                            tracing::warn!(
+                                "replica of {}-{} ends at {end}, before the leader's log start {}: starting over there",
+                                key.0,
+                                key.1,
+                                pd.log_start_offset
+                            );
+                            part.start_over_at(pd.log_start_offset as u64);
+                        } else {
+                            tracing::warn!(
+                                "replica of {}-{} at {end} is past the leader's log: cutting back",
+                                key.0,
+                                key.1
+                            );
+                            part.truncate_later(pd.high_watermark as u64);
+                        }
                     }
                     continue;
                 }
@@ -329,11 +361,17 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                     };
                     match part.append_replicated(records, &cfg, sh.cache_cap()).await {
                         Ok(_) => progressed = true,
-                        Err((code, msg)) => tracing::warn!(
-                            "replica of {}-{}: cannot append what the leader sent ({code}): {msg}",
-                            key.0,
-                            key.1
-                        ),
+                        Err((code, msg)) => {
+                            tracing::warn!(
+                                "replica of {}-{}: cannot append what the leader sent ({code}): {msg}",
+                                key.0,
+                                key.1
+                            );
+                            if code == ec::OFFSET_OUT_OF_RANGE && pd.high_watermark >= 0 {
+                                // Batches that do not line up with ours: the logs diverged.
+                                part.truncate_later(pd.high_watermark as u64);
+                            }
+                        }
                     }
                 }
                 part.leader_hw(pd.high_watermark.max(0) as u64);
@@ -482,7 +520,13 @@ async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool
     };
     // A fetch from past this log's end is a follower whose tail diverged: it gets
     // OFFSET_OUT_OF_RANGE below and counts for nothing until it has cut back.
-    if record && w.offset >= 0 && w.offset as u64 <= part.log.log_end_offset() {
+    let is_replica = {
+        let img = sh.node.image();
+        img.topic(&w.topic)
+            .and_then(|t| t.assignments.get(w.partition as usize))
+            .is_some_and(|a| a.replicas.contains(&follower))
+    };
+    if record && is_replica && w.offset >= 0 && w.offset as u64 <= part.log.log_end_offset() {
         part.follower_fetched(follower, w.offset as u64);
     }
     let hw = part.high_watermark();

@@ -116,31 +116,31 @@ impl Shard {
         self.open_replica(topic, index).await
     }
 
-    /// Closes this node's replica of the partition, cuts its log before `offset` and opens it
-    /// again: a follower whose tail may differ from its leader's. Returns the reopened replica
-    /// and its new log end.
+    /// Closes this node's replica of the partition, cuts its log before `offset` (or, with
+    /// `start_over`, empties it to start at `offset`) and opens it again: a follower whose tail
+    /// may differ from its leader's. The whole runs under the open lock, so nobody reopens the
+    /// files meanwhile. Returns the reopened replica and its new log end.
     pub async fn truncate_replica(
         &self,
         topic: &str,
         index: i32,
         offset: u64,
+        start_over: bool,
     ) -> Option<(PartitionRef, u64)> {
         let key: (Arc<str>, i32) = (Arc::from(topic), index);
-        {
-            let _permit = self.open_lock.acquire_permit(1).await.ok()?;
-            let old = self.partitions.borrow_mut().remove(&key)?;
-            // Bounded: a follower's writes are awaited by its fetcher, so this is short.
-            for _ in 0..5000 {
-                if old.is_idle() {
-                    break;
-                }
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        let _permit = self.open_lock.acquire_permit(1).await.ok()?;
+        let old = self.partitions.borrow_mut().remove(&key)?;
+        // Bounded: a follower's writes are awaited by its fetcher, so this is short.
+        for _ in 0..5000 {
+            if old.is_idle() {
+                break;
             }
-            drop(old);
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
+        drop(old);
         let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
         let end = match crate::log::storage::off_reactor(move || {
-            crate::log::recovery::truncate_blocking(&dir, offset)
+            crate::log::recovery::truncate_blocking(&dir, offset, start_over)
         })
         .await
         {
@@ -151,7 +151,7 @@ impl Shard {
             }
         };
         tracing::info!("truncated replica {topic}-{index} to {end}");
-        let p = self.open_replica(topic, index).await?;
+        let p = self.open_locked(key).await?;
         Some((p, end))
     }
 
@@ -171,7 +171,14 @@ impl Shard {
         if let Some(p) = self.partitions.borrow().get(&key) {
             return Some(p.clone());
         }
-        let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
+        self.open_locked(key).await
+    }
+
+    /// Opens a partition (the caller holds the open lock); in a cluster its replica learns
+    /// its role from the image at once, so that no produce meets it unaware of its ISR.
+    async fn open_locked(&self, key: (Arc<str>, i32)) -> Option<PartitionRef> {
+        let (topic, index) = (key.0.clone(), key.1);
+        let dir = metadata::partition_dir(&self.node.data_dir, &topic, index);
         let visibility = if self.node.tuning.visible_when_written() {
             crate::partition::Visibility::Written
         } else {
@@ -179,6 +186,17 @@ impl Shard {
         };
         match Partition::open(key.0.clone(), index, dir, visibility).await {
             Ok(p) => {
+                if self.node.cluster.is_some() {
+                    let img = self.node.image();
+                    let me = self.node.node_id;
+                    let a = img
+                        .topic(&topic)
+                        .and_then(|t| t.assignments.get(index as usize));
+                    if let Some(a) = a {
+                        let followers = a.isr.iter().copied().filter(|r| *r != me).collect();
+                        p.set_replication(a.replicas.len(), a.leader, me, followers);
+                    }
+                }
                 let p = Rc::new(p);
                 self.partitions.borrow_mut().insert(key, p.clone());
                 Some(p)

@@ -135,6 +135,9 @@ async fn kafka_request_inner(
     frame: &Bytes,
     outer: bool,
 ) -> std::io::Result<Option<Vec<u8>>> {
+    if frame.len() < 8 {
+        return Err(std::io::Error::other("a request shorter than its header"));
+    }
     if !svc.is_leader() {
         let Some(leader) = svc.wait_for_leader(Duration::from_secs(5)).await else {
             return Ok(None);
