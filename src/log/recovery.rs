@@ -558,7 +558,7 @@ mod tests {
             .path()
             .join(crate::log::segment_file_name(5, "log"))
             .exists());
-        assert_eq!(read_offset_file(d.path(), RECOVERY_POINT_FILE), Some(4));
+        assert_eq!(read_offset_file(d.path(), RECOVERY_POINT_FILE), Some(3));
         let r = recover(d.path()).unwrap();
         assert_eq!(r.segments.len(), 1);
         assert_eq!(r.segments[0].next_offset, 3);
