@@ -115,7 +115,7 @@ pub struct ServeArgs {
     /// Pin the shards to these cores, e.g. `1`, `2-5` or `0,2`: one shard per core listed
     /// (several nodes can share a host this way).
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
-    pub cpus: Option<Vec<usize>>,
+    pub cpus: Option<CpuList>,
     /// Number of shards (cores) to run. Default: every core the tuning file names (all cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub cores: Option<u16>,
@@ -149,7 +149,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+/// Cores named on the command line (`--cpus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let num = |x: &str| {
@@ -171,7 +175,7 @@ fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     if out.is_empty() {
         return Err("--cpus names no core".into());
     }
-    Ok(out)
+    Ok(CpuList(out))
 }
 
 fn config_show(a: &ConfigArgs) -> anyhow::Result<()> {
@@ -282,11 +286,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tuning.node.rack = r.clone();
     }
     if let Some(cpus) = &a.cpus {
-        tuning.shards.cores = cpus.clone();
+        tuning.shards.cores = cpus.0.clone();
     }
     if tuning.node.node_id < 0 {
         bail!("node id {} is negative", tuning.node.node_id);
     }
+    // Checked before anything touches the data dir.
+    let voters = if tuning.node.controllers.trim().is_empty() {
+        None
+    } else {
+        Some(
+            crate::server::controller::wire::parse_voters(&tuning.node.controllers)
+                .map_err(|e| anyhow::anyhow!("--controllers: {e}"))?,
+        )
+    };
     let listen: std::net::SocketAddr = tuning.node.listen.parse().context("node.listen")?;
     let advertised = a.advertise.clone().unwrap_or_else(|| {
         if tuning.node.advertised_listener.is_empty() {
@@ -311,18 +324,15 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let dir_lock = crate::cluster::meta_properties::lock(&data_dir).map_err(anyhow::Error::msg)?;
     let identity = crate::cluster::meta_properties::load_or_create(&data_dir, tuning.node.node_id)
         .map_err(anyhow::Error::msg)?;
-    let cluster_settings = if tuning.node.controllers.trim().is_empty() {
-        None
-    } else {
-        let voters = crate::server::controller::wire::parse_voters(&tuning.node.controllers)
-            .map_err(|e| anyhow::anyhow!("--controllers: {e}"))?;
-        Some(crate::cluster::node::ClusterSettings {
+    let cluster_settings = match voters {
+        None => None,
+        Some(voters) => Some(crate::cluster::node::ClusterSettings {
             voters,
             rack: Some(tuning.node.rack.clone()).filter(|r| !r.is_empty()),
             directory_id: identity.directory_id,
             incarnation_id: uuid::Uuid::new_v4(),
             known_cluster_id: identity.cluster_id.clone(),
-        })
+        }),
     };
     let probe = write_probe(&data_dir)?;
     raise_fd_limit();

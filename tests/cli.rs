@@ -111,6 +111,12 @@ fn bad_flags_and_bad_tuning_files_are_refused_in_one_line() {
     assert!(!ok && err.contains("--cores"), "{err}");
     let (ok, _, err) = fjord(&["serve", "--listen", "not-an-address"]);
     assert!(!ok && err.contains("--listen"), "{err}");
+    let (ok, _, err) = fjord(&["serve", "--cpus", "3-1"]);
+    assert!(!ok && err.contains("--cpus"), "{err}");
+    let (ok, _, err) = fjord(&["serve", "--controllers", "0@127.0.0.1:1"]);
+    assert!(!ok && err.contains("voter ids start at 1"), "{err}");
+    let (ok, _, err) = fjord(&["serve", "--controllers", "1@127.0.0.1:1,1@127.0.0.1:2"]);
+    assert!(!ok && err.contains("listed twice"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     let text = fjord::config::DEFAULT_TUNING.replace("[io]", "[io]\nring_dept = 5");

@@ -55,8 +55,9 @@ impl Cluster {
                 voters,
                 "--rack",
                 &rack,
-                "--cores",
-                "1",
+                // One shard each, pinned to core 0: several nodes share a host.
+                "--cpus",
+                "0",
                 "--overprovisioned",
                 "--set",
                 SESSION_MS,
