@@ -1022,3 +1022,133 @@ fn a_deposed_leader_cuts_its_unreplicated_tail_and_ends_identical_to_the_new_lea
         (!a.is_empty() && a == batches_on_disk(&old_dir)).then_some(())
     });
 }
+
+#[test]
+fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicate_nothing() {
+    use std::sync::{Arc, Mutex};
+    let mut cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot[0], None).0 == all).then_some(())
+    });
+    {
+        let a = admin(&boot[0]);
+        let t =
+            NewTopic::new("churn", 2, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
+        let r = futures::executor::block_on(a.create_topics(&[t], &AdminOptions::new()))
+            .expect("create_topics");
+        r[0].as_ref().expect("created");
+    }
+    // A producer thread sends without pause; each acknowledged value is recorded from its
+    // delivery report, failures counted.
+    let acked: Arc<Mutex<BTreeSet<Vec<u8>>>> = Arc::default();
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let ctx = AckContext {
+            acked: acked.clone(),
+            failed: failed.clone(),
+        };
+        let (stop, bootstrap) = (stop.clone(), boot.join(","));
+        std::thread::spawn(move || {
+            let p: rdkafka::producer::BaseProducer<AckContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("message.timeout.ms", "120000")
+                .create_with_context(ctx)
+                .expect("producer");
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let v = format!("c{i}").into_bytes();
+                if p.send(BaseRecord::<(), _>::to("churn").payload(&v)).is_ok() {
+                    i += 1;
+                }
+                // About 2,000 records a second: enough to be mid-flight at every kill.
+                p.poll(Duration::from_millis(if i.is_multiple_of(10) { 5 } else { 0 }));
+            }
+            p.flush(Duration::from_secs(120))
+                .expect("flushed at the end");
+            i
+        })
+    };
+    for round in 0..3 {
+        let boot: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+        let leader = wait_for("a leader to kill", Duration::from_secs(30), || {
+            boot.iter().find_map(|b| {
+                let (_, parts) = metadata(b, Some("churn"));
+                parts.first().map(|p| p.0).filter(|l| *l >= 0)
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        cl.node_mut(leader).kill9();
+        let other = *all.iter().find(|n| **n != leader).unwrap();
+        let ob = cl.node(other).bootstrap();
+        wait_for(
+            &format!("round {round}: a new leader"),
+            Duration::from_secs(30),
+            || {
+                let (_, parts) = metadata(&ob, Some("churn"));
+                (parts.len() == 2 && parts.iter().all(|p| p.0 >= 0 && p.0 != leader)).then_some(())
+            },
+        );
+        let data = cl.node(leader).data().to_path_buf();
+        let voters = cl.voters.clone();
+        *cl.node_mut(leader) = Cluster::spawn(leader, &voters, Some(data));
+        wait_for(
+            &format!("round {round}: back in every ISR"),
+            Duration::from_secs(60),
+            || {
+                let (_, parts) = metadata(&ob, Some("churn"));
+                (parts.len() == 2 && parts.iter().all(|p| p.2.len() == 3)).then_some(())
+            },
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = producer.join().expect("producer thread");
+    let acked = acked.lock().unwrap().clone();
+    let failed = failed.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent > 0 && acked.len() as u64 + failed == sent,
+        "sent {sent}, acked {}, failed {failed}",
+        acked.len()
+    );
+    // A restarted node listens on a new port: read through one as it is now.
+    let got = read_all(&cl.node(1).bootstrap(), "churn", 2, acked.len());
+    let values: BTreeSet<Vec<u8>> = got.iter().map(|g| g.2.clone()).collect();
+    let missing = acked.difference(&values).count();
+    assert_eq!(
+        missing,
+        0,
+        "acknowledged records lost: {missing} of {}",
+        acked.len()
+    );
+    assert_eq!(got.len(), values.len(), "no record twice");
+}
+
+/// Records what the broker acknowledged, from librdkafka's delivery reports.
+struct AckContext {
+    acked: std::sync::Arc<std::sync::Mutex<BTreeSet<Vec<u8>>>>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl rdkafka::ClientContext for AckContext {}
+
+impl rdkafka::producer::ProducerContext for AckContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(m) => {
+                self.acked
+                    .lock()
+                    .unwrap()
+                    .insert(m.payload().map(|p| p.to_vec()).unwrap_or_default());
+            }
+            Err(_) => {
+                self.failed
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+}

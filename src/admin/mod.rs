@@ -94,6 +94,9 @@ pub enum TopicsCmd {
         topic: String,
         #[arg(long, default_value_t = 1)]
         partitions: i32,
+        /// Replicas per partition (default: the cluster's default, 1).
+        #[arg(long, value_name = "N")]
+        replication_factor: Option<i16>,
         /// Topic config, repeatable: --config retention.ms=60000
         #[arg(long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
@@ -238,6 +241,7 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
         TopicsCmd::Create {
             topic,
             partitions,
+            replication_factor,
             configs,
         } => {
             let mut req = CreateTopicsRequest::default();
@@ -245,7 +249,7 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             let mut t = create_topics_request::CreatableTopic::default();
             t.name = TopicName(sb(&topic));
             t.num_partitions = partitions;
-            t.replication_factor = -1;
+            t.replication_factor = replication_factor.unwrap_or(-1);
             for kv in configs {
                 let (k, v) = kv
                     .split_once('=')
