@@ -394,6 +394,19 @@ impl SharedLog {
         self.inner.borrow().fenced.clone()
     }
 
+    /// Stops all writes to this log object for good (a replica closed to be truncated and
+    /// reopened): nothing queued or arriving later is written, so no segment is created
+    /// while the files are cut.
+    pub fn retire(&self, reason: &str) {
+        {
+            let mut log = self.inner.borrow_mut();
+            if log.fenced.is_none() {
+                log.fenced = Some(reason.to_string());
+            }
+        }
+        self.fail_pending(reason);
+    }
+
     /// Stops all writes until restart, answering everything queued or waiting with `reason`.
     fn fence(&self, reason: &str) {
         {

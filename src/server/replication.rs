@@ -279,9 +279,15 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
             };
             if let Some((to, start_over)) = part.take_truncation() {
                 let follower = !part.replication().leader;
-                if follower && (start_over || to < part.log.log_end_offset()) {
+                let still = FOLLOWED.with(|f| {
+                    f.borrow()
+                        .by_leader
+                        .get(&leader)
+                        .is_some_and(|s| s.contains(&(t.clone(), p)))
+                });
+                if follower && still && (start_over || to < part.log.log_end_offset()) {
                     let replicas = part.replication().replicas;
-                    match sh.truncate_replica(&t, p, to, start_over).await {
+                    match sh.truncate_replica(&part, to, start_over).await {
                         Some((reopened, end)) => {
                             reopened.truncated(end, replicas);
                             part = reopened;

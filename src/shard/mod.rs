@@ -122,14 +122,24 @@ impl Shard {
     /// files meanwhile. Returns the reopened replica and its new log end.
     pub async fn truncate_replica(
         &self,
-        topic: &str,
-        index: i32,
+        expected: &PartitionRef,
         offset: u64,
         start_over: bool,
     ) -> Option<(PartitionRef, u64)> {
-        let key: (Arc<str>, i32) = (Arc::from(topic), index);
+        let (topic, index) = (expected.topic.clone(), expected.index);
+        let key: (Arc<str>, i32) = (topic.clone(), index);
         let _permit = self.open_lock.acquire_permit(1).await.ok()?;
+        // Only the replica the caller looked at: if another task reopened it meanwhile (a
+        // fetcher of the previous leader, say), its files are that one's now.
+        let current = self.partitions.borrow().get(&key).cloned()?;
+        if !Rc::ptr_eq(&current, expected) {
+            return None;
+        }
+        drop(current);
         let old = self.partitions.borrow_mut().remove(&key)?;
+        // No write may start on the old object any more (a fetcher of another leader may
+        // still hold it), then its running write is waited for.
+        old.log.retire("replica closed for truncation");
         // Bounded: a follower's writes are awaited by its fetcher, so this is short.
         for _ in 0..5000 {
             if old.is_idle() {
@@ -138,7 +148,7 @@ impl Shard {
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         drop(old);
-        let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
+        let dir = metadata::partition_dir(&self.node.data_dir, &topic, index);
         let end = match crate::log::storage::off_reactor(move || {
             crate::log::recovery::truncate_blocking(&dir, offset, start_over)
         })
