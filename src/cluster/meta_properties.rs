@@ -141,20 +141,7 @@ const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 /// Kafka's textual UUID: URL-safe base64 without padding (22 characters).
 pub fn encode_uuid(id: &Uuid) -> String {
-    let mut out = String::with_capacity(22);
-    let (mut acc, mut bits) = (0u32, 0);
-    for b in id.as_bytes() {
-        acc = (acc << 8) | *b as u32;
-        bits += 8;
-        while bits >= 6 {
-            bits -= 6;
-            out.push(ALPHABET[((acc >> bits) & 63) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
-    }
-    out
+    super::metadata::base64_url(id.as_bytes())
 }
 
 pub fn decode_uuid(s: &str) -> Option<Uuid> {

@@ -248,7 +248,7 @@ pub fn save_cluster(data_dir: &Path, c: &ClusterFile) -> std::io::Result<()> {
 }
 
 /// Kafka cluster ids are 22-character URL-safe base64 UUIDs.
-fn base64_url(bytes: &[u8]) -> String {
+pub(crate) fn base64_url(bytes: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     let mut acc = 0u32;

@@ -13,17 +13,7 @@ use crate::shard;
 pub async fn handle(ctx: &ConnCtx, version: i16, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
     let node = ctx.shard.node.clone();
     let mut resp = DeleteTopicsResponse::default();
-    let targets: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
-        req.topics
-            .iter()
-            .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
-            .collect()
-    } else {
-        req.topic_names
-            .iter()
-            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
-            .collect()
-    };
+    let targets = targets(version, &req);
     for (name, id) in targets {
         let mut r = DeletableTopicResult::default();
         let resolved = match &name {
@@ -79,17 +69,7 @@ pub async fn forwarded(
         }
         Err(e) => {
             let mut resp = DeleteTopicsResponse::default();
-            let names: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
-                req.topics
-                    .iter()
-                    .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
-                    .collect()
-            } else {
-                req.topic_names
-                    .iter()
-                    .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
-                    .collect()
-            };
+            let names = targets(version, &req);
             for (name, id) in names {
                 let mut r = DeletableTopicResult::default();
                 r.name = name.as_deref().map(tn);
@@ -100,5 +80,20 @@ pub async fn forwarded(
             }
             resp
         }
+    }
+}
+
+/// The topics a request names: by name, or from v6 by name or id.
+fn targets(version: i16, req: &DeleteTopicsRequest) -> Vec<(Option<String>, uuid::Uuid)> {
+    if version >= 6 {
+        req.topics
+            .iter()
+            .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
+            .collect()
+    } else {
+        req.topic_names
+            .iter()
+            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+            .collect()
     }
 }
