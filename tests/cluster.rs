@@ -330,7 +330,7 @@ fn three_voters_and_a_broker_form_a_cluster_that_survives_losing_its_controller(
     let data = cl.node(active).data().to_path_buf();
     let voters = cl.voters.clone();
     *cl.node_mut(active) = Cluster::spawn(active, &voters, Some(data));
-    wait_for("the restarted node back", Duration::from_secs(30), || {
+    wait_for("the restarted node back", Duration::from_secs(90), || {
         (metadata(&sb, None).0 == all).then_some(())
     });
 }
