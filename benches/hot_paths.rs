@@ -150,7 +150,7 @@ fn fetch_assembly(c: &mut Criterion) {
                 t.partitions.push(pd);
                 recs.push(records_of(p));
             }
-            fjord::server::handlers::fetch::encode_response(12, 0, 0, vec![(t, recs)])
+            fjord::server::handlers::fetch::encode_response(12, 0, 0, vec![(t, recs)], &[])
         };
         // Bytes copied per fetched byte: what is not a slice of the stored bytes.
         let chunks = build();
@@ -211,9 +211,15 @@ fn append(c: &mut Criterion) {
     g.bench_function("dma_100x1KiB_acks1", |bench| {
         bench.iter(|| {
             ex.run(async {
-                log.append(&payload, &infos, &settings, 0, None)
-                    .await
-                    .expect("append")
+                log.append(
+                    &payload,
+                    &infos,
+                    &settings,
+                    fjord::log::EpochStamp::Leader(0),
+                    None,
+                )
+                .await
+                .expect("append")
             })
         })
     });
@@ -221,7 +227,13 @@ fn append(c: &mut Criterion) {
         bench.iter(|| {
             ex.run(async {
                 let o = log
-                    .append(&payload, &infos, &settings, 0, None)
+                    .append(
+                        &payload,
+                        &infos,
+                        &settings,
+                        fjord::log::EpochStamp::Leader(0),
+                        None,
+                    )
                     .await
                     .expect("append");
                 log.sync_to(o + 100).await.expect("sync");

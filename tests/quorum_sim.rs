@@ -690,6 +690,7 @@ impl<D: SimDisk> Sim<D> {
                 partitions: self.rng.range(1, 4) as i32,
                 replication_factor: self.rng.range(1, 5) as i32,
                 configs: BTreeMap::new(),
+                assignment: None,
             };
             match self.propose(id, |ctl, img, _, _| ctl.create_topic(img, &req)) {
                 Some(Ok(_)) => self.stats.topics_created += 1,

@@ -87,8 +87,21 @@ pub enum TopicsCmd {
         #[arg(long)]
         all: bool,
     },
-    /// Partitions, leaders, offsets and configs of a topic.
-    Describe { topic: String },
+    /// Partitions, leaders, replicas, ISR, offsets and configs of a topic (of every topic
+    /// when none is named), optionally only the partitions in trouble.
+    Describe {
+        topic: Option<String>,
+        /// Only partitions whose ISR is smaller than their replica set.
+        #[arg(long)]
+        under_replicated: bool,
+        /// Only partitions whose ISR is smaller than the topic's min.insync.replicas (acks=all
+        /// writes are refused there).
+        #[arg(long)]
+        under_min_isr: bool,
+        /// Only partitions without a leader.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Create a topic.
     Create {
         topic: String,
@@ -97,12 +110,45 @@ pub enum TopicsCmd {
         /// Replicas per partition (default: the cluster's default, 1).
         #[arg(long, value_name = "N")]
         replication_factor: Option<i16>,
+        /// Place the replicas yourself, as Kafka's kafka-topics: partitions separated by
+        /// commas, each one's brokers by colons, preferred leader first (`1:2:3,2:3:1`).
+        #[arg(long, value_name = "ASSIGNMENT", conflicts_with_all = ["partitions", "replication_factor"])]
+        replica_assignment: Option<String>,
         /// Topic config, repeatable: --config retention.ms=60000
         #[arg(long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
     },
     /// Delete a topic.
     Delete { topic: String },
+    /// Elect leaders (Kafka's kafka-leader-election): give partitions back to their preferred
+    /// replica, or a leaderless partition a leader from outside its ISR (unclean: the records
+    /// only the lost replicas held are gone).
+    ElectLeaders {
+        /// preferred or unclean.
+        #[arg(long = "election-type", value_parser = ["preferred", "unclean"], default_value = "preferred")]
+        election_type: String,
+        /// Only this topic's partitions (default: every partition; preferred only).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this partition of the topic.
+        #[arg(long, requires = "topic")]
+        partition: Option<i32>,
+    },
+}
+
+/// Kafka's `--replica-assignment` format: `1:2:3,2:3:1`.
+fn parse_assignment(s: &str) -> anyhow::Result<Vec<Vec<i32>>> {
+    s.split(',')
+        .map(|p| {
+            p.split(':')
+                .map(|b| {
+                    b.trim()
+                        .parse::<i32>()
+                        .map_err(|_| anyhow!("--replica-assignment: {b:?} is not a broker id"))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -163,6 +209,48 @@ fn offsets(
     Ok(out)
 }
 
+/// One config value of a topic, as DescribeConfigs gives it.
+fn topic_config(c: &mut Client, topic: &str, key: &str) -> anyhow::Result<Option<String>> {
+    let mut req = DescribeConfigsRequest::default();
+    let mut r = describe_configs_request::DescribeConfigsResource::default();
+    r.resource_type = 2;
+    r.resource_name = sb(topic);
+    r.configuration_keys = Some(vec![sb(key)]);
+    req.resources.push(r);
+    let resp = c.call(1, &req)?;
+    Ok(resp
+        .results
+        .into_iter()
+        .flat_map(|r| r.configs)
+        .find(|cfg| cfg.name.as_str() == key)
+        .and_then(|cfg| cfg.value.map(|v| v.to_string())))
+}
+
+fn print_topic_configs(c: &mut Client, topic: &str) -> anyhow::Result<()> {
+    let mut req = DescribeConfigsRequest::default();
+    let mut r = describe_configs_request::DescribeConfigsResource::default();
+    r.resource_type = 2;
+    r.resource_name = sb(topic);
+    req.resources.push(r);
+    let resp = c.call(1, &req)?;
+    println!("Configs:");
+    for res in resp.results {
+        for cfg in res.configs {
+            let src = if cfg.config_source == 1 {
+                " (topic)"
+            } else {
+                ""
+            };
+            println!(
+                "  {}={}{src}",
+                cfg.name,
+                cfg.value.map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
     let mut c = Client::connect(bootstrap)?;
     match cmd {
@@ -181,60 +269,104 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                 println!("{:<40} {:>10}  {}", name, t.partitions.len(), t.topic_id);
             }
         }
-        TopicsCmd::Describe { topic } => {
-            let md = metadata(&mut c, Some(vec![topic.clone()]))?;
-            let t = md
+        TopicsCmd::Describe {
+            topic,
+            under_replicated,
+            under_min_isr,
+            offline,
+        } => {
+            let filtered = under_replicated || under_min_isr || offline;
+            let md = metadata(&mut c, topic.clone().map(|t| vec![t]))?;
+            let brokers: BTreeMap<i32, String> = md
+                .brokers
+                .iter()
+                .map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port)))
+                .collect();
+            let mut topics: Vec<_> = md
                 .topics
-                .first()
-                .ok_or_else(|| anyhow!("no answer for {topic}"))?;
-            if t.error_code != 0 {
-                bail!("{topic}: {}", err_name(t.error_code));
-            }
-            println!(
-                "Topic: {topic}  Id: {}  Partitions: {}  Internal: {}",
-                t.topic_id,
-                t.partitions.len(),
-                t.is_internal
-            );
-            let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
-            let offs = offsets(&mut c, &topic, &parts)?;
-            println!(
-                "{:>9} {:>7} {:>12} {:>12} {:>10}",
-                "PARTITION", "LEADER", "EARLIEST", "LATEST", "ISR"
-            );
-            let mut sorted: Vec<_> = t.partitions.iter().collect();
-            sorted.sort_by_key(|p| p.partition_index);
-            for p in sorted {
-                let (lo, hi) = offs.get(&p.partition_index).copied().unwrap_or((-1, -1));
-                let isr: Vec<String> = p.isr_nodes.iter().map(|b| b.0.to_string()).collect();
+                .iter()
+                .filter(|t| topic.is_some() || !t.is_internal || filtered)
+                .collect();
+            topics.sort_by_key(|t| t.name.as_ref().map(|n| n.0.to_string()));
+            // Offsets come from each partition's leader.
+            let mut leaders: BTreeMap<i32, Client> = BTreeMap::new();
+            for t in topics {
+                let name = t.name.as_ref().map(|n| n.0.to_string()).unwrap_or_default();
+                if t.error_code != 0 {
+                    bail!("{name}: {}", err_name(t.error_code));
+                }
+                let min_isr = topic_config(&mut c, &name, "min.insync.replicas")?
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(1);
+                let mut parts: Vec<_> = t.partitions.iter().collect();
+                parts.sort_by_key(|p| p.partition_index);
+                let rows: Vec<_> = parts
+                    .into_iter()
+                    .filter(|p| {
+                        let rf = p.replica_nodes.len();
+                        let isr = p.isr_nodes.len();
+                        !filtered
+                            || (under_replicated && isr < rf)
+                            || (under_min_isr && isr < min_isr.min(rf.max(1)))
+                            || (offline && p.leader_id.0 < 0)
+                    })
+                    .collect();
+                if filtered && rows.is_empty() {
+                    continue;
+                }
                 println!(
-                    "{:>9} {:>7} {:>12} {:>12} {:>10}",
-                    p.partition_index,
-                    p.leader_id.0,
-                    lo,
-                    hi,
-                    isr.join(",")
+                    "Topic: {name}  Id: {}  Partitions: {}  ReplicationFactor: {}  min.insync.replicas: {min_isr}{}",
+                    t.topic_id,
+                    t.partitions.len(),
+                    t.partitions.first().map_or(0, |p| p.replica_nodes.len()),
+                    if t.is_internal { "  Internal" } else { "" }
                 );
-            }
-            let mut req = DescribeConfigsRequest::default();
-            let mut r = describe_configs_request::DescribeConfigsResource::default();
-            r.resource_type = 2;
-            r.resource_name = sb(&topic);
-            req.resources.push(r);
-            let resp = c.call(1, &req)?;
-            println!("Configs:");
-            for res in resp.results {
-                for cfg in res.configs {
-                    let src = if cfg.config_source == 1 {
-                        " (topic)"
-                    } else {
-                        ""
+                println!(
+                    "{:>9} {:>7} {:>6} {:>12} {:>12} {:>12} {:>12}",
+                    "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR", "EARLIEST", "LATEST"
+                );
+                for p in rows {
+                    let ids = |v: &[BrokerId]| {
+                        v.iter()
+                            .map(|b| b.0.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    let leader = p.leader_id.0;
+                    let (lo, hi) = match brokers.get(&leader) {
+                        Some(addr) if leader >= 0 => {
+                            if let std::collections::btree_map::Entry::Vacant(e) =
+                                leaders.entry(leader)
+                            {
+                                if let Ok(lc) = Client::connect(addr) {
+                                    e.insert(lc);
+                                }
+                            }
+                            leaders
+                                .get_mut(&leader)
+                                .and_then(|lc| offsets(lc, &name, &[p.partition_index]).ok())
+                                .and_then(|o| o.get(&p.partition_index).copied())
+                                .unwrap_or((-1, -1))
+                        }
+                        _ => (-1, -1),
                     };
                     println!(
-                        "  {}={}{src}",
-                        cfg.name,
-                        cfg.value.map(|v| v.to_string()).unwrap_or_default()
+                        "{:>9} {:>7} {:>6} {:>12} {:>12} {:>12} {:>12}",
+                        p.partition_index,
+                        if leader < 0 {
+                            "none".to_string()
+                        } else {
+                            leader.to_string()
+                        },
+                        p.leader_epoch,
+                        ids(&p.replica_nodes),
+                        ids(&p.isr_nodes),
+                        lo,
+                        hi
                     );
+                }
+                if topic.is_some() && !filtered {
+                    print_topic_configs(&mut c, &name)?;
                 }
             }
         }
@@ -242,14 +374,32 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             topic,
             partitions,
             replication_factor,
+            replica_assignment,
             configs,
         } => {
             let mut req = CreateTopicsRequest::default();
             req.timeout_ms = 30_000;
             let mut t = create_topics_request::CreatableTopic::default();
             t.name = TopicName(sb(&topic));
-            t.num_partitions = partitions;
-            t.replication_factor = replication_factor.unwrap_or(-1);
+            let mut partitions = partitions;
+            match replica_assignment {
+                Some(a) => {
+                    let a = parse_assignment(&a)?;
+                    partitions = a.len() as i32;
+                    t.num_partitions = -1;
+                    t.replication_factor = -1;
+                    for (i, replicas) in a.into_iter().enumerate() {
+                        let mut x = create_topics_request::CreatableReplicaAssignment::default();
+                        x.partition_index = i as i32;
+                        x.broker_ids = replicas.into_iter().map(BrokerId).collect();
+                        t.assignments.push(x);
+                    }
+                }
+                None => {
+                    t.num_partitions = partitions;
+                    t.replication_factor = replication_factor.unwrap_or(-1);
+                }
+            }
             for kv in configs {
                 let (k, v) = kv
                     .split_once('=')
@@ -286,7 +436,70 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             }
             println!("deleted topic {topic}");
         }
+        TopicsCmd::ElectLeaders {
+            election_type,
+            topic,
+            partition,
+        } => elect_leaders(&mut c, &election_type, topic, partition)?,
     }
+    Ok(())
+}
+
+fn elect_leaders(
+    c: &mut Client,
+    election_type: &str,
+    topic: Option<String>,
+    partition: Option<i32>,
+) -> anyhow::Result<()> {
+    let mut req = ElectLeadersRequest::default();
+    req.election_type = if election_type == "unclean" { 1 } else { 0 };
+    req.timeout_ms = 30_000;
+    if let Some(topic) = &topic {
+        let parts: Vec<i32> = match partition {
+            Some(p) => vec![p],
+            None => {
+                let md = metadata(c, Some(vec![topic.clone()]))?;
+                let t = md
+                    .topics
+                    .first()
+                    .ok_or_else(|| anyhow!("no answer for {topic}"))?;
+                if t.error_code != 0 {
+                    bail!("{topic}: {}", err_name(t.error_code));
+                }
+                t.partitions.iter().map(|p| p.partition_index).collect()
+            }
+        };
+        let mut tp = elect_leaders_request::TopicPartitions::default();
+        tp.topic = TopicName(sb(topic));
+        tp.partitions = parts;
+        req.topic_partitions = Some(vec![tp]);
+    } else if election_type == "unclean" {
+        bail!("an unclean election names its partitions: --topic (and --partition)");
+    }
+    let resp = c.call(2, &req)?;
+    if resp.error_code != 0 {
+        bail!("ElectLeaders: {}", err_name(resp.error_code));
+    }
+    let mut elected = 0;
+    for t in resp.replica_election_results {
+        for p in t.partition_result {
+            if p.error_code == 0 {
+                elected += 1;
+                println!("{}-{}: elected", t.topic.0, p.partition_id);
+            } else {
+                println!(
+                    "{}-{}: {}{}",
+                    t.topic.0,
+                    p.partition_id,
+                    err_name(p.error_code),
+                    p.error_message
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    println!("{elected} leaders elected");
     Ok(())
 }
 

@@ -47,6 +47,31 @@ impl TopicMeta {
             .and_then(|p| self.assignments.get(p))
             .map_or(-1, |a| a.leader)
     }
+
+    /// The partition's leader epoch (0 on a single node, where no election ever happens).
+    pub fn leader_epoch(&self, partition: i32) -> i32 {
+        if self.assignments.is_empty() {
+            return 0;
+        }
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.assignments.get(p))
+            .map_or(-1, |a| a.leader_epoch)
+    }
+
+    /// KIP-320: the error for a request that expects leader epoch `current` (-1: any) of
+    /// this partition, if the image's differs (FENCED_LEADER_EPOCH when older,
+    /// UNKNOWN_LEADER_EPOCH when newer than what this node has seen).
+    pub fn epoch_mismatch(&self, partition: i32, current: i32) -> Option<i16> {
+        let mine = self.leader_epoch(partition);
+        if current < 0 || current == mine {
+            None
+        } else if current < mine {
+            Some(kafka_protocol::ResponseError::FencedLeaderEpoch.code())
+        } else {
+            Some(kafka_protocol::ResponseError::UnknownLeaderEpoch.code())
+        }
+    }
 }
 
 /// A registered broker as clients see it.

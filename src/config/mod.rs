@@ -90,6 +90,20 @@ pub struct NodeSection {
     /// the ISR.
     #[serde(default = "default_replica_lag_time_max_ms")]
     pub replica_lag_time_max_ms: u64,
+    /// Kafka's auto.leader.rebalance.enable: the active controller gives each partition back
+    /// to its preferred replica (the first) once that is a live member of the ISR again.
+    #[serde(default = "default_true")]
+    pub auto_leader_rebalance_enable: bool,
+    /// How often it looks (Kafka's leader.imbalance.check.interval.seconds, in ms here).
+    #[serde(default = "default_leader_imbalance_check_interval_ms")]
+    pub leader_imbalance_check_interval_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_leader_imbalance_check_interval_ms() -> u64 {
+    300_000
 }
 
 fn default_offsets_topic_replication_factor() -> i16 {
@@ -351,6 +365,16 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         1,
     ),
     ("replica.lag.time.max.ms", "node.replica_lag_time_max_ms", 1),
+    (
+        "auto.leader.rebalance.enable",
+        "node.auto_leader_rebalance_enable",
+        1,
+    ),
+    (
+        "leader.imbalance.check.interval.seconds",
+        "node.leader_imbalance_check_interval_ms",
+        1000,
+    ),
     ("log.dir", "node.data_dir", 1),
     ("log.dirs", "node.data_dir", 1),
     ("num.partitions", "log.num_partitions", 1),

@@ -204,7 +204,7 @@ impl GroupShard {
             let end = part.log.log_end_offset();
             // Bounded by the log: each pass advances past at least one batch.
             while offset < end {
-                let Ok(bytes) = part.log.read(offset, 1 << 20, end, 0).await else {
+                let Ok(bytes) = part.log.read(offset, 1 << 20, end).await else {
                     break;
                 };
                 if bytes.is_empty() {

@@ -59,6 +59,10 @@ impl<'a> BatchHeader<'a> {
     pub fn total_bytes(&self) -> usize {
         self.batch_length().max(0) as usize + LOG_OVERHEAD
     }
+    /// The epoch of the leader that appended the batch (-1 before a broker stamped it).
+    pub fn partition_leader_epoch(&self) -> i32 {
+        be_i32(self.0, 12)
+    }
     pub fn magic(&self) -> i8 {
         self.0[MAGIC_OFFSET] as i8
     }
@@ -127,6 +131,9 @@ pub struct BatchInfo {
     pub last_sequence: i32,
     pub is_transactional: bool,
     pub is_control: bool,
+    /// The partitionLeaderEpoch field as received: meaningful in batches a leader sends its
+    /// followers, ignored in a producer's.
+    pub leader_epoch: i32,
 }
 
 pub fn crc_of(batch: &[u8]) -> u32 {
@@ -184,6 +191,7 @@ pub fn validate_payload(
             last_sequence: h.last_sequence(),
             is_transactional: h.is_transactional(),
             is_control: h.is_control(),
+            leader_epoch: h.partition_leader_epoch(),
         });
         pos += total;
     }
@@ -216,6 +224,8 @@ pub struct StoredBatch {
     pub base_offset: u64,
     pub last_offset: u64,
     pub max_timestamp: i64,
+    /// The epoch of the leader that appended it (served in place of the producer's bytes).
+    pub leader_epoch: i32,
     /// The batch as produced (header fields not yet patched) or as read back (patched).
     pub bytes: Bytes,
 }

@@ -20,6 +20,7 @@
 
 pub mod batch;
 pub mod compaction;
+pub mod epochs;
 pub mod index;
 pub mod read_ahead;
 pub mod recovery;
@@ -42,6 +43,15 @@ pub const DMA_ALIGN: u64 = 4096;
 const PATCHED_PREFIX_BYTES: usize = 16;
 /// One index entry per this many bytes appended.
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
+
+/// Which leader epoch an appended batch carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochStamp {
+    /// The leader's own epoch: a produce on the leader.
+    Leader(i32),
+    /// The one in the batch: a follower appends what its leader stamped.
+    AsSent,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -230,6 +240,8 @@ pub struct Log {
     /// Closed segments the cleaner rewrote: base offset → when first cleaned (tombstones in
     /// them go delete.retention.ms after that).
     pub cleaner_first_cleaned: BTreeMap<u64, i64>,
+    /// The first offset each leader epoch wrote (rebuilt from the batches at every open).
+    epochs: epochs::EpochCache,
     /// The next offset to assign: log_end_offset plus what is queued but not yet written.
     pub next_offset: u64,
     /// Patched batches queued for the next DMA write, and what they are.
@@ -246,6 +258,8 @@ struct PendingBatch {
     len: usize,
     max_ts: i64,
     producer_id: i64,
+    /// The epoch stamped in its header.
+    epoch: i32,
     /// What the cache will hold once written: the producer's bytes (or a patched copy).
     cache: Bytes,
 }
@@ -373,6 +387,11 @@ impl SharedLog {
                 cleaned_up_to,
                 cleaner_first_cleaned,
                 next_offset: log_end_offset,
+                epochs: {
+                    let mut e = rec.epochs;
+                    e.truncate_from_start(log_start_offset);
+                    e
+                },
                 pending: Vec::new(),
                 pending_batches: Vec::new(),
             }),
@@ -427,6 +446,28 @@ impl SharedLog {
 
     pub fn log_end_offset(&self) -> u64 {
         self.inner.borrow().log_end_offset
+    }
+
+    /// The epoch of the last batch written (-1 for none): a follower's LastFetchedEpoch.
+    pub fn latest_epoch(&self) -> i32 {
+        self.inner.borrow().epochs.latest()
+    }
+
+    /// The epoch of the batch holding `offset` (-1 when unknown).
+    pub fn epoch_at(&self, offset: u64) -> i32 {
+        self.inner.borrow().epochs.epoch_at(offset)
+    }
+
+    /// Where leader epoch `requested` ends in this log (OffsetForLeaderEpoch, a follower's
+    /// divergence check); `leading` is the epoch this replica leads in, if it does.
+    pub fn end_offset_for_epoch(
+        &self,
+        requested: i32,
+        leading: Option<i32>,
+    ) -> Option<epochs::EpochEnd> {
+        let log = self.inner.borrow();
+        log.epochs
+            .end_offset_for(requested, log.log_end_offset, leading)
     }
     pub fn log_start_offset(&self) -> u64 {
         self.inner.borrow().log_start_offset
@@ -517,7 +558,7 @@ impl SharedLog {
         &self,
         payload: &Bytes,
         infos: &[BatchInfo],
-        leader_epoch: i32,
+        stamp: EpochStamp,
         log_append_time_ms: Option<i64>,
     ) -> (u64, u64) {
         let mut log = self.inner.borrow_mut();
@@ -530,7 +571,11 @@ impl SharedLog {
             let last = next + info.last_offset_delta as u64;
             let at = start + info.pos;
             let b = &mut log.pending[at..at + info.len];
-            batch::patch_header(b, next as i64, leader_epoch);
+            let epoch = match stamp {
+                EpochStamp::Leader(e) => e,
+                EpochStamp::AsSent => info.leader_epoch,
+            };
+            batch::patch_header(b, next as i64, epoch);
             let cache = match log_append_time_ms {
                 Some(t) => {
                     batch::set_log_append_time(b, t);
@@ -545,6 +590,7 @@ impl SharedLog {
                 len: info.len,
                 max_ts: log_append_time_ms.unwrap_or(info.max_timestamp),
                 producer_id: info.producer_id,
+                epoch,
                 cache,
             });
             next = last + 1;
@@ -559,10 +605,10 @@ impl SharedLog {
         payload: &Bytes,
         infos: &[BatchInfo],
         s: &LogSettings,
-        leader_epoch: i32,
+        stamp: EpochStamp,
         log_append_time_ms: Option<i64>,
     ) -> Result<u64, LogError> {
-        let (base, _) = self.enqueue(payload, infos, leader_epoch, log_append_time_ms);
+        let (base, _) = self.enqueue(payload, infos, stamp, log_append_time_ms);
         self.flush_round(s).await?;
         Ok(base)
     }
@@ -740,11 +786,13 @@ impl SharedLog {
                 if b.max_ts > log.max_timestamp.0 {
                     log.max_timestamp = (b.max_ts, b.base);
                 }
+                log.epochs.observe(b.epoch, b.base);
                 log.cache_bytes += b.cache.len();
                 log.cache.push_back(batch::StoredBatch {
                     base_offset: b.base,
                     last_offset: b.last,
                     max_timestamp: b.max_ts,
+                    leader_epoch: b.epoch,
                     bytes: b.cache,
                 });
                 end = b.last + 1;
@@ -872,16 +920,8 @@ impl SharedLog {
 
     /// Reads batches starting with the one that holds `offset`, up to `max_bytes` (at least one
     /// whole batch), below `upper` (the high watermark), as one contiguous buffer.
-    pub async fn read(
-        &self,
-        offset: u64,
-        max_bytes: usize,
-        upper: u64,
-        leader_epoch: i32,
-    ) -> Result<Bytes, LogError> {
-        let chunks = self
-            .read_chunks(offset, max_bytes, upper, leader_epoch)
-            .await?;
+    pub async fn read(&self, offset: u64, max_bytes: usize, upper: u64) -> Result<Bytes, LogError> {
+        let chunks = self.read_chunks(offset, max_bytes, upper).await?;
         if chunks.len() == 1 {
             return Ok(chunks.into_iter().next().unwrap_or_default());
         }
@@ -900,7 +940,6 @@ impl SharedLog {
         offset: u64,
         max_bytes: usize,
         upper: u64,
-        leader_epoch: i32,
     ) -> Result<Vec<Bytes>, LogError> {
         {
             let log = self.inner.borrow();
@@ -930,7 +969,7 @@ impl SharedLog {
                             break;
                         }
                         headers.extend_from_slice(&b.bytes[..PATCHED_PREFIX_BYTES]);
-                        batch::patch_header(&mut headers, b.base_offset as i64, leader_epoch);
+                        batch::patch_header(&mut headers, b.base_offset as i64, b.leader_epoch);
                         chunks.push(headers.split().freeze());
                         chunks.push(b.bytes.slice(PATCHED_PREFIX_BYTES..));
                         total += b.bytes.len();
@@ -1086,7 +1125,7 @@ impl SharedLog {
         let upper = self.log_end_offset();
         // Scan forward batch by batch until one holds a timestamp >= ts (bounded by the log).
         for _ in 0..10_000_000u32 {
-            let bytes = self.read(from, 1 << 20, upper, 0).await?;
+            let bytes = self.read(from, 1 << 20, upper).await?;
             if bytes.is_empty() {
                 return Ok(None);
             }
@@ -1117,6 +1156,7 @@ impl SharedLog {
             let mut log = self.inner.borrow_mut();
             let new_start = offset.min(log.log_end_offset).max(log.log_start_offset);
             log.log_start_offset = new_start;
+            log.epochs.truncate_from_start(new_start);
             (new_start, log.dir.clone())
         };
         recovery::write_log_start_offset(&dir, new_start)
@@ -1195,6 +1235,7 @@ impl SharedLog {
                 }
             }
             let start = log.log_start_offset;
+            log.epochs.truncate_from_start(start);
             while log
                 .cache
                 .front()
@@ -1289,7 +1330,9 @@ mod tests {
         let payload = Bytes::from(make_batch(records, ts));
         let mut infos = Vec::new();
         batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
-        log.append(&payload, &infos, s, 0, None).await.unwrap()
+        log.append(&payload, &infos, s, EpochStamp::Leader(0), None)
+            .await
+            .unwrap()
     }
 
     /// Writes a segment file holding `batches` (records, timestamp) from `base`.
@@ -1326,7 +1369,7 @@ mod tests {
             let log = SharedLog::open(dir).await.unwrap();
             assert_eq!(log.log_end_offset(), expect);
             assert_eq!(log.synced_end(), expect);
-            let bytes = log.read(0, 1 << 20, expect, 0).await.unwrap();
+            let bytes = log.read(0, 1 << 20, expect).await.unwrap();
             assert!(!bytes.is_empty());
         });
     }
@@ -1343,7 +1386,7 @@ mod tests {
             // Nothing is cached after a restart: every read goes to disk.
             let (mut next, mut reads) = (0u64, 0u64);
             while next < end {
-                let chunks = log.read_chunks(next, 64 << 10, end, 0).await.unwrap();
+                let chunks = log.read_chunks(next, 64 << 10, end).await.unwrap();
                 reads += 1;
                 for c in &chunks {
                     let mut at = 0;
@@ -1369,7 +1412,7 @@ mod tests {
                 "{from_memory} of {reads} reads served from what was read ahead"
             );
             // A reader elsewhere is served directly, correctly.
-            let chunks = log.read_chunks(5, 64 << 10, end, 0).await.unwrap();
+            let chunks = log.read_chunks(5, 64 << 10, end).await.unwrap();
             assert_eq!(BatchHeader::new(&chunks[0]).base_offset(), 5);
         });
     }
@@ -1412,7 +1455,10 @@ mod tests {
             let payload = Bytes::from(make_batch(50, 2_000));
             let mut infos = Vec::new();
             batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
-            assert!(log.append(&payload, &infos, &s, 0, None).await.is_err());
+            assert!(log
+                .append(&payload, &infos, &s, EpochStamp::Leader(0), None)
+                .await
+                .is_err());
             assert!(log.fenced().is_none(), "ENOSPC does not fence");
             let path = dir.join(segment_file_name(0, "log"));
             let logical = log.inner.borrow().segments[&0].size;
@@ -1448,7 +1494,10 @@ mod tests {
             let payload = Bytes::from(make_batch(1, 2_000));
             let mut infos = Vec::new();
             batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
-            assert!(log.append(&payload, &infos, &s, 0, None).await.is_err());
+            assert!(log
+                .append(&payload, &infos, &s, EpochStamp::Leader(0), None)
+                .await
+                .is_err());
             SimDisk::uninstall();
         });
     }

@@ -44,6 +44,8 @@ pub struct Recovered {
     pub quarantined: Vec<QuarantinedSegment>,
     /// Everything below this was synced before the last stop (0 when unknown).
     pub recovery_point: u64,
+    /// The leader epochs of the batches scanned, in log order.
+    pub epochs: super::epochs::EpochCache,
 }
 
 const LSO_FILE: &str = "log-start-offset";
@@ -105,6 +107,7 @@ fn scan_segment(
     base_offset: u64,
     check_crc: bool,
     producers: &mut HashMap<i64, ProducerEntry>,
+    epochs: &mut super::epochs::EpochCache,
 ) -> std::io::Result<ScanResult> {
     let f = std::fs::File::open(path)?;
     let file_len = f.metadata()?.len();
@@ -160,6 +163,7 @@ fn scan_segment(
             res.time_index.push((ts, base));
         }
         res.first_timestamp.get_or_insert(h.base_timestamp());
+        epochs.observe(h.partition_leader_epoch(), base);
         if h.producer_id() >= 0 && !h.is_control() {
             producers.entry(h.producer_id()).or_default().record(
                 h.producer_epoch(),
@@ -207,6 +211,7 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
     // Without a recovery point (a log from before it existed) nothing is assumed synced.
     let recovery_point = read_offset_file(dir, RECOVERY_POINT_FILE).unwrap_or(0);
     let mut producers = HashMap::new();
+    let mut epochs = super::epochs::EpochCache::default();
     let mut segments: Vec<RecoveredSegment> = Vec::new();
     let n = bases.len();
     let mut prev_next: Option<u64> = None;
@@ -225,7 +230,13 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         }
         let next_base = bases.get(i + 1).copied();
         let wholly_synced = next_base.map(|nb| nb <= recovery_point).unwrap_or(false);
-        let scan = scan_segment(&path, base, is_last || !wholly_synced, &mut producers)?;
+        let scan = scan_segment(
+            &path,
+            base,
+            is_last || !wholly_synced,
+            &mut producers,
+            &mut epochs,
+        )?;
         let file_len = std::fs::metadata(&path)?.len();
         let scanned_end = scan.next_offset.unwrap_or(base);
         let mut extra_empty_segment = None;
@@ -364,6 +375,7 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         producers,
         quarantined,
         recovery_point,
+        epochs,
     })
 }
 
@@ -574,6 +586,32 @@ mod tests {
         let r = recover(d.path()).unwrap();
         assert!(r.segments.is_empty());
         assert_eq!(r.log_start_offset, 50);
+    }
+
+    #[test]
+    fn recovery_rebuilds_the_leader_epoch_cache_from_batch_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let mut all = Vec::new();
+        // Offsets 0..3 in epoch 2, 3..5 in epoch 2, 5..9 in epoch 7.
+        for (base, n, epoch) in [(0i64, 3, 2), (3, 2, 2), (5, 4, 7)] {
+            let mut b = make_batch(n, 10);
+            patch_header(&mut b, base, epoch);
+            all.extend_from_slice(&b);
+        }
+        std::fs::write(d.path().join(crate::log::segment_file_name(0, "log")), &all).unwrap();
+        let r = recover(d.path()).unwrap();
+        assert_eq!(r.epochs.latest(), 7);
+        assert_eq!((r.epochs.epoch_at(4), r.epochs.epoch_at(5)), (2, 7));
+        assert_eq!(
+            r.epochs.end_offset_for(2, 9, None),
+            Some(crate::log::epochs::EpochEnd {
+                epoch: 2,
+                end_offset: 5
+            })
+        );
+        // A cut before the epoch-7 batch leaves epoch 2 the latest after the next open.
+        truncate_blocking(d.path(), 5, false).unwrap();
+        assert_eq!(recover(d.path()).unwrap().epochs.latest(), 2);
     }
 
     #[test]

@@ -15,7 +15,8 @@ use futures::channel::oneshot;
 
 use crate::cluster::topic_config::EffectiveConfig;
 use crate::log::batch::{validate_payload, BatchError, BatchInfo};
-use crate::log::{LogError, LogSettings, ProducerBatch, SharedLog};
+use crate::log::epochs::EpochEnd;
+use crate::log::{EpochStamp, LogError, LogSettings, ProducerBatch, SharedLog};
 use crate::notify::{Notified, Notify};
 use crate::server::errors as ec;
 
@@ -44,6 +45,10 @@ pub struct Replication {
     pub leader: bool,
     /// The partition's leader as the image says (-1: none).
     pub leader_id: i32,
+    /// The partition's leader epoch as the image says (0 on a single node): what this
+    /// replica stamps in the batches it appends as leader, and what fetches are checked
+    /// against (KIP-320).
+    pub leader_epoch: i32,
     /// The in-sync replicas other than the leader (leader's view).
     pub isr_followers: Vec<i32>,
     /// Per follower: its synced log end, as its last fetch said.
@@ -54,15 +59,18 @@ pub struct Replication {
     pub follower_seen: std::collections::HashMap<i32, (u64, std::time::Instant)>,
     /// The high watermark (monotonic on the leader; the leader's, capped, on a follower).
     pub hw: u64,
-    /// Roles were set once (the first time decides whether a restarted follower truncates).
+    /// Roles were set once from the image.
     pub initialized: bool,
-    /// A follower must cut its log back to this before it fetches: it just became a follower
-    /// (its tail past the high watermark may differ from the new leader's), or the leader
-    /// said its fetch offset is past the leader's log.
+    /// A follower must cut its log back to this before it fetches: the leader said where
+    /// their logs diverge (KIP-279), or that its fetch offset is past the leader's log.
     /// With `true`: empty the log and start at the offset (behind the leader's log start).
     pub truncate_to: Option<(u64, bool)>,
     /// The high watermark last persisted, and when.
     pub hw_saved: (u64, Option<std::time::Instant>),
+    /// replica.lag.time.max.ms: an in-sync follower that has not caught up for this long
+    /// no longer counts towards min.insync.replicas, even before the controller (which may be
+    /// unreachable) takes it out of the ISR.
+    pub lag_max: std::time::Duration,
 }
 
 /// What the high watermark of a single replica is.
@@ -93,6 +101,7 @@ pub struct Appended {
     pub log_start_offset: i64,
 }
 
+/// The leader epoch of every partition of a single node (no controller ever elects another).
 pub const LEADER_EPOCH: i32 = 0;
 
 fn log_error_code(e: &LogError) -> i16 {
@@ -120,6 +129,7 @@ impl Partition {
             repl: std::cell::RefCell::new(Replication {
                 hw: saved_hw,
                 hw_saved: (saved_hw, None),
+                lag_max: std::time::Duration::from_secs(30),
                 ..Replication::default()
             }),
             hw_moved: Notify::new(),
@@ -127,11 +137,15 @@ impl Partition {
     }
 
     /// The role and ISR from the metadata image. `isr_followers` are the in-sync replicas
-    /// other than the leader; `replicas` the replication factor.
+    /// other than the leader; `replicas` the replication factor. A replica that starts to
+    /// follow keeps its log: where it differs from the new leader's is found by comparing
+    /// leader epochs on its first fetch (KIP-101/279), never by cutting to the high
+    /// watermark, which could drop records an acks=all producer was told are safe.
     pub fn set_replication(
         &self,
         replicas: usize,
         leader_id: i32,
+        leader_epoch: i32,
         me: i32,
         isr_followers: Vec<i32>,
     ) {
@@ -139,15 +153,13 @@ impl Partition {
             let mut r = self.repl.borrow_mut();
             let leader = leader_id == me;
             let became_leader = leader && !r.leader;
-            // A new leader's log may differ from ours past the high watermark: a replica that
-            // starts following (again, or another leader) cuts back to it first.
-            let became_follower =
-                !leader && (r.leader || !r.initialized || r.leader_id != leader_id);
+            if leader_id != r.leader_id || leader_epoch != r.leader_epoch {
+                // A cut decided under another leader says nothing about this one.
+                r.truncate_to = None;
+            }
             r.initialized = true;
             r.leader_id = leader_id;
-            if became_follower && replicas > 1 {
-                r.truncate_to = Some((r.hw, false));
-            }
+            r.leader_epoch = leader_epoch;
             if became_leader {
                 // Positions from an earlier reign say nothing about what followers hold now.
                 r.follower_end.clear();
@@ -179,6 +191,67 @@ impl Partition {
         self.repl.borrow()
     }
 
+    /// The leader epoch this replica knows for the partition.
+    pub fn leader_epoch(&self) -> i32 {
+        self.repl.borrow().leader_epoch
+    }
+
+    /// KIP-320: a request that names the leader epoch it expects (-1: none) is refused when
+    /// it is older than this replica's (FENCED_LEADER_EPOCH: the client's metadata is stale)
+    /// or newer (UNKNOWN_LEADER_EPOCH: this replica has not seen that election yet).
+    pub fn check_current_epoch(&self, current: i32) -> Result<(), i16> {
+        let mine = self.leader_epoch();
+        if current < 0 || current == mine {
+            Ok(())
+        } else if current < mine {
+            Err(ec::FENCED_LEADER_EPOCH)
+        } else {
+            Err(ec::UNKNOWN_LEADER_EPOCH)
+        }
+    }
+
+    /// Where epoch `requested` ends in this log (OffsetForLeaderEpoch); a leader owns its
+    /// current epoch from its log end on even before writing in it.
+    pub fn end_offset_for_epoch(&self, requested: i32) -> Option<EpochEnd> {
+        let leading = {
+            let r = self.repl.borrow();
+            (r.leader || !r.replicated).then_some(r.leader_epoch)
+        };
+        self.log.end_offset_for_epoch(requested, leading)
+    }
+
+    /// On the leader, for a follower's fetch from `fetch_offset` whose last batch has epoch
+    /// `last_fetched_epoch` (Fetch v12+): the epoch and end offset to send back as
+    /// DivergingEpoch when the follower's log cannot be a prefix of this one, as Kafka does.
+    /// (An epoch this log cannot place, newer than any it knows, is fenced by the current
+    /// epoch check before this is asked.)
+    pub fn diverging(&self, last_fetched_epoch: i32, fetch_offset: i64) -> Option<EpochEnd> {
+        if last_fetched_epoch < 0 {
+            return None;
+        }
+        self.end_offset_for_epoch(last_fetched_epoch)
+            .filter(|e| e.epoch < last_fetched_epoch || (e.end_offset as i64) < fetch_offset)
+    }
+
+    /// On a follower: the leader answered DivergingEpoch (`epoch`, `end_offset`). Decides
+    /// where to cut this log (Kafka's rule, KIP-279): to the lower of the leader's end of that
+    /// epoch and this log's own end of it; when this log does not know the epoch, to the end
+    /// of its largest epoch below it, and the next fetch compares again.
+    pub fn truncate_for_divergence(&self, epoch: i32, end_offset: u64) {
+        let own_end = self.log.log_end_offset();
+        let to = match self.log.end_offset_for_epoch(epoch, None) {
+            Some(mine) if mine.epoch == epoch => mine.end_offset.min(end_offset).min(own_end),
+            Some(mine) => mine.end_offset.min(own_end),
+            None => end_offset.min(own_end),
+        };
+        tracing::info!(
+            "replica of {}-{} diverges from its leader at epoch {epoch} (leader's end {end_offset}): cutting from {own_end} to {to}",
+            self.topic,
+            self.index
+        );
+        self.repl.borrow_mut().truncate_to = Some((to, false));
+    }
+
     /// On a follower: where to cut the log before fetching, once.
     pub fn take_truncation(&self) -> Option<(u64, bool)> {
         self.repl.borrow_mut().truncate_to.take()
@@ -204,7 +277,7 @@ impl Partition {
         r.leader = false;
         r.replicated = replicas > 1;
         r.replicas = replicas;
-        r.hw = end;
+        r.hw = r.hw.min(end);
         r.truncate_to = None;
     }
 
@@ -329,14 +402,36 @@ impl Partition {
         }
     }
 
-    /// Refuses an acks=all produce before it is appended when the ISR is smaller than
-    /// min(min.insync.replicas, replication factor) (Kafka: NOT_ENOUGH_REPLICAS).
+    pub fn set_lag_max(&self, lag_max: std::time::Duration) {
+        self.repl.borrow_mut().lag_max = lag_max;
+    }
+
+    /// The in-sync replicas that count for min.insync.replicas: the leader and the ISR's
+    /// followers that caught up within replica.lag.time.max.ms. The ISR itself shrinks only
+    /// through the controller; without a controller quorum it cannot, yet a leader whose
+    /// followers are gone must still refuse acks=all writes instead of letting them wait.
+    fn live_isr(r: &Replication) -> usize {
+        let now = std::time::Instant::now();
+        1 + r
+            .isr_followers
+            .iter()
+            .filter(|f| {
+                r.follower_seen
+                    .get(f)
+                    .is_none_or(|(_, at)| now.duration_since(*at) <= r.lag_max)
+            })
+            .count()
+    }
+
+    /// Refuses an acks=all produce before it is appended when the ISR (counting only members
+    /// that keep up) is smaller than min(min.insync.replicas, replication factor) (Kafka:
+    /// NOT_ENOUGH_REPLICAS).
     pub fn check_min_isr(&self, min_insync: usize) -> Result<(), (i16, String)> {
         let r = self.repl.borrow();
         if !r.replicated {
             return Ok(());
         }
-        let isr = 1 + r.isr_followers.len();
+        let isr = Self::live_isr(&r);
         let need = min_insync.min(r.replicas);
         if isr < need {
             return Err((
@@ -367,7 +462,7 @@ impl Partition {
                 if !r.leader {
                     return Err((ec::NOT_LEADER_OR_FOLLOWER, "leadership moved".into()));
                 }
-                if 1 + r.isr_followers.len() < min_insync.min(r.replicas) {
+                if Self::live_isr(&r) < min_insync.min(r.replicas) {
                     return Err((
                         ec::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
                         "the ISR shrank below min.insync.replicas".into(),
@@ -469,6 +564,17 @@ impl Partition {
         if let Some(reason) = self.log.fenced() {
             return Err((ec::KAFKA_STORAGE_ERROR, reason));
         }
+        {
+            // The image may already name this node leader while this replica has not taken
+            // the role (and its epoch) yet: nothing is stamped with a stale epoch.
+            let r = self.repl.borrow();
+            if r.initialized && !r.leader {
+                return Err((
+                    ec::NOT_LEADER_OR_FOLLOWER,
+                    "this replica is not the leader (yet)".into(),
+                ));
+            }
+        }
         if let Some(dup) = self.check_sequences(&infos)? {
             // The original may still be queued or unsynced: the duplicate is answered only
             // once the original would be (written, and synced when the ack needs it).
@@ -485,7 +591,10 @@ impl Partition {
         } else {
             None
         };
-        let (base, end) = self.log.enqueue(&records, &infos, LEADER_EPOCH, lat);
+        let epoch = self.repl.borrow().leader_epoch;
+        let (base, end) = self
+            .log
+            .enqueue(&records, &infos, EpochStamp::Leader(epoch), lat);
         self.record_producers(base, &infos);
         let written = self.log.wait_written(end);
         self.kick_writer(log_settings(cfg, cache_bytes_max));
@@ -537,6 +646,12 @@ impl Partition {
         if let Some(reason) = self.log.fenced() {
             return Err((ec::KAFKA_STORAGE_ERROR, reason));
         }
+        if self.repl.borrow().leader {
+            return Err((
+                ec::NOT_LEADER_OR_FOLLOWER,
+                "this replica leads now: it takes no data from another".into(),
+            ));
+        }
         let first = u64::from_be_bytes(records[..8].try_into().unwrap_or([0; 8]));
         let next = self.log.log_end_offset();
         if first != next || self.log.flushing.get() {
@@ -545,7 +660,7 @@ impl Partition {
                 format!("fetched batch at {first}, log ends at {next}"),
             ));
         }
-        let (base, end) = self.log.enqueue(&records, &infos, LEADER_EPOCH, None);
+        let (base, end) = self.log.enqueue(&records, &infos, EpochStamp::AsSent, None);
         self.record_producers(base, &infos);
         let written = self.log.wait_written(end);
         self.kick_writer(log_settings(cfg, cache_bytes_max));
@@ -737,7 +852,7 @@ impl Partition {
             };
         }
         self.log
-            .read_chunks(offset as u64, max_bytes, upper, LEADER_EPOCH)
+            .read_chunks(offset as u64, max_bytes, upper)
             .await
             .map_err(|e| log_error_code(&e))
     }
@@ -749,7 +864,7 @@ impl Partition {
         }
         let hwm = self.high_watermark() as u64;
         self.log
-            .read_chunks(offset as u64, max_bytes, hwm, LEADER_EPOCH)
+            .read_chunks(offset as u64, max_bytes, hwm)
             .await
             .map_err(|e| log_error_code(&e))
     }

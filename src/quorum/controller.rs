@@ -67,6 +67,14 @@ pub enum ControllerError {
     InvalidUpdateVersion { got: i32, want: i32 },
     #[error("replica {0} may not join the ISR (not a replica, or fenced)")]
     IneligibleReplica(i32),
+    #[error("invalid replica assignment: {0}")]
+    InvalidReplicaAssignment(String),
+    #[error("the partition already has the leader the election would choose")]
+    ElectionNotNeeded,
+    #[error("the preferred replica is not a live member of the ISR")]
+    PreferredLeaderNotAvailable,
+    #[error("no live replica can lead the partition")]
+    EligibleLeadersNotAvailable,
 }
 
 impl ControllerError {
@@ -89,6 +97,14 @@ impl ControllerError {
             ControllerError::FencedLeaderEpoch { .. } => ResponseError::FencedLeaderEpoch,
             ControllerError::InvalidUpdateVersion { .. } => ResponseError::InvalidUpdateVersion,
             ControllerError::IneligibleReplica(_) => ResponseError::IneligibleReplica,
+            ControllerError::InvalidReplicaAssignment(_) => ResponseError::InvalidReplicaAssignment,
+            ControllerError::ElectionNotNeeded => ResponseError::ElectionNotNeeded,
+            ControllerError::PreferredLeaderNotAvailable => {
+                ResponseError::PreferredLeaderNotAvailable
+            }
+            ControllerError::EligibleLeadersNotAvailable => {
+                ResponseError::EligibleLeadersNotAvailable
+            }
         }
     }
     pub fn code(&self) -> i16 {
@@ -134,6 +150,9 @@ pub struct CreateTopicRequest {
     pub partitions: i32,
     pub replication_factor: i32,
     pub configs: BTreeMap<String, String>,
+    /// The operator's own placement (CreateTopics assignments, `--replica-assignment`): one
+    /// replica list per partition, preferred leader first. None: the controller places.
+    pub assignment: Option<Vec<Vec<i32>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,17 +388,26 @@ impl Controller {
             .filter(|b| !b.fenced)
             .map(|b| (b.broker_id, b.rack.as_deref()))
             .collect();
-        let placement = place_replicas(&eligible, req.partitions, req.replication_factor)?;
+        let placement = match &req.assignment {
+            Some(a) => check_assignment(image, a)?,
+            None => place_replicas(&eligible, req.partitions, req.replication_factor)?,
+        };
         let mut out = vec![MetadataRecord::Topic {
             name: req.name.clone(),
             topic_id: req.topic_id,
         }];
         for (p, replicas) in placement.into_iter().enumerate() {
+            // Fenced replicas of an operator's placement start outside the ISR.
+            let isr: Vec<i32> = replicas
+                .iter()
+                .copied()
+                .filter(|r| image.brokers.get(r).is_some_and(|b| !b.fenced))
+                .collect();
             out.push(MetadataRecord::Partition(PartitionRecord {
                 topic_id: req.topic_id,
                 partition: p as i32,
-                leader: replicas[0],
-                isr: replicas.clone(),
+                leader: isr[0],
+                isr,
                 replicas,
                 leader_epoch: 0,
                 partition_epoch: 0,
@@ -572,6 +600,73 @@ impl Controller {
 /// where it was the last member the ISR keeps it and the partition has no leader (so no
 /// acknowledged write is lost by electing an out-of-sync replica); a partition it led gets the
 /// first other in-sync, unfenced replica in replica order, with a new leader epoch.
+/// The kinds of election ElectLeaders asks for (Kafka's ElectionType 0 and 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElectionKind {
+    /// Move leadership to the first replica, if it is a live member of the ISR.
+    Preferred,
+    /// Give a leaderless partition a leader, from outside the ISR if no member is live: the
+    /// records only the lost ISR held are gone (the operator's choice, as in Kafka).
+    Unclean,
+}
+
+/// One partition's election: the records that make it, or why there is none.
+pub fn elect(
+    image: &MetadataImage,
+    p: &PartitionRecord,
+    kind: ElectionKind,
+) -> Result<PartitionRecord, ControllerError> {
+    let mut next = p.clone();
+    match kind {
+        ElectionKind::Preferred => {
+            let preferred = p.replicas.first().copied().unwrap_or(NO_LEADER);
+            if p.leader == preferred {
+                return Err(ControllerError::ElectionNotNeeded);
+            }
+            if !p.isr.contains(&preferred) || !image.is_unfenced(preferred) {
+                return Err(ControllerError::PreferredLeaderNotAvailable);
+            }
+            next.leader = preferred;
+        }
+        ElectionKind::Unclean => {
+            if p.leader != NO_LEADER {
+                return Err(ControllerError::ElectionNotNeeded);
+            }
+            let live = |r: &i32| image.is_unfenced(*r);
+            if let Some(r) = p.replicas.iter().find(|r| p.isr.contains(r) && live(r)) {
+                next.leader = *r;
+            } else if let Some(r) = p.replicas.iter().find(|r| live(r)) {
+                next.leader = *r;
+                next.isr = vec![*r];
+            } else {
+                return Err(ControllerError::EligibleLeadersNotAvailable);
+            }
+        }
+    }
+    next.leader_epoch += 1;
+    next.partition_epoch += 1;
+    Ok(next)
+}
+
+/// Kafka's auto.leader.rebalance.enable: every partition whose preferred replica is a live
+/// member of its ISR but not its leader gets it back as leader (at most `max` at once).
+pub fn preferred_rebalance(image: &MetadataImage, max: usize) -> Vec<MetadataRecord> {
+    image
+        .partitions()
+        .filter_map(|p| elect(image, p, ElectionKind::Preferred).ok())
+        .take(max)
+        .map(MetadataRecord::Partition)
+        .collect()
+}
+
+fn unclean_allowed(image: &MetadataImage, p: &PartitionRecord) -> bool {
+    image
+        .topics
+        .get(&p.topic_id)
+        .and_then(|t| t.configs.get("unclean.leader.election.enable"))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 pub fn fence_changes(image: &MetadataImage, broker_id: i32) -> Vec<MetadataRecord> {
     let mut out = Vec::new();
     for p in image.partitions() {
@@ -590,6 +685,18 @@ pub fn fence_changes(image: &MetadataImage, broker_id: i32) -> Vec<MetadataRecor
                 .copied()
                 .find(|r| *r != broker_id && next.isr.contains(r) && image.is_unfenced(*r))
                 .unwrap_or(NO_LEADER);
+            if next.leader == NO_LEADER && unclean_allowed(image, p) {
+                // unclean.leader.election.enable: a live replica outside the ISR takes over.
+                if let Some(r) = p
+                    .replicas
+                    .iter()
+                    .copied()
+                    .find(|r| *r != broker_id && image.is_unfenced(*r))
+                {
+                    next.leader = r;
+                    next.isr = vec![r];
+                }
+            }
             next.leader_epoch += 1;
         }
         if next != *p {
@@ -607,8 +714,13 @@ fn unfence_changes(image: &MetadataImage, b: &BrokerRegistration) -> Vec<Metadat
         broker_epoch: b.broker_epoch,
     }];
     for p in image.partitions() {
-        if p.leader == NO_LEADER && p.isr.contains(&b.broker_id) {
+        let in_isr = p.isr.contains(&b.broker_id);
+        let unclean = !in_isr && p.replicas.contains(&b.broker_id) && unclean_allowed(image, p);
+        if p.leader == NO_LEADER && (in_isr || unclean) {
             let mut next = p.clone();
+            if unclean {
+                next.isr = vec![b.broker_id];
+            }
             next.leader = b.broker_id;
             next.leader_epoch += 1;
             next.partition_epoch += 1;
@@ -625,6 +737,44 @@ fn unfence_changes(image: &MetadataImage, b: &BrokerRegistration) -> Vec<Metadat
 /// position `p` and takes brokers in order, skipping any whose rack it already uses while an
 /// unused rack remains: replicas of one partition land on distinct racks wherever the racks
 /// allow, and leaders (the first replica) rotate over all brokers.
+/// An operator's placement, checked as Kafka does: every partition has the same number of
+/// distinct replicas, all registered brokers, at least one of them unfenced.
+fn check_assignment(
+    image: &MetadataImage,
+    assignment: &[Vec<i32>],
+) -> Result<Vec<Vec<i32>>, ControllerError> {
+    let bad = |m: String| Err(ControllerError::InvalidReplicaAssignment(m));
+    let Some(first) = assignment.first() else {
+        return bad("no partitions".into());
+    };
+    if assignment.len() > PARTITIONS_MAX as usize {
+        return Err(ControllerError::InvalidPartitions(assignment.len() as i32));
+    }
+    for (p, replicas) in assignment.iter().enumerate() {
+        if replicas.is_empty() || replicas.len() != first.len() {
+            return bad(format!(
+                "partition {p} has {} replicas, partition 0 has {}",
+                replicas.len(),
+                first.len()
+            ));
+        }
+        let distinct: BTreeSet<i32> = replicas.iter().copied().collect();
+        if distinct.len() != replicas.len() {
+            return bad(format!("partition {p} names a broker twice: {replicas:?}"));
+        }
+        if let Some(r) = replicas.iter().find(|r| !image.brokers.contains_key(r)) {
+            return bad(format!("partition {p}: broker {r} is not registered"));
+        }
+        if replicas
+            .iter()
+            .all(|r| image.brokers.get(r).is_none_or(|b| b.fenced))
+        {
+            return bad(format!("partition {p}: every replica is fenced"));
+        }
+    }
+    Ok(assignment.to_vec())
+}
+
 pub fn place_replicas(
     brokers: &[(i32, Option<&str>)],
     partitions: i32,
@@ -736,12 +886,98 @@ mod tests {
 
     fn topic(name: &str, id: u128, partitions: i32, rf: i32) -> CreateTopicRequest {
         CreateTopicRequest {
+            assignment: None,
             name: name.into(),
             topic_id: uuid(id),
             partitions,
             replication_factor: rf,
             configs: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn preferred_and_unclean_elections_follow_kafkas_rules() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        let mut req = topic("t", 9, 1, 3);
+        req.assignment = Some(vec![vec![1, 2, 3]]);
+        let recs = ctl.create_topic(&img, &req).unwrap();
+        commit(&mut img, &recs);
+        let part = |img: &MetadataImage| img.topics[&uuid(9)].partitions[&0].clone();
+        assert_eq!(
+            part(&img).leader,
+            1,
+            "the first replica of an assignment leads"
+        );
+        // Nothing to do while the preferred replica leads.
+        assert_eq!(
+            elect(&img, &part(&img), ElectionKind::Preferred),
+            Err(ControllerError::ElectionNotNeeded)
+        );
+        assert!(preferred_rebalance(&img, 10).is_empty());
+        // Broker 1 is fenced: 2 leads; while 1 is fenced or out of the ISR it cannot lead.
+        let mut fence = vec![MetadataRecord::FenceBroker {
+            broker_id: 1,
+            broker_epoch: img.brokers[&1].broker_epoch,
+        }];
+        fence.extend(fence_changes(&img, 1));
+        commit(&mut img, &fence);
+        let p = part(&img);
+        assert_eq!((p.leader, p.isr.clone()), (2, vec![2, 3]));
+        assert_eq!(
+            elect(&img, &p, ElectionKind::Preferred),
+            Err(ControllerError::PreferredLeaderNotAvailable)
+        );
+        // Back, unfenced and in the ISR again: the rebalance gives it its leadership back.
+        let b1 = img.brokers[&1].clone();
+        let recs = unfence_changes(&img, &b1);
+        commit(&mut img, &recs);
+        let mut back = part(&img);
+        back.isr = vec![2, 3, 1];
+        back.partition_epoch += 1;
+        commit(&mut img, &[MetadataRecord::Partition(back)]);
+        let recs = preferred_rebalance(&img, 10);
+        assert_eq!(recs.len(), 1);
+        commit(&mut img, &recs);
+        let p = part(&img);
+        assert_eq!(p.leader, 1);
+        assert_eq!(p.leader_epoch, 2, "every election raises the leader epoch");
+        // Unclean: only for a leaderless partition; prefers a live ISR member, else any live
+        // replica (which becomes the whole ISR).
+        assert_eq!(
+            elect(&img, &p, ElectionKind::Unclean),
+            Err(ControllerError::ElectionNotNeeded)
+        );
+        let mut lost = p.clone();
+        lost.leader = NO_LEADER;
+        lost.isr = vec![3];
+        let mut fence3 = vec![MetadataRecord::FenceBroker {
+            broker_id: 3,
+            broker_epoch: img.brokers[&3].broker_epoch,
+        }];
+        fence3.push(MetadataRecord::Partition(lost));
+        commit(&mut img, &fence3);
+        let e = elect(&img, &part(&img), ElectionKind::Unclean).unwrap();
+        assert_eq!((e.leader, e.isr), (1, vec![1]));
+        // With unclean.leader.election.enable on the topic, fencing the last ISR member
+        // elects a live replica outside it at once.
+        let mut ctl2 = Controller::new(ControllerConfig::default());
+        let mut img2 = cluster(&mut ctl2, 3, 0);
+        let mut req = topic("u", 7, 1, 3);
+        req.assignment = Some(vec![vec![1, 2, 3]]);
+        req.configs
+            .insert("unclean.leader.election.enable".into(), "true".into());
+        let recs = ctl2.create_topic(&img2, &req).unwrap();
+        commit(&mut img2, &recs);
+        let mut p = img2.topics[&uuid(7)].partitions[&0].clone();
+        p.isr = vec![1];
+        p.partition_epoch += 1;
+        commit(&mut img2, &[MetadataRecord::Partition(p)]);
+        let changes = fence_changes(&img2, 1);
+        let MetadataRecord::Partition(after) = &changes[0] else {
+            panic!("{changes:?}")
+        };
+        assert_eq!((after.leader, after.isr.clone()), (2, vec![2]));
     }
 
     #[test]

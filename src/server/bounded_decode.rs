@@ -161,6 +161,7 @@ pub fn probe_decode(key: ApiKey, buf: &mut ProbeBuf, version: i16) -> anyhow::Re
         ConsumerGroupHeartbeat => ConsumerGroupHeartbeatRequest,
         ConsumerGroupDescribe => ConsumerGroupDescribeRequest,
         DescribeQuorum => DescribeQuorumRequest,
+        ElectLeaders => ElectLeadersRequest,
         // The controller listener's (server::controller).
         BrokerRegistration => BrokerRegistrationRequest,
         BrokerHeartbeat => BrokerHeartbeatRequest,

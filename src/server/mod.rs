@@ -51,6 +51,7 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::InitProducerId => (0, 5),
         ApiKey::DescribeCluster => (0, 2),
         ApiKey::DescribeQuorum => (0, 1),
+        ApiKey::ElectLeaders => (0, 2),
         ApiKey::OffsetForLeaderEpoch => (2, 4),
         ApiKey::FindCoordinator => (0, 4),
         ApiKey::JoinGroup => (0, 9),

@@ -10,8 +10,17 @@
 //!   answers from its synced log end rather than from the high watermark.
 //!
 //! The role and ISR of each replica come from the metadata image (`sync_shard`, run on every
-//! shard when the image changes). Not yet: leader epochs in batches and truncation of a
-//! diverged follower (KIP-101/279), ISR changes on lag (AlterPartition), preferred leaders.
+//! shard when the image changes).
+//!
+//! - **Divergence** (KIP-101/279): every batch carries the epoch of the leader that appended
+//!   it. A follower's fetch names the epoch of its last batch; when that epoch ended earlier
+//!   in the leader's log (or the follower's log runs past its end), the leader answers
+//!   DivergingEpoch instead of data and the follower cuts its log there before fetching on.
+//! - **Fencing** (KIP-320): fetches name the leader epoch they expect; a leader of another
+//!   epoch refuses them (FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH).
+//! - **ISR** changes on lag go through the controller (AlterPartition, `isr_keeper`).
+//!
+//! Not yet: preferred leaders, follower fetching by rack, reassignment.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,6 +33,7 @@ use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, Fetc
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::BrokerId;
 
+use crate::log::epochs::EpochEnd;
 use crate::server::controller::wire::{self, Conn};
 use crate::server::errors as ec;
 use crate::server::handlers::util::tn;
@@ -70,7 +80,7 @@ pub async fn sync_shard(sh: Rc<Shard>) {
     });
     let current = || SYNC_GENERATION.with(|g| g.get()) == generation;
     let mut by_leader: BTreeMap<i32, BTreeSet<Key>> = BTreeMap::new();
-    let mut roles: Vec<(Key, usize, i32, Vec<i32>)> = Vec::new();
+    let mut roles: Vec<(Key, usize, i32, i32, Vec<i32>)> = Vec::new();
     {
         let img = node.image();
         for t in img.topics.values() {
@@ -82,7 +92,13 @@ pub async fn sync_shard(sh: Rc<Shard>) {
                 }
                 let leader = a.leader == me;
                 let followers: Vec<i32> = a.isr.iter().copied().filter(|r| *r != me).collect();
-                roles.push(((name.clone(), p), a.replicas.len(), a.leader, followers));
+                roles.push((
+                    (name.clone(), p),
+                    a.replicas.len(),
+                    a.leader,
+                    a.leader_epoch,
+                    followers,
+                ));
                 if !leader && a.leader >= 0 && a.replicas.len() > 1 {
                     by_leader
                         .entry(a.leader)
@@ -92,13 +108,13 @@ pub async fn sync_shard(sh: Rc<Shard>) {
             }
         }
     }
-    for ((t, p), replicas, leader, isr_followers) in roles {
+    for ((t, p), replicas, leader, leader_epoch, isr_followers) in roles {
         let part = sh.replica(&t, p).await;
         if !current() {
             return;
         }
         if let Some(part) = part {
-            part.set_replication(replicas, leader, me, isr_followers);
+            part.set_replication(replicas, leader, leader_epoch, me, isr_followers);
         }
     }
     let start: Vec<i32> = FOLLOWED.with(|f| {
@@ -193,7 +209,7 @@ async fn isr_keeper(sh: Rc<Shard>) {
         if req.topics.is_empty() {
             continue;
         }
-        match crate::server::controller::forward(&node, 2, &req).await {
+        match crate::server::controller::forward_quick(&node, 2, &req).await {
             Ok(resp) => {
                 for t in resp.topics {
                     for p in t.partitions.iter().filter(|p| p.error_code != ec::NONE) {
@@ -301,8 +317,8 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
             fp.fetch_offset = part.log.log_end_offset() as i64;
             fp.log_start_offset = part.log.log_start_offset() as i64;
             fp.partition_max_bytes = REPLICA_FETCH_PARTITION_BYTES;
-            fp.current_leader_epoch = -1;
-            fp.last_fetched_epoch = -1;
+            fp.current_leader_epoch = part.leader_epoch();
+            fp.last_fetched_epoch = part.log.latest_epoch();
             by_topic.entry(t.clone()).or_default().push(fp);
             parts.push(((t, p), part));
         }
@@ -337,6 +353,14 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                         .is_some_and(|s| s.contains(&key))
                 });
                 if !still {
+                    continue;
+                }
+                let diverged = pd.diverging_epoch.epoch >= 0 && pd.diverging_epoch.end_offset >= 0;
+                if pd.error_code == ec::NONE && diverged {
+                    part.truncate_for_divergence(
+                        pd.diverging_epoch.epoch,
+                        pd.diverging_epoch.end_offset as u64,
+                    );
                     continue;
                 }
                 if pd.error_code != ec::NONE {
@@ -399,11 +423,16 @@ pub fn replica_id(version: i16, req: &FetchRequest) -> i32 {
     }
 }
 
+#[derive(Clone)]
 struct FollowerWant {
     topic: Arc<str>,
     partition: i32,
     offset: i64,
     max_bytes: usize,
+    /// The leader epoch the follower believes in (KIP-320), -1 for none.
+    current_epoch: i32,
+    /// The epoch of the follower's last batch (KIP-279), -1 for none.
+    last_fetched_epoch: i32,
 }
 
 struct FollowerGot {
@@ -411,6 +440,20 @@ struct FollowerGot {
     hw: i64,
     log_start: i64,
     records: Vec<Bytes>,
+    /// Where the follower's log leaves this one: (epoch, end offset).
+    diverging: Option<EpochEnd>,
+}
+
+impl FollowerGot {
+    fn error(code: i16) -> FollowerGot {
+        FollowerGot {
+            code,
+            hw: -1,
+            log_start: -1,
+            records: Vec::new(),
+            diverging: None,
+        }
+    }
 }
 
 /// A follower's fetch, on the leader: positions recorded, data served up to the synced end.
@@ -439,6 +482,12 @@ pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> 
                         partition: p.partition,
                         offset: p.fetch_offset,
                         max_bytes: p.partition_max_bytes.max(0) as usize,
+                        current_epoch: p.current_leader_epoch,
+                        last_fetched_epoch: if version >= 12 {
+                            p.last_fetched_epoch
+                        } else {
+                            -1
+                        },
                     },
                 ));
             }
@@ -450,20 +499,7 @@ pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> 
     let mut got = Vec::new();
     // Bounded: at most a few rounds, each after a wake-up or the deadline.
     for round in 0..8 {
-        let ws: Vec<(usize, FollowerWant)> = wants
-            .iter()
-            .map(|(s, w)| {
-                (
-                    *s,
-                    FollowerWant {
-                        topic: w.topic.clone(),
-                        partition: w.partition,
-                        offset: w.offset,
-                        max_bytes: w.max_bytes,
-                    },
-                )
-            })
-            .collect();
+        let ws: Vec<(usize, FollowerWant)> = wants.clone();
         let first = round == 0;
         got = crate::shard::fanout::per_shard(
             shards,
@@ -477,9 +513,9 @@ pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> 
             },
         )
         .await;
-        let any = got
-            .iter()
-            .any(|g: &FollowerGot| !g.records.is_empty() || g.code != ec::NONE);
+        let any = got.iter().any(|g: &FollowerGot| {
+            !g.records.is_empty() || g.code != ec::NONE || g.diverging.is_some()
+        });
         if any || Instant::now() >= deadline {
             break;
         }
@@ -493,12 +529,9 @@ pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> 
         tr.topic_id = id;
         let mut recs = Vec::new();
         for p in idx {
-            let g = got.next().unwrap_or(FollowerGot {
-                code: ec::UNKNOWN_SERVER_ERROR,
-                hw: -1,
-                log_start: -1,
-                records: Vec::new(),
-            });
+            let g = got
+                .next()
+                .unwrap_or_else(|| FollowerGot::error(ec::UNKNOWN_SERVER_ERROR));
             let mut pd = PartitionData::default();
             pd.partition_index = p;
             pd.error_code = g.code;
@@ -506,24 +539,39 @@ pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> 
             pd.last_stable_offset = g.hw;
             pd.log_start_offset = g.log_start;
             pd.preferred_read_replica = BrokerId(-1);
+            if let Some(d) = g.diverging {
+                pd.diverging_epoch.epoch = d.epoch;
+                pd.diverging_epoch.end_offset = d.end_offset as i64;
+            }
             pd.records = Some(Bytes::new());
             tr.partitions.push(pd);
             recs.push(g.records);
         }
         topics.push((tr, recs));
     }
-    crate::server::handlers::fetch::encode_response(version, ec::NONE, 0, topics)
+    crate::server::handlers::fetch::encode_response(version, ec::NONE, 0, topics, &[])
 }
 
 async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool) -> FollowerGot {
     let Some(part) = sh.partition(&w.topic, w.partition).await else {
-        return FollowerGot {
-            code: sh.node.not_served_code(&w.topic, w.partition),
-            hw: -1,
-            log_start: -1,
-            records: Vec::new(),
-        };
+        return FollowerGot::error(sh.node.not_served_code(&w.topic, w.partition));
     };
+    if let Err(code) = part.check_current_epoch(w.current_epoch) {
+        return FollowerGot::error(code);
+    }
+    let hw = part.high_watermark();
+    let log_start = part.log.log_start_offset() as i64;
+    // The follower's last batch is of an epoch that ended earlier here, or its log runs past
+    // where that epoch ended: it cuts back before anything counts (KIP-279).
+    if let Some(d) = part.diverging(w.last_fetched_epoch, w.offset) {
+        return FollowerGot {
+            code: ec::NONE,
+            hw,
+            log_start,
+            records: Vec::new(),
+            diverging: Some(d),
+        };
+    }
     // A fetch from past this log's end is a follower whose tail diverged: it gets
     // OFFSET_OUT_OF_RANGE below and counts for nothing until it has cut back.
     let is_replica = {
@@ -536,19 +584,20 @@ async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool
         part.follower_fetched(follower, w.offset as u64);
     }
     let hw = part.high_watermark();
-    let log_start = part.log.log_start_offset() as i64;
     match part.read_for_follower(w.offset, w.max_bytes).await {
         Ok(records) => FollowerGot {
             code: ec::NONE,
             hw,
             log_start,
             records,
+            diverging: None,
         },
         Err(code) => FollowerGot {
             code,
             hw,
             log_start,
             records: Vec::new(),
+            diverging: None,
         },
     }
 }

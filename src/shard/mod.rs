@@ -204,9 +204,18 @@ impl Shard {
                         .and_then(|t| t.assignments.get(index as usize));
                     if let Some(a) = a {
                         let followers = a.isr.iter().copied().filter(|r| *r != me).collect();
-                        p.set_replication(a.replicas.len(), a.leader, me, followers);
+                        p.set_replication(
+                            a.replicas.len(),
+                            a.leader,
+                            a.leader_epoch,
+                            me,
+                            followers,
+                        );
                     }
                 }
+                p.set_lag_max(std::time::Duration::from_millis(
+                    self.node.tuning.node.replica_lag_time_max_ms.max(100),
+                ));
                 let p = Rc::new(p);
                 self.partitions.borrow_mut().insert(key, p.clone());
                 Some(p)

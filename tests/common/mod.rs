@@ -17,7 +17,23 @@ pub struct Broker {
     pub extra_args: Vec<String>,
 }
 
+/// A port for a broker to listen on later. Taken below Linux's ephemeral range (32768 and
+/// up), from a per-process counter: a port the kernel hands out at random (to a client's
+/// outgoing connection, or to another test's port 0) could take it between this call and
+/// the broker's bind, which made cluster tests fail with "Address already in use".
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() * 7919 % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     l.local_addr().unwrap().port()
 }

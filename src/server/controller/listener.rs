@@ -219,6 +219,7 @@ async fn kafka_request_inner(
         RequestKind::IncrementalAlterConfigs(r) => {
             ResponseKind::IncrementalAlterConfigs(alter_configs(svc, r).await)
         }
+        RequestKind::ElectLeaders(r) => ResponseKind::ElectLeaders(elect_leaders(svc, r).await),
         _ => {
             return Err(std::io::Error::other(format!(
                 "{key:?} is not a controller request"
@@ -236,6 +237,93 @@ async fn kafka_request_inner(
     let n = (out.len() - 4) as i32;
     out[..4].copy_from_slice(&n.to_be_bytes());
     Ok(Some(out.to_vec()))
+}
+
+/// ElectLeaders (KIP-460): preferred or unclean elections for the named partitions (all
+/// partitions when none are named), in one change. Kafka's answers: ELECTION_NOT_NEEDED,
+/// PREFERRED_LEADER_NOT_AVAILABLE, ELIGIBLE_LEADERS_NOT_AVAILABLE, UNKNOWN_TOPIC_OR_PARTITION;
+/// asked for every partition, only the ones that needed an election are listed.
+async fn elect_leaders(svc: &QuorumService, r: ElectLeadersRequest) -> ElectLeadersResponse {
+    use crate::quorum::controller::{elect, ElectionKind};
+    let mut resp = ElectLeadersResponse::default();
+    let kind = match r.election_type {
+        0 => ElectionKind::Preferred,
+        1 => ElectionKind::Unclean,
+        other => {
+            resp.error_code = ec::INVALID_REQUEST;
+            tracing::debug!("ElectLeaders with unknown election type {other}");
+            return resp;
+        }
+    };
+    let named: Option<Vec<(String, i32)>> = r.topic_partitions.as_ref().map(|ts| {
+        ts.iter()
+            .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
+            .collect()
+    });
+    type Outcome = Vec<(String, i32, i16, Option<String>)>;
+    let outcome = svc
+        .propose(|_, img, _, _| {
+            let mut results: Outcome = Vec::new();
+            let mut recs = Vec::new();
+            let wanted: Vec<(String, i32)> = match &named {
+                Some(n) => n.clone(),
+                None => img
+                    .topics
+                    .values()
+                    .flat_map(|t| t.partitions.keys().map(|p| (t.name.clone(), *p)))
+                    .collect(),
+            };
+            for (topic, p) in wanted {
+                let part = img
+                    .topic_ids
+                    .get(&topic)
+                    .and_then(|id| img.topics.get(id))
+                    .and_then(|t| t.partitions.get(&p));
+                let Some(part) = part else {
+                    let msg = format!("{topic}-{p} does not exist");
+                    results.push((topic, p, ec::UNKNOWN_TOPIC_OR_PARTITION, Some(msg)));
+                    continue;
+                };
+                match elect(img, part, kind) {
+                    Ok(next) => {
+                        recs.push(crate::quorum::record::MetadataRecord::Partition(next));
+                        results.push((topic, p, ec::NONE, None));
+                    }
+                    Err(crate::quorum::controller::ControllerError::ElectionNotNeeded)
+                        if named.is_none() => {}
+                    Err(e) => results.push((topic, p, e.code(), Some(e.to_string()))),
+                }
+            }
+            Ok((results, recs))
+        })
+        .await;
+    match outcome {
+        Ok(results) => {
+            for (topic, p, code, msg) in results {
+                let name = TopicName(StrBytes::from_string(topic));
+                let at = match resp
+                    .replica_election_results
+                    .iter()
+                    .position(|x| x.topic == name)
+                {
+                    Some(i) => i,
+                    None => {
+                        let mut t = elect_leaders_response::ReplicaElectionResult::default();
+                        t.topic = name;
+                        resp.replica_election_results.push(t);
+                        resp.replica_election_results.len() - 1
+                    }
+                };
+                let mut pr = elect_leaders_response::PartitionResult::default();
+                pr.partition_id = p;
+                pr.error_code = code;
+                pr.error_message = msg.map(StrBytes::from_string);
+                resp.replica_election_results[at].partition_result.push(pr);
+            }
+        }
+        Err(f) => resp.error_code = fail_code(&f),
+    }
+    resp
 }
 
 fn fail_code(f: &ProposeFail) -> i16 {
@@ -333,11 +421,32 @@ async fn create_topics(svc: &QuorumService, r: CreateTopicsRequest) -> CreateTop
                 refused = Some((ec::INVALID_TOPIC_EXCEPTION, m));
             }
         }
-        if !t.assignments.is_empty() {
-            refused.get_or_insert((
-                ec::INVALID_REQUEST,
-                "manual replica assignment is not supported yet".into(),
-            ));
+        // An operator's placement: partition i's replicas, preferred leader first.
+        let assignment: Option<Vec<Vec<i32>>> = (!t.assignments.is_empty()).then(|| {
+            let mut a: Vec<_> = t.assignments.iter().collect();
+            a.sort_by_key(|x| x.partition_index);
+            a.iter()
+                .map(|x| x.broker_ids.iter().map(|b| b.0).collect())
+                .collect()
+        });
+        if assignment.is_some() {
+            let indexes: Vec<i32> = {
+                let mut v: Vec<i32> = t.assignments.iter().map(|x| x.partition_index).collect();
+                v.sort_unstable();
+                v
+            };
+            if indexes.iter().enumerate().any(|(i, p)| *p != i as i32) {
+                refused.get_or_insert((
+                    ec::INVALID_REPLICA_ASSIGNMENT,
+                    "assignments must name partitions 0..n once each".into(),
+                ));
+            }
+            if t.num_partitions != -1 || t.replication_factor != -1 {
+                refused.get_or_insert((
+                    ec::INVALID_REQUEST,
+                    "give either assignments or partitions and replication factor, not both".into(),
+                ));
+            }
         }
         for c in &t.configs {
             let v = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
@@ -346,12 +455,16 @@ async fn create_topics(svc: &QuorumService, r: CreateTopicsRequest) -> CreateTop
             }
             configs.insert(c.name.to_string(), v);
         }
-        let partitions = if t.num_partitions == -1 {
+        let partitions = if let Some(a) = &assignment {
+            a.len() as i32
+        } else if t.num_partitions == -1 {
             svc.node.tuning.log.num_partitions
         } else {
             t.num_partitions
         };
-        let rf = if t.replication_factor == -1 {
+        let rf = if let Some(a) = &assignment {
+            a.first().map_or(0, |r| r.len() as i32)
+        } else if t.replication_factor == -1 {
             DEFAULT_REPLICATION_FACTOR
         } else {
             t.replication_factor as i32
@@ -374,6 +487,7 @@ async fn create_topics(svc: &QuorumService, r: CreateTopicsRequest) -> CreateTop
             partitions,
             replication_factor: rf,
             configs,
+            assignment,
         };
         let validate_only = r.validate_only;
         let outcome = svc

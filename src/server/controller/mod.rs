@@ -316,7 +316,7 @@ async fn lifecycle(h: Rc<ClusterHandle>) {
             .map(|r| StrBytes::from_string(r.clone()));
         req.log_dirs = vec![settings.directory_id];
         req.previous_broker_epoch = h.broker_epoch.get();
-        match forward(&node, 3, &req).await {
+        match forward_quick(&node, 3, &req).await {
             Ok(r) if r.error_code == ec::NONE => {
                 h.broker_epoch.set(r.broker_epoch);
                 node.broker_epoch
@@ -362,7 +362,7 @@ async fn lifecycle(h: Rc<ClusterHandle>) {
             hb.broker_epoch = h.broker_epoch.get();
             hb.current_metadata_offset = h.applied.get() as i64;
             hb.want_shut_down = h.stopping.get();
-            match forward(&node, 1, &hb).await {
+            match forward_quick(&node, 1, &hb).await {
                 Ok(r) if r.error_code == ec::NONE => {
                     if h.fenced.get() != r.is_fenced {
                         tracing::info!(
@@ -414,6 +414,31 @@ pub async fn forward<R: Request>(
     version: i16,
     req: &R,
 ) -> anyhow::Result<R::Response> {
+    // A client's request is not retried on another voter while the first may still commit
+    // it (a second CreateTopics would answer TOPIC_ALREADY_EXISTS): one try gets it all.
+    forward_within(node, version, req, Duration::MAX).await
+}
+
+/// The node's own heartbeat-like requests (registration, heartbeats, AlterPartition): the
+/// controller answers them at once, so a voter that is silent for a heartbeat interval (at
+/// least a second) is skipped. Without this a hung voter made every broker that last talked
+/// to it miss its session timeout, and the new controller fenced them all.
+pub async fn forward_quick<R: Request>(
+    node: &Node,
+    version: i16,
+    req: &R,
+) -> anyhow::Result<R::Response> {
+    let per_try = Duration::from_millis(node.tuning.node.broker_heartbeat_interval_ms)
+        .max(Duration::from_secs(1));
+    forward_within(node, version, req, per_try).await
+}
+
+async fn forward_within<R: Request>(
+    node: &Node,
+    version: i16,
+    req: &R,
+    per_try: Duration,
+) -> anyhow::Result<R::Response> {
     let Some(c) = node.cluster.as_ref() else {
         anyhow::bail!("not a clustered node");
     };
@@ -432,13 +457,13 @@ pub async fn forward<R: Request>(
             let mut conn = Conn::connect(addr, Duration::from_millis(500)).await?;
             conn.call(version, req).await
         };
-        match wire::within(left, call).await {
+        match wire::within(left.min(per_try), call).await {
             Some(Ok(r)) => {
                 LAST_GOOD_VOTER.with(|v| v.set(i));
                 return Ok(r);
             }
             Some(Err(e)) => last_err = e,
-            None => break,
+            None => last_err = anyhow::anyhow!("voter {} did not answer in time", c.voters[i].0),
         }
         if attempt % n == n - 1 {
             glommio::timer::sleep(Duration::from_millis(200)).await;

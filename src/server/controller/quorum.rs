@@ -349,8 +349,12 @@ impl QuorumService {
     }
 }
 
+/// Elections one rebalance pass makes at most (the rest wait for the next pass).
+const REBALANCE_ELECTIONS_MAX: usize = 1000;
+
 async fn ticker(q: Rc<QuorumService>) {
     let mut last_expiry_ms = 0;
+    let mut last_rebalance_ms = q.now_ms();
     loop {
         glommio::timer::sleep(TICK).await;
         q.raft.borrow_mut().tick();
@@ -377,6 +381,28 @@ async fn ticker(q: Rc<QuorumService>) {
             continue;
         }
         let now = q.now_ms();
+        let tuning = &q.node.tuning.node;
+        if tuning.auto_leader_rebalance_enable
+            && now.saturating_sub(last_rebalance_ms) >= tuning.leader_imbalance_check_interval_ms
+        {
+            last_rebalance_ms = now;
+            let q2 = q.clone();
+            glommio::spawn_local(async move {
+                let moved = q2
+                    .propose(|_, img, _, _| {
+                        let recs = crate::quorum::controller::preferred_rebalance(
+                            img,
+                            REBALANCE_ELECTIONS_MAX,
+                        );
+                        Ok((recs.len(), recs))
+                    })
+                    .await;
+                if let Ok(n @ 1..) = moved {
+                    tracing::info!("moved {n} partitions back to their preferred leaders");
+                }
+            })
+            .detach();
+        }
         if now.saturating_sub(last_expiry_ms) >= 500 {
             last_expiry_ms = now;
             let q2 = q.clone();

@@ -7,7 +7,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::fetch_request::FetchRequest;
 #[cfg(test)]
 use kafka_protocol::messages::fetch_response::FetchResponse;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::fetch_response::{
+    FetchableTopicResponse, NodeEndpoint, PartitionData,
+};
 use kafka_protocol::messages::BrokerId;
 use kafka_protocol::protocol::Encodable;
 
@@ -80,6 +82,13 @@ fn named_entries(
                     Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
                 }
                 Some(m) if !node.leads(m, p.partition) => Some(ec::NOT_LEADER_OR_FOLLOWER),
+                Some(m)
+                    if version >= 9
+                        && m.epoch_mismatch(p.partition, p.current_leader_epoch)
+                            .is_some() =>
+                {
+                    m.epoch_mismatch(p.partition, p.current_leader_epoch)
+                }
                 Some(_) if p.partition_max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
                 Some(_) => None,
             };
@@ -187,7 +196,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     let (entries, incremental_id) = match plan {
         Plan::Error(code) => {
             crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, code);
-            return encode_response(version, code, 0, Vec::new());
+            return encode_response(version, code, 0, Vec::new(), &[]);
         }
         Plan::Sessionless | Plan::Open => (named, None),
         Plan::Incremental { id, partitions } => {
@@ -317,6 +326,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     };
     // Group into topics, in entry order (a topic's partitions are adjacent).
     let mut topics: Vec<(FetchableTopicResponse, Vec<Vec<Bytes>>)> = Vec::new();
+    let mut endpoints: Vec<NodeEndpoint> = Vec::new();
     for ((e, g), k) in entries.iter().zip(answers).zip(keep) {
         if !k {
             continue;
@@ -338,6 +348,20 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             crate::metrics::fetched(&e.topic, e.partition, &g.records);
         }
         pd.error_code = g.code;
+        if version >= 16 {
+            if let Some(h) = super::util::leader_hint(&node, g.code, &e.topic, e.partition) {
+                pd.current_leader.leader_id = BrokerId(h.leader);
+                pd.current_leader.leader_epoch = h.epoch;
+                if !endpoints.iter().any(|x| x.node_id.0 == h.leader) {
+                    let mut x = NodeEndpoint::default();
+                    x.node_id = BrokerId(h.leader);
+                    x.host = super::util::sb(&h.host);
+                    x.port = h.port;
+                    x.rack = h.rack.as_deref().map(super::util::sb);
+                    endpoints.push(x);
+                }
+            }
+        }
         pd.high_watermark = g.hwm;
         pd.last_stable_offset = g.hwm;
         pd.log_start_offset = g.log_start;
@@ -349,7 +373,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         tr.partitions.push(pd);
         recs.push(g.records);
     }
-    encode_response(version, ec::NONE, response_session, topics)
+    encode_response(version, ec::NONE, response_session, topics, &endpoints)
 }
 
 fn put_uvarint(b: &mut BytesMut, mut v: u64) {
@@ -376,6 +400,7 @@ pub fn encode_response(
     error_code: i16,
     session_id: i32,
     topics: Vec<(FetchableTopicResponse, Vec<Vec<Bytes>>)>,
+    node_endpoints: &[NodeEndpoint],
 ) -> Vec<Bytes> {
     let flexible = version >= 12;
     let mut chunks: Vec<Bytes> = Vec::new();
@@ -440,7 +465,23 @@ pub fn encode_response(
         }
     }
     if flexible {
-        head.put_u8(0); // response tagged fields
+        if version >= 16 && !node_endpoints.is_empty() {
+            // KIP-951: the response's tagged field 0, the endpoints of the leaders named in
+            // partitions' CurrentLeader.
+            let mut data = BytesMut::new();
+            put_uvarint(&mut data, node_endpoints.len() as u64 + 1);
+            for x in node_endpoints {
+                if let Err(e) = x.encode(&mut data, version) {
+                    tracing::error!("cannot encode a fetch node endpoint: {e}");
+                }
+            }
+            put_uvarint(&mut head, 1);
+            put_uvarint(&mut head, 0);
+            put_uvarint(&mut head, data.len() as u64);
+            head.put_slice(&data);
+        } else {
+            head.put_u8(0); // response tagged fields
+        }
     }
     chunks.push(head.freeze());
     chunks
@@ -590,7 +631,7 @@ mod tests {
                 window.slice(at + 16..at + 9_000),
             ]);
         }
-        let chunks = encode_response(12, 0, 0, vec![(tr, recs)]);
+        let chunks = encode_response(12, 0, 0, vec![(tr, recs)], &[]);
         let fields = outside(&chunks, std::slice::from_ref(&window));
         let total: usize = chunks.iter().map(|c| c.len()).sum();
         assert_eq!(total - fields, 16 * 9_000, "all record bytes by reference");
@@ -619,7 +660,7 @@ mod tests {
                     Bytes::from(vec![9u8; 100]),
                 ]);
             }
-            let chunks = encode_response(version, 0, 0, vec![(tr, recs)]);
+            let chunks = encode_response(version, 0, 0, vec![(tr, recs)], &[]);
             let mut body = BytesMut::new();
             for c in chunks {
                 body.put_slice(&c);
@@ -637,5 +678,43 @@ mod tests {
                 assert_eq!(rec[10_099], 9);
             }
         }
+    }
+
+    /// KIP-951: a refused partition names its leader, and the response carries the leader's
+    /// endpoint, in the encoding kafka-protocol (and so any client) reads.
+    #[test]
+    fn leader_hints_encode_as_kafka_reads_them() {
+        let mut tr = FetchableTopicResponse::default();
+        tr.topic_id = uuid::Uuid::from_u128(7);
+        tr.topic = tn("t");
+        let mut pd = PartitionData::default();
+        pd.partition_index = 0;
+        pd.error_code = ec::NOT_LEADER_OR_FOLLOWER;
+        pd.current_leader.leader_id = BrokerId(3);
+        pd.current_leader.leader_epoch = 5;
+        pd.records = Some(Bytes::new());
+        tr.partitions.push(pd);
+        let mut ne = NodeEndpoint::default();
+        ne.node_id = BrokerId(3);
+        ne.host = crate::server::handlers::util::sb("10.0.0.3");
+        ne.port = 9092;
+        ne.rack = Some(crate::server::handlers::util::sb("r1"));
+        let chunks = encode_response(16, 0, 0, vec![(tr, vec![Vec::new()])], &[ne.clone()]);
+        let mut body = BytesMut::new();
+        for c in chunks {
+            body.put_slice(&c);
+        }
+        let mut b = body.freeze();
+        let r = FetchResponse::decode(&mut b, 16).unwrap();
+        assert_eq!(b.len(), 0);
+        let pd = &r.responses[0].partitions[0];
+        assert_eq!(
+            (
+                pd.current_leader.leader_id.0,
+                pd.current_leader.leader_epoch
+            ),
+            (3, 5)
+        );
+        assert_eq!(r.node_endpoints, vec![ne]);
     }
 }

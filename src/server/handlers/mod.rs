@@ -16,6 +16,7 @@ pub mod describe_cluster;
 pub mod describe_configs;
 pub mod describe_groups;
 pub mod describe_quorum;
+pub mod elect_leaders;
 pub mod fetch;
 pub mod find_coordinator;
 pub mod heartbeat;
@@ -56,7 +57,7 @@ pub async fn dispatch(
         RequestKind::Fetch(r) => Some(Reply::Encoded(
             fetch::handle(ctx, header.request_api_version, r).await,
         )),
-        RequestKind::Produce(r) => produce::handle(ctx, r, gate)
+        RequestKind::Produce(r) => produce::handle(ctx, header.request_api_version, r, gate)
             .await
             .map(|r| Reply::Kind(Box::new(ResponseKind::Produce(r)))),
         other => dispatch_kind(ctx, header, other)
@@ -94,6 +95,9 @@ async fn dispatch_kind(
         }
         RequestKind::DescribeQuorum(r) => {
             ResponseKind::DescribeQuorum(describe_quorum::handle(ctx, version, r).await)
+        }
+        RequestKind::ElectLeaders(r) => {
+            ResponseKind::ElectLeaders(elect_leaders::handle(ctx, version, r).await)
         }
         RequestKind::CreatePartitions(r) => {
             ResponseKind::CreatePartitions(create_partitions::handle(ctx, version, r).await)

@@ -6,12 +6,20 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
 };
 
 use super::util::tn;
-use crate::partition::LEADER_EPOCH;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
 use crate::shard::fanout::{per_partition, PartitionJob};
 
-/// Single node with one leader epoch forever: epoch 0 ends at the log end offset.
+/// What a partition's part of the request asks: the epoch to place, and the leader epoch the
+/// asker believes in (KIP-320; -1 for none).
+struct Ask {
+    epoch: i32,
+    current: i32,
+}
+
+/// Answered by the leader from its leader-epoch cache: the largest epoch at or below the
+/// asked one and where it ends (followers find where they diverge; consumers validate their
+/// position after a leader change). An epoch the log cannot place gets -1/-1, as Kafka.
 pub async fn handle(
     ctx: &ConnCtx,
     req: OffsetForLeaderEpochRequest,
@@ -23,23 +31,26 @@ pub async fn handle(
             jobs.push(PartitionJob {
                 topic: t.topic.0.to_string(),
                 partition: p.partition,
-                input: p.leader_epoch,
+                input: Ask {
+                    epoch: p.leader_epoch,
+                    current: p.current_leader_epoch,
+                },
             });
         }
     }
     let results = per_partition(&node, jobs, |part, job| async move {
-        match part {
-            Some(part) if job.input <= LEADER_EPOCH => {
-                (ec::NONE, LEADER_EPOCH, part.high_watermark())
-            }
-            Some(_) => (ec::NONE, -1, -1),
-            None => (
-                crate::shard::local()
-                    .node
-                    .not_served_code(&job.topic, job.partition),
-                -1,
-                -1,
-            ),
+        let Some(part) = part else {
+            let code = crate::shard::local()
+                .node
+                .not_served_code(&job.topic, job.partition);
+            return (code, -1, -1);
+        };
+        if let Err(code) = part.check_current_epoch(job.input.current) {
+            return (code, -1, -1);
+        }
+        match part.end_offset_for_epoch(job.input.epoch) {
+            Some(e) => (ec::NONE, e.epoch, e.end_offset as i64),
+            None => (ec::NONE, -1, -1),
         }
     })
     .await;

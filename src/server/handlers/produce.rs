@@ -6,6 +6,8 @@ use kafka_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
 };
 
+use kafka_protocol::messages::BrokerId;
+
 use super::util::sb;
 use crate::server::errors as ec;
 use crate::server::ConnCtx;
@@ -56,6 +58,7 @@ fn refuse_keyless(
 
 pub async fn handle(
     ctx: &ConnCtx,
+    version: i16,
     req: ProduceRequest,
     gate: &crate::server::OrderGate,
 ) -> Option<ProduceResponse> {
@@ -282,6 +285,21 @@ pub async fn handle(
                     e
                 })
                 .collect();
+            if version >= 10 {
+                if let Some(h) = super::util::leader_hint(&ctx.shard.node, code, &name, index) {
+                    pr.current_leader.leader_id = BrokerId(h.leader);
+                    pr.current_leader.leader_epoch = h.epoch;
+                    if !resp.node_endpoints.iter().any(|e| e.node_id.0 == h.leader) {
+                        let mut e =
+                            kafka_protocol::messages::produce_response::NodeEndpoint::default();
+                        e.node_id = BrokerId(h.leader);
+                        e.host = sb(&h.host);
+                        e.port = h.port;
+                        e.rack = h.rack.as_deref().map(sb);
+                        resp.node_endpoints.push(e);
+                    }
+                }
+            }
             tr.partition_responses.push(pr);
         }
         resp.responses.push(tr);

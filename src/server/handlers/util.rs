@@ -98,3 +98,40 @@ pub fn no_coordinator(node: &Node, group: &str) -> i16 {
     }
     crate::server::errors::COORDINATOR_NOT_AVAILABLE
 }
+
+/// KIP-951: where a partition refused with NOT_LEADER_OR_FOLLOWER or FENCED_LEADER_EPOCH is
+/// led now, as this node's image says: `(leader, leader epoch, endpoint)`, so that clients
+/// (librdkafka 2.4+, Java 3.7+) move to it without waiting for a metadata refresh.
+pub struct LeaderHint {
+    pub leader: i32,
+    pub epoch: i32,
+    pub host: String,
+    pub port: i32,
+    pub rack: Option<String>,
+}
+
+pub fn leader_hint(node: &Node, code: i16, topic: &str, partition: i32) -> Option<LeaderHint> {
+    use crate::server::errors as ec;
+    if code != ec::NOT_LEADER_OR_FOLLOWER && code != ec::FENCED_LEADER_EPOCH {
+        return None;
+    }
+    let img = node.image();
+    let t = img.topic(topic)?;
+    let a = t.assignments.get(usize::try_from(partition).ok()?)?;
+    if a.leader < 0 || a.leader == node.node_id {
+        return None;
+    }
+    let b = img
+        .cluster
+        .as_ref()?
+        .brokers
+        .iter()
+        .find(|b| b.id == a.leader && !b.fenced)?;
+    Some(LeaderHint {
+        leader: a.leader,
+        epoch: a.leader_epoch,
+        host: b.host.clone(),
+        port: b.port,
+        rack: b.rack.clone(),
+    })
+}
