@@ -458,6 +458,12 @@ impl SharedLog {
         self.inner.borrow().epochs.epoch_at(offset)
     }
 
+    /// Runs `f` with the epoch cache and the log end.
+    pub fn with_epochs<R>(&self, f: impl FnOnce(&epochs::EpochCache, u64) -> R) -> R {
+        let log = self.inner.borrow();
+        f(&log.epochs, log.log_end_offset)
+    }
+
     /// Where leader epoch `requested` ends in this log (OffsetForLeaderEpoch, a follower's
     /// divergence check); `leading` is the epoch this replica leads in, if it does.
     pub fn end_offset_for_epoch(

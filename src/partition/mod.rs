@@ -7,6 +7,8 @@
 //! follower reports its synced end as the offset it fetches next); a follower's is the
 //! leader's, capped at its own synced end. acks=all waits for the high watermark.
 
+pub mod rules;
+
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -51,6 +53,9 @@ pub struct Replication {
     pub leader_epoch: i32,
     /// The in-sync replicas other than the leader (leader's view).
     pub isr_followers: Vec<i32>,
+    /// Followers the leader asked the controller to add to the ISR, not yet in the image: they
+    /// count for the high watermark already (KIP-497), so none joins without what it covers.
+    pub pending_isr_adds: Vec<i32>,
     /// Per follower: its synced log end, as its last fetch said.
     pub follower_end: std::collections::HashMap<i32, u64>,
     /// Per follower: the leader's end when it answered the follower's last fetch, and when the
@@ -176,6 +181,9 @@ impl Partition {
                     r.follower_seen.insert(*f, (end, now));
                 }
             }
+            if r.isr_followers != isr_followers || became_leader {
+                r.pending_isr_adds.clear();
+            }
             r.isr_followers = isr_followers;
             if became_leader {
                 // A new leader starts from what it knew as a follower (Kafka's rule: its high
@@ -200,14 +208,10 @@ impl Partition {
     /// it is older than this replica's (FENCED_LEADER_EPOCH: the client's metadata is stale)
     /// or newer (UNKNOWN_LEADER_EPOCH: this replica has not seen that election yet).
     pub fn check_current_epoch(&self, current: i32) -> Result<(), i16> {
-        let mine = self.leader_epoch();
-        if current < 0 || current == mine {
-            Ok(())
-        } else if current < mine {
-            Err(ec::FENCED_LEADER_EPOCH)
-        } else {
-            Err(ec::UNKNOWN_LEADER_EPOCH)
-        }
+        rules::check_epoch(self.leader_epoch(), current).map_err(|m| match m {
+            rules::EpochMismatch::Fenced => ec::FENCED_LEADER_EPOCH,
+            rules::EpochMismatch::Unknown => ec::UNKNOWN_LEADER_EPOCH,
+        })
     }
 
     /// Where epoch `requested` ends in this log (OffsetForLeaderEpoch); a leader owns its
@@ -226,11 +230,13 @@ impl Partition {
     /// (An epoch this log cannot place, newer than any it knows, is fenced by the current
     /// epoch check before this is asked.)
     pub fn diverging(&self, last_fetched_epoch: i32, fetch_offset: i64) -> Option<EpochEnd> {
-        if last_fetched_epoch < 0 {
-            return None;
-        }
-        self.end_offset_for_epoch(last_fetched_epoch)
-            .filter(|e| e.epoch < last_fetched_epoch || (e.end_offset as i64) < fetch_offset)
+        let leading = {
+            let r = self.repl.borrow();
+            (r.leader || !r.replicated).then_some(r.leader_epoch)
+        };
+        self.log.with_epochs(|cache, end| {
+            rules::diverging(cache, end, leading, last_fetched_epoch, fetch_offset)
+        })
     }
 
     /// On a follower: the leader answered DivergingEpoch (`epoch`, `end_offset`). Decides
@@ -238,12 +244,12 @@ impl Partition {
     /// epoch and this log's own end of it; when this log does not know the epoch, to the end
     /// of its largest epoch below it, and the next fetch compares again.
     pub fn truncate_for_divergence(&self, epoch: i32, end_offset: u64) {
-        let own_end = self.log.log_end_offset();
-        let to = match self.log.end_offset_for_epoch(epoch, None) {
-            Some(mine) if mine.epoch == epoch => mine.end_offset.min(end_offset).min(own_end),
-            Some(mine) => mine.end_offset.min(own_end),
-            None => end_offset.min(own_end),
-        };
+        let (own_end, to) = self.log.with_epochs(|cache, own_end| {
+            (
+                own_end,
+                rules::truncation_point(cache, own_end, epoch, end_offset),
+            )
+        });
         tracing::info!(
             "replica of {}-{} diverges from its leader at epoch {epoch} (leader's end {end_offset}): cutting from {own_end} to {to}",
             self.topic,
@@ -315,11 +321,11 @@ impl Partition {
             r.follower_end.insert(follower, offset);
             let end = self.durable_end();
             let now = std::time::Instant::now();
-            let caught_up_at = match r.follower_seen.get(&follower) {
-                Some((prev_end, _)) if offset >= *prev_end => now,
-                Some((_, at)) => *at,
-                None if offset >= end => now,
-                None => now - std::time::Duration::from_secs(3600),
+            let seen = r.follower_seen.get(&follower).copied();
+            let caught_up_at = if rules::caught_up(seen.map(|s| s.0), offset, end) {
+                now
+            } else {
+                seen.map_or(now - std::time::Duration::from_secs(3600), |s| s.1)
             };
             r.follower_seen.insert(follower, (end, caught_up_at));
         }
@@ -335,24 +341,29 @@ impl Partition {
         replicas: &[i32],
         lag_max: std::time::Duration,
     ) -> Option<Vec<i32>> {
-        let r = self.repl.borrow();
+        let mut r = self.repl.borrow_mut();
         if !r.leader || !r.replicated {
             return None;
         }
         let now = std::time::Instant::now();
         let mut isr = vec![me];
         for f in replicas.iter().copied().filter(|f| *f != me) {
-            let seen = r.follower_seen.get(&f);
-            let recent = seen.is_some_and(|(_, at)| now.duration_since(*at) <= lag_max);
-            let keep = if r.isr_followers.contains(&f) {
-                recent
-            } else {
-                recent && r.follower_end.get(&f).is_some_and(|e| *e >= r.hw)
-            };
-            if keep {
+            let ago = r
+                .follower_seen
+                .get(&f)
+                .map(|(_, at)| now.duration_since(*at));
+            let member = r.isr_followers.contains(&f);
+            if rules::in_wanted_isr(member, ago, r.follower_end.get(&f).copied(), r.hw, lag_max) {
                 isr.push(f);
             }
         }
+        // Those about to join count for the high watermark from now on.
+        let adds: Vec<i32> = isr[1..]
+            .iter()
+            .copied()
+            .filter(|f| !r.isr_followers.contains(f))
+            .collect();
+        r.pending_isr_adds = adds;
         let mut current = vec![me];
         current.extend(r.isr_followers.iter().copied());
         let mut a = isr.clone();
@@ -368,7 +379,7 @@ impl Partition {
             if r.leader {
                 return;
             }
-            let capped = hw.min(self.durable_end());
+            let capped = rules::follower_high_watermark(hw, self.durable_end());
             if capped <= r.hw {
                 return;
             }
@@ -385,10 +396,13 @@ impl Partition {
             if !r.replicated || !r.leader {
                 return;
             }
-            let mut hw = self.durable_end();
-            for f in &r.isr_followers {
-                hw = hw.min(r.follower_end.get(f).copied().unwrap_or(0));
-            }
+            let ends: Vec<Option<u64>> = r
+                .isr_followers
+                .iter()
+                .chain(r.pending_isr_adds.iter())
+                .map(|f| r.follower_end.get(f).copied())
+                .collect();
+            let hw = rules::leader_high_watermark(self.durable_end(), &ends);
             if hw > r.hw {
                 r.hw = hw;
                 true
@@ -412,15 +426,16 @@ impl Partition {
     /// followers are gone must still refuse acks=all writes instead of letting them wait.
     fn live_isr(r: &Replication) -> usize {
         let now = std::time::Instant::now();
-        1 + r
+        let ago: Vec<Option<std::time::Duration>> = r
             .isr_followers
             .iter()
-            .filter(|f| {
+            .map(|f| {
                 r.follower_seen
                     .get(f)
-                    .is_none_or(|(_, at)| now.duration_since(*at) <= r.lag_max)
+                    .map(|(_, at)| now.duration_since(*at))
             })
-            .count()
+            .collect();
+        rules::live_isr(&ago, r.lag_max)
     }
 
     /// Refuses an acks=all produce before it is appended when the ISR (counting only members
@@ -652,14 +667,44 @@ impl Partition {
                 "this replica leads now: it takes no data from another".into(),
             ));
         }
-        let first = u64::from_be_bytes(records[..8].try_into().unwrap_or([0; 8]));
         let next = self.log.log_end_offset();
-        if first != next || self.log.flushing.get() {
+        if self.log.flushing.get() {
+            return Err((ec::OFFSET_OUT_OF_RANGE, "a write is still running".into()));
+        }
+        // Only batches that continue this log exactly, in the leader's offsets and in epochs
+        // between this log's last and the current leader's, are appended; the offsets are
+        // assigned in order, so a gap (a compacted leader's) ends what is taken.
+        let (latest, current) = (self.log.latest_epoch(), self.leader_epoch());
+        let mut expect = next;
+        let mut take = 0usize;
+        let mut min_epoch = latest;
+        for info in &infos {
+            let at = info.pos;
+            let base = u64::from_be_bytes(records[at..at + 8].try_into().unwrap_or([0; 8]));
+            if base != expect || info.leader_epoch < min_epoch || info.leader_epoch > current {
+                break;
+            }
+            min_epoch = info.leader_epoch;
+            expect = base + info.last_offset_delta as u64 + 1;
+            take += 1;
+        }
+        if take == 0 {
+            let first = u64::from_be_bytes(records[..8].try_into().unwrap_or([0; 8]));
             return Err((
                 ec::OFFSET_OUT_OF_RANGE,
-                format!("fetched batch at {first}, log ends at {next}"),
+                format!(
+                    "fetched batch at {first} (epoch {}), log ends at {next} (epoch {latest}, leader epoch {current})",
+                    infos[0].leader_epoch
+                ),
             ));
         }
+        let (records, infos) = if take < infos.len() {
+            let upto = infos[take].pos;
+            infos.truncate(take);
+            (records.slice(..upto), infos)
+        } else {
+            (records, infos)
+        };
         let (base, end) = self.log.enqueue(&records, &infos, EpochStamp::AsSent, None);
         self.record_producers(base, &infos);
         let written = self.log.wait_written(end);

@@ -659,6 +659,17 @@ pub fn preferred_rebalance(image: &MetadataImage, max: usize) -> Vec<MetadataRec
         .collect()
 }
 
+/// unclean.leader.election.enable on a topic whose partition already lost its whole ISR (the
+/// setting was turned on afterwards): elect a live replica now, as Kafka's controller does.
+pub fn pending_unclean_elections(image: &MetadataImage) -> Vec<MetadataRecord> {
+    image
+        .partitions()
+        .filter(|p| p.leader == NO_LEADER && unclean_allowed(image, p))
+        .filter_map(|p| elect(image, p, ElectionKind::Unclean).ok())
+        .map(MetadataRecord::Partition)
+        .collect()
+}
+
 fn unclean_allowed(image: &MetadataImage, p: &PartitionRecord) -> bool {
     image
         .topics

@@ -320,7 +320,8 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
             fp.current_leader_epoch = part.leader_epoch();
             fp.last_fetched_epoch = part.log.latest_epoch();
             by_topic.entry(t.clone()).or_default().push(fp);
-            parts.push(((t, p), part));
+            let epoch = part.leader_epoch();
+            parts.push(((t, p), part, epoch));
         }
         for (t, ps) in by_topic {
             let mut ft = FetchTopic::default();
@@ -342,9 +343,14 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
         for tr in resp.responses {
             for pd in tr.partitions {
                 let key: Key = (Arc::from(tr.topic.0.as_str()), pd.partition_index);
-                let Some((_, part)) = parts.iter().find(|(k, _)| *k == key) else {
+                let Some((_, part, sent_epoch)) = parts.iter().find(|(k, _, _)| *k == key) else {
                     continue;
                 };
+                // An answer to a fetch sent under another leader epoch says nothing about the
+                // current leader's log (Kafka's fetcher drops it the same way).
+                if part.leader_epoch() != *sent_epoch {
+                    continue;
+                }
                 // A late answer from a leader this shard no longer follows for it.
                 let still = FOLLOWED.with(|f| {
                     f.borrow()
@@ -374,7 +380,9 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                                 pd.log_start_offset
                             );
                             part.start_over_at(pd.log_start_offset as u64);
-                        } else {
+                        } else if part.log.latest_epoch() < 0 {
+                            // Without epochs to compare, the high watermark is what is
+                            // surely shared.
                             tracing::warn!(
                                 "replica of {}-{} at {end} is past the leader's log: cutting back",
                                 key.0,
@@ -392,15 +400,13 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                     match part.append_replicated(records, &cfg, sh.cache_cap()).await {
                         Ok(_) => progressed = true,
                         Err((code, msg)) => {
-                            tracing::warn!(
-                                "replica of {}-{}: cannot append what the leader sent ({code}): {msg}",
+                            // Dropped, never cut for: the next fetch names this log's end and
+                            // last epoch, and the leader's DivergingEpoch decides any cut.
+                            tracing::debug!(
+                                "replica of {}-{}: not appending what the leader sent ({code}): {msg}",
                                 key.0,
                                 key.1
                             );
-                            if code == ec::OFFSET_OUT_OF_RANGE && pd.high_watermark >= 0 {
-                                // Batches that do not line up with ours: the logs diverged.
-                                part.truncate_later(pd.high_watermark as u64);
-                            }
                         }
                     }
                 }

@@ -409,7 +409,10 @@ async fn ticker(q: Rc<QuorumService>) {
             glommio::spawn_local(async move {
                 let _ = q2
                     .propose(|ctl, img, _, now| {
-                        let fenced = ctl.expire_sessions(img, now);
+                        let mut fenced = ctl.expire_sessions(img, now);
+                        if fenced.is_empty() {
+                            fenced = crate::quorum::controller::pending_unclean_elections(img);
+                        }
                         for r in &fenced {
                             if let MetadataRecord::FenceBroker { broker_id, .. } = r {
                                 tracing::warn!(

@@ -426,7 +426,13 @@ pub fn encode_response(
         put_array_len(&mut head, flexible, tr.partitions.len());
         for (mut pd, recs) in tr.partitions.into_iter().zip(records_of) {
             let at = head.len();
-            let ok = pd.encode(&mut head, version).is_ok();
+            // The splice below recognises the end of the partition by an empty records field
+            // and empty tagged fields; a partition with tagged fields of its own (diverging
+            // epoch, current leader, snapshot id) takes the plain path.
+            let tagged = pd.diverging_epoch != Default::default()
+                || pd.current_leader != Default::default()
+                || pd.snapshot_id != Default::default();
+            let ok = !tagged && pd.encode(&mut head, version).is_ok();
             // The empty records field and, when flexible, an empty tagged-field section.
             let tail: &[u8] = if flexible { &[1, 0] } else { &[0, 0, 0, 0] };
             if ok && head.len() >= at + tail.len() && &head[head.len() - tail.len()..] == tail {
