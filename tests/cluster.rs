@@ -1028,6 +1028,40 @@ fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
             (parts.len() == 3 && parts.iter().all(|p| p.2.contains(&victim))).then_some(())
         },
     );
+    // DeleteRecords is answered once every live replica moved its log start (the low
+    // watermark): followers follow their leader's log start.
+    let mut per_partition = [0i64; 3];
+    for g in &got {
+        per_partition[g.0 as usize] = per_partition[g.0 as usize].max(g.1 + 1);
+    }
+    let (p, end) = (0..3)
+        .map(|p| (p, per_partition[p]))
+        .max_by_key(|x| x.1)
+        .unwrap();
+    let cut = end / 2;
+    assert!(cut > 0, "{per_partition:?}");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("durable", p as i32, Offset::Offset(cut))
+        .unwrap();
+    let a = admin(&sb);
+    let r = futures::executor::block_on(a.delete_records(&tpl, &AdminOptions::new()))
+        .expect("delete_records");
+    let e = r.find_partition("durable", p as i32).expect("answered");
+    assert!(e.error().is_ok(), "{:?}", e.error());
+    assert_eq!(e.offset(), Offset::Offset(cut), "the low watermark");
+    for n in &all {
+        let f = cl
+            .node(*n)
+            .data()
+            .join(format!("durable-{p}"))
+            .join("log-start-offset");
+        let v: i64 = std::fs::read_to_string(&f)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        assert_eq!(v, cut, "node {n}'s log start of durable-{p}");
+    }
 }
 
 /// (base offset, CRC) of every batch in a partition's segment files: two replicas hold the

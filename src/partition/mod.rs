@@ -62,6 +62,8 @@ pub struct Replication {
     /// follower last caught up with that (fetched from at least the previous answer's end:
     /// Kafka's rule for staying in, or joining, the ISR).
     pub follower_seen: std::collections::HashMap<i32, (u64, std::time::Instant)>,
+    /// Per follower: its log start offset, as its last fetch said (the low watermark).
+    pub follower_log_start: std::collections::HashMap<i32, u64>,
     /// The high watermark (monotonic on the leader; the leader's, capped, on a follower).
     pub hw: u64,
     /// Roles were set once from the image.
@@ -169,6 +171,7 @@ impl Partition {
                 // Positions from an earlier reign say nothing about what followers hold now.
                 r.follower_end.clear();
                 r.follower_seen.clear();
+                r.follower_log_start.clear();
             }
             r.replicated = replicas > 1;
             r.replicas = replicas;
@@ -312,13 +315,16 @@ impl Partition {
     }
 
     /// On the leader: a follower fetched from `offset`, so it holds (synced) everything below.
-    pub fn follower_fetched(&self, follower: i32, offset: u64) {
+    pub fn follower_fetched(&self, follower: i32, offset: u64, log_start: i64) {
         {
             let mut r = self.repl.borrow_mut();
             if !r.leader {
                 return;
             }
             r.follower_end.insert(follower, offset);
+            if log_start >= 0 {
+                r.follower_log_start.insert(follower, log_start as u64);
+            }
             let end = self.durable_end();
             let now = std::time::Instant::now();
             let seen = r.follower_seen.get(&follower).copied();
@@ -330,6 +336,39 @@ impl Partition {
             r.follower_seen.insert(follower, (end, caught_up_at));
         }
         self.recompute_hw();
+    }
+
+    /// On the leader: the lowest log start offset over itself and the followers on `live`
+    /// nodes (Kafka's low watermark, what DeleteRecords answers with); a follower not heard
+    /// from under this leader counts as 0.
+    pub fn low_watermark(&self, live: &[i32]) -> u64 {
+        let own = self.log.log_start_offset();
+        let r = self.repl.borrow();
+        if !r.replicated {
+            return own;
+        }
+        live.iter()
+            .map(|f| r.follower_log_start.get(f).copied().unwrap_or(0))
+            .fold(own, u64::min)
+    }
+
+    /// On a follower: the leader's log start moved past ours (retention, DeleteRecords): ours
+    /// follows, up to our own end.
+    pub async fn follow_log_start(&self, leader_log_start: i64) {
+        let own = self.log.log_start_offset();
+        if leader_log_start <= own as i64 || self.replication().leader {
+            return;
+        }
+        let to = (leader_log_start as u64).min(self.log.log_end_offset());
+        if to > own {
+            if let Err(e) = self.log.delete_records_before(to).await {
+                tracing::warn!(
+                    "replica of {}-{}: cannot follow the leader's log start {leader_log_start}: {e}",
+                    self.topic,
+                    self.index
+                );
+            }
+        }
     }
 
     /// On the leader: the ISR it wants, by Kafka's rules, if that differs from the current

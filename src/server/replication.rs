@@ -411,6 +411,7 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                     }
                 }
                 part.leader_hw(pd.high_watermark.max(0) as u64);
+                part.follow_log_start(pd.log_start_offset).await;
             }
         }
         if !progressed {
@@ -439,6 +440,8 @@ struct FollowerWant {
     current_epoch: i32,
     /// The epoch of the follower's last batch (KIP-279), -1 for none.
     last_fetched_epoch: i32,
+    /// The follower's log start offset (the leader's low watermark follows it).
+    log_start: i64,
 }
 
 struct FollowerGot {
@@ -489,6 +492,7 @@ pub async fn serve_follower(sh: &Rc<Shard>, version: i16, req: FetchRequest) -> 
                         offset: p.fetch_offset,
                         max_bytes: p.partition_max_bytes.max(0) as usize,
                         current_epoch: p.current_leader_epoch,
+                        log_start: p.log_start_offset,
                         last_fetched_epoch: if version >= 12 {
                             p.last_fetched_epoch
                         } else {
@@ -587,7 +591,7 @@ async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool
             .is_some_and(|a| a.replicas.contains(&follower))
     };
     if record && is_replica && w.offset >= 0 && w.offset as u64 <= part.log.log_end_offset() {
-        part.follower_fetched(follower, w.offset as u64);
+        part.follower_fetched(follower, w.offset as u64, w.log_start);
     }
     let hw = part.high_watermark();
     match part.read_for_follower(w.offset, w.max_bytes).await {

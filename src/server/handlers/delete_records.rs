@@ -9,8 +9,12 @@ use crate::server::errors as ec;
 use crate::server::ConnCtx;
 use crate::shard::fanout::{per_partition, PartitionJob};
 
+/// Answered once every replica on a live node has moved its log start too (Kafka's low
+/// watermark), or with REQUEST_TIMED_OUT at the request's timeout (the deletion stands).
 pub async fn handle(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
     let node = ctx.shard.node.clone();
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_millis(req.timeout_ms.clamp(0, 300_000) as u64);
     let mut jobs = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
@@ -21,7 +25,7 @@ pub async fn handle(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteRecordsRe
             });
         }
     }
-    let results = per_partition(&node, jobs, |part, job| async move {
+    let results = per_partition(&node, jobs, move |part, job| async move {
         let Some(part) = part else {
             return (
                 crate::shard::local()
@@ -37,7 +41,40 @@ pub async fn handle(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteRecordsRe
             return (ec::OFFSET_OUT_OF_RANGE, -1);
         }
         match part.log.delete_records_before(target as u64).await {
-            Ok(low) => (ec::NONE, low as i64),
+            Ok(low) => {
+                // Followers learn the new start from their next fetch and report theirs.
+                loop {
+                    let live: Vec<i32> = {
+                        let sh = crate::shard::local();
+                        let img = sh.node.image();
+                        let Some(a) = img
+                            .topic(&job.topic)
+                            .and_then(|t| t.assignments.get(job.partition as usize).cloned())
+                        else {
+                            break;
+                        };
+                        let unfenced = |b: &i32| {
+                            img.cluster
+                                .as_ref()
+                                .is_some_and(|c| c.brokers.iter().any(|x| x.id == *b && !x.fenced))
+                        };
+                        a.replicas
+                            .iter()
+                            .copied()
+                            .filter(|r| *r != sh.node.node_id && unfenced(r))
+                            .collect()
+                    };
+                    let lw = part.low_watermark(&live);
+                    if lw >= low {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return (ec::REQUEST_TIMED_OUT, lw as i64);
+                    }
+                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                (ec::NONE, low as i64)
+            }
             Err(e) => {
                 tracing::error!("delete records on {}-{}: {e}", job.topic, job.partition);
                 (ec::KAFKA_STORAGE_ERROR, -1)
