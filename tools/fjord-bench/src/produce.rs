@@ -271,11 +271,23 @@ pub fn setup(
     topic: &str,
     create_partitions: Option<i32>,
 ) -> Result<(Versions, TopicLayout)> {
+    setup_rf(common, topic, create_partitions, -1)
+}
+
+/// `setup` with a replication factor for a topic it creates (-1: the broker's default).
+pub fn setup_rf(
+    common: &Common,
+    topic: &str,
+    create_partitions: Option<i32>,
+    replication_factor: i16,
+) -> Result<(Versions, TopicLayout)> {
     let bootstrap = common.bootstrap.clone();
     let topic = topic.to_string();
     crate::on_executor(common.cpu_for(0), move || async move {
         let mut client = Client::connect(&bootstrap, None).await?;
-        let layout = proto::prepare_topic(&mut client, &topic, create_partitions).await?;
+        let layout =
+            proto::prepare_topic_rf(&mut client, &topic, create_partitions, replication_factor)
+                .await?;
         Ok((client.versions, layout))
     })
 }

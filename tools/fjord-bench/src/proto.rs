@@ -323,12 +323,22 @@ pub async fn prepare_topic(
     topic: &str,
     create_partitions: Option<i32>,
 ) -> Result<TopicLayout> {
+    prepare_topic_rf(client, topic, create_partitions, -1).await
+}
+
+/// `prepare_topic` with a replication factor (-1: the broker's default).
+pub async fn prepare_topic_rf(
+    client: &mut Client,
+    topic: &str,
+    create_partitions: Option<i32>,
+    replication_factor: i16,
+) -> Result<TopicLayout> {
     if let Some(n) = create_partitions {
         let req = CreateTopicsRequest::default()
             .with_topics(vec![CreatableTopic::default()
                 .with_name(topic_name(topic))
                 .with_num_partitions(n)
-                .with_replication_factor(-1)])
+                .with_replication_factor(replication_factor)])
             .with_timeout_ms(30_000);
         let version = client.versions.pick(ApiKey::CreateTopics)?;
         // Replication factor -1 (broker default) needs v4+.
@@ -336,7 +346,7 @@ pub async fn prepare_topic(
             req.with_topics(vec![CreatableTopic::default()
                 .with_name(topic_name(topic))
                 .with_num_partitions(n)
-                .with_replication_factor(1)])
+                .with_replication_factor(replication_factor.max(1))])
         } else {
             req
         };

@@ -37,6 +37,14 @@ pub struct SuiteArgs {
     /// Partitions of the many-partitions step.
     #[arg(long, default_value_t = 10_000)]
     pub many_partitions: i32,
+    /// A three-node cluster to run the replicated row against (replication factor 3,
+    /// acks=all, 3 partitions), e.g. started with `tools/replicated-produce.sh`'s layout.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub replicated_bootstrap: Option<String>,
+    /// The cluster's broker process ids: the replicated row's CPU-seconds per GB is theirs
+    /// summed.
+    #[arg(long, value_name = "PID,PID,...", value_delimiter = ',')]
+    pub replicated_pids: Vec<u32>,
 }
 
 /// Resident set size of a process, in MiB, from /proc.
@@ -62,6 +70,22 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz.max(1.0))
+}
+
+/// Runs one step and measures the CPU-seconds per GB of the step's payload over all `pids`.
+fn with_cpu_of(
+    pids: &[u32],
+    step: impl FnOnce() -> Result<Report>,
+) -> Result<(Report, Option<f64>)> {
+    let sum = || -> Option<f64> { pids.iter().map(|p| cpu_seconds(*p)).sum() };
+    let before = if pids.is_empty() { None } else { sum() };
+    let r = step()?;
+    let after = if pids.is_empty() { None } else { sum() };
+    let per_gb = match (before, after) {
+        (Some(b), Some(a)) if r.bytes > 0 => Some((a - b) / (r.bytes as f64 / 1e9)),
+        _ => None,
+    };
+    Ok((r, per_gb))
 }
 
 /// Runs one step and measures the broker's CPU-seconds per GB of the step's payload.
@@ -422,6 +446,27 @@ pub fn run(common: &Common, args: &SuiteArgs) -> Result<()> {
         None,
         cpu,
     ));
+
+    // Replicated: the same produce as the single-node acks=all row, on a three-node cluster
+    // with every partition on all three nodes.
+    if let Some(rb) = &args.replicated_bootstrap {
+        let mut rc = common.clone();
+        rc.bootstrap = rb.clone();
+        let topic = "fjord-bench-suite-rf3";
+        eprintln!("suite: produce 3 partitions, replication factor 3, acks=all on {rb}");
+        let (versions, layout) = crate::produce::setup_rf(&rc, topic, Some(3), 3)?;
+        let a = suite_produce(topic, -1, 2, Some(step_s), None);
+        let (r, cpu) = with_cpu_of(&args.replicated_pids, || {
+            crate::produce::run_with(&rc, &a, versions, layout)
+        })?;
+        let frac = host.disk_write_mb_s.map(|d| r.mb_per_sec() / d);
+        rows.push((
+            "produce 1 KiB, 3 partitions, replication factor 3 (3 nodes), acks=all".into(),
+            r,
+            frac,
+            cpu,
+        ));
+    }
 
     if common.json {
         let mut out = json!({
