@@ -1624,3 +1624,93 @@ fn elect_leaders_runs_preferred_and_unclean_elections() {
             .map(|_| ())
     });
 }
+
+/// Keeps librdkafka's log lines (its `debug` output) for a test to look at.
+struct LogContext {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl rdkafka::ClientContext for LogContext {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, fac: &str, line: &str) {
+        self.lines.lock().unwrap().push(format!("{fac} {line}"));
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LogContext {}
+
+/// KIP-392: with `replica.selector.class` set to the rack-aware selector, a consumer in another
+/// rack than the leader is sent to an in-sync replica in its own rack, and reads everything
+/// from it.
+#[test]
+fn a_consumer_reads_from_an_in_sync_replica_in_its_own_rack() {
+    // Racks: node 1 r1, node 2 r0, node 3 r1.
+    let cl = Cluster::start_with(
+        3,
+        0,
+        &["replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector"],
+    );
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(2).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    let (ok, out) = fjord_cli(&[
+        "topics",
+        "--bootstrap",
+        &boot,
+        "create",
+        "near",
+        "--replica-assignment",
+        "2:1:3",
+    ]);
+    assert!(ok, "{out}");
+    wait_for("node 2 leads near", Duration::from_secs(30), || {
+        leader_of(&boot, "near")
+            .filter(|p| p.0 == 2 && p.2.len() == 3)
+            .map(|_| ())
+    });
+    produce(&boot, "near", 300);
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let c: BaseConsumer<LogContext> = ClientConfig::new()
+        .set("bootstrap.servers", &boot)
+        .set("group.id", "near-readers")
+        .set("client.rack", "r1")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("debug", "fetch")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug)
+        .create_with_context(LogContext {
+            lines: lines.clone(),
+        })
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("near", 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).expect("assign");
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 300 && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            seen.insert(m.offset());
+        }
+    }
+    assert_eq!(seen.len(), 300, "every record read");
+    let lines = lines.lock().unwrap();
+    let moved = lines
+        .iter()
+        .find(|l| l.contains("preferred replica updated"))
+        .cloned();
+    assert!(
+        moved
+            .as_deref()
+            .is_some_and(|l| l.contains("to 1") || l.contains("to 3")),
+        "the leader sent the consumer to a replica in rack r1: {moved:?}\n{}",
+        lines
+            .iter()
+            .filter(|l| l.contains("near"))
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

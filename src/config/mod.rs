@@ -97,6 +97,11 @@ pub struct NodeSection {
     /// How often it looks (Kafka's leader.imbalance.check.interval.seconds, in ms here).
     #[serde(default = "default_leader_imbalance_check_interval_ms")]
     pub leader_imbalance_check_interval_ms: u64,
+    /// Kafka's replica.selector.class (KIP-392): empty, no selection (consumers read from
+    /// leaders); "rack" (or Kafka's RackAwareReplicaSelector class name): a leader sends a
+    /// consumer whose client.rack differs from its own to an in-sync replica in that rack.
+    #[serde(default)]
+    pub replica_selector: String,
 }
 
 fn default_true() -> bool {
@@ -370,6 +375,7 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         "node.auto_leader_rebalance_enable",
         1,
     ),
+    ("replica.selector.class", "node.replica_selector", 1),
     (
         "leader.imbalance.check.interval.seconds",
         "node.leader_imbalance_check_interval_ms",
@@ -943,6 +949,13 @@ impl Tuning {
         }
         if self.node.data_dir.is_empty() {
             return bad("node.data_dir", "must not be empty");
+        }
+        let sel = self.node.replica_selector.as_str();
+        if !(sel.is_empty() || sel == "rack" || sel.ends_with("RackAwareReplicaSelector")) {
+            return bad(
+                "node.replica_selector",
+                "must be empty (consumers read from leaders) or \"rack\" (Kafka's RackAwareReplicaSelector)",
+            );
         }
         if self.log.segment_bytes < 14 * 1024 || self.log.segment_bytes > (1 << 32) {
             return bad("log.segment_bytes", "must be between 14 KiB and 4 GiB");

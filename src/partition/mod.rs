@@ -338,6 +338,13 @@ impl Partition {
         self.recompute_hw();
     }
 
+    /// On the leader: whether follower `f` holds `offset` already (its last fetch came from
+    /// past it), for KIP-392's choice of a read replica.
+    pub fn follower_holds(&self, f: i32, offset: u64) -> bool {
+        let r = self.repl.borrow();
+        r.leader && r.follower_end.get(&f).is_some_and(|end| *end > offset)
+    }
+
     /// On the leader: the lowest log start offset over itself and the followers on `live`
     /// nodes (Kafka's low watermark, what DeleteRecords answers with); a follower not heard
     /// from under this leader counts as 0.

@@ -28,6 +28,7 @@ pub fn controller((refused, message): (Refused, String)) -> (i16, String) {
 pub const NONE: i16 = 0;
 pub const UNKNOWN_SERVER_ERROR: i16 = E::UnknownServerError.code();
 pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
+pub const OFFSET_NOT_AVAILABLE: i16 = E::OffsetNotAvailable.code();
 pub const CORRUPT_MESSAGE: i16 = E::CorruptMessage.code();
 pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = E::UnknownTopicOrPartition.code();
 pub const INVALID_FETCH_SIZE: i16 = E::InvalidFetchSize.code();

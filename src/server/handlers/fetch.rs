@@ -27,6 +27,10 @@ struct Want {
     partition: i32,
     offset: i64,
     max_bytes: usize,
+    /// Read from this node's follower replica (KIP-392: a consumer sent here by the leader).
+    follower: bool,
+    /// The consumer's rack (Fetch v11 RackId), when the leader may send it to a replica there.
+    client_rack: Option<Arc<str>>,
 }
 
 #[derive(Clone)]
@@ -35,6 +39,8 @@ struct Got {
     hwm: i64,
     log_start: i64,
     records: Vec<Bytes>,
+    /// KIP-392: the replica the consumer should fetch from instead (-1: none).
+    preferred: i32,
 }
 
 impl Got {
@@ -52,8 +58,32 @@ struct Entry {
     max_bytes: i32,
     /// An error found before reading (unknown topic or partition, bad size).
     pre: Option<i16>,
+    /// Served by this node's follower replica (KIP-392, Fetch v11+).
+    follower: bool,
     /// What the session last told the client (incremental fetches only).
     told: Option<(i64, i64)>,
+}
+
+/// KIP-392: a consumer's fetch (v11+) may be served by a follower replica on this node, up to
+/// its high watermark, as Kafka's followers serve consumers that carry client metadata.
+fn follows(
+    node: &crate::cluster::node::Node,
+    version: i16,
+    m: &crate::cluster::metadata::TopicMeta,
+    partition: i32,
+) -> bool {
+    version >= 11
+        && usize::try_from(partition)
+            .ok()
+            .and_then(|p| m.assignments.get(p))
+            .is_some_and(|a| a.replicas.contains(&node.node_id) && a.replicas.len() > 1)
+}
+
+/// Whether the leader sends consumers to a replica in their own rack (Kafka's
+/// `replica.selector.class`, `RackAwareReplicaSelector`).
+fn rack_selector(node: &crate::cluster::node::Node) -> bool {
+    let s = node.tuning.node.replica_selector.as_str();
+    s == "rack" || s.ends_with("RackAwareReplicaSelector")
 }
 
 /// Upper bound on fetch rounds in one request: each round follows a wake-up or the deadline.
@@ -81,7 +111,11 @@ fn named_entries(
                 Some(m) if p.partition < 0 || p.partition >= m.partitions => {
                     Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
                 }
-                Some(m) if !node.leads(m, p.partition) => Some(ec::NOT_LEADER_OR_FOLLOWER),
+                Some(m)
+                    if !node.leads(m, p.partition) && !follows(node, version, m, p.partition) =>
+                {
+                    Some(ec::NOT_LEADER_OR_FOLLOWER)
+                }
                 Some(m)
                     if version >= 9
                         && m.epoch_mismatch(p.partition, p.current_leader_epoch)
@@ -99,6 +133,7 @@ fn named_entries(
                 fetch_offset: p.fetch_offset,
                 max_bytes: p.partition_max_bytes,
                 pre,
+                follower: meta.is_some_and(|m| !node.leads(m, p.partition)),
                 told: None,
             });
         }
@@ -123,11 +158,15 @@ fn session_entries(
                 Some(m) if partition < 0 || partition >= m.partitions => {
                     Some(ec::UNKNOWN_TOPIC_OR_PARTITION)
                 }
-                Some(m) if !node.leads(m, partition) => Some(ec::NOT_LEADER_OR_FOLLOWER),
+                Some(m) if !node.leads(m, partition) && !follows(node, version, m, partition) => {
+                    Some(ec::NOT_LEADER_OR_FOLLOWER)
+                }
                 Some(_) if c.max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
                 Some(_) => None,
             };
+            let follower = img.topic(&topic).is_some_and(|m| !node.leads(m, partition));
             Entry {
+                follower,
                 topic,
                 topic_id: c.topic_id,
                 partition,
@@ -203,6 +242,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             (session_entries(&node, version, partitions), Some(id))
         }
     };
+    let client_rack: Option<Arc<str>> = (version >= 11
+        && !req.rack_id.is_empty()
+        && node.cluster.is_some()
+        && rack_selector(&node))
+    .then(|| Arc::from(req.rack_id.as_str()));
     let wants: Vec<(usize, Want)> = entries
         .iter()
         .filter(|e| e.pre.is_none())
@@ -214,6 +258,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                     partition: e.partition,
                     offset: e.fetch_offset,
                     max_bytes: e.max_bytes.max(0) as usize,
+                    follower: e.follower,
+                    client_rack: client_rack.clone(),
                 },
             )
         })
@@ -233,7 +279,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     for _ in 0..FETCH_ROUNDS_MAX {
         got = read_round(shards, wants.clone(), max_bytes).await;
         let total: usize = got.iter().map(|g| g.bytes()).sum();
-        let any_error = got.iter().any(|g| g.code != ec::NONE);
+        let any_error = got.iter().any(|g| g.code != ec::NONE || g.preferred >= 0);
         if total >= min_bytes.max(1) || any_error || wants.is_empty() || Instant::now() >= deadline
         {
             break;
@@ -270,12 +316,14 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                 hwm: -1,
                 log_start: -1,
                 records: Vec::new(),
+                preferred: -1,
             },
             None => got.next().unwrap_or(Got {
                 code: ec::UNKNOWN_SERVER_ERROR,
                 hwm: -1,
                 log_start: -1,
                 records: Vec::new(),
+                preferred: -1,
             }),
         })
         .collect();
@@ -342,7 +390,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         }
         let mut pd = PartitionData::default();
         pd.partition_index = e.partition;
-        pd.preferred_read_replica = BrokerId(-1);
+        pd.preferred_read_replica = BrokerId(if version >= 11 { g.preferred } else { -1 });
         crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, g.code);
         if e.pre.is_none() {
             crate::metrics::fetched(&e.topic, e.partition, &g.records);
@@ -501,12 +549,18 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
         // partitions in request order within max_bytes), so they are not read at all.
         let mut read_bytes = 0usize;
         for w in ws {
-            let Some(p) = sh.partition(&w.topic, w.partition).await else {
+            let part = if w.follower {
+                sh.replica(&w.topic, w.partition).await
+            } else {
+                sh.partition(&w.topic, w.partition).await
+            };
+            let Some(p) = part else {
                 out.push(Got {
                     code: sh.node.not_served_code(&w.topic, w.partition),
                     hwm: -1,
                     log_start: -1,
                     records: Vec::new(),
+                    preferred: -1,
                 });
                 continue;
             };
@@ -519,10 +573,32 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
                     hwm,
                     log_start,
                     records: Vec::new(),
+                    preferred: -1,
                 });
                 continue;
             }
-            match p.read(w.offset, limit).await {
+            if let Some(r) = w.client_rack.as_deref().and_then(|rack| {
+                preferred_replica(&sh.node, &p, &w.topic, w.partition, rack, w.offset)
+            }) {
+                out.push(Got {
+                    code: ec::NONE,
+                    hwm,
+                    log_start,
+                    records: Vec::new(),
+                    preferred: r,
+                });
+                continue;
+            }
+            let read = match p.read(w.offset, limit).await {
+                // A follower that has not got the offset yet: retriable, unlike out of range.
+                Err(ec::OFFSET_OUT_OF_RANGE)
+                    if w.follower && w.offset as u64 > p.log.log_end_offset() =>
+                {
+                    Err(ec::OFFSET_NOT_AVAILABLE)
+                }
+                r => r,
+            };
+            match read {
                 Ok(records) => {
                     read_bytes += records.iter().map(|r| r.len()).sum::<usize>();
                     out.push(Got {
@@ -530,6 +606,7 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
                         hwm,
                         log_start,
                         records,
+                        preferred: -1,
                     })
                 }
                 Err(code) => {
@@ -546,6 +623,7 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
                         hwm,
                         log_start,
                         records: Vec::new(),
+                        preferred: -1,
                     })
                 }
             }
@@ -553,6 +631,41 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
         out
     })
     .await
+}
+
+/// KIP-392 on the leader: an in-sync follower in the consumer's rack that already holds the
+/// fetch offset, when this node is in another rack.
+fn preferred_replica(
+    node: &crate::cluster::node::Node,
+    p: &crate::partition::Partition,
+    topic: &str,
+    partition: i32,
+    rack: &str,
+    offset: i64,
+) -> Option<i32> {
+    let img = node.image();
+    let brokers = &img.cluster.as_ref()?.brokers;
+    let rack_of = |id: i32| {
+        brokers
+            .iter()
+            .find(|b| b.id == id && !b.fenced)
+            .and_then(|b| b.rack.clone())
+    };
+    if rack_of(node.node_id).as_deref() == Some(rack) {
+        return None;
+    }
+    let a = img
+        .topic(topic)?
+        .assignments
+        .get(usize::try_from(partition).ok()?)?;
+    if a.leader != node.node_id {
+        return None;
+    }
+    a.isr.iter().copied().find(|r| {
+        *r != node.node_id
+            && rack_of(*r).as_deref() == Some(rack)
+            && p.follower_holds(*r, offset.max(0) as u64)
+    })
 }
 
 /// Waits until any wanted partition gets data past what the last round saw, or the deadline.
@@ -571,7 +684,7 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
             move |sh| async move {
                 let mut rxs = Vec::new();
                 for (t, p, seen) in &its {
-                    if let Some(part) = sh.partition(t, *p).await {
+                    if let Some(part) = sh.replica(t, *p).await {
                         if part.high_watermark() > *seen {
                             return;
                         }
