@@ -573,9 +573,16 @@ impl SharedLog {
         let start = log.pending.len();
         log.pending.extend_from_slice(payload);
         let mut next = base;
+        let mut first_base = None;
         for info in infos {
-            let last = next + info.last_offset_delta as u64;
             let at = start + info.pos;
+            if stamp == EpochStamp::AsSent {
+                // A follower keeps its leader's offsets, gaps a compacted leader has included.
+                let sent = u64::from_be_bytes(log.pending[at..at + 8].try_into().unwrap_or([0; 8]));
+                next = next.max(sent);
+            }
+            first_base.get_or_insert(next);
+            let last = next + info.last_offset_delta as u64;
             let b = &mut log.pending[at..at + info.len];
             let epoch = match stamp {
                 EpochStamp::Leader(e) => e,
@@ -602,7 +609,7 @@ impl SharedLog {
             next = last + 1;
         }
         log.next_offset = next;
-        (base, next)
+        (first_base.unwrap_or(base), next)
     }
 
     /// Queues and writes at once: for a single writer (benches, tests, internal topics).
@@ -723,7 +730,10 @@ impl SharedLog {
                 .expect("log always has an active segment");
             let tail_len = log.tail.len();
             debug_assert_eq!(active.size % DMA_ALIGN, tail_len as u64);
-            debug_assert_eq!(batches.first().map(|b| b.base), Some(log.log_end_offset));
+            // A follower copies a compacted leader's gaps: a batch may start past the end.
+            debug_assert!(batches
+                .first()
+                .is_some_and(|b| b.base >= log.log_end_offset));
             let write_pos = active.size - tail_len as u64;
             let total = tail_len + pending.len();
             let buf_len = total.div_ceil(DMA_ALIGN as usize) * DMA_ALIGN as usize;
@@ -1339,6 +1349,45 @@ mod tests {
         log.append(&payload, &infos, s, EpochStamp::Leader(0), None)
             .await
             .unwrap()
+    }
+
+    #[test]
+    fn a_follower_keeps_its_leaders_offsets_gaps_and_epochs() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            let log = SharedLog::open(dir.clone()).await.unwrap();
+            let s = settings(1 << 20);
+            // What a compacted leader sends: offsets 0..3 in epoch 2, then 10..12 in epoch 5.
+            let mut a = make_batch(3, 10);
+            batch::patch_header(&mut a, 0, 2);
+            let mut b = make_batch(2, 20);
+            batch::patch_header(&mut b, 10, 5);
+            let mut bytes = a.clone();
+            bytes.extend_from_slice(&b);
+            let payload = Bytes::from(bytes);
+            let mut infos = Vec::new();
+            batch::validate_payload(&payload, 1 << 20, &mut infos).unwrap();
+            log.append(&payload, &infos, &s, EpochStamp::AsSent, None)
+                .await
+                .unwrap();
+            assert_eq!(log.log_end_offset(), 12);
+            assert_eq!(
+                (log.epoch_at(2), log.epoch_at(10), log.latest_epoch()),
+                (2, 5, 5)
+            );
+            let read = log.read(5, 1 << 20, 12).await.unwrap();
+            let h = BatchHeader::new(&read);
+            assert_eq!((h.base_offset(), h.partition_leader_epoch()), (10, 5));
+            log.flush().await.unwrap();
+            drop(log);
+            // Reopened: the same offsets and epochs, from the files.
+            let log = SharedLog::open(dir).await.unwrap();
+            assert_eq!(log.log_end_offset(), 12);
+            assert_eq!(
+                log.end_offset_for_epoch(2, None).map(|e| e.end_offset),
+                Some(10)
+            );
+        });
     }
 
     /// Writes a segment file holding `batches` (records, timestamp) from `base`.

@@ -717,9 +717,8 @@ impl Partition {
         if self.log.flushing.get() {
             return Err((ec::OFFSET_OUT_OF_RANGE, "a write is still running".into()));
         }
-        // Only batches that continue this log exactly, in the leader's offsets and in epochs
-        // between this log's last and the current leader's, are appended; the offsets are
-        // assigned in order, so a gap (a compacted leader's) ends what is taken.
+        // Only batches that continue this log, in the leader's offsets (gaps included) and in
+        // epochs between this log's last and the current leader's, are appended.
         let (latest, current) = (self.log.latest_epoch(), self.leader_epoch());
         let mut expect = next;
         let mut take = 0usize;
@@ -727,7 +726,8 @@ impl Partition {
         for info in &infos {
             let at = info.pos;
             let base = u64::from_be_bytes(records[at..at + 8].try_into().unwrap_or([0; 8]));
-            if base != expect || info.leader_epoch < min_epoch || info.leader_epoch > current {
+            // A gap is a compacted leader's (offsets are never reused): it is kept as is.
+            if base < expect || info.leader_epoch < min_epoch || info.leader_epoch > current {
                 break;
             }
             min_epoch = info.leader_epoch;
@@ -751,8 +751,12 @@ impl Partition {
         } else {
             (records, infos)
         };
-        let (base, end) = self.log.enqueue(&records, &infos, EpochStamp::AsSent, None);
-        self.record_producers(base, &infos);
+        let (_, end) = self.log.enqueue(&records, &infos, EpochStamp::AsSent, None);
+        for info in &infos {
+            let at = info.pos;
+            let base = u64::from_be_bytes(records[at..at + 8].try_into().unwrap_or([0; 8]));
+            self.record_producers(base, std::slice::from_ref(info));
+        }
         let written = self.log.wait_written(end);
         self.kick_writer(log_settings(cfg, cache_bytes_max));
         match written.await {
