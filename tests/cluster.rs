@@ -1062,6 +1062,25 @@ fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
             .unwrap_or(-1);
         assert_eq!(v, cut, "node {n}'s log start of durable-{p}");
     }
+    // Every replica's lag, from each broker's DescribeLogDirs, in `fjord topics describe`.
+    let (ok, out) = fjord_cli(&["topics", "--bootstrap", &sb, "describe", "durable"]);
+    assert!(ok && out.contains("FOLLOWER LAG"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    for r in rows {
+        let lag = r.split("  ").last().unwrap_or_default().trim();
+        let entries: Vec<&str> = lag.split(' ').collect();
+        assert_eq!(entries.len(), 2, "two followers per partition: {r}");
+        assert!(
+            entries.iter().all(|e| e
+                .split_once(':')
+                .is_some_and(|(_, l)| l.parse::<u64>().is_ok())),
+            "{r}"
+        );
+    }
 }
 
 /// (base offset, CRC) of every batch in a partition's segment files: two replicas hold the

@@ -209,6 +209,37 @@ fn offsets(
     Ok(out)
 }
 
+/// (topic, partition, broker) → how far that replica is behind its leader's high watermark,
+/// from every reachable broker's DescribeLogDirs.
+fn replica_lags(
+    brokers: &BTreeMap<i32, String>,
+    topic: Option<&str>,
+) -> BTreeMap<(String, i32, i32), i64> {
+    let mut out = BTreeMap::new();
+    for (id, addr) in brokers {
+        let Ok(mut c) = Client::connect(addr) else {
+            continue;
+        };
+        // Every replica the broker holds (null topics), filtered here.
+        let mut req = DescribeLogDirsRequest::default();
+        req.topics = None;
+        let Ok(resp) = c.call(4, &req) else {
+            continue;
+        };
+        for dir in resp.results {
+            for t in dir.topics {
+                if topic.is_some_and(|want| want != t.name.0.as_str()) {
+                    continue;
+                }
+                for p in t.partitions {
+                    out.insert((t.name.0.to_string(), p.partition_index, *id), p.offset_lag);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One config value of a topic, as DescribeConfigs gives it.
 fn topic_config(c: &mut Client, topic: &str, key: &str) -> anyhow::Result<Option<String>> {
     let mut req = DescribeConfigsRequest::default();
@@ -288,8 +319,9 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                 .filter(|t| topic.is_some() || !t.is_internal || filtered)
                 .collect();
             topics.sort_by_key(|t| t.name.as_ref().map(|n| n.0.to_string()));
-            // Offsets come from each partition's leader.
+            // Offsets come from each partition's leader, lag from every broker's log dirs.
             let mut leaders: BTreeMap<i32, Client> = BTreeMap::new();
+            let lags = replica_lags(&brokers, topic.as_deref());
             for t in topics {
                 let name = t.name.as_ref().map(|n| n.0.to_string()).unwrap_or_default();
                 if t.error_code != 0 {
@@ -322,7 +354,7 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                     if t.is_internal { "  Internal" } else { "" }
                 );
                 println!(
-                    "{:>9} {:>7} {:>6} {:>12} {:>12} {:>12} {:>12}",
+                    "{:>9} {:>7} {:>6} {:>12} {:>12} {:>12} {:>12}  FOLLOWER LAG",
                     "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR", "EARLIEST", "LATEST"
                 );
                 for p in rows {
@@ -350,8 +382,17 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                         }
                         _ => (-1, -1),
                     };
+                    let lag: Vec<String> = p
+                        .replica_nodes
+                        .iter()
+                        .filter(|r| r.0 != leader)
+                        .map(|r| {
+                            lags.get(&(name.clone(), p.partition_index, r.0))
+                                .map_or(format!("{}:?", r.0), |l| format!("{}:{l}", r.0))
+                        })
+                        .collect();
                     println!(
-                        "{:>9} {:>7} {:>6} {:>12} {:>12} {:>12} {:>12}",
+                        "{:>9} {:>7} {:>6} {:>12} {:>12} {:>12} {:>12}  {}",
                         p.partition_index,
                         if leader < 0 {
                             "none".to_string()
@@ -362,7 +403,8 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                         ids(&p.replica_nodes),
                         ids(&p.isr_nodes),
                         lo,
-                        hi
+                        hi,
+                        lag.join(" ")
                     );
                 }
                 if topic.is_some() && !filtered {

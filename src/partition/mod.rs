@@ -66,6 +66,8 @@ pub struct Replication {
     pub follower_log_start: std::collections::HashMap<i32, u64>,
     /// The high watermark (monotonic on the leader; the leader's, capped, on a follower).
     pub hw: u64,
+    /// On a follower: the leader's high watermark from its last answer, uncapped.
+    pub leader_hw_seen: u64,
     /// Roles were set once from the image.
     pub initialized: bool,
     /// A follower must cut its log back to this before it fetches: the leader said where
@@ -338,6 +340,16 @@ impl Partition {
         self.recompute_hw();
     }
 
+    /// On a follower: how far its durable end is behind the leader's high watermark it last
+    /// heard of (DescribeLogDirs' offset lag); 0 on a leader.
+    pub fn replica_lag(&self) -> u64 {
+        let r = self.repl.borrow();
+        if r.leader || !r.replicated {
+            return 0;
+        }
+        r.leader_hw_seen.saturating_sub(self.durable_end())
+    }
+
     /// On the leader: whether follower `f` holds `offset` already (its last fetch came from
     /// past it), for KIP-392's choice of a read replica.
     pub fn follower_holds(&self, f: i32, offset: u64) -> bool {
@@ -425,6 +437,7 @@ impl Partition {
             if r.leader {
                 return;
             }
+            r.leader_hw_seen = r.leader_hw_seen.max(hw);
             let capped = rules::follower_high_watermark(hw, self.durable_end());
             if capped <= r.hw {
                 return;

@@ -162,6 +162,7 @@ pub fn probe_decode(key: ApiKey, buf: &mut ProbeBuf, version: i16) -> anyhow::Re
         ConsumerGroupDescribe => ConsumerGroupDescribeRequest,
         DescribeQuorum => DescribeQuorumRequest,
         ElectLeaders => ElectLeadersRequest,
+        DescribeLogDirs => DescribeLogDirsRequest,
         // The controller listener's (server::controller).
         BrokerRegistration => BrokerRegistrationRequest,
         BrokerHeartbeat => BrokerHeartbeatRequest,

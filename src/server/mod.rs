@@ -52,6 +52,7 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::DescribeCluster => (0, 2),
         ApiKey::DescribeQuorum => (0, 1),
         ApiKey::ElectLeaders => (0, 2),
+        ApiKey::DescribeLogDirs => (1, 4),
         ApiKey::OffsetForLeaderEpoch => (2, 4),
         ApiKey::FindCoordinator => (0, 4),
         ApiKey::JoinGroup => (0, 9),

@@ -236,6 +236,14 @@ impl Shard {
             .min(self.tuning.batch_cache_bytes_per_shard / n)
     }
 
+    /// The replica if this shard has it open (never opens one).
+    pub fn opened(&self, topic: &str, index: i32) -> Option<PartitionRef> {
+        self.partitions
+            .borrow()
+            .get(&(Arc::from(topic), index))
+            .cloned()
+    }
+
     pub fn open_partitions(&self) -> Vec<PartitionRef> {
         self.partitions.borrow().values().cloned().collect()
     }
