@@ -19,7 +19,11 @@ with that reason.
 
 Usage:
     tools/librdkafka-suite.py [--quick] [--tests 0001,0002,...] [--fjord PATH] [--cache DIR]
-                              [--chunk N] [--build-only] [--keep-logs DIR]
+                              [--chunk N] [--build-only] [--keep-logs DIR] [--cluster]
+
+With --cluster every chunk runs against a fresh three-node cluster (racks RACK1-3, the
+rack-aware replica selector), and the tests skipped only for needing three brokers run too,
+e.g. `tools/librdkafka-suite.py --cluster --tests 0101`.
 
 Build dependencies (Debian): build-essential python3 libzstd-dev libsasl2-dev libcurl4-openssl-dev
 liblz4-dev rapidjson-dev libssl-dev zlib1g-dev.
@@ -293,6 +297,9 @@ class Fjord:
         self.proc = None
         self.port = None
         self.logpath = os.path.join(workdir, "fjord.log")
+        # A cluster node's flags, and the port it must take (its peers know it already).
+        self.extra = []
+        self.fixed_port = None
 
     def tuning(self, port, data_dir):
         # A tuning file names only what differs from the embedded default.
@@ -325,10 +332,12 @@ class Fjord:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
+            if self.fixed_port is not None:
+                port = self.fixed_port
             cfg = self.tuning(port, data_dir)
             logf = open(self.logpath, "ab")
             self.proc = subprocess.Popen(
-                [self.binary, "serve", "--config", cfg],
+                [self.binary, "serve", "--config", cfg] + self.extra,
                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
             logf.close()
@@ -372,6 +381,65 @@ class Fjord:
                 return f.read()[-n:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+class FjordCluster:
+    """Three Fjord nodes forming a cluster (three controller voters on loopback), racks RACK1,
+    RACK2 and RACK3 and the rack-aware replica selector: what librdkafka's multi-broker tests
+    (0101 fetch from follower, replication factor 3) expect."""
+
+    def __init__(self, binary, workdir):
+        self.nodes = []
+        self.binary = binary
+        self.workdir = workdir
+        self.port = None
+        self.bootstrap = None
+        self.logpath = os.path.join(workdir, "fjord-cluster.log")
+
+    def start(self):
+        ports = []
+        for _ in range(6):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[3 + i]}" for i in range(3))
+        for i in range(3):
+            node = Fjord(self.binary, os.path.join(self.workdir, f"node{i + 1}"))
+            os.makedirs(node.workdir, exist_ok=True)
+            node.extra = [
+                "--node-id", str(i + 1), "--controllers", voters, "--rack", f"RACK{i + 1}",
+                "--cpus", "0", "--overprovisioned", "--set", "node.replica_selector=rack",
+            ]
+            node.fixed_port = ports[i]
+            node.start()
+            self.nodes.append(node)
+        self.port = self.nodes[0].port
+        self.bootstrap = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        # Ready for topics of replication factor 3 once every node is registered.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [self.binary, "cluster", "status", "--bootstrap", f"127.0.0.1:{self.port}"],
+                capture_output=True, text=True)
+            if out.stdout.count("unfenced") >= 3:
+                return
+            time.sleep(0.2)
+        raise SetupError("the three-node cluster did not form; node 1's log:\n"
+                         + self.nodes[0].log_tail())
+
+    def alive(self):
+        return all(n.alive() for n in self.nodes)
+
+    def stop(self):
+        codes = [n.stop() for n in self.nodes]
+        if any(c is None for c in codes):
+            return None
+        bad = [c for c in codes if c not in (0, -signal.SIGTERM)]
+        return bad[0] if bad else 0
+
+    def log_tail(self, n=4000):
+        return "\n".join(f"--- node {i + 1}\n" + node.log_tail(n // 3)
+                         for i, node in enumerate(self.nodes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,33 +515,34 @@ while [ $# -gt 0 ]; do
     *) echo "kafka-topics.sh stand-in: unsupported argument $1" >&2; exit 1 ;;
   esac
 done
-[ "$rf" = 1 ] || { echo "kafka-topics.sh stand-in: replication factor $rf on one broker" >&2; exit 1; }
+[ "$rf" -le %(brokers)s ] || { echo "kafka-topics.sh stand-in: replication factor $rf on %(brokers)s broker(s)" >&2; exit 1; }
 case "$op" in
-  --create) exec "$fjord" topics --bootstrap "$bootstrap" create "$topic" --partitions "$partitions" $configs ;;
+  --create) exec "$fjord" topics --bootstrap "$bootstrap" create "$topic" --partitions "$partitions" --replication-factor "$rf" $configs ;;
   --delete) exec "$fjord" topics --bootstrap "$bootstrap" delete "$topic" ;;
   *) echo "kafka-topics.sh stand-in: no --create or --delete" >&2; exit 1 ;;
 esac
 """
 
 
-def write_kafka_path(chunk_dir, fjord_bin):
+def write_kafka_path(chunk_dir, fjord_bin, brokers=1):
     """A KAFKA_PATH holding the kafka-topics.sh stand-in."""
     kpath = os.path.join(chunk_dir, "kafka")
     os.makedirs(os.path.join(kpath, "bin"))
     script = os.path.join(kpath, "bin", "kafka-topics.sh")
     with open(script, "w") as f:
-        f.write(KAFKA_TOPICS_SH % {"fjord": shlex.quote(os.path.abspath(fjord_bin))})
+        f.write(KAFKA_TOPICS_SH % {"fjord": shlex.quote(os.path.abspath(fjord_bin)),
+                                   "brokers": brokers})
     os.chmod(script, 0o755)
     return kpath
 
 
 def run_chunk(tree, fjord_bin, numbers, workdir, timeout_s, verbose, kafka_version,
-              subtests=None):
+              subtests=None, cluster=False):
     """Runs the tests with these numbers against a fresh Fjord. Returns ({name: (state,
     reason)}, started names, runner exit code or None on timeout, broker problem or None,
     runner output path, broker log path)."""
     chunk_dir = tempfile.mkdtemp(prefix="chunk-" + "-".join(numbers)[:40] + "-", dir=workdir)
-    broker = Fjord(fjord_bin, chunk_dir)
+    broker = FjordCluster(fjord_bin, chunk_dir) if cluster else Fjord(fjord_bin, chunk_dir)
     broker.start()
     try:
         return run_against(broker, tree, fjord_bin, numbers, chunk_dir, timeout_s, verbose,
@@ -487,7 +556,7 @@ def run_against(broker, tree, fjord_bin, numbers, chunk_dir, timeout_s, verbose,
                 subtests):
     conf = os.path.join(chunk_dir, "test.conf")
     with open(conf, "w") as f:
-        f.write(f"bootstrap.servers=127.0.0.1:{broker.port}\n")
+        f.write(f"bootstrap.servers={getattr(broker, 'bootstrap', None) or f'127.0.0.1:{broker.port}'}\n")
         # The suite's default timeouts assume a dedicated machine; this one is shared.
         f.write("test.timeout.multiplier=2\n")
     env = dict(os.environ)
@@ -498,7 +567,8 @@ def run_against(broker, tree, fjord_bin, numbers, chunk_dir, timeout_s, verbose,
         "TEST_MODE": "bare",
         "LD_LIBRARY_PATH": os.path.join(tree, "src") + ":" + os.path.join(tree, "src-cpp"),
         "RDKAFKA_GITVER": LIBRDKAFKA_VERSION,
-        "KAFKA_PATH": write_kafka_path(chunk_dir, fjord_bin),
+        "KAFKA_PATH": write_kafka_path(chunk_dir, fjord_bin,
+                                       3 if isinstance(broker, FjordCluster) else 1),
         "BROKERS": f"127.0.0.1:{broker.port}",
     })
     for k in ("TESTS_SKIP", "TESTS_SKIP_BEFORE", "SUBTESTS", "TEST_SCENARIO", "TEST_LEVEL"):
@@ -594,6 +664,10 @@ def main():
                     help="consumer group protocol the tests use (consumer: KIP-848)")
     ap.add_argument("--keep-logs", help="copy every chunk's logs into this directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the runner's output")
+    ap.add_argument("--cluster", action="store_true",
+                    help="run against a three-node Fjord cluster (racks RACK1-3, rack-aware "
+                         "replica selector) instead of one node; tests skipped only because "
+                         "they need three brokers then run")
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so that every started broker and runner is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -643,7 +717,7 @@ def main():
     split_runs = []  # (number, function): a test run one group of subtests at a time
     for number in wanted:
         entries = [(name, e) for name, n, e in tests if n == number]
-        if number in skips:
+        if number in skips and not (args.cluster and "3 brokers" in skips[number]):
             for name, _ in entries:
                 rows[name] = ("skipped", skips[number])
             continue
@@ -684,7 +758,7 @@ def main():
             try:
                 results, started_names, code, problem, out_path, broker_log = run_chunk(
                     tree, args.fjord, chunk, workdir, args.chunk_timeout, args.verbose,
-                    KAFKA_VERSION_FOR.get(chunk[0], KAFKA_VERSION))
+                    KAFKA_VERSION_FOR.get(chunk[0], KAFKA_VERSION), cluster=args.cluster)
             except SetupError as e:
                 log(f"librdkafka suite: {e}")
                 return 2
@@ -726,7 +800,8 @@ def main():
             try:
                 results, started_names, code, problem, out_path, broker_log = run_chunk(
                     tree, args.fjord, [number], workdir, args.chunk_timeout, args.verbose,
-                    KAFKA_VERSION_FOR.get(number, KAFKA_VERSION), subtests=fn + ":")
+                    KAFKA_VERSION_FOR.get(number, KAFKA_VERSION), subtests=fn + ":",
+                    cluster=args.cluster)
             except SetupError as e:
                 log(f"librdkafka suite: {e}")
                 return 2

@@ -102,6 +102,26 @@ pub struct NodeSection {
     /// consumer whose client.rack differs from its own to an in-sync replica in that rack.
     #[serde(default)]
     pub replica_selector: String,
+    /// Kafka's replica.fetch.max.bytes: what a follower asks per partition and fetch.
+    #[serde(default = "default_replica_fetch_max_bytes")]
+    pub replica_fetch_max_bytes: u64,
+    /// Kafka's replica.fetch.response.max.bytes: what a follower asks per fetch in all.
+    #[serde(default = "default_replica_fetch_response_max_bytes")]
+    pub replica_fetch_response_max_bytes: u64,
+    /// Kafka's replica.fetch.wait.max.ms: how long a leader holds a follower's fetch when it
+    /// has nothing new.
+    #[serde(default = "default_replica_fetch_wait_max_ms")]
+    pub replica_fetch_wait_max_ms: u64,
+}
+
+fn default_replica_fetch_max_bytes() -> u64 {
+    1 << 20
+}
+fn default_replica_fetch_response_max_bytes() -> u64 {
+    10 << 20
+}
+fn default_replica_fetch_wait_max_ms() -> u64 {
+    500
 }
 
 fn default_true() -> bool {
@@ -376,6 +396,17 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         1,
     ),
     ("replica.selector.class", "node.replica_selector", 1),
+    ("replica.fetch.max.bytes", "node.replica_fetch_max_bytes", 1),
+    (
+        "replica.fetch.response.max.bytes",
+        "node.replica_fetch_response_max_bytes",
+        1,
+    ),
+    (
+        "replica.fetch.wait.max.ms",
+        "node.replica_fetch_wait_max_ms",
+        1,
+    ),
     (
         "leader.imbalance.check.interval.seconds",
         "node.leader_imbalance_check_interval_ms",
@@ -949,6 +980,24 @@ impl Tuning {
         }
         if self.node.data_dir.is_empty() {
             return bad("node.data_dir", "must not be empty");
+        }
+        if self.node.replica_fetch_max_bytes < 1024 || self.node.replica_fetch_max_bytes > (1 << 30)
+        {
+            return bad(
+                "node.replica_fetch_max_bytes",
+                "must be between 1 KiB and 1 GiB",
+            );
+        }
+        if self.node.replica_fetch_response_max_bytes < self.node.replica_fetch_max_bytes
+            || self.node.replica_fetch_response_max_bytes > (1 << 30)
+        {
+            return bad(
+                "node.replica_fetch_response_max_bytes",
+                "must be at least node.replica_fetch_max_bytes and at most 1 GiB",
+            );
+        }
+        if self.node.replica_fetch_wait_max_ms > 30_000 {
+            return bad("node.replica_fetch_wait_max_ms", "must be at most 30000");
         }
         let sel = self.node.replica_selector.as_str();
         if !(sel.is_empty() || sel == "rack" || sel.ends_with("RackAwareReplicaSelector")) {

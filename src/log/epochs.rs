@@ -3,9 +3,11 @@
 //! leader's cache to find where their logs diverge, and consumers validate their position with
 //! it after a leader change (OffsetForLeaderEpoch, KIP-320).
 //!
-//! Kafka keeps this in a `leader-epoch-checkpoint` file. Fjord rebuilds it at every open from
-//! the batch headers that recovery scans anyway (every batch carries the epoch of the leader
-//! that appended it), so the log itself is the checkpoint and the two can never disagree.
+//! Recovery rebuilds it at every open from the batch headers it scans anyway (every batch
+//! carries the epoch of the leader that appended it). Compaction can remove the first batches
+//! of an epoch, or all of them, so the cache is also kept, as Kafka keeps it, in a
+//! `leader-epoch-checkpoint` file written when a new epoch appears; recovery merges the two
+//! (`merge`), the earliest start of each epoch winning.
 
 /// Epoch → first offset, in increasing order of both.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -130,6 +132,32 @@ impl EpochCache {
     pub fn entries(&self) -> &[EpochStart] {
         &self.entries
     }
+
+    /// The checkpointed cache and the one the batches gave, as one: each epoch starts at the
+    /// earlier of the two (compaction only ever removes batches), and an entry that would
+    /// start before an earlier epoch's start (a checkpoint left from before a crash) is
+    /// dropped.
+    pub fn merge(checkpointed: &[(i32, u64)], scanned: &EpochCache) -> EpochCache {
+        let mut by_epoch: std::collections::BTreeMap<i32, u64> = std::collections::BTreeMap::new();
+        let all = checkpointed
+            .iter()
+            .copied()
+            .chain(scanned.entries.iter().map(|e| (e.epoch, e.start_offset)));
+        for (epoch, start) in all.filter(|(e, _)| *e >= 0) {
+            let s = by_epoch.entry(epoch).or_insert(start);
+            *s = (*s).min(start);
+        }
+        let mut out = EpochCache::default();
+        for (epoch, start) in by_epoch {
+            if out.entries.last().is_none_or(|l| l.start_offset <= start) {
+                out.entries.push(EpochStart {
+                    epoch,
+                    start_offset: start,
+                });
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +241,23 @@ mod tests {
         let c = cache(&[(1, 0), (7, 15)]);
         assert_eq!(c.end_offset_for(3, 20, Some(7)), end(1, 15));
         assert_eq!(c.end_offset_for(7, 20, Some(7)), end(7, 20));
+    }
+
+    #[test]
+    fn a_checkpoint_restores_what_compaction_removed() {
+        // Compaction removed epoch 3 entirely and the first batches of epoch 5.
+        let scanned = cache(&[(1, 0), (5, 130)]);
+        let merged = EpochCache::merge(&[(1, 0), (3, 100), (5, 120)], &scanned);
+        assert_eq!(merged.end_offset_for(1, 200, None), end(1, 100));
+        assert_eq!(merged.end_offset_for(3, 200, None), end(3, 120));
+        // An epoch written after the checkpoint comes from the scan; a contradicting entry
+        // (starting before an earlier epoch's start) is dropped.
+        let merged = EpochCache::merge(&[(1, 0), (4, 50)], &cache(&[(1, 0), (3, 60), (6, 90)]));
+        assert_eq!(
+            merged.entries().iter().map(|e| e.epoch).collect::<Vec<_>>(),
+            vec![1, 3, 6]
+        );
+        assert_eq!(EpochCache::merge(&[], &scanned), scanned);
     }
 
     #[test]

@@ -389,6 +389,7 @@ impl SharedLog {
                 next_offset: log_end_offset,
                 epochs: {
                     let mut e = rec.epochs;
+                    e.truncate_from_end(log_end_offset);
                     e.truncate_from_start(log_start_offset);
                     e
                 },
@@ -785,6 +786,7 @@ impl SharedLog {
             }
         };
         debug_assert_eq!(written, buf_len);
+        let epochs_before = self.inner.borrow().epochs.entries().len();
         let end = {
             let mut log = self.inner.borrow_mut();
             let log = &mut *log;
@@ -824,6 +826,29 @@ impl SharedLog {
             end
         };
         self.answer_waiters(end, Ok(()));
+        // A new leader epoch (a leader change: rare) is checkpointed, so that compaction cannot
+        // take the knowledge of where it started; one epoch alone needs no checkpoint.
+        let changed = {
+            let log = self.inner.borrow();
+            let n = log.epochs.entries().len();
+            (n != epochs_before && n >= 2).then(|| {
+                let entries: Vec<(i32, u64)> = log
+                    .epochs
+                    .entries()
+                    .iter()
+                    .map(|e| (e.epoch, e.start_offset))
+                    .collect();
+                (log.dir.clone(), entries)
+            })
+        };
+        if let Some((dir, entries)) = changed {
+            if let Err(e) = recovery::write_epoch_checkpoint(&dir, &entries).await {
+                tracing::warn!(
+                    "cannot checkpoint the leader epochs of {}: {e}",
+                    dir.display()
+                );
+            }
+        }
         Ok(true)
     }
 

@@ -61,6 +61,41 @@ pub async fn write_log_start_offset(dir: &Path, offset: u64) -> std::io::Result<
 }
 
 const HIGH_WATERMARK_FILE: &str = "high-watermark";
+const EPOCH_CHECKPOINT_FILE: &str = "leader-epoch-checkpoint";
+
+/// Kafka's leader-epoch-checkpoint format: a version line (0), the entry count, then one
+/// "epoch start-offset" line per entry.
+fn epoch_checkpoint_bytes(entries: &[(i32, u64)]) -> Vec<u8> {
+    let mut s = format!("0\n{}\n", entries.len());
+    for (e, o) in entries {
+        s.push_str(&format!("{e} {o}\n"));
+    }
+    s.into_bytes()
+}
+
+/// Persists the leader-epoch cache (atomically, durably).
+pub async fn write_epoch_checkpoint(dir: &Path, entries: &[(i32, u64)]) -> std::io::Result<()> {
+    storage::write_file_durably(
+        &dir.join(EPOCH_CHECKPOINT_FILE),
+        epoch_checkpoint_bytes(entries),
+    )
+    .await
+}
+
+/// The checkpointed leader-epoch cache; entries that do not parse are skipped (recovery's
+/// scan of the batches covers what a lost checkpoint held, except what compaction removed).
+pub fn read_epoch_checkpoint(dir: &Path) -> Vec<(i32, u64)> {
+    let Ok(text) = std::fs::read_to_string(dir.join(EPOCH_CHECKPOINT_FILE)) else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (e, o) = l.trim().split_once(' ')?;
+            Some((e.parse().ok()?, o.parse().ok()?))
+        })
+        .collect()
+}
 
 /// Persists a replicated partition's high watermark: after a restart a follower cuts its log
 /// back to it before it fetches (what lies past it may differ from the leader's log).
@@ -369,6 +404,7 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         }
     }
     let log_start_offset = read_log_start_offset(dir);
+    let epochs = super::epochs::EpochCache::merge(&read_epoch_checkpoint(dir), &epochs);
     Ok(Recovered {
         segments,
         log_start_offset,
@@ -502,6 +538,17 @@ pub fn truncate_blocking(dir: &Path, offset: u64, start_over: bool) -> std::io::
             end
         }
     };
+    // The checkpointed epochs that start at or past the cut go first, too.
+    let kept: Vec<(i32, u64)> = read_epoch_checkpoint(dir)
+        .into_iter()
+        .filter(|(_, start)| !start_over && *start < end)
+        .collect();
+    if dir.join(EPOCH_CHECKPOINT_FILE).exists() {
+        storage::write_file_durably_blocking(
+            &dir.join(EPOCH_CHECKPOINT_FILE),
+            &epoch_checkpoint_bytes(&kept),
+        )?;
+    }
     for (name, value) in [(RECOVERY_POINT_FILE, end), (HIGH_WATERMARK_FILE, end)] {
         if read_offset_file(dir, name).is_some_and(|v| v > value) {
             storage::write_file_durably_blocking(&dir.join(name), value.to_string().as_bytes())?;
@@ -609,9 +656,23 @@ mod tests {
                 end_offset: 5
             })
         );
-        // A cut before the epoch-7 batch leaves epoch 2 the latest after the next open.
+        // A checkpoint knows an epoch the batches no longer show (compaction removed it).
+        std::fs::write(
+            d.path().join(EPOCH_CHECKPOINT_FILE),
+            epoch_checkpoint_bytes(&[(2, 0), (4, 4), (7, 5)]),
+        )
+        .unwrap();
+        let r = recover(d.path()).unwrap();
+        assert_eq!(r.epochs.epoch_at(4), 4);
+        assert_eq!(
+            r.epochs.end_offset_for(2, 9, None).map(|e| e.end_offset),
+            Some(4)
+        );
+        // A cut before the epoch-7 batch leaves epoch 4 the latest after the next open, and
+        // the checkpoint loses what the cut removed.
         truncate_blocking(d.path(), 5, false).unwrap();
-        assert_eq!(recover(d.path()).unwrap().epochs.latest(), 2);
+        assert_eq!(read_epoch_checkpoint(d.path()), vec![(2, 0), (4, 4)]);
+        assert_eq!(recover(d.path()).unwrap().epochs.latest(), 4);
     }
 
     #[test]

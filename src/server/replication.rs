@@ -41,9 +41,6 @@ use crate::shard::Shard;
 
 /// The Fetch version followers send (topic names, flexible).
 const REPLICA_FETCH_VERSION: i16 = 12;
-const REPLICA_FETCH_WAIT_MS: i32 = 500;
-const REPLICA_FETCH_PARTITION_BYTES: i32 = 1 << 20;
-const REPLICA_FETCH_BYTES: i32 = 16 << 20;
 
 type Key = (Arc<str>, i32);
 
@@ -283,9 +280,10 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
         }
         let mut req = FetchRequest::default();
         req.replica_id = BrokerId(sh.node.node_id);
-        req.max_wait_ms = REPLICA_FETCH_WAIT_MS;
+        let tuning = &sh.node.tuning.node;
+        req.max_wait_ms = tuning.replica_fetch_wait_max_ms.clamp(0, 30_000) as i32;
         req.min_bytes = 1;
-        req.max_bytes = REPLICA_FETCH_BYTES;
+        req.max_bytes = tuning.replica_fetch_response_max_bytes.min(i32::MAX as u64) as i32;
         req.session_epoch = -1;
         let mut parts = Vec::new();
         let mut by_topic: BTreeMap<Arc<str>, Vec<FetchPartition>> = BTreeMap::new();
@@ -316,7 +314,12 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
             fp.partition = p;
             fp.fetch_offset = part.log.log_end_offset() as i64;
             fp.log_start_offset = part.log.log_start_offset() as i64;
-            fp.partition_max_bytes = REPLICA_FETCH_PARTITION_BYTES;
+            fp.partition_max_bytes = sh
+                .node
+                .tuning
+                .node
+                .replica_fetch_max_bytes
+                .min(i32::MAX as u64) as i32;
             fp.current_leader_epoch = part.leader_epoch();
             fp.last_fetched_epoch = part.log.latest_epoch();
             by_topic.entry(t.clone()).or_default().push(fp);
