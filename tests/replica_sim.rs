@@ -643,7 +643,8 @@ impl Sim {
         self.recompute_hw(me);
         let (records, leader_hw) = {
             let r = &self.node(me).r;
-            let upto = r.synced.min(offset as usize + FETCH_RECORDS_MAX);
+            // Up to what it has written, synced or not (`Partition::read_for_follower`).
+            let upto = r.log.len().min(offset as usize + FETCH_RECORDS_MAX);
             let recs = r
                 .log
                 .get(offset as usize..upto)

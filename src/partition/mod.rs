@@ -34,6 +34,8 @@ pub struct Partition {
     repl: std::cell::RefCell<Replication>,
     /// Woken when the high watermark of a replicated partition moves (acks=all waits).
     hw_moved: Notify,
+    /// Woken when batches are written (before their sync): followers' long polls.
+    written: Notify,
 }
 
 /// A replicated partition's state on this replica: its role, the in-sync followers (from the
@@ -142,6 +144,7 @@ impl Partition {
                 ..Replication::default()
             }),
             hw_moved: Notify::new(),
+            written: Notify::new(),
         })
     }
 
@@ -573,6 +576,11 @@ impl Partition {
         !self.log.flushing.get() && !self.syncer_running.get()
     }
 
+    /// Completes when batches are next written (a follower's fetch long-poll).
+    pub fn wait_for_written(&self) -> Notified {
+        self.written.notified()
+    }
+
     /// Completes at the next append (fetch long-poll). Dropping it (the fetch timed out or
     /// ended) removes its registration, so idle partitions accumulate nothing.
     pub fn wait_for_data(&self) -> Notified {
@@ -838,10 +846,14 @@ impl Partition {
             loop {
                 match me.log.flush_round(&settings).await {
                     Ok(true) if me.visibility == Visibility::Written => {
+                        me.written.notify_waiters();
                         me.recompute_hw();
                         me.wake_fetchers()
                     }
-                    Ok(true) => me.kick_syncer(settings.visibility_sync_delay_us),
+                    Ok(true) => {
+                        me.written.notify_waiters();
+                        me.kick_syncer(settings.visibility_sync_delay_us)
+                    }
                     Ok(false) => break,
                     Err(e) => tracing::error!("write to {}-{} failed: {e}", me.topic, me.index),
                 }
@@ -941,8 +953,12 @@ impl Partition {
         Ok(None)
     }
 
-    /// For a follower's fetch: stored batches from `offset` up to this replica's durable end
-    /// (past the high watermark, which the follower's own position moves).
+    /// For a follower's fetch: stored batches from `offset` up to what this replica has
+    /// written, synced or not (as Kafka's leader serves its followers up to its log end): the
+    /// follower's write and sync then run while the leader's own sync does. Nothing is
+    /// acknowledged before the leader's sync too (the high watermark counts the leader's
+    /// synced end), and a follower that got what a power cut then took from the leader holds
+    /// an unacknowledged tail that the leader epochs cut (KIP-101).
     pub async fn read_for_follower(
         &self,
         offset: i64,
@@ -951,9 +967,9 @@ impl Partition {
         if offset < 0 {
             return Err(ec::OFFSET_OUT_OF_RANGE);
         }
-        let upper = self.durable_end();
+        let upper = self.log.log_end_offset();
         if offset as u64 >= upper {
-            return if offset as u64 > self.log.log_end_offset() {
+            return if offset as u64 > upper {
                 Err(ec::OFFSET_OUT_OF_RANGE)
             } else {
                 Ok(Vec::new())

@@ -7,7 +7,8 @@
 //!   fetches from is what it holds on disk (Redpanda's rule, stronger than Kafka's default).
 //! - **Leader side**: a Fetch with a replica id is a follower's (`serve_follower`): the leader
 //!   records the follower's position (which moves the high watermark, see `partition`), and
-//!   answers from its synced log end rather than from the high watermark.
+//!   answers up to its written log end rather than the high watermark, so that a follower
+//!   writes and syncs while the leader syncs.
 //!
 //! The role and ISR of each replica come from the metadata image (`sync_shard`, run on every
 //! shard when the image changes).
@@ -632,9 +633,9 @@ async fn wait_any(shards: usize, wants: &[(usize, FollowerWant)], deadline: Inst
                 let mut rxs = Vec::new();
                 for (t, p, offset) in &keys {
                     if let Some(part) = sh.partition(t, *p).await {
-                        rxs.push(part.wait_for_data());
+                        rxs.push(part.wait_for_written());
                         // Data that arrived since the read would not wake us: look first.
-                        if part.durable_end() as i64 > *offset {
+                        if part.log.log_end_offset() as i64 > *offset {
                             return;
                         }
                     }
