@@ -1197,14 +1197,15 @@ fn a_deposed_leader_cuts_its_unreplicated_tail_and_ends_identical_to_the_new_lea
     }
 }
 
-/// The leader of a partition is killed (-9) three times under an idempotent acks=all
-/// producer and comes back each time; every acknowledged record is read back, none twice.
+/// Three controller voters and a broker-only node: the leader of a partition is killed (-9)
+/// three times under an idempotent acks=all producer and comes back each time; every
+/// acknowledged record is read back, none twice.
 #[test]
 fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicate_nothing() {
     use std::sync::{Arc, Mutex};
-    let mut cl = Cluster::start(3, 0);
-    let all: BTreeSet<i32> = [1, 2, 3].into();
-    let boot: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+    let mut cl = Cluster::start(3, 1);
+    let all: BTreeSet<i32> = [1, 2, 3, 4].into();
+    let boot: Vec<String> = (1..=4).map(|i| cl.node(i).bootstrap()).collect();
     wait_for("every node registered", Duration::from_secs(30), || {
         (metadata(&boot[0], None).0 == all).then_some(())
     });
@@ -1254,7 +1255,7 @@ fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicat
         })
     };
     for round in 0..3 {
-        let boot: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+        let boot: Vec<String> = (1..=4).map(|i| cl.node(i).bootstrap()).collect();
         let leader = wait_for("a leader to kill", Duration::from_secs(30), || {
             boot.iter().find_map(|b| {
                 let (_, parts) = metadata(b, Some("churn"));

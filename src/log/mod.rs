@@ -271,6 +271,9 @@ pub struct SharedLog {
     sync_waiters: RefCell<Vec<futures::channel::oneshot::Sender<()>>>,
     /// A flusher task is writing queued batches.
     pub flushing: Cell<bool>,
+    /// Segment files are being removed (retention, DeleteRecords, a follower following its
+    /// leader's log start): a truncation waits for it, so that no file it reopens vanishes.
+    pub removing: Cell<bool>,
     /// (offset, waiter): answered once everything below offset is written (or failed).
     write_waiters: RefCell<Vec<(u64, futures::channel::oneshot::Sender<Result<(), String>>)>>,
     /// The sequential reader's window and the read ahead of it.
@@ -399,6 +402,7 @@ impl SharedLog {
             syncing: Cell::new(false),
             sync_waiters: RefCell::new(Vec::new()),
             flushing: Cell::new(false),
+            removing: Cell::new(false),
             write_waiters: RefCell::new(Vec::new()),
             read_ahead: read_ahead::ReadAhead::default(),
         })
@@ -1193,6 +1197,10 @@ impl SharedLog {
     /// Deletes whole segments below `offset` and raises the log start offset (DeleteRecords).
     /// The new start is durable before this returns.
     pub async fn delete_records_before(&self, offset: u64) -> Result<u64, LogError> {
+        if let Some(reason) = self.fenced() {
+            let dir = self.inner.borrow().dir.clone();
+            return Err(LogError::io(&dir, std::io::Error::other(reason)));
+        }
         let (new_start, dir) = {
             let mut log = self.inner.borrow_mut();
             let new_start = offset.min(log.log_end_offset).max(log.log_start_offset);
@@ -1252,6 +1260,18 @@ impl SharedLog {
     /// start offset is made durable before the files go, so a crash in between leaves only
     /// files below the start, which recovery ignores.
     async fn remove_segments_where(&self, pred: impl Fn(&Segment, &Log) -> bool) -> usize {
+        // A retired log (a replica closed for truncation) removes nothing: its files are the
+        // reopened replica's now.
+        if self.fenced().is_some() || self.removing.get() {
+            return 0;
+        }
+        self.removing.set(true);
+        let n = self.remove_segments_now(pred).await;
+        self.removing.set(false);
+        n
+    }
+
+    async fn remove_segments_now(&self, pred: impl Fn(&Segment, &Log) -> bool) -> usize {
         let (doomed, new_start, dir) = {
             let mut log = self.inner.borrow_mut();
             let mut keys = Vec::new();

@@ -573,7 +573,7 @@ impl Partition {
 
     /// No write or sync of this partition is running (tests and shutdown wait for it).
     pub fn is_idle(&self) -> bool {
-        !self.log.flushing.get() && !self.syncer_running.get()
+        !self.log.flushing.get() && !self.syncer_running.get() && !self.log.removing.get()
     }
 
     /// Completes when batches are next written (a follower's fetch long-poll).

@@ -140,8 +140,9 @@ impl Shard {
         // No write may start on the old object any more (a fetcher of another leader may
         // still hold it), then its running write is waited for.
         old.log.retire("replica closed for truncation");
-        // Bounded: a follower's writes are awaited by its fetcher, so this is short.
-        for _ in 0..5000 {
+        // Bounded: a follower's writes are awaited by its fetcher, and a removal of old
+        // segments is short; 30 s covers a very slow disk.
+        for _ in 0..30_000 {
             if old.is_idle() {
                 break;
             }
