@@ -141,6 +141,22 @@ struct Replica {
     waiting: Vec<(u64, u64, u64)>,
 }
 
+impl Replica {
+    /// The in-sync replicas that count for min.insync.replicas now (`rules::live_isr`).
+    fn live_isr(&self, now: u64) -> usize {
+        let ago: Vec<Option<Duration>> = self
+            .isr_followers
+            .iter()
+            .map(|f| {
+                self.follower_seen
+                    .get(f)
+                    .map(|s| Duration::from_millis(now.saturating_sub(s.1)))
+            })
+            .collect();
+        rules::live_isr(&ago, LAG_MAX)
+    }
+}
+
 struct Node {
     id: i32,
     up: bool,
@@ -796,16 +812,7 @@ impl Sim {
         // acks=all answers.
         let (acks, failed) = {
             let r = &mut self.node(id).r;
-            let ago: Vec<Option<Duration>> = r
-                .isr_followers
-                .iter()
-                .map(|f| {
-                    r.follower_seen
-                        .get(f)
-                        .map(|s| Duration::from_millis(now.saturating_sub(s.1)))
-                })
-                .collect();
-            let live = rules::live_isr(&ago, LAG_MAX);
+            let live = r.live_isr(now);
             let mut acks = Vec::new();
             let mut failed = 0;
             let hw = r.hw;
@@ -918,16 +925,7 @@ impl Sim {
             self.stats.refused += 1;
             return;
         }
-        let ago: Vec<Option<Duration>> = r
-            .isr_followers
-            .iter()
-            .map(|f| {
-                r.follower_seen
-                    .get(f)
-                    .map(|s| Duration::from_millis(now.saturating_sub(s.1)))
-            })
-            .collect();
-        if rules::live_isr(&ago, LAG_MAX) < MIN_ISR {
+        if r.live_isr(now) < MIN_ISR {
             self.stats.refused += 1;
             return;
         }
