@@ -1734,3 +1734,167 @@ fn a_consumer_reads_from_an_in_sync_replica_in_its_own_rack() {
             .join("\n")
     );
 }
+
+/// KIP-455 under an idempotent acks=all producer: `fjord topics reassign` moves a topic onto a
+/// new node (its leader among the replicas leaving), then drains another node; the new
+/// replicas copy the log, the old ones are removed from disk, and every acknowledged record is
+/// read back once. A move that cannot finish (its new replica is dead) is listed and cancelled.
+#[test]
+fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
+    use std::sync::{Arc, Mutex};
+    let mut cl = Cluster::start(3, 1);
+    let all: BTreeSet<i32> = [1, 2, 3, 4].into();
+    let boot = cl.node(2).bootstrap();
+    wait_for("every node registered", Duration::from_secs(60), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    let cli = |args: &[&str]| {
+        let mut a = vec!["topics", "--bootstrap", &boot];
+        a.extend_from_slice(args);
+        fjord_cli(&a)
+    };
+    let (ok, out) = cli(&[
+        "create",
+        "moving",
+        "--replica-assignment",
+        "1:2:3,2:3:1",
+        "--config",
+        "min.insync.replicas=2",
+    ]);
+    assert!(ok, "{out}");
+    wait_for("the topic led by 1 and 2", Duration::from_secs(30), || {
+        let (_, parts) = metadata(&boot, Some("moving"));
+        (parts.len() == 2 && parts[0].0 == 1 && parts[1].0 == 2).then_some(())
+    });
+    let acked: Arc<Mutex<BTreeSet<Vec<u8>>>> = Arc::default();
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let ctx = AckContext {
+            acked: acked.clone(),
+            failed: failed.clone(),
+        };
+        let (stop, bootstrap) = (stop.clone(), boot.clone());
+        std::thread::spawn(move || {
+            let p: rdkafka::producer::BaseProducer<AckContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("message.timeout.ms", "120000")
+                .create_with_context(ctx)
+                .expect("producer");
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let v = format!("m{i}").into_bytes();
+                if p.send(BaseRecord::<(), _>::to("moving").payload(&v))
+                    .is_ok()
+                {
+                    i += 1;
+                }
+                p.poll(Duration::from_millis(if i.is_multiple_of(10) {
+                    5
+                } else {
+                    0
+                }));
+            }
+            p.flush(Duration::from_secs(120))
+                .expect("flushed at the end");
+            i
+        })
+    };
+    // A backlog for the new replica to copy.
+    std::thread::sleep(Duration::from_secs(2));
+    let on_disk = |node: i32, p: i32| cl.node(node).data().join(format!("moving-{p}")).exists();
+    assert!(on_disk(1, 0) && on_disk(1, 1) && !on_disk(4, 0));
+    // Node 1 (partition 0's leader) leaves, node 4 joins.
+    let (ok, out) = cli(&[
+        "reassign",
+        "moving",
+        "--replica-assignment",
+        "4:2:3,2:3:4",
+        "--wait",
+    ]);
+    assert!(ok && out.contains("2 partitions moved"), "{out}");
+    let (_, parts) = metadata(&boot, Some("moving"));
+    assert_eq!(parts[0].1, vec![4, 2, 3], "{parts:?}");
+    assert_eq!(parts[1].1, vec![2, 3, 4], "{parts:?}");
+    assert_eq!(
+        parts[0].0, 4,
+        "the first in-sync target replica took over: {parts:?}"
+    );
+    wait_for("node 1's replicas removed", Duration::from_secs(30), || {
+        (!on_disk(1, 0) && !on_disk(1, 1)).then_some(())
+    });
+    assert!(on_disk(4, 0) && on_disk(4, 1));
+    // Drain node 3: its replicas go to the node holding the fewest (1, which holds none now).
+    let (ok, out) = cli(&["reassign", "--drain", "3", "--wait"]);
+    assert!(ok && out.contains("partitions moved"), "{out}");
+    let (_, parts) = metadata(&boot, Some("moving"));
+    assert_eq!(parts[0].1, vec![4, 2, 1], "{parts:?}");
+    assert_eq!(parts[1].1, vec![2, 1, 4], "{parts:?}");
+    wait_for("node 3's replicas removed", Duration::from_secs(30), || {
+        (!on_disk(3, 0) && !on_disk(3, 1)).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = producer.join().expect("producer thread");
+    let acked = acked.lock().unwrap().clone();
+    let failed = failed.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent > 0 && failed == 0 && acked.len() as u64 == sent,
+        "sent {sent}, acked {}, failed {failed}",
+        acked.len()
+    );
+    let got = read_all(&boot, "moving", 2, acked.len());
+    let values: BTreeSet<Vec<u8>> = got.iter().map(|g| g.2.clone()).collect();
+    assert_eq!(
+        acked.difference(&values).count(),
+        0,
+        "acknowledged records lost"
+    );
+    assert_eq!(got.len(), values.len(), "no record twice");
+    // A move onto a dead node stays in progress until cancelled; the partition keeps working.
+    cl.node_mut(3).kill9();
+    let (ok, out) = cli(&[
+        "reassign",
+        "moving",
+        "--partition",
+        "0",
+        "--replica-assignment",
+        "4:2:3",
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["reassign", "moving"]);
+    assert!(
+        ok && out.contains("4,2,3,1") && out.contains("moving"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, out) = cli(&["reassign", "moving"]);
+    assert!(ok && out.contains("4,2,3,1"), "still moving: {out}");
+    let (ok, out) = cli(&["reassign", "moving", "--cancel"]);
+    assert!(ok && out.contains("moving-0: move cancelled"), "{out}");
+    let (ok, out) = cli(&["reassign", "moving"]);
+    assert!(ok && out.contains("no reassignment in progress"), "{out}");
+    let (_, parts) = metadata(&boot, Some("moving"));
+    assert_eq!(
+        parts[0].1,
+        vec![4, 2, 1],
+        "back to the original replicas: {parts:?}"
+    );
+    // Refusals: an unknown broker, a duplicate.
+    for bad in ["4:2:9", "4:4:2"] {
+        let (ok, out) = cli(&[
+            "reassign",
+            "moving",
+            "--partition",
+            "0",
+            "--replica-assignment",
+            bad,
+        ]);
+        assert!(
+            !ok && out.contains("InvalidReplicaAssignment"),
+            "{bad}: {out}"
+        );
+    }
+    produce(&boot, "moving", 20);
+}

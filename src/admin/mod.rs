@@ -134,6 +134,31 @@ pub enum TopicsCmd {
         #[arg(long, requires = "topic")]
         partition: Option<i32>,
     },
+    /// Move partitions' replicas to other brokers (Kafka's kafka-reassign-partitions): the new
+    /// replicas copy the log from the leader and the old ones are removed once the new ones are
+    /// in sync. Without a change to make, lists the moves in progress.
+    Reassign {
+        /// The topic whose partitions move (all topics with --drain when omitted).
+        topic: Option<String>,
+        /// The new replicas, as for create: `4:2:3,2:3:4` gives partition 0, 1, … theirs in
+        /// order (with --partition, one list for that partition).
+        #[arg(long, value_name = "ASSIGNMENT", requires = "topic")]
+        replica_assignment: Option<String>,
+        /// Only this partition (with --replica-assignment or --cancel).
+        #[arg(long, requires = "topic")]
+        partition: Option<i32>,
+        /// Move every replica off this broker, each onto the live broker holding the fewest
+        /// replicas that the partition does not use yet (before removing the broker).
+        #[arg(long, value_name = "BROKER", conflicts_with_all = ["replica_assignment", "cancel"])]
+        drain: Option<i32>,
+        /// Cancel the moves in progress (of the topic, or of --partition): the partitions go
+        /// back to their original replicas.
+        #[arg(long, requires = "topic", conflicts_with = "replica_assignment")]
+        cancel: bool,
+        /// Wait until the moves are complete, printing their progress.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 /// Kafka's `--replica-assignment` format: `1:2:3,2:3:1`.
@@ -483,8 +508,276 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             topic,
             partition,
         } => elect_leaders(&mut c, &election_type, topic, partition)?,
+        TopicsCmd::Reassign {
+            topic,
+            replica_assignment,
+            partition,
+            drain,
+            cancel,
+            wait,
+        } => {
+            let moves: Vec<(String, i32, Option<Vec<i32>>)> = if let Some(d) = drain {
+                drain_plan(&mut c, topic.as_deref(), d)?
+            } else if let Some(a) = replica_assignment {
+                let topic = topic.clone().unwrap_or_default();
+                let a = parse_assignment(&a)?;
+                match partition {
+                    Some(p) if a.len() == 1 => vec![(topic, p, Some(a[0].clone()))],
+                    Some(_) => bail!("--partition takes one replica list: 4:2:3"),
+                    None => a
+                        .into_iter()
+                        .enumerate()
+                        .map(|(p, r)| (topic.clone(), p as i32, Some(r)))
+                        .collect(),
+                }
+            } else if cancel {
+                let topic = topic.clone().unwrap_or_default();
+                let running = reassignments(&mut c, Some(&topic))?;
+                running
+                    .into_iter()
+                    .filter(|r| partition.is_none_or(|p| p == r.1))
+                    .map(|r| (r.0, r.1, None))
+                    .collect()
+            } else {
+                print_reassignments(&reassignments(&mut c, topic.as_deref())?);
+                return Ok(());
+            };
+            if moves.is_empty() {
+                println!("nothing to move");
+                return Ok(());
+            }
+            alter_reassignments(&mut c, &moves)?;
+            if wait && !cancel {
+                wait_reassigned(&mut c, &moves)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// A running move: (topic, partition, replicas, adding, removing).
+type Reassignment = (String, i32, Vec<i32>, Vec<i32>, Vec<i32>);
+
+fn reassignments(c: &mut Client, topic: Option<&str>) -> anyhow::Result<Vec<Reassignment>> {
+    let mut req = ListPartitionReassignmentsRequest::default();
+    req.timeout_ms = 30_000;
+    if let Some(topic) = topic {
+        let md = metadata(c, Some(vec![topic.to_string()]))?;
+        let t = md
+            .topics
+            .first()
+            .ok_or_else(|| anyhow!("no answer for {topic}"))?;
+        if t.error_code != 0 {
+            bail!("{topic}: {}", err_name(t.error_code));
+        }
+        let mut x =
+            list_partition_reassignments_request::ListPartitionReassignmentsTopics::default();
+        x.name = TopicName(sb(topic));
+        x.partition_indexes = t.partitions.iter().map(|p| p.partition_index).collect();
+        req.topics = Some(vec![x]);
+    }
+    let resp = c.call(0, &req)?;
+    if resp.error_code != 0 {
+        bail!("ListPartitionReassignments: {}", err_name(resp.error_code));
+    }
+    let ids = |v: &[BrokerId]| v.iter().map(|b| b.0).collect::<Vec<i32>>();
+    let mut out = Vec::new();
+    for t in resp.topics {
+        for p in t.partitions {
+            out.push((
+                t.name.0.to_string(),
+                p.partition_index,
+                ids(&p.replicas),
+                ids(&p.adding_replicas),
+                ids(&p.removing_replicas),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn print_reassignments(running: &[Reassignment]) {
+    if running.is_empty() {
+        println!("no reassignment in progress");
+        return;
+    }
+    println!(
+        "{:<40} {:>9}  {:<16} {:<12} REMOVING",
+        "TOPIC", "PARTITION", "REPLICAS", "ADDING"
+    );
+    let list = |v: &[i32]| {
+        v.iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for (t, p, r, a, d) in running {
+        println!(
+            "{t:<40} {p:>9}  {:<16} {:<12} {}",
+            list(r),
+            list(a),
+            list(d)
+        );
+    }
+}
+
+/// Every replica on `broker` moved to another live broker: the one holding the fewest replicas
+/// (counting the moves planned so far) among those the partition does not use, lowest id on a
+/// tie. The replacement takes the drained broker's place in the list (and its leadership
+/// preference).
+fn drain_plan(
+    c: &mut Client,
+    topic: Option<&str>,
+    broker: i32,
+) -> anyhow::Result<Vec<(String, i32, Option<Vec<i32>>)>> {
+    let md = metadata(c, topic.map(|t| vec![t.to_string()]))?;
+    let mut load: BTreeMap<i32, usize> = md
+        .brokers
+        .iter()
+        .map(|b| (b.node_id.0, 0))
+        .filter(|(id, _)| *id != broker)
+        .collect();
+    for t in &md.topics {
+        for p in &t.partitions {
+            for r in &p.replica_nodes {
+                if let Some(n) = load.get_mut(&r.0) {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for t in &md.topics {
+        let name = t.name.as_ref().map(|n| n.0.to_string()).unwrap_or_default();
+        if t.error_code != 0 {
+            bail!("{name}: {}", err_name(t.error_code));
+        }
+        for p in &t.partitions {
+            let replicas: Vec<i32> = p.replica_nodes.iter().map(|b| b.0).collect();
+            if !replicas.contains(&broker) {
+                continue;
+            }
+            let Some((&to, _)) = load
+                .iter()
+                .filter(|(id, _)| !replicas.contains(id))
+                .min_by_key(|(id, n)| (**n, **id))
+            else {
+                bail!(
+                    "{name}-{}: no live broker outside {replicas:?} to move to",
+                    p.partition_index
+                );
+            };
+            *load.entry(to).or_default() += 1;
+            let target = replicas
+                .iter()
+                .map(|r| if *r == broker { to } else { *r })
+                .collect();
+            out.push((name.clone(), p.partition_index, Some(target)));
+        }
+    }
+    out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    Ok(out)
+}
+
+fn alter_reassignments(
+    c: &mut Client,
+    moves: &[(String, i32, Option<Vec<i32>>)],
+) -> anyhow::Result<()> {
+    use alter_partition_reassignments_request::{ReassignablePartition, ReassignableTopic};
+    let mut req = AlterPartitionReassignmentsRequest::default();
+    req.timeout_ms = 30_000;
+    req.allow_replication_factor_change = true;
+    for (topic, p, target) in moves {
+        let name = TopicName(sb(topic));
+        let at = match req.topics.iter().position(|t| t.name == name) {
+            Some(i) => i,
+            None => {
+                let mut t = ReassignableTopic::default();
+                t.name = name;
+                req.topics.push(t);
+                req.topics.len() - 1
+            }
+        };
+        let mut rp = ReassignablePartition::default();
+        rp.partition_index = *p;
+        rp.replicas = target
+            .as_ref()
+            .map(|v| v.iter().map(|b| BrokerId(*b)).collect());
+        req.topics[at].partitions.push(rp);
+    }
+    let resp = c.call(0, &req)?;
+    if resp.error_code != 0 {
+        bail!(
+            "AlterPartitionReassignments: {}{}",
+            err_name(resp.error_code),
+            resp.error_message
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        );
+    }
+    let mut failed = 0;
+    for t in resp.responses {
+        for p in t.partitions {
+            let target = moves
+                .iter()
+                .find(|m| m.0 == t.name.0.as_str() && m.1 == p.partition_index)
+                .and_then(|m| m.2.clone());
+            if p.error_code == 0 {
+                match target {
+                    Some(r) => println!("{}-{}: moving to {r:?}", t.name.0, p.partition_index),
+                    None => println!("{}-{}: move cancelled", t.name.0, p.partition_index),
+                }
+            } else {
+                failed += 1;
+                println!(
+                    "{}-{}: {}{}",
+                    t.name.0,
+                    p.partition_index,
+                    err_name(p.error_code),
+                    p.error_message
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} partitions were not reassigned", moves.len());
+    }
+    Ok(())
+}
+
+/// Polls until none of `moves` is in progress any more (bounded by the moves themselves: the
+/// operator interrupts a move that cannot finish, or cancels it).
+fn wait_reassigned(
+    c: &mut Client,
+    moves: &[(String, i32, Option<Vec<i32>>)],
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut last_print = std::time::Instant::now();
+    loop {
+        let running: Vec<Reassignment> = reassignments(c, None)?
+            .into_iter()
+            .filter(|r| moves.iter().any(|m| m.0 == r.0 && m.1 == r.1))
+            .collect();
+        if running.is_empty() {
+            println!(
+                "{} partitions moved in {:.1} s",
+                moves.len(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            println!(
+                "{} of {} partitions still moving",
+                running.len(),
+                moves.len()
+            );
+            last_print = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn elect_leaders(

@@ -34,6 +34,9 @@ pub struct Assignment {
     pub leader_epoch: i32,
     /// Bumped by every change of the partition (AlterPartition names it).
     pub partition_epoch: i32,
+    /// A reassignment in progress (KIP-455): replicas joining and leaving; empty otherwise.
+    pub adding: Vec<i32>,
+    pub removing: Vec<i32>,
 }
 
 impl TopicMeta {
@@ -117,6 +120,8 @@ pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> Me
                     leader: r.leader,
                     leader_epoch: r.leader_epoch,
                     partition_epoch: r.partition_epoch,
+                    adding: r.adding.clone(),
+                    removing: r.removing.clone(),
                 },
                 None => Assignment {
                     replicas: Vec::new(),
@@ -124,6 +129,8 @@ pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> Me
                     leader: -1,
                     leader_epoch: -1,
                     partition_epoch: -1,
+                    adding: Vec::new(),
+                    removing: Vec::new(),
                 },
             });
         }

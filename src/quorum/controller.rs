@@ -75,6 +75,8 @@ pub enum ControllerError {
     PreferredLeaderNotAvailable,
     #[error("no live replica can lead the partition")]
     EligibleLeadersNotAvailable,
+    #[error("no reassignment of the partition is in progress")]
+    NoReassignmentInProgress,
 }
 
 impl ControllerError {
@@ -105,6 +107,7 @@ impl ControllerError {
             ControllerError::EligibleLeadersNotAvailable => {
                 ResponseError::EligibleLeadersNotAvailable
             }
+            ControllerError::NoReassignmentInProgress => ResponseError::NoReassignmentInProgress,
         }
     }
     pub fn code(&self) -> i16 {
@@ -411,6 +414,8 @@ impl Controller {
                 replicas,
                 leader_epoch: 0,
                 partition_epoch: 0,
+                adding: Vec::new(),
+                removing: Vec::new(),
             }));
         }
         out.extend(
@@ -459,12 +464,14 @@ impl Controller {
     }
 
     /// CreatePartitions: grows a topic to `count` partitions (never shrinks); the new ones are
-    /// placed like a new topic's, with the replication factor of the existing ones.
+    /// placed like a new topic's, with the replication factor of the existing ones, or as the
+    /// operator's `assignment` says (one replica list per new partition).
     pub fn create_partitions(
         &self,
         image: &MetadataImage,
         name: &str,
         count: i32,
+        assignment: Option<&[Vec<i32>]>,
     ) -> Result<Vec<MetadataRecord>, ControllerError> {
         let t = image
             .topic_by_name(name)
@@ -477,30 +484,121 @@ impl Controller {
             .partitions
             .values()
             .next()
-            .map_or(1, |p| p.replicas.len() as i32);
-        let eligible: Vec<(i32, Option<&str>)> = image
-            .brokers
-            .values()
-            .filter(|b| !b.fenced)
-            .map(|b| (b.broker_id, b.rack.as_deref()))
-            .collect();
-        let placement = place_replicas(&eligible, count, rf)?;
+            .map_or(1, |p| p.target_replicas().len() as i32);
+        let placement: Vec<Vec<i32>> = match assignment {
+            Some(a) => {
+                if a.len() as i32 != count - current {
+                    return Err(ControllerError::InvalidReplicaAssignment(format!(
+                        "{} assignments for {} new partitions",
+                        a.len(),
+                        count - current
+                    )));
+                }
+                let a = check_assignment(image, a)?;
+                if a[0].len() as i32 != rf {
+                    return Err(ControllerError::InvalidReplicaAssignment(format!(
+                        "{} replicas per partition, the topic has {rf}",
+                        a[0].len()
+                    )));
+                }
+                a
+            }
+            None => {
+                let eligible: Vec<(i32, Option<&str>)> = image
+                    .brokers
+                    .values()
+                    .filter(|b| !b.fenced)
+                    .map(|b| (b.broker_id, b.rack.as_deref()))
+                    .collect();
+                place_replicas(&eligible, count, rf)?.split_off(current as usize)
+            }
+        };
         Ok(placement
             .into_iter()
-            .enumerate()
-            .skip(current as usize)
-            .map(|(p, replicas)| {
+            .zip(current..)
+            .map(|(replicas, p)| {
+                let isr: Vec<i32> = replicas
+                    .iter()
+                    .copied()
+                    .filter(|r| image.is_unfenced(*r))
+                    .collect();
                 MetadataRecord::Partition(PartitionRecord {
                     topic_id: t.topic_id,
-                    partition: p as i32,
-                    leader: replicas[0],
-                    isr: replicas.clone(),
+                    partition: p,
+                    leader: isr[0],
+                    isr,
                     replicas,
                     leader_epoch: 0,
                     partition_epoch: 0,
+                    adding: Vec::new(),
+                    removing: Vec::new(),
                 })
             })
             .collect())
+    }
+
+    /// AlterPartitionReassignments for one partition (KIP-455): `target` moves its replicas
+    /// there, `None` cancels the running move. A move adds the new replicas at once (they fetch
+    /// from the leader and join the ISR when caught up) and completes when every target replica
+    /// is in the ISR: the leaving replicas go, and a leader among them hands over to the first
+    /// in-sync target replica. A new target replaces a running one, from the original replicas.
+    /// `allow_rf_change: false` (KIP-860) refuses a target of another size than the original.
+    pub fn alter_reassignment(
+        &self,
+        image: &MetadataImage,
+        topic: &str,
+        partition: i32,
+        target: Option<&[i32]>,
+        allow_rf_change: bool,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        let t = image
+            .topic_by_name(topic)
+            .ok_or_else(|| ControllerError::UnknownTopic(topic.to_string()))?;
+        let p = t
+            .partitions
+            .get(&partition)
+            .ok_or_else(|| ControllerError::UnknownTopic(format!("{topic}-{partition}")))?;
+        let original = p.original_replicas();
+        let next = match target {
+            None => {
+                if !p.reassigning() {
+                    return Err(ControllerError::NoReassignmentInProgress);
+                }
+                revert_reassignment(image, p)
+            }
+            Some(target) => {
+                let target = check_assignment(image, &[target.to_vec()])?.remove(0);
+                if !allow_rf_change && target.len() != original.len() {
+                    return Err(ControllerError::InvalidReplicationFactor {
+                        wanted: target.len() as i32,
+                        available: original.len(),
+                    });
+                }
+                let mut next = p.clone();
+                next.replicas = target.clone();
+                next.replicas
+                    .extend(original.iter().copied().filter(|r| !target.contains(r)));
+                next.adding = target
+                    .iter()
+                    .copied()
+                    .filter(|r| !original.contains(r))
+                    .collect();
+                next.removing = original
+                    .iter()
+                    .copied()
+                    .filter(|r| !target.contains(r))
+                    .collect();
+                // Replicas an earlier target was adding, and this one does not, leave.
+                keep_isr_and_leader_within_replicas(image, &mut next);
+                complete_reassignment(image, next)
+            }
+        };
+        if next == *p {
+            return Ok(Vec::new());
+        }
+        let mut next = next;
+        next.partition_epoch = p.partition_epoch + 1;
+        Ok(vec![MetadataRecord::Partition(next)])
     }
 
     /// AlterPartition: the leader changes its partition's ISR (a follower caught up, or fell
@@ -566,7 +664,9 @@ impl Controller {
         }
         let mut next = p.clone();
         next.isr = isr;
-        next.partition_epoch += 1;
+        // An ISR that now holds every target replica completes a running reassignment.
+        let mut next = complete_reassignment(image, next);
+        next.partition_epoch = p.partition_epoch + 1;
         Ok((next.clone(), vec![MetadataRecord::Partition(next)]))
     }
 
@@ -596,10 +696,6 @@ impl Controller {
     }
 }
 
-/// The partition changes that fencing `broker_id` brings, Kafka's way: it leaves every ISR;
-/// where it was the last member the ISR keeps it and the partition has no leader (so no
-/// acknowledged write is lost by electing an out-of-sync replica); a partition it led gets the
-/// first other in-sync, unfenced replica in replica order, with a new leader epoch.
 /// The kinds of election ElectLeaders asks for (Kafka's ElectionType 0 and 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ElectionKind {
@@ -678,6 +774,10 @@ fn unclean_allowed(image: &MetadataImage, p: &PartitionRecord) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
+/// The partition changes that fencing `broker_id` brings, Kafka's way: it leaves every ISR;
+/// where it was the last member the ISR keeps it and the partition has no leader (so no
+/// acknowledged write is lost by electing an out-of-sync replica); a partition it led gets the
+/// first other in-sync, unfenced replica in replica order, with a new leader epoch.
 pub fn fence_changes(image: &MetadataImage, broker_id: i32) -> Vec<MetadataRecord> {
     let mut out = Vec::new();
     for p in image.partitions() {
@@ -741,13 +841,56 @@ fn unfence_changes(image: &MetadataImage, b: &BrokerRegistration) -> Vec<Metadat
     out
 }
 
-/// Places `rf` replicas for each of `partitions` over `brokers` (id, rack), deterministically.
-///
-/// Brokers are ordered rack by rack in turn (rack A's first, rack B's first, …, rack A's
-/// second, …), so neighbours in the order sit on different racks. Partition `p` starts at
-/// position `p` and takes brokers in order, skipping any whose rack it already uses while an
-/// unused rack remains: replicas of one partition land on distinct racks wherever the racks
-/// allow, and leaders (the first replica) rotate over all brokers.
+/// A partition whose ISR holds every target replica of its reassignment, completed: only the
+/// target replicas remain, and a leader that leaves hands over to the first live in-sync target
+/// replica (a new leader epoch). Any other partition is returned as it is.
+fn complete_reassignment(image: &MetadataImage, mut p: PartitionRecord) -> PartitionRecord {
+    if !p.reassigning() {
+        return p;
+    }
+    let target = p.target_replicas();
+    if !target.iter().all(|r| p.isr.contains(r)) {
+        return p;
+    }
+    p.replicas = target;
+    p.adding.clear();
+    p.removing.clear();
+    keep_isr_and_leader_within_replicas(image, &mut p);
+    p
+}
+
+/// A cancelled reassignment: back to the original replicas; the replicas being added leave the
+/// ISR. In the rare case that only added replicas were in sync, the original replicas become
+/// the ISR again, an unclean revert as Kafka's controller makes.
+fn revert_reassignment(image: &MetadataImage, p: &PartitionRecord) -> PartitionRecord {
+    let mut next = p.clone();
+    next.replicas = p.original_replicas();
+    next.adding.clear();
+    next.removing.clear();
+    keep_isr_and_leader_within_replicas(image, &mut next);
+    next
+}
+
+/// After `p.replicas` shrank: the ISR keeps only replicas (all of them if none of it is left),
+/// and a leader that is no longer a replica makes way for the first live in-sync replica.
+fn keep_isr_and_leader_within_replicas(image: &MetadataImage, p: &mut PartitionRecord) {
+    p.isr.retain(|r| p.replicas.contains(r));
+    if p.isr.is_empty() {
+        p.isr = p.replicas.clone();
+    }
+    if p.leader == NO_LEADER || p.isr.contains(&p.leader) {
+        return;
+    }
+    let leader = p
+        .replicas
+        .iter()
+        .copied()
+        .find(|r| p.isr.contains(r) && image.is_unfenced(*r))
+        .unwrap_or(NO_LEADER);
+    p.leader = leader;
+    p.leader_epoch += 1;
+}
+
 /// An operator's placement, checked as Kafka does: every partition has the same number of
 /// distinct replicas, all registered brokers, at least one of them unfenced.
 fn check_assignment(
@@ -786,6 +929,13 @@ fn check_assignment(
     Ok(assignment.to_vec())
 }
 
+/// Places `rf` replicas for each of `partitions` over `brokers` (id, rack), deterministically.
+///
+/// Brokers are ordered rack by rack in turn (rack A's first, rack B's first, …, rack A's
+/// second, …), so neighbours in the order sit on different racks. Partition `p` starts at
+/// position `p` and takes brokers in order, skipping any whose rack it already uses while an
+/// unused rack remains: replicas of one partition land on distinct racks wherever the racks
+/// allow, and leaders (the first replica) rotate over all brokers.
 pub fn place_replicas(
     brokers: &[(i32, Option<&str>)],
     partitions: i32,
@@ -989,6 +1139,185 @@ mod tests {
             panic!("{changes:?}")
         };
         assert_eq!((after.leader, after.isr.clone()), (2, vec![2]));
+    }
+
+    #[test]
+    fn reassignment_adds_then_completes_when_the_target_is_in_sync() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 4, 0);
+        let mut t = topic("t", 9, 1, 3);
+        t.assignment = Some(vec![vec![1, 2, 3]]);
+        {
+            let recs = ctl.create_topic(&img, &t).unwrap();
+            commit(&mut img, &recs)
+        };
+        let part = |img: &MetadataImage| img.topics[&uuid(9)].partitions[&0].clone();
+        let epoch = |img: &MetadataImage, b: i32| img.brokers[&b].broker_epoch;
+        // Move 1 (the leader) out and 4 in: 4 is added at once, outside the ISR.
+        let recs = ctl
+            .alter_reassignment(&img, "t", 0, Some(&[4, 2, 3]), true)
+            .unwrap();
+        commit(&mut img, &recs);
+        let p = part(&img);
+        assert_eq!(p.replicas, vec![4, 2, 3, 1]);
+        assert_eq!((p.adding.clone(), p.removing.clone()), (vec![4], vec![1]));
+        assert_eq!((p.leader, p.isr.clone()), (1, vec![1, 2, 3]));
+        // The same target again changes nothing; a cancel of nothing is refused elsewhere.
+        assert!(ctl
+            .alter_reassignment(&img, "t", 0, Some(&[4, 2, 3]), true)
+            .unwrap()
+            .is_empty());
+        // 4 catches up: the leader's ISR change completes the move, and 1 hands leadership
+        // to the first in-sync target replica.
+        let (next, recs) = ctl
+            .alter_partition(
+                &img,
+                1,
+                epoch(&img, 1),
+                uuid(9),
+                0,
+                p.leader_epoch,
+                p.partition_epoch,
+                &[1, 2, 3, 4],
+            )
+            .unwrap();
+        commit(&mut img, &recs);
+        assert_eq!(next, part(&img));
+        assert_eq!(next.replicas, vec![4, 2, 3]);
+        assert_eq!(next.isr, vec![2, 3, 4]);
+        assert_eq!((next.leader, next.leader_epoch), (4, p.leader_epoch + 1));
+        assert!(!next.reassigning());
+        // Nothing to cancel now.
+        assert_eq!(
+            ctl.alter_reassignment(&img, "t", 0, None, true)
+                .unwrap_err(),
+            ControllerError::NoReassignmentInProgress
+        );
+        // KIP-860: a caller that forbids a change of replication factor is refused one.
+        assert!(matches!(
+            ctl.alter_reassignment(&img, "t", 0, Some(&[4, 3]), false)
+                .unwrap_err(),
+            ControllerError::InvalidReplicationFactor { .. }
+        ));
+        // A pure shrink (every target replica in sync) completes at once; the leader stays.
+        {
+            let recs = ctl
+                .alter_reassignment(&img, "t", 0, Some(&[4, 3]), true)
+                .unwrap();
+            commit(&mut img, &recs)
+        };
+        let p = part(&img);
+        assert_eq!(
+            (p.replicas.clone(), p.isr.clone(), p.leader),
+            (vec![4, 3], vec![3, 4], 4)
+        );
+        // Bad targets: unknown broker, duplicates, empty.
+        for bad in [&[4, 9][..], &[3, 3][..], &[][..]] {
+            assert!(matches!(
+                ctl.alter_reassignment(&img, "t", 0, Some(bad), true)
+                    .unwrap_err(),
+                ControllerError::InvalidReplicaAssignment(_)
+            ));
+        }
+        assert!(matches!(
+            ctl.alter_reassignment(&img, "t", 1, Some(&[1]), true)
+                .unwrap_err(),
+            ControllerError::UnknownTopic(_)
+        ));
+    }
+
+    #[test]
+    fn reassignment_cancel_and_replace_go_back_to_the_original_replicas() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 5, 0);
+        let mut t = topic("t", 9, 1, 3);
+        t.assignment = Some(vec![vec![1, 2, 3]]);
+        {
+            let recs = ctl.create_topic(&img, &t).unwrap();
+            commit(&mut img, &recs)
+        };
+        let part = |img: &MetadataImage| img.topics[&uuid(9)].partitions[&0].clone();
+        let epoch = |img: &MetadataImage, b: i32| img.brokers[&b].broker_epoch;
+        {
+            let recs = ctl
+                .alter_reassignment(&img, "t", 0, Some(&[4, 5, 3]), true)
+                .unwrap();
+            commit(&mut img, &recs)
+        };
+        // 4 joins the ISR, 5 not yet: still moving.
+        let p = part(&img);
+        let (_, recs) = ctl
+            .alter_partition(
+                &img,
+                1,
+                epoch(&img, 1),
+                uuid(9),
+                0,
+                p.leader_epoch,
+                p.partition_epoch,
+                &[1, 2, 3, 4],
+            )
+            .unwrap();
+        commit(&mut img, &recs);
+        let p = part(&img);
+        assert!(p.reassigning());
+        assert_eq!(p.isr, vec![1, 2, 3, 4]);
+        // A new target replaces the running one, computed from the original replicas 1, 2, 3.
+        {
+            let recs = ctl
+                .alter_reassignment(&img, "t", 0, Some(&[5, 2, 3]), true)
+                .unwrap();
+            commit(&mut img, &recs)
+        };
+        let p = part(&img);
+        assert_eq!(p.replicas, vec![5, 2, 3, 1]);
+        assert_eq!((p.adding.clone(), p.removing.clone()), (vec![5], vec![1]));
+        assert_eq!(p.isr, vec![1, 2, 3], "4 left with its target");
+        // Cancelled: back to 1, 2, 3, 5 out of the ISR and the replicas, the leader unchanged.
+        let before = p.clone();
+        {
+            let recs = ctl.alter_reassignment(&img, "t", 0, None, true).unwrap();
+            commit(&mut img, &recs)
+        };
+        let p = part(&img);
+        assert_eq!(p.replicas, vec![2, 3, 1]);
+        assert!(!p.reassigning());
+        assert_eq!((p.isr.clone(), p.leader), (vec![1, 2, 3], 1));
+        assert_eq!(p.leader_epoch, before.leader_epoch);
+        assert_eq!(p.partition_epoch, before.partition_epoch + 1);
+    }
+
+    #[test]
+    fn create_partitions_takes_an_operators_assignment() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 3, 0);
+        {
+            let recs = ctl.create_topic(&img, &topic("t", 9, 1, 2)).unwrap();
+            commit(&mut img, &recs)
+        };
+        let a = vec![vec![3, 1], vec![2, 3]];
+        {
+            let recs = ctl.create_partitions(&img, "t", 3, Some(&a)).unwrap();
+            commit(&mut img, &recs)
+        };
+        let parts = &img.topics[&uuid(9)].partitions;
+        assert_eq!(parts[&1].replicas, vec![3, 1]);
+        assert_eq!(
+            (parts[&2].replicas.clone(), parts[&2].leader),
+            (vec![2, 3], 2)
+        );
+        // The count must match the new partitions, the replication factor the topic's.
+        let cases = [
+            (5, vec![vec![1, 2]]),
+            (4, vec![vec![1, 2, 3]]),
+            (4, vec![vec![1]]),
+        ];
+        for (n, bad) in cases {
+            assert!(matches!(
+                ctl.create_partitions(&img, "t", n, Some(&bad)).unwrap_err(),
+                ControllerError::InvalidReplicaAssignment(_)
+            ));
+        }
     }
 
     #[test]

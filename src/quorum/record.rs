@@ -84,6 +84,34 @@ pub struct PartitionRecord {
     pub leader: i32,
     pub leader_epoch: i32,
     pub partition_epoch: i32,
+    /// KIP-455 reassignment in progress: replicas joining (target minus original) and leaving
+    /// (original minus target); both empty otherwise. `replicas` holds both during the move.
+    pub adding: Vec<i32>,
+    pub removing: Vec<i32>,
+}
+
+impl PartitionRecord {
+    pub fn reassigning(&self) -> bool {
+        !self.adding.is_empty() || !self.removing.is_empty()
+    }
+
+    /// The replicas the partition had before its reassignment (all of them when none runs).
+    pub fn original_replicas(&self) -> Vec<i32> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.adding.contains(r))
+            .collect()
+    }
+
+    /// The replicas the partition will have once its reassignment completes.
+    pub fn target_replicas(&self) -> Vec<i32> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.removing.contains(r))
+            .collect()
+    }
 }
 
 /// Kafka's "no leader" broker id.
@@ -135,6 +163,9 @@ const TAG_PARTITION: u8 = 6;
 const TAG_TOPIC_CONFIG: u8 = 7;
 const TAG_PRODUCER_IDS: u8 = 8;
 const TAG_REMOVE_TOPIC: u8 = 9;
+/// A partition under reassignment: TAG_PARTITION's fields, then adding and removing replicas.
+/// Partitions without one keep TAG_PARTITION, which earlier versions read.
+const TAG_PARTITION_REASSIGNING: u8 = 10;
 
 /// The records of one controller decision, encoded as one Raft entry.
 pub type RecordBatch = Vec<MetadataRecord>;
@@ -248,7 +279,11 @@ impl Writer {
                 self.uuid(topic_id);
             }
             MetadataRecord::Partition(p) => {
-                self.u8(TAG_PARTITION);
+                self.u8(if p.reassigning() {
+                    TAG_PARTITION_REASSIGNING
+                } else {
+                    TAG_PARTITION
+                });
                 self.uuid(&p.topic_id);
                 self.varint(p.partition as i64);
                 self.ids(&p.replicas);
@@ -256,6 +291,10 @@ impl Writer {
                 self.varint(p.leader as i64);
                 self.varint(p.leader_epoch as i64);
                 self.varint(p.partition_epoch as i64);
+                if p.reassigning() {
+                    self.ids(&p.adding);
+                    self.ids(&p.removing);
+                }
             }
             MetadataRecord::TopicConfig {
                 topic_id,
@@ -408,15 +447,24 @@ impl Reader<'_> {
                 name: self.str()?,
                 topic_id: self.uuid()?,
             },
-            TAG_PARTITION => MetadataRecord::Partition(PartitionRecord {
-                topic_id: self.uuid()?,
-                partition: self.i32()?,
-                replicas: self.ids()?,
-                isr: self.ids()?,
-                leader: self.i32()?,
-                leader_epoch: self.i32()?,
-                partition_epoch: self.i32()?,
-            }),
+            TAG_PARTITION | TAG_PARTITION_REASSIGNING => {
+                let mut p = PartitionRecord {
+                    topic_id: self.uuid()?,
+                    partition: self.i32()?,
+                    replicas: self.ids()?,
+                    isr: self.ids()?,
+                    leader: self.i32()?,
+                    leader_epoch: self.i32()?,
+                    partition_epoch: self.i32()?,
+                    adding: Vec::new(),
+                    removing: Vec::new(),
+                };
+                if tag == TAG_PARTITION_REASSIGNING {
+                    p.adding = self.ids()?;
+                    p.removing = self.ids()?;
+                }
+                MetadataRecord::Partition(p)
+            }
             TAG_TOPIC_CONFIG => MetadataRecord::TopicConfig {
                 topic_id: self.uuid()?,
                 name: self.str()?,
@@ -490,6 +538,19 @@ pub(crate) mod tests {
                 leader: NO_LEADER,
                 leader_epoch: 4,
                 partition_epoch: i32::MIN,
+                adding: Vec::new(),
+                removing: Vec::new(),
+            }),
+            MetadataRecord::Partition(PartitionRecord {
+                topic_id: t,
+                partition: 1,
+                replicas: vec![4, 5, 1, 2],
+                isr: vec![1, 2, 4],
+                leader: 1,
+                leader_epoch: 0,
+                partition_epoch: 7,
+                adding: vec![4, 5],
+                removing: vec![1],
             }),
             MetadataRecord::TopicConfig {
                 topic_id: t,

@@ -163,6 +163,8 @@ pub fn probe_decode(key: ApiKey, buf: &mut ProbeBuf, version: i16) -> anyhow::Re
         DescribeQuorum => DescribeQuorumRequest,
         ElectLeaders => ElectLeadersRequest,
         DescribeLogDirs => DescribeLogDirsRequest,
+        AlterPartitionReassignments => AlterPartitionReassignmentsRequest,
+        ListPartitionReassignments => ListPartitionReassignmentsRequest,
         // The controller listener's (server::controller).
         BrokerRegistration => BrokerRegistrationRequest,
         BrokerHeartbeat => BrokerHeartbeatRequest,

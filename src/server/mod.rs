@@ -53,6 +53,8 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         ApiKey::DescribeQuorum => (0, 1),
         ApiKey::ElectLeaders => (0, 2),
         ApiKey::DescribeLogDirs => (1, 4),
+        ApiKey::AlterPartitionReassignments => (0, 1),
+        ApiKey::ListPartitionReassignments => (0, 0),
         ApiKey::OffsetForLeaderEpoch => (2, 4),
         ApiKey::FindCoordinator => (0, 4),
         ApiKey::JoinGroup => (0, 9),

@@ -21,7 +21,11 @@
 //!   epoch refuses them (FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH).
 //! - **ISR** changes on lag go through the controller (AlterPartition, `isr_keeper`).
 //!
-//! Not yet: preferred leaders, follower fetching by rack, reassignment.
+//! - **Reassignment** (KIP-455): a replica being added is a follower like any other and joins
+//!   the ISR through the leader's `isr_keeper`; a replica the image no longer lists on this
+//!   node is closed and its files removed (`Shard::remove_replica`), and so are directories of
+//!   such replicas found when the node is first unfenced after a start (it was down while its
+//!   replica moved away).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +57,9 @@ struct Followed {
     running: BTreeSet<i32>,
     /// The ISR keeper of this shard's led partitions runs.
     isr_keeper: bool,
+    /// Directories of replicas this node no longer holds were looked for (once per process,
+    /// when the node is first unfenced: its image is caught up then).
+    strays_checked: bool,
 }
 
 /// How often a leader looks at its followers' lag (Kafka checks at half the lag limit).
@@ -79,8 +86,41 @@ pub async fn sync_shard(sh: Rc<Shard>) {
     let current = || SYNC_GENERATION.with(|g| g.get()) == generation;
     let mut by_leader: BTreeMap<i32, BTreeSet<Key>> = BTreeMap::new();
     let mut roles: Vec<(Key, usize, i32, i32, Vec<i32>)> = Vec::new();
+    // Replicas this node held and no longer does (a reassignment moved them away).
+    let mut moved_away: Vec<Key> = Vec::new();
     {
         let img = node.image();
+        for part in sh.open_partitions() {
+            let held = img.topic(&part.topic).is_none_or(|t| {
+                t.assignments.is_empty()
+                    || t.assignments
+                        .get(part.index as usize)
+                        .is_none_or(|a| a.replicas.contains(&me))
+            });
+            if !held {
+                moved_away.push((part.topic.clone(), part.index));
+            }
+        }
+        let unfenced = img
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.brokers.iter().any(|b| b.id == me && !b.fenced));
+        let check_strays = unfenced
+            && FOLLOWED.with(|f| !std::mem::replace(&mut f.borrow_mut().strays_checked, true));
+        if check_strays {
+            for t in img.topics.values() {
+                for (p, a) in t.assignments.iter().enumerate() {
+                    let p = p as i32;
+                    if a.replicas.contains(&me) || node.shard_of(&t.name, p) != sh.id {
+                        continue;
+                    }
+                    let dir = crate::cluster::metadata::partition_dir(&node.data_dir, &t.name, p);
+                    if dir.exists() {
+                        moved_away.push((Arc::from(t.name.as_str()), p));
+                    }
+                }
+            }
+        }
         for t in img.topics.values() {
             let name: Arc<str> = Arc::from(t.name.as_str());
             for (p, a) in t.assignments.iter().enumerate() {
@@ -104,6 +144,12 @@ pub async fn sync_shard(sh: Rc<Shard>) {
                         .insert((name.clone(), p));
                 }
             }
+        }
+    }
+    for (t, p) in moved_away {
+        sh.remove_replica(&t, p).await;
+        if !current() {
+            return;
         }
     }
     for ((t, p), replicas, leader, leader_epoch, isr_followers) in roles {

@@ -166,6 +166,52 @@ impl Shard {
         Some((p, end))
     }
 
+    /// Closes and deletes this node's replica of a partition that the image no longer places
+    /// here (a reassignment moved it away). Leaders and writers on it are refused from now on;
+    /// the files go once its running write is done. Nothing is removed if the image lists this
+    /// node again by the time the open lock is held.
+    pub async fn remove_replica(&self, topic: &str, index: i32) {
+        let key: (Arc<str>, i32) = (Arc::from(topic), index);
+        let Ok(_permit) = self.open_lock.acquire_permit(1).await else {
+            return;
+        };
+        let held = {
+            let img = self.node.image();
+            img.topic(topic).is_some_and(|t| {
+                t.assignments.is_empty()
+                    || t.assignments
+                        .get(index as usize)
+                        .is_some_and(|a| a.replicas.contains(&self.node.node_id))
+            })
+        };
+        if held {
+            return;
+        }
+        let old = self.partitions.borrow_mut().remove(&key);
+        if let Some(old) = old {
+            // Waiting acks=all producers are told leadership moved; no write starts any more.
+            let (replicas, epoch) = (old.replication().replicas.max(2), old.leader_epoch());
+            old.set_replication(replicas, -1, epoch, self.node.node_id, Vec::new());
+            old.log.retire("replica moved to other nodes");
+            // Bounded: a follower's writes are awaited by its fetcher; 30 s covers a slow disk.
+            for _ in 0..30_000 {
+                if old.is_idle() {
+                    break;
+                }
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
+        if dir.exists() {
+            match crate::log::storage::remove_dir_all(dir.clone()).await {
+                Ok(()) => {
+                    tracing::info!("removed replica {topic}-{index}: it moved to other nodes")
+                }
+                Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+            }
+        }
+    }
+
     async fn open_replica(&self, topic: &str, index: i32) -> Option<PartitionRef> {
         let key: (Arc<str>, i32) = (Arc::from(topic), index);
         if let Some(p) = self.partitions.borrow().get(&key) {

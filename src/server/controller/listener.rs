@@ -220,6 +220,9 @@ async fn kafka_request_inner(
             ResponseKind::IncrementalAlterConfigs(alter_configs(svc, r).await)
         }
         RequestKind::ElectLeaders(r) => ResponseKind::ElectLeaders(elect_leaders(svc, r).await),
+        RequestKind::AlterPartitionReassignments(r) => {
+            ResponseKind::AlterPartitionReassignments(alter_reassignments(svc, r).await)
+        }
         _ => {
             return Err(std::io::Error::other(format!(
                 "{key:?} is not a controller request"
@@ -322,6 +325,79 @@ async fn elect_leaders(svc: &QuorumService, r: ElectLeadersRequest) -> ElectLead
             }
         }
         Err(f) => resp.error_code = fail_code(&f),
+    }
+    resp
+}
+
+/// AlterPartitionReassignments (KIP-455): every named partition's move (or cancel) judged by
+/// the controller's rules, all in one change.
+async fn alter_reassignments(
+    svc: &QuorumService,
+    r: AlterPartitionReassignmentsRequest,
+) -> AlterPartitionReassignmentsResponse {
+    use alter_partition_reassignments_response::{
+        ReassignablePartitionResponse, ReassignableTopicResponse,
+    };
+    let wanted: Vec<(String, i32, Option<Vec<i32>>)> = r
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(|p| {
+                let target = p.replicas.as_ref().map(|v| v.iter().map(|b| b.0).collect());
+                (t.name.0.to_string(), p.partition_index, target)
+            })
+        })
+        .collect();
+    let allow_rf_change = r.allow_replication_factor_change;
+    type Outcome = Vec<(String, i32, i16, Option<String>)>;
+    let outcome = svc
+        .propose(|ctl, img, _, _| {
+            // Each partition is judged against the image its predecessors in the request leave.
+            let mut after = img.clone();
+            let mut results: Outcome = Vec::new();
+            let mut recs = Vec::new();
+            for (topic, p, target) in &wanted {
+                match ctl.alter_reassignment(&after, topic, *p, target.as_deref(), allow_rf_change)
+                {
+                    Ok(changes) => {
+                        after.apply_all(&changes);
+                        recs.extend(changes);
+                        results.push((topic.clone(), *p, ec::NONE, None));
+                    }
+                    Err(e) => results.push((topic.clone(), *p, e.code(), Some(e.to_string()))),
+                }
+            }
+            Ok((results, recs))
+        })
+        .await;
+    let mut resp = AlterPartitionReassignmentsResponse::default();
+    resp.allow_replication_factor_change = allow_rf_change;
+    match outcome {
+        Ok(results) => {
+            for (topic, p, code, msg) in results {
+                let name = TopicName(StrBytes::from_string(topic));
+                let at = match resp.responses.iter().position(|x| x.name == name) {
+                    Some(i) => i,
+                    None => {
+                        let mut t = ReassignableTopicResponse::default();
+                        t.name = name;
+                        resp.responses.push(t);
+                        resp.responses.len() - 1
+                    }
+                };
+                let mut pr = ReassignablePartitionResponse::default();
+                pr.partition_index = p;
+                pr.error_code = code;
+                pr.error_message = msg.map(StrBytes::from_string);
+                resp.responses[at].partitions.push(pr);
+            }
+        }
+        Err(f) => {
+            resp.error_code = fail_code(&f);
+            if let ProposeFail::Rejected(e) = &f {
+                resp.error_message = Some(StrBytes::from_string(e.to_string()));
+            }
+        }
     }
     resp
 }
@@ -620,18 +696,16 @@ async fn create_partitions(
         let mut res = create_partitions_response::CreatePartitionsTopicResult::default();
         res.name = t.name.clone();
         let name = t.name.0.to_string();
-        if t.assignments.is_some() {
-            res.error_code = ec::INVALID_REQUEST;
-            res.error_message = Some(StrBytes::from_static_str(
-                "manual replica assignment is not supported yet",
-            ));
-            resp.results.push(res);
-            continue;
-        }
+        // The operator's placement of the new partitions, preferred leader first.
+        let assignment: Option<Vec<Vec<i32>>> = t.assignments.as_ref().map(|a| {
+            a.iter()
+                .map(|x| x.broker_ids.iter().map(|b| b.0).collect())
+                .collect()
+        });
         let validate_only = r.validate_only;
         match svc
             .propose(|ctl, img, _, _| {
-                let recs = ctl.create_partitions(img, &name, t.count)?;
+                let recs = ctl.create_partitions(img, &name, t.count, assignment.as_deref())?;
                 Ok(((), if validate_only { Vec::new() } else { recs }))
             })
             .await
