@@ -1898,3 +1898,81 @@ fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
     }
     produce(&boot, "moving", 20);
 }
+
+/// KIP-73: `fjord topics reassign --throttle` holds the copy to the rate (a replica joining a
+/// 4 MB partition at 250 KB/s is still far behind after 3 s, where an unthrottled copy takes
+/// well under a second here), and `--wait` ends with the throttles removed.
+#[test]
+fn a_throttled_reassignment_copies_at_the_rate_and_clears_its_throttles() {
+    let cl = Cluster::start(3, 1);
+    let all: BTreeSet<i32> = [1, 2, 3, 4].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(60), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    let cli = |args: &[&str]| {
+        let mut a = vec!["topics", "--bootstrap", &boot];
+        a.extend_from_slice(args);
+        fjord_cli(&a)
+    };
+    let (ok, out) = cli(&["create", "slow", "--replica-assignment", "1"]);
+    assert!(ok, "{out}");
+    wait_for("the topic led", Duration::from_secs(30), || {
+        leader_of(&boot, "slow").filter(|p| p.0 == 1).map(|_| ())
+    });
+    {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &boot)
+            .set("acks", "all")
+            .create()
+            .expect("producer");
+        let value = vec![b'x'; 1000];
+        for i in 0..4000 {
+            let key = format!("k{i}");
+            p.send(BaseRecord::to("slow").key(&key).payload(&value))
+                .expect("enqueue");
+        }
+        p.flush(Duration::from_secs(30)).expect("acknowledged");
+    }
+    let (ok, out) = cli(&[
+        "reassign",
+        "slow",
+        "--replica-assignment",
+        "1:4",
+        "--throttle",
+        "250000",
+    ]);
+    assert!(ok && out.contains("throttled to 250000"), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (ok, out) = cli(&["reassign", "slow"]);
+    assert!(ok && out.contains("1,4"), "still moving after 3 s: {out}");
+    let (ok, out) = cli(&["describe", "slow"]);
+    assert!(ok, "{out}");
+    let lag: i64 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("4:")?.parse().ok())
+        .unwrap_or_else(|| panic!("no lag of replica 4: {out}"));
+    assert!(
+        lag > 1000,
+        "replica 4 copied at most about 1 MB by now, lag {lag}: {out}"
+    );
+    // The bare --wait waits for the move in progress, then lifts the throttles.
+    let (ok, out) = cli(&["reassign", "slow", "--wait"]);
+    assert!(ok && out.contains("throttles removed"), "{out}");
+    let (_, parts) = metadata(&boot, Some("slow"));
+    assert_eq!(
+        (parts[0].1.clone(), parts[0].2.len()),
+        (vec![1, 4], 2),
+        "{parts:?}"
+    );
+    let (ok, out) = cli(&["describe", "slow"]);
+    assert!(
+        ok && out.contains("leader.replication.throttled.replicas"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("throttled.replicas=0:"),
+        "throttles lifted: {out}"
+    );
+    assert_eq!(consume_count(&boot, "slow", 1, 1), 1);
+}

@@ -155,7 +155,14 @@ pub enum TopicsCmd {
         /// back to their original replicas.
         #[arg(long, requires = "topic", conflicts_with = "replica_assignment")]
         cancel: bool,
-        /// Wait until the moves are complete, printing their progress.
+        /// Hold the copying to this many bytes per second per broker (KIP-73): the leaders of
+        /// the moving partitions serve, and their new replicas fetch, no faster while outside
+        /// the ISR. Sets the brokers' leader/follower.replication.throttled.rate (cluster-wide)
+        /// and the topics' *.replication.throttled.replicas; `--wait` removes them at the end.
+        #[arg(long, value_name = "BYTES_PER_SEC", conflicts_with = "cancel")]
+        throttle: Option<u64>,
+        /// Wait until the moves are complete, printing their progress, then remove the
+        /// throttles (without a move: wait for the moves in progress).
         #[arg(long)]
         wait: bool,
     },
@@ -514,6 +521,7 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
             partition,
             drain,
             cancel,
+            throttle,
             wait,
         } => {
             let moves: Vec<(String, i32, Option<Vec<i32>>)> = if let Some(d) = drain {
@@ -539,16 +547,28 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                     .map(|r| (r.0, r.1, None))
                     .collect()
             } else {
-                print_reassignments(&reassignments(&mut c, topic.as_deref())?);
+                let running = reassignments(&mut c, topic.as_deref())?;
+                print_reassignments(&running);
+                if wait {
+                    let moves: Vec<_> = running.into_iter().map(|r| (r.0, r.1, None)).collect();
+                    wait_reassigned(&mut c, &moves)?;
+                    clear_throttles(&mut c, &moves)?;
+                }
                 return Ok(());
             };
             if moves.is_empty() {
                 println!("nothing to move");
                 return Ok(());
             }
+            if let Some(rate) = throttle {
+                set_throttles(&mut c, &moves, rate)?;
+            }
             alter_reassignments(&mut c, &moves)?;
             if wait && !cancel {
                 wait_reassigned(&mut c, &moves)?;
+                if throttle.is_some() {
+                    clear_throttles(&mut c, &moves)?;
+                }
             }
         }
     }
@@ -744,6 +764,124 @@ fn alter_reassignments(
     if failed > 0 {
         bail!("{failed} of {} partitions were not reassigned", moves.len());
     }
+    Ok(())
+}
+
+const LEADER_THROTTLED: &str = "leader.replication.throttled.replicas";
+const FOLLOWER_THROTTLED: &str = "follower.replication.throttled.replicas";
+const THROTTLE_RATES: [&str; 2] = [
+    "leader.replication.throttled.rate",
+    "follower.replication.throttled.rate",
+];
+
+/// One IncrementalAlterConfigs resource: sets (`Some`) and deletions (`None`).
+fn alter_configs(
+    c: &mut Client,
+    resource_type: i8,
+    name: &str,
+    changes: &[(&str, Option<String>)],
+) -> anyhow::Result<()> {
+    use incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
+    let mut res = AlterConfigsResource::default();
+    res.resource_type = resource_type;
+    res.resource_name = sb(name);
+    for (k, v) in changes {
+        let mut x = AlterableConfig::default();
+        x.name = sb(k);
+        x.config_operation = if v.is_some() { 0 } else { 1 };
+        x.value = v.as_deref().map(sb);
+        res.configs.push(x);
+    }
+    let mut req = IncrementalAlterConfigsRequest::default();
+    req.resources.push(res);
+    let resp = c.call(1, &req)?;
+    for r in resp.responses {
+        if r.error_code != 0 {
+            bail!(
+                "configs of {name}: {}{}",
+                err_name(r.error_code),
+                r.error_message
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// KIP-73 throttles for `moves`, as Kafka's reassignment tool sets them: the replicas the
+/// partitions have now serve (leader side), the replicas they gain fetch (follower side), both
+/// at `rate` bytes a second on every broker.
+fn set_throttles(
+    c: &mut Client,
+    moves: &[(String, i32, Option<Vec<i32>>)],
+    rate: u64,
+) -> anyhow::Result<()> {
+    let topics: std::collections::BTreeSet<&str> = moves.iter().map(|m| m.0.as_str()).collect();
+    for topic in topics {
+        let md = metadata(c, Some(vec![topic.to_string()]))?;
+        let current: BTreeMap<i32, Vec<i32>> = md
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter())
+            .map(|p| {
+                (
+                    p.partition_index,
+                    p.replica_nodes.iter().map(|b| b.0).collect(),
+                )
+            })
+            .collect();
+        let (mut leaders, mut followers) = (Vec::new(), Vec::new());
+        for (_, p, target) in moves.iter().filter(|m| m.0 == topic) {
+            let now = current.get(p).cloned().unwrap_or_default();
+            leaders.extend(now.iter().map(|b| format!("{p}:{b}")));
+            let target = target.clone().unwrap_or_default();
+            followers.extend(
+                target
+                    .iter()
+                    .filter(|b| !now.contains(b))
+                    .map(|b| format!("{p}:{b}")),
+            );
+        }
+        alter_configs(
+            c,
+            2,
+            topic,
+            &[
+                (LEADER_THROTTLED, Some(leaders.join(","))),
+                (FOLLOWER_THROTTLED, Some(followers.join(","))),
+            ],
+        )?;
+    }
+    let rates: Vec<(&str, Option<String>)> = THROTTLE_RATES
+        .iter()
+        .map(|k| (*k, Some(rate.to_string())))
+        .collect();
+    alter_configs(c, 4, "", &rates)?;
+    println!("throttled to {rate} bytes/s per broker while the replicas copy");
+    Ok(())
+}
+
+/// Removes what `set_throttles` set (also when the moves ran without a throttle: a no-op).
+fn clear_throttles(
+    c: &mut Client,
+    moves: &[(String, i32, Option<Vec<i32>>)],
+) -> anyhow::Result<()> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let topics: std::collections::BTreeSet<&str> = moves.iter().map(|m| m.0.as_str()).collect();
+    for topic in topics {
+        alter_configs(
+            c,
+            2,
+            topic,
+            &[(LEADER_THROTTLED, None), (FOLLOWER_THROTTLED, None)],
+        )?;
+    }
+    let rates: Vec<(&str, Option<String>)> = THROTTLE_RATES.iter().map(|k| (*k, None)).collect();
+    alter_configs(c, 4, "", &rates)?;
+    println!("throttles removed");
     Ok(())
 }
 

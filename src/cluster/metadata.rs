@@ -95,6 +95,18 @@ pub struct ClusterView {
     pub brokers: Vec<BrokerView>,
     /// The metadata log position this image stands for.
     pub applied_index: u64,
+    /// Dynamic broker configs: broker id (-1: every broker) → name → value.
+    pub broker_configs: BTreeMap<i32, BTreeMap<String, String>>,
+}
+
+impl ClusterView {
+    /// A dynamic broker config of `broker_id`: its own value, else the cluster-wide one.
+    pub fn broker_config(&self, broker_id: i32, name: &str) -> Option<&str> {
+        [broker_id, -1]
+            .iter()
+            .find_map(|b| self.broker_configs.get(b)?.get(name))
+            .map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -164,6 +176,7 @@ pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> Me
             .unwrap_or_default(),
         brokers,
         applied_index: q.applied_index,
+        broker_configs: q.broker_configs.clone(),
     }));
     img
 }

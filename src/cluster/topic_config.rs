@@ -74,6 +74,21 @@ pub const TOPIC_CONFIGS: &[ConfigDef] = &[
         choices: &[],
         min: 1,
     },
+    // KIP-73: the replicas whose replication traffic the leader (serving) and the follower
+    // (fetching) hold to the brokers' leader/follower.replication.throttled.rate while they are
+    // out of the ISR: "partition:broker" items, or "*" for every replica.
+    ConfigDef {
+        name: "leader.replication.throttled.replicas",
+        kind: ConfigType::List,
+        choices: &[],
+        min: 0,
+    },
+    ConfigDef {
+        name: "follower.replication.throttled.replicas",
+        kind: ConfigType::List,
+        choices: &[],
+        min: 0,
+    },
     ConfigDef {
         name: "max.message.bytes",
         kind: ConfigType::Int,
@@ -152,6 +167,13 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
     if name == "message.format.version" && !is_kafka_version(value.trim()) {
         return bad();
     }
+    if name.ends_with(".replication.throttled.replicas") {
+        return if parse_throttled_replicas(value).is_some() {
+            Ok(())
+        } else {
+            bad()
+        };
+    }
     match d.kind {
         ConfigType::Long | ConfigType::Int => match value.trim().parse::<i64>() {
             Ok(v) if v >= d.min && (d.kind == ConfigType::Long || v <= i32::MAX as i64) => Ok(()),
@@ -219,6 +241,31 @@ pub fn default_value(name: &str, t: &Tuning) -> String {
         "segment.ms" => t.log.segment_ms.to_string(),
         "unclean.leader.election.enable" => "false".into(),
         _ => String::new(),
+    }
+}
+
+/// A `*.replication.throttled.replicas` value: `None` if malformed; `Some(None)` for "*" (every
+/// replica); else the (partition, broker) pairs ("" is none).
+#[allow(clippy::type_complexity)]
+pub fn parse_throttled_replicas(value: &str) -> Option<Option<Vec<(i32, i32)>>> {
+    let value = value.trim();
+    if value == "*" {
+        return Some(None);
+    }
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (p, b) = item.split_once(':')?;
+        out.push((p.trim().parse().ok()?, b.trim().parse().ok()?));
+    }
+    Some(Some(out))
+}
+
+/// Whether a `*.replication.throttled.replicas` value names `broker`'s replica of `partition`.
+pub fn throttled(value: Option<&String>, partition: i32, broker: i32) -> bool {
+    match value.and_then(|v| parse_throttled_replicas(v)) {
+        Some(None) => true,
+        Some(Some(pairs)) => pairs.contains(&(partition, broker)),
+        None => false,
     }
 }
 

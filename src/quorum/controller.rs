@@ -18,6 +18,13 @@ use uuid::Uuid;
 use super::image::MetadataImage;
 use super::record::{BrokerRegistration, Listener, MetadataRecord, PartitionRecord, NO_LEADER};
 
+/// The broker configs that can change at run time (through the metadata log): Kafka's
+/// replication throttles (KIP-73), in bytes per second.
+pub const DYNAMIC_BROKER_CONFIGS: &[&str] = &[
+    "leader.replication.throttled.rate",
+    "follower.replication.throttled.rate",
+];
+
 /// Partitions a topic may have (the node's own limit too).
 pub const PARTITIONS_MAX: i32 = 100_000;
 
@@ -77,6 +84,8 @@ pub enum ControllerError {
     EligibleLeadersNotAvailable,
     #[error("no reassignment of the partition is in progress")]
     NoReassignmentInProgress,
+    #[error("{0}")]
+    InvalidConfig(String),
 }
 
 impl ControllerError {
@@ -108,6 +117,7 @@ impl ControllerError {
                 ResponseError::EligibleLeadersNotAvailable
             }
             ControllerError::NoReassignmentInProgress => ResponseError::NoReassignmentInProgress,
+            ControllerError::InvalidConfig(_) => ResponseError::InvalidConfig,
         }
     }
     pub fn code(&self) -> i16 {
@@ -459,6 +469,44 @@ impl Controller {
                 topic_id: t.topic_id,
                 name: k.clone(),
                 value: v.clone(),
+            })
+            .collect())
+    }
+
+    /// Sets (`Some`) or removes (`None`) dynamic configs of broker `broker_id` (or of every
+    /// broker: [`crate::quorum::record::ALL_BROKERS`]). Only the replication throttles are
+    /// dynamic (KIP-73); each is a rate in bytes per second.
+    pub fn alter_broker_configs(
+        &self,
+        broker_id: i32,
+        changes: &[(String, Option<String>)],
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        if broker_id < crate::quorum::record::ALL_BROKERS {
+            return Err(ControllerError::InvalidConfig(format!(
+                "{broker_id} is not a broker id"
+            )));
+        }
+        for (name, value) in changes {
+            if !DYNAMIC_BROKER_CONFIGS.contains(&name.as_str()) {
+                return Err(ControllerError::InvalidConfig(format!(
+                    "{name} is not a dynamic broker config (dynamic: {})",
+                    DYNAMIC_BROKER_CONFIGS.join(", ")
+                )));
+            }
+            if let Some(v) = value {
+                if v.trim().parse::<i64>().map_or(true, |r| r < 1) {
+                    return Err(ControllerError::InvalidConfig(format!(
+                        "Invalid value {v} for configuration {name}: a rate in bytes per second, at least 1"
+                    )));
+                }
+            }
+        }
+        Ok(changes
+            .iter()
+            .map(|(name, value)| MetadataRecord::BrokerConfig {
+                broker_id,
+                name: name.clone(),
+                value: value.as_ref().map(|v| v.trim().to_string()),
             })
             .collect())
     }

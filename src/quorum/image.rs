@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::record::{
     decode_batch, encode_batch, BrokerRegistration, DecodeError, MetadataRecord, PartitionRecord,
-    NO_LEADER,
+    ALL_BROKERS, NO_LEADER,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct MetadataImage {
     pub topic_ids: BTreeMap<String, Uuid>,
     /// Producer ids below this were handed out in blocks.
     pub next_producer_id: i64,
+    /// Dynamic broker configs: broker id ([`ALL_BROKERS`] for every broker) → name → value.
+    pub broker_configs: BTreeMap<i32, BTreeMap<String, String>>,
 }
 
 /// Why a committed record was skipped; every node skips it alike.
@@ -59,6 +61,14 @@ pub const SNAPSHOT_VERSION: u8 = 1;
 impl MetadataImage {
     pub fn topic_by_name(&self, name: &str) -> Option<&TopicImage> {
         self.topic_ids.get(name).and_then(|id| self.topics.get(id))
+    }
+
+    /// A dynamic broker config of `broker_id`: its own value, else the cluster-wide one.
+    pub fn broker_config(&self, broker_id: i32, name: &str) -> Option<&str> {
+        [broker_id, ALL_BROKERS]
+            .iter()
+            .find_map(|b| self.broker_configs.get(b)?.get(name))
+            .map(String::as_str)
     }
 
     pub fn is_unfenced(&self, broker_id: i32) -> bool {
@@ -173,6 +183,20 @@ impl MetadataImage {
                     .ok_or(ApplyError::UnknownTopic(*topic_id))?;
                 self.topic_ids.remove(&t.name);
             }
+            MetadataRecord::BrokerConfig {
+                broker_id,
+                name,
+                value,
+            } => {
+                let configs = self.broker_configs.entry(*broker_id).or_default();
+                match value {
+                    Some(v) => configs.insert(name.clone(), v.clone()),
+                    None => configs.remove(name),
+                };
+                if configs.is_empty() {
+                    self.broker_configs.remove(broker_id);
+                }
+            }
         }
         Ok(())
     }
@@ -217,6 +241,13 @@ impl MetadataImage {
             );
             out.extend(t.configs.iter().map(|(k, v)| MetadataRecord::TopicConfig {
                 topic_id: t.topic_id,
+                name: k.clone(),
+                value: Some(v.clone()),
+            }));
+        }
+        for (broker_id, configs) in &self.broker_configs {
+            out.extend(configs.iter().map(|(k, v)| MetadataRecord::BrokerConfig {
+                broker_id: *broker_id,
                 name: k.clone(),
                 value: Some(v.clone()),
             }));

@@ -152,7 +152,17 @@ pub enum MetadataRecord {
     RemoveTopic {
         topic_id: Uuid,
     },
+    /// A dynamic broker config (Kafka's `kafka-configs --entity-type brokers`): of one broker,
+    /// or of every broker with `broker_id` [`ALL_BROKERS`]. `value: None` removes it.
+    BrokerConfig {
+        broker_id: i32,
+        name: String,
+        value: Option<String>,
+    },
 }
+
+/// The broker id of a cluster-wide dynamic broker config (Kafka's `--entity-default`).
+pub const ALL_BROKERS: i32 = -1;
 
 const TAG_CLUSTER_ID: u8 = 1;
 const TAG_REGISTER_BROKER: u8 = 2;
@@ -166,6 +176,7 @@ const TAG_REMOVE_TOPIC: u8 = 9;
 /// A partition under reassignment: TAG_PARTITION's fields, then adding and removing replicas.
 /// Partitions without one keep TAG_PARTITION, which earlier versions read.
 const TAG_PARTITION_REASSIGNING: u8 = 10;
+const TAG_BROKER_CONFIG: u8 = 11;
 
 /// The records of one controller decision, encoded as one Raft entry.
 pub type RecordBatch = Vec<MetadataRecord>;
@@ -319,6 +330,16 @@ impl Writer {
             MetadataRecord::RemoveTopic { topic_id } => {
                 self.u8(TAG_REMOVE_TOPIC);
                 self.uuid(topic_id);
+            }
+            MetadataRecord::BrokerConfig {
+                broker_id,
+                name,
+                value,
+            } => {
+                self.u8(TAG_BROKER_CONFIG);
+                self.varint(*broker_id as i64);
+                self.str(name);
+                self.opt_str(value);
             }
         }
     }
@@ -478,6 +499,11 @@ impl Reader<'_> {
             TAG_REMOVE_TOPIC => MetadataRecord::RemoveTopic {
                 topic_id: self.uuid()?,
             },
+            TAG_BROKER_CONFIG => MetadataRecord::BrokerConfig {
+                broker_id: self.i32()?,
+                name: self.str()?,
+                value: self.opt_str()?,
+            },
             t => return Err(DecodeError::UnknownTag(t)),
         })
     }
@@ -566,6 +592,16 @@ pub(crate) mod tests {
                 broker_id: 1,
                 broker_epoch: 9,
                 next_producer_id: 2000,
+            },
+            MetadataRecord::BrokerConfig {
+                broker_id: 2,
+                name: "leader.replication.throttled.rate".into(),
+                value: Some("1048576".into()),
+            },
+            MetadataRecord::BrokerConfig {
+                broker_id: ALL_BROKERS,
+                name: "follower.replication.throttled.rate".into(),
+                value: None,
             },
             MetadataRecord::RemoveTopic { topic_id: t },
         ]

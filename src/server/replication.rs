@@ -69,9 +69,66 @@ const ISR_CHECK: Duration = Duration::from_millis(500);
 const HW_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 thread_local! {
+    /// This shard's share of the node's KIP-73 quotas: what leaders serve to throttled
+    /// followers, and what throttled followers fetch.
+    static LEADER_QUOTA: RefCell<Quota> = RefCell::new(Quota::default());
+    static FOLLOWER_QUOTA: RefCell<Quota> = RefCell::new(Quota::default());
     static FOLLOWED: RefCell<Followed> = RefCell::new(Followed::default());
     /// Bumped by every `sync_shard`: a run that an image newer than its own overtook stops.
     static SYNC_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A replication quota (KIP-73) as a token bucket: up to one second of traffic at the rate may
+/// go at once, then traffic waits for the bucket to refill. Time is passed in.
+#[derive(Debug, Default)]
+struct Quota {
+    /// Bytes that may go now (negative: owed).
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Quota {
+    /// Whether throttled traffic must wait, at `rate` bytes a second.
+    fn exceeded(&mut self, rate: f64, now: Instant) -> bool {
+        let elapsed = self
+            .last
+            .map_or(1.0, |l| now.saturating_duration_since(l).as_secs_f64());
+        self.last = Some(now);
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.tokens <= 0.0
+    }
+
+    fn record(&mut self, bytes: usize) {
+        self.tokens -= bytes as f64;
+    }
+}
+
+/// This shard's share of a throttle rate (`*.replication.throttled.rate`) of the node, if the
+/// replica (`partition` on `broker`, listed in the topic's `list_key` config) is throttled:
+/// KIP-73 throttles only replicas outside the ISR, so that the high watermark never waits.
+fn throttle_rate(
+    sh: &Shard,
+    topic: &str,
+    partition: i32,
+    broker: i32,
+    list_key: &str,
+    rate_key: &str,
+) -> Option<f64> {
+    let img = sh.node.image();
+    let rate: f64 = img
+        .cluster
+        .as_ref()?
+        .broker_config(sh.node.node_id, rate_key)?
+        .parse::<i64>()
+        .ok()? as f64;
+    let t = img.topic(topic)?;
+    let a = t.assignments.get(partition as usize)?;
+    if a.isr.contains(&broker) {
+        return None;
+    }
+    let listed =
+        crate::cluster::topic_config::throttled(t.configs.get(list_key), partition, broker);
+    listed.then(|| rate / sh.node.shards().max(1) as f64)
 }
 
 /// Brings this shard's replicas in line with the node's image: each open replica learns its
@@ -357,6 +414,20 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                     }
                 }
             }
+            let me = sh.node.node_id;
+            let throttled = throttle_rate(
+                &sh,
+                &t,
+                p,
+                me,
+                "follower.replication.throttled.replicas",
+                "follower.replication.throttled.rate",
+            );
+            if let Some(rate) = throttled {
+                if FOLLOWER_QUOTA.with(|q| q.borrow_mut().exceeded(rate, Instant::now())) {
+                    continue;
+                }
+            }
             let mut fp = FetchPartition::default();
             fp.partition = p;
             fp.fetch_offset = part.log.log_end_offset() as i64;
@@ -372,6 +443,11 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
             by_topic.entry(t.clone()).or_default().push(fp);
             let epoch = part.leader_epoch();
             parts.push(((t, p), part, epoch));
+        }
+        if by_topic.is_empty() {
+            // Everything followed from this leader waits for the follower quota to refill.
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            continue;
         }
         for (t, ps) in by_topic {
             let mut ft = FetchTopic::default();
@@ -447,6 +523,17 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                     let Some(cfg) = sh.node.effective_config(&key.0) else {
                         continue;
                     };
+                    let throttled = throttle_rate(
+                        &sh,
+                        &key.0,
+                        key.1,
+                        sh.node.node_id,
+                        "follower.replication.throttled.replicas",
+                        "follower.replication.throttled.rate",
+                    );
+                    if throttled.is_some() {
+                        FOLLOWER_QUOTA.with(|q| q.borrow_mut().record(records.len()));
+                    }
                     match part.append_replicated(records, &cfg, sh.cache_cap()).await {
                         Ok(_) => progressed = true,
                         Err((code, msg)) => {
@@ -644,14 +731,40 @@ async fn follower_read(sh: &Shard, follower: i32, w: &FollowerWant, record: bool
         part.follower_fetched(follower, w.offset as u64, w.log_start);
     }
     let hw = part.high_watermark();
+    let throttled = throttle_rate(
+        sh,
+        &w.topic,
+        w.partition,
+        follower,
+        "leader.replication.throttled.replicas",
+        "leader.replication.throttled.rate",
+    );
+    if let Some(rate) = throttled {
+        if LEADER_QUOTA.with(|q| q.borrow_mut().exceeded(rate, Instant::now())) {
+            // Nothing this time: the follower asks again once its long poll is over.
+            return FollowerGot {
+                code: ec::NONE,
+                hw,
+                log_start,
+                records: Vec::new(),
+                diverging: None,
+            };
+        }
+    }
     match part.read_for_follower(w.offset, w.max_bytes).await {
-        Ok(records) => FollowerGot {
-            code: ec::NONE,
-            hw,
-            log_start,
-            records,
-            diverging: None,
-        },
+        Ok(records) => {
+            if throttled.is_some() {
+                let n = records.iter().map(Bytes::len).sum();
+                LEADER_QUOTA.with(|q| q.borrow_mut().record(n));
+            }
+            FollowerGot {
+                code: ec::NONE,
+                hw,
+                log_start,
+                records,
+                diverging: None,
+            }
+        }
         Err(code) => FollowerGot {
             code,
             hw,
@@ -704,4 +817,25 @@ async fn wait_any(shards: usize, wants: &[(usize, FollowerWant)], deadline: Inst
     let timer = glommio::timer::sleep(left);
     futures::pin_mut!(timer);
     let _ = futures::future::select(futures::future::select_all(waits), timer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_lets_a_second_of_traffic_through_then_paces_it() {
+        let mut q = Quota::default();
+        let t0 = Instant::now();
+        let rate = 1000.0;
+        assert!(!q.exceeded(rate, t0));
+        q.record(1500);
+        // Owed 500 bytes: throttled until half a second has refilled them.
+        assert!(q.exceeded(rate, t0 + Duration::from_millis(400)));
+        assert!(!q.exceeded(rate, t0 + Duration::from_millis(600)));
+        // A long pause refills at most one second's worth.
+        assert!(!q.exceeded(rate, t0 + Duration::from_secs(60)));
+        q.record(1000);
+        assert!(q.exceeded(rate, t0 + Duration::from_secs(60)));
+    }
 }

@@ -723,8 +723,8 @@ async fn create_partitions(
     resp
 }
 
-/// Topic config changes, already resolved by the forwarding broker into sets (operation 0)
-/// and deletions (operation 1), validated there.
+/// Topic (resource type 2) and dynamic broker (4) config changes, already resolved by the
+/// forwarding broker into sets (operation 0) and deletions (operation 1), validated there.
 async fn alter_configs(
     svc: &QuorumService,
     r: IncrementalAlterConfigsRequest,
@@ -741,9 +741,11 @@ async fn alter_configs(
             match c.config_operation {
                 0 => {
                     let v = value.unwrap_or_default();
-                    if let Err(m) = topic_config::validate(c.name.as_str(), &v) {
-                        out.error_code = ec::INVALID_CONFIG;
-                        out.error_message = Some(StrBytes::from_string(m));
+                    if res.resource_type == 2 {
+                        if let Err(m) = topic_config::validate(c.name.as_str(), &v) {
+                            out.error_code = ec::INVALID_CONFIG;
+                            out.error_message = Some(StrBytes::from_string(m));
+                        }
                     }
                     changes.push((c.name.to_string(), Some(v)));
                 }
@@ -756,18 +758,40 @@ async fn alter_configs(
                 }
             }
         }
-        if res.resource_type != 2 {
-            out.error_code = ec::INVALID_REQUEST;
-        }
-        if out.error_code == ec::NONE && !r.validate_only {
-            if let Err(f) = svc
+        // A broker resource is named by its id, or "" for every broker.
+        let broker = match res.resource_type {
+            2 => None,
+            4 if name.is_empty() => Some(crate::quorum::record::ALL_BROKERS),
+            4 => match name.parse::<i32>() {
+                Ok(id) if id >= 0 => Some(id),
+                _ => {
+                    out.error_code = ec::INVALID_REQUEST;
+                    out.error_message = Some(StrBytes::from_string(format!(
+                        "{name:?} is not a broker id"
+                    )));
+                    None
+                }
+            },
+            _ => {
+                out.error_code = ec::INVALID_REQUEST;
+                None
+            }
+        };
+        if out.error_code == ec::NONE {
+            let outcome = svc
                 .propose(|ctl, img, _, _| {
-                    ctl.alter_topic_configs(img, &name, &changes)
-                        .map(|r| ((), r))
+                    let recs = match broker {
+                        Some(b) => ctl.alter_broker_configs(b, &changes)?,
+                        None => ctl.alter_topic_configs(img, &name, &changes)?,
+                    };
+                    Ok(((), if r.validate_only { Vec::new() } else { recs }))
                 })
-                .await
-            {
+                .await;
+            if let Err(f) = outcome {
                 out.error_code = fail_code(&f);
+                if let ProposeFail::Rejected(e) = &f {
+                    out.error_message = Some(StrBytes::from_string(e.to_string()));
+                }
             }
         }
         resp.responses.push(out);

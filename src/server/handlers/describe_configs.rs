@@ -16,6 +16,9 @@ pub const RESOURCE_BROKER: i8 = 4;
 /// DescribeConfigs config sources.
 pub const SOURCE_TOPIC: i8 = 1;
 pub const SOURCE_DEFAULT: i8 = 5;
+/// Kafka's DYNAMIC_BROKER_CONFIG and DYNAMIC_DEFAULT_BROKER_CONFIG sources.
+pub const SOURCE_DYNAMIC_BROKER: i8 = 2;
+pub const SOURCE_DYNAMIC_DEFAULT: i8 = 3;
 
 /// A read-only entry of a topic's DescribeConfigs that names the segments recovery set aside as
 /// damaged, so that `fjord topics describe` (or any admin client) shows lost ranges.
@@ -158,6 +161,32 @@ pub async fn handle(ctx: &ConnCtx, req: DescribeConfigsRequest) -> DescribeConfi
                     c.value = Some(sb(v));
                     c.read_only = true;
                     c.config_source = SOURCE_DEFAULT;
+                    r.configs.push(c);
+                }
+                // The dynamic ones (replication throttles), of the named broker or "" (all).
+                let id = match res.resource_name.as_str() {
+                    "" => -1,
+                    n => n.parse::<i32>().unwrap_or(node.node_id),
+                };
+                let view = node.image().cluster.clone();
+                for k in crate::quorum::controller::DYNAMIC_BROKER_CONFIGS {
+                    if !wanted(k) {
+                        continue;
+                    }
+                    let own = view
+                        .as_ref()
+                        .and_then(|v| v.broker_configs.get(&id)?.get(*k).cloned());
+                    let all = view
+                        .as_ref()
+                        .and_then(|v| v.broker_configs.get(&-1)?.get(*k).cloned());
+                    let mut c = DescribeConfigsResourceResult::default();
+                    c.name = sb(k);
+                    c.config_type = config_type_code(ConfigType::Long);
+                    (c.value, c.config_source) = match (own, all) {
+                        (Some(v), _) if id >= 0 => (Some(sb(&v)), SOURCE_DYNAMIC_BROKER),
+                        (Some(v), _) | (None, Some(v)) => (Some(sb(&v)), SOURCE_DYNAMIC_DEFAULT),
+                        (None, None) => (Some(sb(&i64::MAX.to_string())), SOURCE_DEFAULT),
+                    };
                     r.configs.push(c);
                 }
             }
