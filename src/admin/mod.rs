@@ -650,6 +650,11 @@ fn drain_plan(
     topic: Option<&str>,
     broker: i32,
 ) -> anyhow::Result<Vec<(String, i32, Option<Vec<i32>>)>> {
+    let running = reassignments(c, topic)?;
+    if !running.is_empty() {
+        print_reassignments(&running);
+        bail!("finish (--wait) or --cancel the moves in progress before draining a broker");
+    }
     let md = metadata(c, topic.map(|t| vec![t.to_string()]))?;
     let mut load: BTreeMap<i32, usize> = md
         .brokers
@@ -898,7 +903,23 @@ fn wait_reassigned(
             .into_iter()
             .filter(|r| moves.iter().any(|m| m.0 == r.0 && m.1 == r.1))
             .collect();
-        if running.is_empty() {
+        // Done means: no longer listed, and the metadata shows the target replicas.
+        let landed = running.is_empty() && {
+            let topics: Vec<String> = moves.iter().map(|m| m.0.clone()).collect();
+            let md = metadata(c, Some(topics))?;
+            moves.iter().all(|(t, p, target)| {
+                let Some(target) = target else { return true };
+                md.topics
+                    .iter()
+                    .filter(|x| x.name.as_ref().is_some_and(|n| n.0.as_str() == t))
+                    .flat_map(|x| x.partitions.iter())
+                    .any(|x| {
+                        x.partition_index == *p
+                            && x.replica_nodes.iter().map(|b| b.0).collect::<Vec<_>>() == *target
+                    })
+            })
+        };
+        if landed {
             println!(
                 "{} partitions moved in {:.1} s",
                 moves.len(),

@@ -85,6 +85,8 @@ pub struct BrokerView {
     pub port: i32,
     pub rack: Option<String>,
     pub fenced: bool,
+    /// The epoch of the broker's registration (tells this process's own from an earlier one).
+    pub epoch: i64,
 }
 
 /// What a node of a multi-node cluster knows beyond the topics.
@@ -166,6 +168,7 @@ pub fn from_quorum(q: &crate::quorum::MetadataImage, internal_topic: &str) -> Me
                 port: l.map_or(-1, |l| l.port as i32),
                 rack: b.rack.clone(),
                 fenced: b.fenced,
+                epoch: b.broker_epoch,
             }
         })
         .collect();

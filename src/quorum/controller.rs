@@ -612,7 +612,7 @@ impl Controller {
                 if !p.reassigning() {
                     return Err(ControllerError::NoReassignmentInProgress);
                 }
-                revert_reassignment(image, p)
+                revert_reassignment(image, p)?
             }
             Some(target) => {
                 let target = check_assignment(image, &[target.to_vec()])?.remove(0);
@@ -637,7 +637,7 @@ impl Controller {
                     .filter(|r| !target.contains(r))
                     .collect();
                 // Replicas an earlier target was adding, and this one does not, leave.
-                keep_isr_and_leader_within_replicas(image, &mut next);
+                keep_isr_and_leader_within_replicas(image, &mut next)?;
                 complete_reassignment(image, next)
             }
         };
@@ -900,34 +900,52 @@ fn complete_reassignment(image: &MetadataImage, mut p: PartitionRecord) -> Parti
     if !target.iter().all(|r| p.isr.contains(r)) {
         return p;
     }
+    let before = p.clone();
     p.replicas = target;
     p.adding.clear();
     p.removing.clear();
-    keep_isr_and_leader_within_replicas(image, &mut p);
-    p
+    // Never refused: every target replica is in the ISR.
+    match keep_isr_and_leader_within_replicas(image, &mut p) {
+        Ok(()) => p,
+        Err(_) => before,
+    }
 }
 
 /// A cancelled reassignment: back to the original replicas; the replicas being added leave the
-/// ISR. In the rare case that only added replicas were in sync, the original replicas become
-/// the ISR again, an unclean revert as Kafka's controller makes.
-fn revert_reassignment(image: &MetadataImage, p: &PartitionRecord) -> PartitionRecord {
+/// ISR. If only added replicas are in sync, the cancel is refused unless the topic allows
+/// unclean elections (Kafka's rule).
+fn revert_reassignment(
+    image: &MetadataImage,
+    p: &PartitionRecord,
+) -> Result<PartitionRecord, ControllerError> {
     let mut next = p.clone();
     next.replicas = p.original_replicas();
     next.adding.clear();
     next.removing.clear();
-    keep_isr_and_leader_within_replicas(image, &mut next);
-    next
+    keep_isr_and_leader_within_replicas(image, &mut next)?;
+    Ok(next)
 }
 
-/// After `p.replicas` shrank: the ISR keeps only replicas (all of them if none of it is left),
-/// and a leader that is no longer a replica makes way for the first live in-sync replica.
-fn keep_isr_and_leader_within_replicas(image: &MetadataImage, p: &mut PartitionRecord) {
+/// After `p.replicas` shrank: the ISR keeps only replicas, and a leader that is no longer a
+/// replica makes way for the first live in-sync replica. If no in-sync replica would be left
+/// (only replicas being dropped were in sync), the change would be an unclean election: refused
+/// unless the topic allows those (then every kept replica counts as in sync), as Kafka does.
+fn keep_isr_and_leader_within_replicas(
+    image: &MetadataImage,
+    p: &mut PartitionRecord,
+) -> Result<(), ControllerError> {
     p.isr.retain(|r| p.replicas.contains(r));
     if p.isr.is_empty() {
+        if !unclean_allowed(image, p) {
+            return Err(ControllerError::InvalidReplicaAssignment(
+                "no replica that stays is in sync: the change would need an unclean election"
+                    .into(),
+            ));
+        }
         p.isr = p.replicas.clone();
     }
     if p.leader == NO_LEADER || p.isr.contains(&p.leader) {
-        return;
+        return Ok(());
     }
     let leader = p
         .replicas
@@ -937,6 +955,7 @@ fn keep_isr_and_leader_within_replicas(image: &MetadataImage, p: &mut PartitionR
         .unwrap_or(NO_LEADER);
     p.leader = leader;
     p.leader_epoch += 1;
+    Ok(())
 }
 
 /// An operator's placement, checked as Kafka does: every partition has the same number of
@@ -1333,6 +1352,65 @@ mod tests {
         assert_eq!((p.isr.clone(), p.leader), (vec![1, 2, 3], 1));
         assert_eq!(p.leader_epoch, before.leader_epoch);
         assert_eq!(p.partition_epoch, before.partition_epoch + 1);
+    }
+
+    #[test]
+    fn a_cancel_that_would_elect_uncleanly_is_refused_unless_the_topic_allows_it() {
+        let mut ctl = Controller::new(ControllerConfig::default());
+        let mut img = cluster(&mut ctl, 4, 0);
+        let mut t = topic("t", 9, 1, 2);
+        t.assignment = Some(vec![vec![1, 2]]);
+        let recs = ctl.create_topic(&img, &t).unwrap();
+        commit(&mut img, &recs);
+        let part = |img: &MetadataImage| img.topics[&uuid(9)].partitions[&0].clone();
+        let recs = ctl
+            .alter_reassignment(&img, "t", 0, Some(&[4, 3, 2]), true)
+            .unwrap();
+        commit(&mut img, &recs);
+        // 4 joins the ISR, then 1 and 2 leave it: only an added replica is in sync (and leads).
+        let p = part(&img);
+        let e1 = img.brokers[&1].broker_epoch;
+        let (_, recs) = ctl
+            .alter_partition(
+                &img,
+                1,
+                e1,
+                uuid(9),
+                0,
+                p.leader_epoch,
+                p.partition_epoch,
+                &[1, 2, 4],
+            )
+            .unwrap();
+        commit(&mut img, &recs);
+        let recs = fence_changes(&img, 2);
+        commit(&mut img, &recs);
+        let recs = fence_changes(&img, 1);
+        commit(&mut img, &recs);
+        let p = part(&img);
+        assert_eq!((p.isr.clone(), p.leader), (vec![4], 4), "{p:?}");
+        assert!(matches!(
+            ctl.alter_reassignment(&img, "t", 0, None, true)
+                .unwrap_err(),
+            ControllerError::InvalidReplicaAssignment(_)
+        ));
+        let recs = ctl
+            .alter_topic_configs(
+                &img,
+                "t",
+                &[("unclean.leader.election.enable".into(), Some("true".into()))],
+            )
+            .unwrap();
+        commit(&mut img, &recs);
+        let recs = ctl.alter_reassignment(&img, "t", 0, None, true).unwrap();
+        commit(&mut img, &recs);
+        let p = part(&img);
+        assert_eq!(
+            (p.replicas.clone(), p.isr.clone()),
+            (vec![2, 1], vec![2, 1]),
+            "{p:?}"
+        );
+        assert!(p.leader == 1 || p.leader == 2, "{p:?}");
     }
 
     #[test]

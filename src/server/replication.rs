@@ -104,13 +104,15 @@ impl Quota {
 }
 
 /// This shard's share of a throttle rate (`*.replication.throttled.rate`) of the node, if the
-/// replica (`partition` on `broker`, listed in the topic's `list_key` config) is throttled:
-/// KIP-73 throttles only replicas outside the ISR, so that the high watermark never waits.
+/// traffic of follower `follower` is throttled: this node's replica of `partition` is listed
+/// in the topic's `list_key` config (the leader list names serving replicas, the follower list
+/// fetching ones) and the follower is outside the ISR (KIP-73 throttles only those, so that
+/// the high watermark never waits for a quota).
 fn throttle_rate(
     sh: &Shard,
     topic: &str,
     partition: i32,
-    broker: i32,
+    follower: i32,
     list_key: &str,
     rate_key: &str,
 ) -> Option<f64> {
@@ -123,11 +125,11 @@ fn throttle_rate(
         .ok()? as f64;
     let t = img.topic(topic)?;
     let a = t.assignments.get(partition as usize)?;
-    if a.isr.contains(&broker) {
+    if a.isr.contains(&follower) {
         return None;
     }
-    let listed =
-        crate::cluster::topic_config::throttled(t.configs.get(list_key), partition, broker);
+    let me = sh.node.node_id;
+    let listed = crate::cluster::topic_config::throttled(t.configs.get(list_key), partition, me);
     listed.then(|| rate / sh.node.shards().max(1) as f64)
 }
 
@@ -145,6 +147,7 @@ pub async fn sync_shard(sh: Rc<Shard>) {
     let mut roles: Vec<(Key, usize, i32, i32, Vec<i32>)> = Vec::new();
     // Replicas this node held and no longer does (a reassignment moved them away).
     let mut moved_away: Vec<Key> = Vec::new();
+    let check_strays;
     {
         let img = node.image();
         for part in sh.open_partitions() {
@@ -158,12 +161,16 @@ pub async fn sync_shard(sh: Rc<Shard>) {
                 moved_away.push((part.topic.clone(), part.index));
             }
         }
-        let unfenced = img
-            .cluster
-            .as_ref()
-            .is_some_and(|c| c.brokers.iter().any(|b| b.id == me && !b.fenced));
-        let check_strays = unfenced
-            && FOLLOWED.with(|f| !std::mem::replace(&mut f.borrow_mut().strays_checked, true));
+        // Only once this process's own registration is unfenced: the image is then at least
+        // as new as the registration (a stale one could name a replica moved back here since).
+        let epoch = node.broker_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        let unfenced = epoch >= 0
+            && img.cluster.as_ref().is_some_and(|c| {
+                c.brokers
+                    .iter()
+                    .any(|b| b.id == me && b.epoch == epoch && !b.fenced)
+            });
+        check_strays = unfenced && FOLLOWED.with(|f| !f.borrow().strays_checked);
         if check_strays {
             for t in img.topics.values() {
                 for (p, a) in t.assignments.iter().enumerate() {
@@ -203,12 +210,6 @@ pub async fn sync_shard(sh: Rc<Shard>) {
             }
         }
     }
-    for (t, p) in moved_away {
-        sh.remove_replica(&t, p).await;
-        if !current() {
-            return;
-        }
-    }
     for ((t, p), replicas, leader, leader_epoch, isr_followers) in roles {
         let part = sh.replica(&t, p).await;
         if !current() {
@@ -235,6 +236,17 @@ pub async fn sync_shard(sh: Rc<Shard>) {
     let keeper = FOLLOWED.with(|f| !std::mem::replace(&mut f.borrow_mut().isr_keeper, true));
     if keeper {
         glommio::spawn_local(isr_keeper(sh.clone())).detach();
+    }
+    // After the roles: a removal waits for the open lock, which leadership must not wait for.
+    for (t, p) in moved_away {
+        if !current() {
+            // A newer image's run takes over (and looks for strays again if this one did).
+            return;
+        }
+        sh.remove_replica(&t, p).await;
+    }
+    if check_strays {
+        FOLLOWED.with(|f| f.borrow_mut().strays_checked = true);
     }
 }
 

@@ -167,49 +167,78 @@ impl Shard {
     }
 
     /// Closes and deletes this node's replica of a partition that the image no longer places
-    /// here (a reassignment moved it away). Leaders and writers on it are refused from now on;
-    /// the files go once its running write is done. Nothing is removed if the image lists this
-    /// node again by the time the open lock is held.
+    /// here (a reassignment moved it away). Under the open lock, briefly: the replica leaves
+    /// the shard, refuses writes (waiting acks=all producers are told leadership moved) and its
+    /// directory is renamed aside (`<dir>.<nanos>-delete`, as Kafka names it); the files go in
+    /// the background once its running write is done. Nothing happens if the image lists this
+    /// node again by the time the lock is held.
     pub async fn remove_replica(&self, topic: &str, index: i32) {
         let key: (Arc<str>, i32) = (Arc::from(topic), index);
         let Ok(_permit) = self.open_lock.acquire_permit(1).await else {
             return;
         };
-        let held = {
-            let img = self.node.image();
-            img.topic(topic).is_some_and(|t| {
-                t.assignments.is_empty()
-                    || t.assignments
-                        .get(index as usize)
-                        .is_some_and(|a| a.replicas.contains(&self.node.node_id))
-            })
-        };
-        if held {
+        if self.hosts(topic, index) {
             return;
         }
         let old = self.partitions.borrow_mut().remove(&key);
-        if let Some(old) = old {
-            // Waiting acks=all producers are told leadership moved; no write starts any more.
+        if let Some(old) = &old {
             let (replicas, epoch) = (old.replication().replicas.max(2), old.leader_epoch());
             old.set_replication(replicas, -1, epoch, self.node.node_id, Vec::new());
             old.log.retire("replica moved to other nodes");
-            // Bounded: a follower's writes are awaited by its fetcher; 30 s covers a slow disk.
-            for _ in 0..30_000 {
-                if old.is_idle() {
-                    break;
-                }
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-            }
         }
         let dir = metadata::partition_dir(&self.node.data_dir, topic, index);
-        if dir.exists() {
-            match crate::log::storage::remove_dir_all(dir.clone()).await {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let aside = dir.with_file_name(format!("{topic}-{index}.{nanos}-delete"));
+        let moved = {
+            let (from, to) = (dir.clone(), aside.clone());
+            crate::log::storage::off_reactor(move || match std::fs::rename(&from, &to) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                r => r.map(|()| true),
+            })
+            .await
+        };
+        match moved {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!("cannot set aside {}: {e}", dir.display());
+                return;
+            }
+        }
+        let (topic, index) = (topic.to_string(), index);
+        glommio::spawn_local(async move {
+            if let Some(old) = old {
+                // Bounded: a follower's writes are awaited by its fetcher; 30 s covers a slow
+                // disk. The files are renamed already: nothing reopens them meanwhile.
+                for _ in 0..30_000 {
+                    if old.is_idle() {
+                        break;
+                    }
+                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            match crate::log::storage::remove_dir_all(aside.clone()).await {
                 Ok(()) => {
                     tracing::info!("removed replica {topic}-{index}: it moved to other nodes")
                 }
-                Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", aside.display()),
             }
-        }
+        })
+        .detach();
+    }
+
+    /// Whether the image places a replica of the partition on this node (always on a single
+    /// node, and for a topic the image does not know: nothing to decide on then).
+    fn hosts(&self, topic: &str, index: i32) -> bool {
+        let img = self.node.image();
+        img.topic(topic).is_none_or(|t| {
+            t.assignments.is_empty()
+                || t.assignments
+                    .get(index as usize)
+                    .is_some_and(|a| a.replicas.contains(&self.node.node_id))
+        })
     }
 
     async fn open_replica(&self, topic: &str, index: i32) -> Option<PartitionRef> {
@@ -227,6 +256,10 @@ impl Shard {
         let _permit = self.open_lock.acquire_permit(1).await.ok()?;
         if let Some(p) = self.partitions.borrow().get(&key) {
             return Some(p.clone());
+        }
+        // The image may have moved the replica away while this waited for the lock.
+        if !self.hosts(topic, index) {
+            return None;
         }
         self.open_locked(key).await
     }

@@ -22,7 +22,45 @@ pub async fn handle(
         let forwarded =
             crate::server::controller::forward_for_client(&node, version, &req, &ctx.client_host);
         return match forwarded.await {
-            Ok(r) => r,
+            Ok(r) => {
+                // Answered once this node's image shows the accepted changes, so that a
+                // ListPartitionReassignments or Metadata sent here next sees them.
+                let accepted: Vec<(String, i32, Option<Vec<i32>>)> = req
+                    .topics
+                    .iter()
+                    .flat_map(|t| {
+                        t.partitions.iter().filter_map(|p| {
+                            let ok = r.responses.iter().any(|x| {
+                                x.name == t.name
+                                    && x.partitions.iter().any(|y| {
+                                        y.partition_index == p.partition_index
+                                            && y.error_code == ec::NONE
+                                    })
+                            });
+                            let target =
+                                p.replicas.as_ref().map(|v| v.iter().map(|b| b.0).collect());
+                            ok.then(|| (t.name.0.to_string(), p.partition_index, target))
+                        })
+                    })
+                    .collect();
+                if r.error_code == ec::NONE && !accepted.is_empty() {
+                    crate::server::controller::wait_for_image(
+                        &node,
+                        std::time::Duration::from_secs(5),
+                        |img| {
+                            accepted.iter().all(|(t, p, target)| {
+                                let a = img.topic(t).and_then(|m| m.assignments.get(*p as usize));
+                                a.is_some_and(|a| match target {
+                                    Some(want) => a.replicas.starts_with(want),
+                                    None => a.adding.is_empty() && a.removing.is_empty(),
+                                })
+                            })
+                        },
+                    )
+                    .await;
+                }
+                r
+            }
             Err(e) => {
                 tracing::debug!("AlterPartitionReassignments not forwarded: {e:#}");
                 let mut r = AlterPartitionReassignmentsResponse::default();
