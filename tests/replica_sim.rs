@@ -1,7 +1,10 @@
 //! Deterministic simulation of partition replication: leaders, followers, their fetchers and
 //! the controller, with crashes, power cuts, network partitions and slow nodes.
 //!
-//! Three brokers host one partition with three replicas and `min.insync.replicas=2`. The
+//! Five brokers host one partition with three replicas and `min.insync.replicas=2`; now and
+//! then an operator moves the replicas to three other brokers (KIP-455 reassignment, by the
+//! controller's own rules) or cancels a running move, and a broker that learns it no longer
+//! holds the partition deletes its replica, as the broker does. The
 //! replication rules are the broker's own (`fjord::partition::rules`: high watermark, KIP-101
 //! divergence and KIP-279 truncation, KIP-320 epoch checks, ISR membership and the live-ISR
 //! count) over the broker's own leader-epoch cache (`fjord::log::epochs`), and the controller
@@ -18,8 +21,8 @@
 //! - every acks=all acknowledgement was for a record committed at its offset;
 //!
 //! and at the end, once every node is up and the network heals: every acknowledged record is
-//! in the final leader's log at its offset, exactly once, and every replica holds the leader's
-//! log below the high watermark.
+//! in the final leader's log at its offset, exactly once, every replica holds the leader's log
+//! below the high watermark, and no move is left unfinished.
 //!
 //! `FJORD_REPLICA_SEEDS=N` (how many schedules), `FJORD_REPLICA_SEED_BASE`, and
 //! `FJORD_REPLICA_SEED=S` (replay one) as in `quorum_sim`.
@@ -34,7 +37,9 @@ use fjord::quorum::record::{Listener, NO_LEADER};
 use fjord::quorum::{Controller, ControllerConfig, MetadataImage, MetadataRecord};
 use uuid::Uuid;
 
-const NODES: [i32; 3] = [1, 2, 3];
+const NODES: [i32; 5] = [1, 2, 3, 4, 5];
+/// The first replicas of the partition (the rest of `NODES` start without it).
+const FIRST_REPLICAS: [i32; 3] = [1, 2, 3];
 const STEP_MS: u64 = 10;
 const SESSION_MS: u64 = 3_000;
 const HEARTBEAT_MS: u64 = 500;
@@ -184,6 +189,10 @@ struct Stats {
     diverged: u64,
     elections: u64,
     isr_changes: u64,
+    moves: u64,
+    moves_done: u64,
+    cancels: u64,
+    removed: u64,
 }
 
 struct Sim {
@@ -272,7 +281,7 @@ impl Sim {
             partitions: 1,
             replication_factor: 3,
             configs: BTreeMap::new(),
-            assignment: Some(vec![NODES.to_vec()]),
+            assignment: Some(vec![FIRST_REPLICAS.to_vec()]),
         };
         let recs = sim
             .ctl
@@ -302,6 +311,9 @@ impl Sim {
                 }
                 if before.is_some_and(|b| b.isr != p.isr) {
                     self.stats.isr_changes += 1;
+                }
+                if before.is_some_and(|b| b.reassigning() && !p.reassigning()) {
+                    self.stats.moves_done += 1;
                 }
             }
         }
@@ -424,15 +436,46 @@ impl Sim {
             }
         }
         if self.rng.chance(1_000) {
-            let id = NODES[self.rng.below(3) as usize];
+            let id = NODES[self.rng.below(NODES.len() as u64) as usize];
             let until = self.now + self.rng.range(500, 8_000);
             self.node(id).isolated_until = until;
             self.stats.partitions += 1;
         }
         if self.rng.chance(1_000) {
-            let id = NODES[self.rng.below(3) as usize];
+            let id = NODES[self.rng.below(NODES.len() as u64) as usize];
             let until = self.now + self.rng.range(500, 5_000);
             self.node(id).slow_until = until;
+        }
+        if self.rng.chance(400) {
+            self.operator_move();
+        }
+    }
+
+    /// AlterPartitionReassignments: three random brokers as the new replicas, or (sometimes,
+    /// while a move runs) a cancel. Refusals (a cancel that would elect uncleanly) change
+    /// nothing.
+    fn operator_move(&mut self) {
+        let moving = self.img.topics[&Uuid::from_u128(TOPIC)].partitions[&0].reassigning();
+        let target = if moving && self.rng.chance(300_000) {
+            None
+        } else {
+            let mut pool = NODES.to_vec();
+            let mut t = Vec::new();
+            for _ in 0..3 {
+                t.push(pool.remove(self.rng.below(pool.len() as u64) as usize));
+            }
+            Some(t)
+        };
+        if let Ok(recs) = self
+            .ctl
+            .alter_reassignment(&self.img, "t", 0, target.as_deref(), true)
+        {
+            if target.is_some() {
+                self.stats.moves += 1;
+            } else {
+                self.stats.cancels += 1;
+            }
+            self.commit(recs);
         }
     }
 
@@ -537,6 +580,14 @@ impl Sim {
         else {
             return;
         };
+        if !p.replicas.contains(&id) {
+            // Moved away (or never here): the broker closes the replica and deletes its files.
+            if n.r.initialized || !n.r.log.is_empty() {
+                n.r = Replica::default();
+                self.stats.removed += 1;
+            }
+            return;
+        }
         let r = &mut n.r;
         let leader = p.leader == id;
         let became_leader = leader && !r.leader;
@@ -616,6 +667,14 @@ impl Sim {
     /// The leader's side of a follower's fetch (`server::replication::follower_read`).
     fn serve_fetch(&mut self, me: i32, from: i32, offset: u64, last_epoch: i32, current: i32) {
         let now = self.now;
+        // Only a replica's fetch moves its position (`follower_read`'s is_replica).
+        let is_replica = self
+            .node(me)
+            .view
+            .topics
+            .get(&Uuid::from_u128(TOPIC))
+            .and_then(|t| t.partitions.get(&0))
+            .is_some_and(|p| p.replicas.contains(&from));
         let reply = {
             let r = &mut self.node(me).r;
             let asked = current;
@@ -639,6 +698,9 @@ impl Sim {
                     asked,
                     leader_hw: r.hw,
                 })
+            } else if !is_replica {
+                // Not (or no longer) a replica here: served, but it counts for nothing.
+                None
             } else {
                 r.follower_end.insert(from, offset);
                 let end = r.synced as u64;
@@ -657,6 +719,10 @@ impl Sim {
             return;
         }
         self.recompute_hw(me);
+        self.send_data(me, from, offset, current);
+    }
+
+    fn send_data(&mut self, me: i32, from: i32, offset: u64, current: i32) {
         let (records, leader_hw) = {
             let r = &self.node(me).r;
             // Up to what it has written, synced or not (`Partition::read_for_follower`).
@@ -990,6 +1056,9 @@ impl Sim {
         if p.leader == NO_LEADER {
             return Err(format!("no leader after healing: {p:?}"));
         }
+        if p.reassigning() {
+            return Err(format!("a move is unfinished after healing: {p:?}"));
+        }
         let leader = p.leader;
         let log = self.node(leader).r.log.clone();
         let hw = self.node(leader).r.hw;
@@ -1005,7 +1074,7 @@ impl Sim {
         if values.len() != log.len() {
             return Err("a value appears twice in the leader's log".into());
         }
-        for n in &self.nodes {
+        for n in self.nodes.iter().filter(|n| p.replicas.contains(&n.id)) {
             let upto = (hw as usize).min(n.r.log.len());
             if n.r.log[..upto] != log[..upto] {
                 return Err(format!(
@@ -1057,6 +1126,10 @@ fn replica_simulation() {
         total.diverged += s.diverged;
         total.elections += s.elections;
         total.isr_changes += s.isr_changes;
+        total.moves += s.moves;
+        total.moves_done += s.moves_done;
+        total.cancels += s.cancels;
+        total.removed += s.removed;
     }
     eprintln!(
         "replica simulation: {} schedules, {} s simulated\n  {total:?}",
@@ -1068,5 +1141,6 @@ fn replica_simulation() {
     if seeds.len() >= 10 {
         assert!(total.acked > 0 && total.elections > 0 && total.diverged > 0);
         assert!(total.power_cuts > 0 && total.truncations > 0 && total.isr_changes > 0);
+        assert!(total.moves > 0 && total.moves_done > 0 && total.cancels > 0 && total.removed > 0);
     }
 }
