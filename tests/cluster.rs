@@ -1742,7 +1742,8 @@ fn a_consumer_reads_from_an_in_sync_replica_in_its_own_rack() {
 #[test]
 fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
     use std::sync::{Arc, Mutex};
-    let mut cl = Cluster::start(3, 1);
+    // Several fetchers per leader (Kafka's num.replica.fetchers) share the followed partitions.
+    let mut cl = Cluster::start_with(3, 1, &["num.replica.fetchers=3"]);
     let all: BTreeSet<i32> = [1, 2, 3, 4].into();
     let boot = cl.node(2).bootstrap();
     wait_for("every node registered", Duration::from_secs(60), || {

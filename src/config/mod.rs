@@ -112,6 +112,10 @@ pub struct NodeSection {
     /// has nothing new.
     #[serde(default = "default_replica_fetch_wait_max_ms")]
     pub replica_fetch_wait_max_ms: u64,
+    /// Kafka's num.replica.fetchers: fetchers per leader node on each shard; a followed
+    /// partition is fetched by the one its name and index hash to.
+    #[serde(default = "default_num_replica_fetchers")]
+    pub num_replica_fetchers: usize,
 }
 
 fn default_replica_fetch_max_bytes() -> u64 {
@@ -122,6 +126,9 @@ fn default_replica_fetch_response_max_bytes() -> u64 {
 }
 fn default_replica_fetch_wait_max_ms() -> u64 {
     500
+}
+fn default_num_replica_fetchers() -> usize {
+    1
 }
 
 fn default_true() -> bool {
@@ -407,6 +414,7 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
         "node.replica_fetch_wait_max_ms",
         1,
     ),
+    ("num.replica.fetchers", "node.num_replica_fetchers", 1),
     (
         "leader.imbalance.check.interval.seconds",
         "node.leader_imbalance_check_interval_ms",
@@ -998,6 +1006,9 @@ impl Tuning {
         }
         if self.node.replica_fetch_wait_max_ms > 30_000 {
             return bad("node.replica_fetch_wait_max_ms", "must be at most 30000");
+        }
+        if !(1..=64).contains(&self.node.num_replica_fetchers) {
+            return bad("node.num_replica_fetchers", "must be between 1 and 64");
         }
         let sel = self.node.replica_selector.as_str();
         if !(sel.is_empty() || sel == "rack" || sel.ends_with("RackAwareReplicaSelector")) {

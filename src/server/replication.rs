@@ -49,12 +49,27 @@ const REPLICA_FETCH_VERSION: i16 = 12;
 
 type Key = (Arc<str>, i32);
 
+/// One of a shard's fetchers: (leader node, index below `node.num_replica_fetchers`). A
+/// partition is fetched by the fetcher its key hashes to, as Kafka spreads partitions over
+/// its num.replica.fetchers threads per leader.
+type Fetcher = (i32, usize);
+
+fn fetcher_index(topic: &str, partition: i32, fetchers: usize) -> usize {
+    // FNV-1a: stable across runs, so a partition keeps its fetcher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in topic.bytes().chain(partition.to_be_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % fetchers.max(1) as u64) as usize
+}
+
 #[derive(Default)]
 struct Followed {
     /// Leader node → the partitions this shard follows from it.
-    by_leader: BTreeMap<i32, BTreeSet<Key>>,
-    /// Leaders with a running fetcher on this shard.
-    running: BTreeSet<i32>,
+    by_leader: BTreeMap<Fetcher, BTreeSet<Key>>,
+    /// Fetchers running on this shard.
+    running: BTreeSet<Fetcher>,
     /// The ISR keeper of this shard's led partitions runs.
     isr_keeper: bool,
     /// Directories of replicas this node no longer holds were looked for (once per process,
@@ -143,7 +158,8 @@ pub async fn sync_shard(sh: Rc<Shard>) {
         g.get()
     });
     let current = || SYNC_GENERATION.with(|g| g.get()) == generation;
-    let mut by_leader: BTreeMap<i32, BTreeSet<Key>> = BTreeMap::new();
+    let mut by_leader: BTreeMap<Fetcher, BTreeSet<Key>> = BTreeMap::new();
+    let fetchers = node.tuning.node.num_replica_fetchers.max(1);
     let mut roles: Vec<(Key, usize, i32, i32, Vec<i32>)> = Vec::new();
     // Replicas this node held and no longer does (a reassignment moved them away).
     let mut moved_away: Vec<Key> = Vec::new();
@@ -203,7 +219,7 @@ pub async fn sync_shard(sh: Rc<Shard>) {
                 ));
                 if !leader && a.leader >= 0 && a.replicas.len() > 1 {
                     by_leader
-                        .entry(a.leader)
+                        .entry((a.leader, fetcher_index(&t.name, p, fetchers)))
                         .or_default()
                         .insert((name.clone(), p));
                 }
@@ -219,19 +235,19 @@ pub async fn sync_shard(sh: Rc<Shard>) {
             part.set_replication(replicas, leader, leader_epoch, me, isr_followers);
         }
     }
-    let start: Vec<i32> = FOLLOWED.with(|f| {
+    let start: Vec<Fetcher> = FOLLOWED.with(|f| {
         let mut f = f.borrow_mut();
         f.by_leader = by_leader;
-        let leaders: Vec<i32> = f.by_leader.keys().copied().collect();
-        let start: Vec<i32> = leaders
+        let wanted: Vec<Fetcher> = f.by_leader.keys().copied().collect();
+        let start: Vec<Fetcher> = wanted
             .into_iter()
             .filter(|l| !f.running.contains(l))
             .collect();
         f.running.extend(start.iter().copied());
         start
     });
-    for leader in start {
-        glommio::spawn_local(fetch_loop(sh.clone(), leader)).detach();
+    for fetcher in start {
+        glommio::spawn_local(fetch_loop(sh.clone(), fetcher)).detach();
     }
     let keeper = FOLLOWED.with(|f| !std::mem::replace(&mut f.borrow_mut().isr_keeper, true));
     if keeper {
@@ -341,11 +357,11 @@ async fn isr_keeper(sh: Rc<Shard>) {
     }
 }
 
-fn followed_from(leader: i32) -> Vec<Key> {
+fn followed_from(fetcher: Fetcher) -> Vec<Key> {
     FOLLOWED.with(|f| {
         f.borrow()
             .by_leader
-            .get(&leader)
+            .get(&fetcher)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
     })
@@ -368,13 +384,14 @@ fn leader_addr(sh: &Shard, leader: i32) -> Option<std::net::SocketAddr> {
 }
 
 /// One shard's fetcher from one leader: runs while the shard follows anything from it.
-async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
+async fn fetch_loop(sh: Rc<Shard>, fetcher: Fetcher) {
+    let leader = fetcher.0;
     let mut conn: Option<Conn> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let keys = followed_from(leader);
+        let keys = followed_from(fetcher);
         if keys.is_empty() {
-            FOLLOWED.with(|f| f.borrow_mut().running.remove(&leader));
+            FOLLOWED.with(|f| f.borrow_mut().running.remove(&fetcher));
             return;
         }
         if conn.is_none() {
@@ -412,7 +429,7 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                 let still = FOLLOWED.with(|f| {
                     f.borrow()
                         .by_leader
-                        .get(&leader)
+                        .get(&fetcher)
                         .is_some_and(|s| s.contains(&(t.clone(), p)))
                 });
                 if follower && still && (start_over || to < part.log.log_end_offset()) {
@@ -493,7 +510,7 @@ async fn fetch_loop(sh: Rc<Shard>, leader: i32) {
                 let still = FOLLOWED.with(|f| {
                     f.borrow()
                         .by_leader
-                        .get(&leader)
+                        .get(&fetcher)
                         .is_some_and(|s| s.contains(&key))
                 });
                 if !still {
@@ -834,6 +851,19 @@ async fn wait_any(shards: usize, wants: &[(usize, FollowerWant)], deadline: Inst
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_spread_over_fetchers_and_stay_with_theirs() {
+        let mut used = [0usize; 4];
+        for p in 0..400 {
+            let i = fetcher_index("orders", p, 4);
+            assert_eq!(i, fetcher_index("orders", p, 4));
+            used[i] += 1;
+        }
+        assert!(used.iter().all(|n| *n > 60), "{used:?}");
+        assert_eq!(fetcher_index("orders", 7, 1), 0);
+        assert_eq!(fetcher_index("orders", 7, 0), 0);
+    }
 
     #[test]
     fn quota_lets_a_second_of_traffic_through_then_paces_it() {
