@@ -842,32 +842,66 @@ fn kafkajs_path() -> std::path::PathBuf {
 }
 
 #[test]
-fn kafkajs_sees_a_three_node_cluster() {
+fn kafkajs_sees_a_three_node_cluster_and_rides_out_a_leaders_death() {
     let path = kafkajs_path();
     assert!(
         path.join("kafkajs").exists(),
         "kafkajs is not installed in {} (npm install --prefix ~/.cache/fjord/js kafkajs@2.2.4)",
         path.display()
     );
-    let cl = Cluster::start(3, 0);
+    let mut cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     wait_for("every node registered", Duration::from_secs(30), || {
         (metadata(&cl.node(1).bootstrap(), None).0 == all).then_some(())
     });
     let nodes: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/cluster.js");
-    let out = Command::new("node")
-        .arg(script)
-        .arg(nodes.join(","))
-        .env("NODE_PATH", &path)
-        .output()
-        .expect("node (apt install nodejs)");
-    assert!(
-        out.status.success(),
-        "kafkajs failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, transcript, killed) = run_until_kill(
+        Command::new("node")
+            .arg(script)
+            .arg(nodes.join(","))
+            .env("NODE_PATH", &path),
+        &mut cl,
+        &nodes[0],
+        "js-rf3",
     );
+    assert!(
+        ok && killed.is_some(),
+        "kafkajs failed (killed node {killed:?}):\n{transcript}"
+    );
+}
+
+/// Runs a client script that prints "killing now" when the leader of `topic`'s partition 0
+/// should die: kills it (SIGKILL) then, and collects the rest. (success, transcript, killed).
+fn run_until_kill(
+    cmd: &mut Command,
+    cl: &mut Cluster,
+    via: &str,
+    topic: &str,
+) -> (bool, String, Option<i32>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the client runs (see the test's requirements)");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut transcript = String::new();
+    let mut killed = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("a line");
+        if line == "killing now" && killed.is_none() {
+            let (_, parts) = metadata(via, Some(topic));
+            let leader = parts.first().map(|p| p.0).expect("partition 0 led");
+            cl.node_mut(leader).kill9();
+            killed = Some(leader);
+        }
+        transcript.push_str(&line);
+        transcript.push('\n');
+    }
+    let out = child.wait_with_output().expect("the client exits");
+    transcript.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), transcript, killed)
 }
 
 #[test]
@@ -1976,4 +2010,57 @@ fn a_throttled_reassignment_copies_at_the_rate_and_clears_its_throttles() {
         "throttles lifted: {out}"
     );
     assert_eq!(consume_count(&boot, "slow", 1, 1), 1);
+}
+
+/// Issue 10's promises with the Python clients and kcat: confluent-kafka's idempotent acks=all
+/// producer keeps writing while partition 0's leader is killed (SIGKILL) and loses and
+/// duplicates nothing; kafka-python and aiokafka then write acks=all through the survivors,
+/// and every acknowledged record is read back by all three libraries and by kcat.
+#[test]
+fn python_clients_and_kcat_ride_out_a_leaders_death() {
+    let mut cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&cl.node(1).bootstrap(), None).0 == all).then_some(())
+    });
+    let nodes: Vec<String> = (1..=3).map(|i| cl.node(i).bootstrap()).collect();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/cluster_failover.py"
+    );
+    let (ok, transcript, killed) = run_until_kill(
+        Command::new("python3").arg(script).arg(nodes.join(",")),
+        &mut cl,
+        &nodes[0],
+        "py-failover",
+    );
+    assert!(
+        ok && transcript.contains("all clients ok"),
+        "python clients failed (killed node {killed:?}):\n{transcript}"
+    );
+    let killed = killed.expect("a leader was killed");
+    let acked: usize = transcript
+        .lines()
+        .find_map(|l| l.strip_prefix("acknowledged ")?.parse().ok())
+        .expect("the acknowledged count");
+    let survivor = nodes[(killed as usize) % 3].clone();
+    let k = Command::new("kcat")
+        .args([
+            "-C",
+            "-b",
+            &survivor,
+            "-t",
+            "py-failover",
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+        ])
+        .output()
+        .expect("kcat -C");
+    let read = String::from_utf8_lossy(&k.stdout).lines().count();
+    assert!(
+        read >= acked,
+        "kcat read {read} of {acked} acknowledged records"
+    );
 }
