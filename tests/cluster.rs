@@ -125,6 +125,17 @@ impl Cluster {
         Broker::start_in(data, &args)
     }
 
+    /// Starts node `id` again on its own data (its old process is dead or is killed here),
+    /// keeping its files, with `settings` as extra `--set`s.
+    fn restart(&mut self, id: i32, settings: &[&str]) {
+        let data = self.node(id).data().to_path_buf();
+        let voters = self.voters.clone();
+        self.node_mut(id).kill9();
+        let mut b = Cluster::spawn_with(id, &voters, Some(data), settings);
+        b.adopt_files_of(self.node_mut(id));
+        *self.node_mut(id) = b;
+    }
+
     fn node(&self, id: i32) -> &Broker {
         &self.nodes.iter().find(|(i, _)| *i == id).expect("node").1
     }
@@ -356,9 +367,7 @@ fn three_voters_and_a_broker_form_a_cluster_that_survives_losing_its_controller(
     );
 
     // Restarted with the same data dir, it registers again and is unfenced.
-    let data = cl.node(active).data().to_path_buf();
-    let voters = cl.voters.clone();
-    *cl.node_mut(active) = Cluster::spawn(active, &voters, Some(data));
+    cl.restart(active, &[]);
     wait_for("the restarted node back", Duration::from_secs(90), || {
         (metadata(&sb, None).0 == all).then_some(())
     });
@@ -1045,9 +1054,7 @@ fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
     assert_eq!(values.len(), 1200, "every acknowledged record is there");
     assert_eq!(got.len(), 1200, "and none twice");
     // The restarted node comes back as a follower and catches up.
-    let data = cl.node(victim).data().to_path_buf();
-    let voters = cl.voters.clone();
-    *cl.node_mut(victim) = Cluster::spawn(victim, &voters, Some(data));
+    cl.restart(victim, &[]);
     wait_for(
         "the restarted node registered",
         Duration::from_secs(30),
@@ -1205,8 +1212,7 @@ fn a_deposed_leader_cuts_its_unreplicated_tail_and_ends_identical_to_the_new_lea
     // The new leader writes on from its own end, over offsets the old leader had used.
     produce_from(&ob, "diverge", 1000, 3000);
     let data = cl.node(old).data().to_path_buf();
-    let voters = cl.voters.clone();
-    *cl.node_mut(old) = Cluster::spawn(old, &voters, Some(data.clone()));
+    cl.restart(old, &[]);
     wait_for(
         "the old leader back in the ISR",
         Duration::from_secs(30),
@@ -1308,9 +1314,7 @@ fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicat
                 (parts.len() == 2 && parts.iter().all(|p| p.0 >= 0 && p.0 != leader)).then_some(())
             },
         );
-        let data = cl.node(leader).data().to_path_buf();
-        let voters = cl.voters.clone();
-        *cl.node_mut(leader) = Cluster::spawn(leader, &voters, Some(data));
+        cl.restart(leader, &[]);
         wait_for(
             &format!("round {round}: back in every ISR"),
             Duration::from_secs(60),
@@ -1532,14 +1536,7 @@ fn leadership_returns_to_the_preferred_replica_once_it_is_back_in_sync() {
         leader_of(&boot, "pref").filter(|p| p.0 > 1).map(|_| ())
     });
     produce_from(&boot, "pref", 50, 50);
-    let data = cl.node(1).data().to_path_buf();
-    let voters = cl.voters.clone();
-    *cl.node_mut(1) = Cluster::spawn_with(
-        1,
-        &voters,
-        Some(data),
-        &["node.leader_imbalance_check_interval_ms=1000"],
-    );
+    cl.restart(1, &["node.leader_imbalance_check_interval_ms=1000"]);
     wait_for("node 1 leads again", Duration::from_secs(60), || {
         leader_of(&boot, "pref")
             .filter(|p| p.0 == 1 && p.2.len() == 3)
@@ -1597,12 +1594,8 @@ fn elect_leaders_runs_preferred_and_unclean_elections() {
             .filter(|p| p.0 > 0 && p.0 != 2)
             .map(|_| ())
     });
-    let data = cl.node(2).data().to_path_buf();
-    let voters = cl.voters.clone();
-    *cl.node_mut(2) = Cluster::spawn_with(
+    cl.restart(
         2,
-        &voters,
-        Some(data),
         &[
             "node.auto_leader_rebalance_enable=false",
             "node.replica_lag_time_max_ms=3000",
@@ -1906,6 +1899,11 @@ fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
     std::thread::sleep(Duration::from_secs(1));
     let (ok, out) = cli(&["reassign", "moving"]);
     assert!(ok && out.contains("4,2,3,1"), "still moving: {out}");
+    let (ok, out) = cli(&["describe", "moving"]);
+    assert!(
+        ok && out.contains("partition 0 is moving: adding 3, removing 1"),
+        "{out}"
+    );
     let (ok, out) = cli(&["reassign", "moving", "--cancel"]);
     assert!(ok && out.contains("moving-0: move cancelled"), "{out}");
     let (ok, out) = cli(&["reassign", "moving"]);
@@ -1932,6 +1930,55 @@ fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
         );
     }
     produce(&boot, "moving", 20);
+    // A replica moved away while its node was down is removed when the node is back, and so
+    // is a directory an earlier run set aside for deletion; replicas it still holds stay.
+    cl.restart(3, &[]);
+    cl.node_mut(1).kill9();
+    let (ok, out) = cli(&[
+        "reassign",
+        "moving",
+        "--partition",
+        "1",
+        "--replica-assignment",
+        "2:4",
+        "--wait",
+    ]);
+    assert!(ok, "{out}");
+    let aside = cl.node(1).data().join("moving-9.12345-delete");
+    std::fs::create_dir_all(&aside).expect("a set-aside directory");
+    std::fs::write(aside.join("00000000000000000000.log"), b"junk").expect("junk");
+    let held = |cl: &Cluster, p: i32| cl.node(1).data().join(format!("moving-{p}")).exists();
+    assert!(
+        held(&cl, 1),
+        "node 1 is down: its old replica is still there"
+    );
+    cl.restart(1, &[]);
+    wait_for(
+        "node 1's stray replica and set-aside directory removed",
+        Duration::from_secs(60),
+        || (!held(&cl, 1) && !aside.exists()).then_some(()),
+    );
+    wait_for(
+        "node 1 back in partition 0's ISR",
+        Duration::from_secs(60),
+        || {
+            let (_, parts) = metadata(&boot, Some("moving"));
+            (parts.len() == 2 && parts[0].2.len() == 3).then_some(())
+        },
+    );
+    let listing: Vec<String> = std::fs::read_dir(cl.node(1).data())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        held(&cl, 0),
+        "the replica node 1 still holds stays: {listing:?} in {}\n{:?}",
+        cl.node(1).data().display(),
+        metadata(&boot, Some("moving"))
+    );
 }
 
 /// KIP-73: `fjord topics reassign --throttle` holds the copy to the rate (a replica joining a

@@ -439,6 +439,22 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                         lag.join(" ")
                     );
                 }
+                if topic.is_some() {
+                    // Moves in progress (the replica lists above hold both old and new).
+                    let list = |v: &[i32]| {
+                        v.iter()
+                            .map(|b| b.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    for (_, p, _, adding, removing) in reassignments(&mut c, Some(&name))? {
+                        println!(
+                            "  partition {p} is moving: adding {}, removing {}",
+                            list(&adding),
+                            list(&removing)
+                        );
+                    }
+                }
                 if topic.is_some() && !filtered {
                     print_topic_configs(&mut c, &name)?;
                 }

@@ -263,6 +263,37 @@ pub async fn sync_shard(sh: Rc<Shard>) {
     }
     if check_strays {
         FOLLOWED.with(|f| f.borrow_mut().strays_checked = true);
+        if sh.id == 0 {
+            // Replicas set aside for deletion by an earlier process that died before deleting.
+            glommio::spawn_local(remove_set_aside(node.data_dir.clone())).detach();
+        }
+    }
+}
+
+/// Deletes `<topic>-<partition>.<nanos>-delete` directories (`Shard::remove_replica`) left in
+/// the data directory by a process that stopped between setting one aside and deleting it.
+async fn remove_set_aside(data_dir: std::path::PathBuf) {
+    let dirs = crate::log::storage::off_reactor(move || {
+        std::fs::read_dir(&data_dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.is_dir()
+                            && p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.ends_with("-delete"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    })
+    .await;
+    for d in dirs {
+        match crate::log::storage::remove_dir_all(d.clone()).await {
+            Ok(()) => tracing::info!("removed {}, left by an earlier run", d.display()),
+            Err(e) => tracing::warn!("cannot remove {}: {e}", d.display()),
+        }
     }
 }
 

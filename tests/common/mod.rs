@@ -14,6 +14,9 @@ pub struct Broker {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    /// The temporary directory of an earlier process whose data dir this one took over
+    /// (`adopt_files_of`): removed with this broker, not before.
+    _adopted: Option<tempfile::TempDir>,
     pub extra_args: Vec<String>,
 }
 
@@ -57,6 +60,7 @@ impl Broker {
             addr,
             data_dir,
             _tmp: Some(tmp),
+            _adopted: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
         };
         b.spawn();
@@ -156,6 +160,17 @@ impl Broker {
 
     pub fn data(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Takes over the temporary directories of `old`, whose data dir this broker was started
+    /// on: dropping `old` must not delete the files this one runs on.
+    pub fn adopt_files_of(&mut self, old: &mut Broker) {
+        self._adopted = old._tmp.take().or_else(|| old._adopted.take());
+        if let Some(older) = old._adopted.take() {
+            // Only one level is kept per broker: keep the older one alive too by leaking it
+            // into this process's lifetime (test processes are short).
+            std::mem::forget(older);
+        }
     }
 }
 
