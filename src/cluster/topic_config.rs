@@ -260,15 +260,6 @@ pub fn parse_throttled_replicas(value: &str) -> Option<Option<Vec<(i32, i32)>>> 
     Some(Some(out))
 }
 
-/// Whether a `*.replication.throttled.replicas` value names `broker`'s replica of `partition`.
-pub fn throttled(value: Option<&String>, partition: i32, broker: i32) -> bool {
-    match value.and_then(|v| parse_throttled_replicas(v)) {
-        Some(None) => true,
-        Some(Some(pairs)) => pairs.contains(&(partition, broker)),
-        None => false,
-    }
-}
-
 /// Effective settings of a topic, resolved from its overrides and the node defaults.
 #[derive(Debug, Clone)]
 pub struct EffectiveConfig {
@@ -340,6 +331,21 @@ impl EffectiveConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttled_replica_lists_parse_as_kafka_writes_them() {
+        assert_eq!(parse_throttled_replicas("*"), Some(None));
+        assert_eq!(parse_throttled_replicas(""), Some(Some(vec![])));
+        assert_eq!(
+            parse_throttled_replicas("0:1, 1:2,0:3"),
+            Some(Some(vec![(0, 1), (1, 2), (0, 3)]))
+        );
+        for bad in ["0", "a:1", "0:1,x", "0:1:2"] {
+            assert_eq!(parse_throttled_replicas(bad), None, "{bad}");
+            assert!(validate("leader.replication.throttled.replicas", bad).is_err());
+        }
+        assert!(validate("follower.replication.throttled.replicas", "3:4").is_ok());
+    }
 
     #[test]
     fn max_compaction_lag_rolls_compacted_segments_in_time() {

@@ -28,7 +28,7 @@
 //!   replica moved away).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +83,14 @@ const ISR_CHECK: Duration = Duration::from_millis(500);
 /// replica.high.watermark.checkpoint.interval.ms).
 const HW_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
+/// A topic's `*.replication.throttled.replicas`, parsed: `None` is "*" (every replica).
+type ThrottleList = Option<HashSet<(i32, i32)>>;
+
 thread_local! {
+    /// Parsed throttle lists of the image with this applied index: (topic, config) → list.
+    #[allow(clippy::type_complexity)]
+    static THROTTLE_LISTS: RefCell<(u64, HashMap<(String, String), ThrottleList>)> =
+        RefCell::new((0, HashMap::new()));
     /// This shard's share of the node's KIP-73 quotas: what leaders serve to throttled
     /// followers, and what throttled followers fetch.
     static LEADER_QUOTA: RefCell<Quota> = RefCell::new(Quota::default());
@@ -144,7 +151,26 @@ fn throttle_rate(
         return None;
     }
     let me = sh.node.node_id;
-    let listed = crate::cluster::topic_config::throttled(t.configs.get(list_key), partition, me);
+    let index = img.cluster.as_ref().map_or(0, |c| c.applied_index);
+    let listed = THROTTLE_LISTS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != index {
+            // A new image: lists are parsed again as asked for (bounded by the topics).
+            *c = (index, HashMap::new());
+        }
+        let parsed =
+            c.1.entry((topic.to_string(), list_key.to_string()))
+                .or_insert_with(|| {
+                    t.configs
+                        .get(list_key)
+                        .and_then(|v| crate::cluster::topic_config::parse_throttled_replicas(v))
+                        .map(|l| l.map(|pairs| pairs.into_iter().collect()))
+                        .unwrap_or_else(|| Some(HashSet::new()))
+                });
+        parsed
+            .as_ref()
+            .is_none_or(|set| set.contains(&(partition, me)))
+    });
     listed.then(|| rate / sh.node.shards().max(1) as f64)
 }
 
