@@ -1834,15 +1834,38 @@ fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
     std::thread::sleep(Duration::from_secs(2));
     let on_disk = |node: i32, p: i32| cl.node(node).data().join(format!("moving-{p}")).exists();
     assert!(on_disk(1, 0) && on_disk(1, 1) && !on_disk(4, 0));
-    // Node 1 (partition 0's leader) leaves, node 4 joins.
+    // Another move's throttle entry, which this move's throttling must leave alone.
+    {
+        let a = admin(&boot);
+        let cfg =
+            rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic("moving"))
+                .set("min.insync.replicas", "2")
+                .set("leader.replication.throttled.replicas", "9:9");
+        let r = futures::executor::block_on(a.alter_configs(&[cfg], &AdminOptions::new()))
+            .expect("alter_configs");
+        r[0].as_ref().expect("altered");
+    }
+    // Node 1 (partition 0's leader) leaves, node 4 joins, throttled far above what it needs.
     let (ok, out) = cli(&[
         "reassign",
         "moving",
         "--replica-assignment",
         "4:2:3,2:3:4",
+        "--throttle",
+        "500000000",
         "--wait",
     ]);
-    assert!(ok && out.contains("2 partitions moved"), "{out}");
+    assert!(
+        ok && out.contains("2 partitions moved") && out.contains("throttles removed"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["describe", "moving"]);
+    assert!(
+        ok && out.contains("leader.replication.throttled.replicas=9:9 (topic)\n")
+            && out.contains("follower.replication.throttled.replicas=\n")
+            && out.contains("min.insync.replicas=2 (topic)"),
+        "only this move's throttle entries were lifted: {out}"
+    );
     let (_, parts) = metadata(&boot, Some("moving"));
     assert_eq!(parts[0].1, vec![4, 2, 3], "{parts:?}");
     assert_eq!(parts[1].1, vec![2, 3, 4], "{parts:?}");

@@ -568,7 +568,7 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                 if wait {
                     let moves: Vec<_> = running.into_iter().map(|r| (r.0, r.1, None)).collect();
                     wait_reassigned(&mut c, &moves)?;
-                    clear_throttles(&mut c, &moves)?;
+                    clear_throttles(&mut c, &moves, None)?;
                 }
                 return Ok(());
             };
@@ -576,14 +576,15 @@ pub fn topics(bootstrap: &str, cmd: TopicsCmd) -> anyhow::Result<()> {
                 println!("nothing to move");
                 return Ok(());
             }
-            if let Some(rate) = throttle {
-                set_throttles(&mut c, &moves, rate)?;
-            }
+            let added = match throttle {
+                Some(rate) => Some(set_throttles(&mut c, &moves, rate)?),
+                None => None,
+            };
             alter_reassignments(&mut c, &moves)?;
             if wait && !cancel {
                 wait_reassigned(&mut c, &moves)?;
-                if throttle.is_some() {
-                    clear_throttles(&mut c, &moves)?;
+                if let Some(added) = &added {
+                    clear_throttles(&mut c, &moves, Some(added))?;
                 }
             }
         }
@@ -795,21 +796,27 @@ const THROTTLE_RATES: [&str; 2] = [
     "follower.replication.throttled.rate",
 ];
 
-/// One IncrementalAlterConfigs resource: sets (`Some`) and deletions (`None`).
+/// Kafka's IncrementalAlterConfigs operations.
+const SET: i8 = 0;
+const DELETE: i8 = 1;
+const APPEND: i8 = 2;
+const SUBTRACT: i8 = 3;
+
+/// One IncrementalAlterConfigs resource: (name, operation, value) per change.
 fn alter_configs(
     c: &mut Client,
     resource_type: i8,
     name: &str,
-    changes: &[(&str, Option<String>)],
+    changes: &[(&str, i8, Option<String>)],
 ) -> anyhow::Result<()> {
     use incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
     let mut res = AlterConfigsResource::default();
     res.resource_type = resource_type;
     res.resource_name = sb(name);
-    for (k, v) in changes {
+    for (k, op, v) in changes {
         let mut x = AlterableConfig::default();
         x.name = sb(k);
-        x.config_operation = if v.is_some() { 0 } else { 1 };
+        x.config_operation = *op;
         x.value = v.as_deref().map(sb);
         res.configs.push(x);
     }
@@ -830,14 +837,19 @@ fn alter_configs(
     Ok(())
 }
 
+/// Throttled replicas added per topic: (leader list items, follower list items).
+type Throttles = BTreeMap<String, (Vec<String>, Vec<String>)>;
+
 /// KIP-73 throttles for `moves`, as Kafka's reassignment tool sets them: the replicas the
 /// partitions have now serve (leader side), the replicas they gain fetch (follower side), both
-/// at `rate` bytes a second on every broker.
+/// at `rate` bytes a second on every broker. The topics' lists are appended to (another move's
+/// entries stay); returns what was added.
 fn set_throttles(
     c: &mut Client,
     moves: &[(String, i32, Option<Vec<i32>>)],
     rate: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Throttles> {
+    let mut added = Throttles::new();
     let topics: std::collections::BTreeSet<&str> = moves.iter().map(|m| m.0.as_str()).collect();
     for topic in topics {
         let md = metadata(c, Some(vec![topic.to_string()]))?;
@@ -864,43 +876,61 @@ fn set_throttles(
                     .map(|b| format!("{p}:{b}")),
             );
         }
-        alter_configs(
-            c,
-            2,
-            topic,
-            &[
-                (LEADER_THROTTLED, Some(leaders.join(","))),
-                (FOLLOWER_THROTTLED, Some(followers.join(","))),
-            ],
-        )?;
+        let changes: Vec<(&str, i8, Option<String>)> = [
+            (LEADER_THROTTLED, &leaders),
+            (FOLLOWER_THROTTLED, &followers),
+        ]
+        .into_iter()
+        .filter(|(_, items)| !items.is_empty())
+        .map(|(k, items)| (k, APPEND, Some(items.join(","))))
+        .collect();
+        alter_configs(c, 2, topic, &changes)?;
+        added.insert(topic.to_string(), (leaders, followers));
     }
-    let rates: Vec<(&str, Option<String>)> = THROTTLE_RATES
+    let rates: Vec<(&str, i8, Option<String>)> = THROTTLE_RATES
         .iter()
-        .map(|k| (*k, Some(rate.to_string())))
+        .map(|k| (*k, SET, Some(rate.to_string())))
         .collect();
     alter_configs(c, 4, "", &rates)?;
     println!("throttled to {rate} bytes/s per broker while the replicas copy");
-    Ok(())
+    Ok(added)
 }
 
-/// Removes what `set_throttles` set (also when the moves ran without a throttle: a no-op).
+/// Lifts the throttles once the moves are done: the list entries `added` (from
+/// `set_throttles`), or with `None` the topics' whole lists (Kafka's `--verify` way); a list
+/// left empty is removed, and so are the brokers' rates.
 fn clear_throttles(
     c: &mut Client,
     moves: &[(String, i32, Option<Vec<i32>>)],
+    added: Option<&Throttles>,
 ) -> anyhow::Result<()> {
     if moves.is_empty() {
         return Ok(());
     }
     let topics: std::collections::BTreeSet<&str> = moves.iter().map(|m| m.0.as_str()).collect();
     for topic in topics {
-        alter_configs(
-            c,
-            2,
-            topic,
-            &[(LEADER_THROTTLED, None), (FOLLOWER_THROTTLED, None)],
-        )?;
+        if let Some((leaders, followers)) = added.and_then(|a| a.get(topic)) {
+            let changes: Vec<(&str, i8, Option<String>)> =
+                [(LEADER_THROTTLED, leaders), (FOLLOWER_THROTTLED, followers)]
+                    .into_iter()
+                    .filter(|(_, items)| !items.is_empty())
+                    .map(|(k, items)| (k, SUBTRACT, Some(items.join(","))))
+                    .collect();
+            alter_configs(c, 2, topic, &changes)?;
+        }
+        let mut gone = Vec::new();
+        for k in [LEADER_THROTTLED, FOLLOWER_THROTTLED] {
+            let left = topic_config(c, topic, k)?.unwrap_or_default();
+            if added.is_none() || left.trim().is_empty() {
+                gone.push((k, DELETE, None));
+            }
+        }
+        if !gone.is_empty() {
+            alter_configs(c, 2, topic, &gone)?;
+        }
     }
-    let rates: Vec<(&str, Option<String>)> = THROTTLE_RATES.iter().map(|k| (*k, None)).collect();
+    let rates: Vec<(&str, i8, Option<String>)> =
+        THROTTLE_RATES.iter().map(|k| (*k, DELETE, None)).collect();
     alter_configs(c, 4, "", &rates)?;
     println!("throttles removed");
     Ok(())
