@@ -1242,7 +1242,6 @@ fn a_deposed_leader_cuts_its_unreplicated_tail_and_ends_identical_to_the_new_lea
 /// acknowledged record is read back, none twice.
 #[test]
 fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicate_nothing() {
-    use std::sync::{Arc, Mutex};
     let mut cl = Cluster::start(3, 1);
     let all: BTreeSet<i32> = [1, 2, 3, 4].into();
     let boot: Vec<String> = (1..=4).map(|i| cl.node(i).bootstrap()).collect();
@@ -1259,41 +1258,7 @@ fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicat
     }
     // A producer thread sends without pause; each acknowledged value is recorded from its
     // delivery report, failures counted.
-    let acked: Arc<Mutex<BTreeSet<Vec<u8>>>> = Arc::default();
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = {
-        let ctx = AckContext {
-            acked: acked.clone(),
-            failed: failed.clone(),
-        };
-        let (stop, bootstrap) = (stop.clone(), boot.join(","));
-        std::thread::spawn(move || {
-            let p: rdkafka::producer::BaseProducer<AckContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("message.timeout.ms", "120000")
-                .create_with_context(ctx)
-                .expect("producer");
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let v = format!("c{i}").into_bytes();
-                if p.send(BaseRecord::<(), _>::to("churn").payload(&v)).is_ok() {
-                    i += 1;
-                }
-                // About 2,000 records a second: enough to be mid-flight at every kill.
-                p.poll(Duration::from_millis(if i.is_multiple_of(10) {
-                    5
-                } else {
-                    0
-                }));
-            }
-            p.flush(Duration::from_secs(120))
-                .expect("flushed at the end");
-            i
-        })
-    };
+    let producer = BackgroundProducer::start(&boot.join(","), "churn", "c");
     for round in 0..3 {
         let boot: Vec<String> = (1..=4).map(|i| cl.node(i).bootstrap()).collect();
         let leader = wait_for("a leader to kill", Duration::from_secs(30), || {
@@ -1324,10 +1289,7 @@ fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicat
             },
         );
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let sent = producer.join().expect("producer thread");
-    let acked = acked.lock().unwrap().clone();
-    let failed = failed.load(std::sync::atomic::Ordering::SeqCst);
+    let (sent, acked, failed) = producer.stop();
     assert!(
         sent > 0 && acked.len() as u64 + failed == sent,
         "sent {sent}, acked {}, failed {failed}",
@@ -1344,6 +1306,75 @@ fn repeated_leader_kills_under_an_idempotent_acks_all_producer_lose_and_duplicat
         acked.len()
     );
     assert_eq!(got.len(), values.len(), "no record twice");
+}
+
+/// An idempotent acks=all producer on its own thread, sending `<prefix><n>` to `topic`
+/// without pause (about 2,000 records a second: mid-flight at any kill) until stopped.
+struct BackgroundProducer {
+    acked: std::sync::Arc<std::sync::Mutex<BTreeSet<Vec<u8>>>>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl BackgroundProducer {
+    fn start(bootstrap: &str, topic: &str, prefix: &str) -> BackgroundProducer {
+        let acked = std::sync::Arc::default();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ctx = AckContext {
+            acked: std::sync::Arc::clone(&acked),
+            failed: failed.clone(),
+        };
+        let (stop2, bootstrap, topic, prefix) = (
+            stop.clone(),
+            bootstrap.to_string(),
+            topic.to_string(),
+            prefix.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            let p: rdkafka::producer::BaseProducer<AckContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("message.timeout.ms", "120000")
+                .create_with_context(ctx)
+                .expect("producer");
+            let mut i = 0u64;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let v = format!("{prefix}{i}").into_bytes();
+                if p.send(BaseRecord::<(), _>::to(&topic).payload(&v)).is_ok() {
+                    i += 1;
+                }
+                p.poll(Duration::from_millis(if i.is_multiple_of(10) {
+                    5
+                } else {
+                    0
+                }));
+            }
+            p.flush(Duration::from_secs(120))
+                .expect("flushed at the end");
+            i
+        });
+        BackgroundProducer {
+            acked,
+            failed,
+            stop,
+            thread,
+        }
+    }
+
+    /// Stops, flushes, and returns (sent, acknowledged values, failed deliveries).
+    fn stop(self) -> (u64, BTreeSet<Vec<u8>>, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = self.thread.join().expect("producer thread");
+        let acked = self.acked.lock().unwrap().clone();
+        (
+            sent,
+            acked,
+            self.failed.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
 }
 
 /// Records what the broker acknowledged, from librdkafka's delivery reports.
@@ -1768,7 +1799,6 @@ fn a_consumer_reads_from_an_in_sync_replica_in_its_own_rack() {
 /// read back once. A move that cannot finish (its new replica is dead) is listed and cancelled.
 #[test]
 fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
-    use std::sync::{Arc, Mutex};
     // Several fetchers per leader (Kafka's num.replica.fetchers) share the followed partitions.
     let mut cl = Cluster::start_with(3, 1, &["num.replica.fetchers=3"]);
     let all: BTreeSet<i32> = [1, 2, 3, 4].into();
@@ -1794,42 +1824,7 @@ fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
         let (_, parts) = metadata(&boot, Some("moving"));
         (parts.len() == 2 && parts[0].0 == 1 && parts[1].0 == 2).then_some(())
     });
-    let acked: Arc<Mutex<BTreeSet<Vec<u8>>>> = Arc::default();
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = {
-        let ctx = AckContext {
-            acked: acked.clone(),
-            failed: failed.clone(),
-        };
-        let (stop, bootstrap) = (stop.clone(), boot.clone());
-        std::thread::spawn(move || {
-            let p: rdkafka::producer::BaseProducer<AckContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("message.timeout.ms", "120000")
-                .create_with_context(ctx)
-                .expect("producer");
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let v = format!("m{i}").into_bytes();
-                if p.send(BaseRecord::<(), _>::to("moving").payload(&v))
-                    .is_ok()
-                {
-                    i += 1;
-                }
-                p.poll(Duration::from_millis(if i.is_multiple_of(10) {
-                    5
-                } else {
-                    0
-                }));
-            }
-            p.flush(Duration::from_secs(120))
-                .expect("flushed at the end");
-            i
-        })
-    };
+    let producer = BackgroundProducer::start(&boot, "moving", "m");
     // A backlog for the new replica to copy.
     std::thread::sleep(Duration::from_secs(2));
     let on_disk = |node: i32, p: i32| cl.node(node).data().join(format!("moving-{p}")).exists();
@@ -1886,10 +1881,7 @@ fn reassignment_moves_replicas_between_nodes_under_load_and_cancels() {
     wait_for("node 3's replicas removed", Duration::from_secs(30), || {
         (!on_disk(3, 0) && !on_disk(3, 1)).then_some(())
     });
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let sent = producer.join().expect("producer thread");
-    let acked = acked.lock().unwrap().clone();
-    let failed = failed.load(std::sync::atomic::Ordering::SeqCst);
+    let (sent, acked, failed) = producer.stop();
     assert!(
         sent > 0 && failed == 0 && acked.len() as u64 == sent,
         "sent {sent}, acked {}, failed {failed}",

@@ -20,6 +20,12 @@ fn sb(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
+/// An error code with the broker's message, if any: `NotController (41) (why)`.
+fn refusal(code: i16, message: Option<StrBytes>) -> String {
+    let why = message.map(|m| format!(" ({m})")).unwrap_or_default();
+    format!("{}{why}", err_name(code))
+}
+
 fn err_name(code: i16) -> String {
     match kafka_protocol::ResponseError::try_from_code(code) {
         Some(e) => format!("{e:?} ({code})"),
@@ -750,11 +756,8 @@ fn alter_reassignments(
     let resp = c.call(0, &req)?;
     if resp.error_code != 0 {
         bail!(
-            "AlterPartitionReassignments: {}{}",
-            err_name(resp.error_code),
-            resp.error_message
-                .map(|m| format!(" ({m})"))
-                .unwrap_or_default()
+            "AlterPartitionReassignments: {}",
+            refusal(resp.error_code, resp.error_message)
         );
     }
     let mut failed = 0;
@@ -772,13 +775,10 @@ fn alter_reassignments(
             } else {
                 failed += 1;
                 println!(
-                    "{}-{}: {}{}",
+                    "{}-{}: {}",
                     t.name.0,
                     p.partition_index,
-                    err_name(p.error_code),
-                    p.error_message
-                        .map(|m| format!(" ({m})"))
-                        .unwrap_or_default()
+                    refusal(p.error_code, p.error_message)
                 );
             }
         }
@@ -826,11 +826,8 @@ fn alter_configs(
     for r in resp.responses {
         if r.error_code != 0 {
             bail!(
-                "configs of {name}: {}{}",
-                err_name(r.error_code),
-                r.error_message
-                    .map(|m| format!(" ({m})"))
-                    .unwrap_or_default()
+                "configs of {name}: {}",
+                refusal(r.error_code, r.error_message)
             );
         }
     }
@@ -1028,13 +1025,10 @@ fn elect_leaders(
                 println!("{}-{}: elected", t.topic.0, p.partition_id);
             } else {
                 println!(
-                    "{}-{}: {}{}",
+                    "{}-{}: {}",
                     t.topic.0,
                     p.partition_id,
-                    err_name(p.error_code),
-                    p.error_message
-                        .map(|m| format!(" ({m})"))
-                        .unwrap_or_default()
+                    refusal(p.error_code, p.error_message)
                 );
             }
         }
