@@ -603,7 +603,7 @@ async fn shard_main(
         ..Default::default()
     };
     let groups = Rc::new(crate::group::GroupShard::new(gcfg));
-    groups.load(shard.as_ref()).await;
+    groups.sync_partitions(&shard).await;
     *shard.groups.borrow_mut() = Some(groups.clone());
     glommio::spawn_local(groups.ticker(shard.clone())).detach();
     let listener = bind_listener(listen, &node.tuning.net)

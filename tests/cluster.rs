@@ -2126,3 +2126,190 @@ fn python_clients_and_kcat_ride_out_a_leaders_death() {
         "kcat read {read} of {acked} acknowledged records"
     );
 }
+
+/// A KIP-848 consumer on the whole cluster whose rebalance callbacks are counted.
+fn counting_consumer(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> (
+    BaseConsumer<common::Rebalances>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c: BaseConsumer<common::Rebalances> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("group.protocol", "consumer")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        // A stopped node answers nothing: give up on it in seconds, not a minute.
+        .set("socket.timeout.ms", "5000")
+        .set("topic.metadata.refresh.interval.ms", "2000")
+        .create_with_context(common::Rebalances(n.clone()))
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    (c, n)
+}
+
+fn owned(c: &BaseConsumer<common::Rebalances>) -> BTreeSet<i32> {
+    c.assignment()
+        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+        .unwrap_or_default()
+}
+
+/// (consumer index, partition, offset) of every record read.
+type Reads = BTreeSet<(usize, i32, i64)>;
+
+/// Polls both consumers until `until` holds, collecting (consumer, partition, offset); errors
+/// of unreachable nodes are expected while one is stopped.
+fn poll_both(
+    cs: [&BaseConsumer<common::Rebalances>; 2],
+    seen: &mut Reads,
+    what: &str,
+    until: &dyn Fn(&Reads) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !until(seen) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        for (i, c) in cs.iter().enumerate() {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+                assert!(
+                    seen.insert((i, m.partition(), m.offset())),
+                    "{}/{} read twice",
+                    m.partition(),
+                    m.offset()
+                );
+            }
+        }
+    }
+}
+
+/// Committed offsets as the group's coordinator reports them to a member (OffsetFetch v9 with
+/// its member epoch).
+fn committed_of(c: &BaseConsumer<common::Rebalances>) -> Vec<(i32, i64)> {
+    wait_for("the committed offsets", Duration::from_secs(30), || {
+        let tpl = c.committed(Duration::from_secs(5)).ok()?;
+        Some(
+            tpl.elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+                .collect(),
+        )
+    })
+}
+
+/// Group coordination follows the leadership of the group's `__consumer_offsets` partition.
+/// The coordinator's node is stopped (SIGSTOP: fenced, its process alive): the new leader
+/// loads the KIP-848 group from the replicated records and the members heartbeat on at their
+/// epochs with their partitions, no rebalance. The node resumes and leads the partition again
+/// (preferred leader) without a restart: it reloads what the other coordinator stored
+/// meanwhile, so the commits made there hold.
+#[test]
+fn group_coordination_follows_the_offsets_partition_leader() {
+    let settings = [
+        "node.leader_imbalance_check_interval_ms=1000",
+        "group.consumer_heartbeat_interval_ms=500",
+    ];
+    let cl = Cluster::start_with(3, 0, &settings);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    let everyone = [1, 2, 3].map(|i| cl.node(i).bootstrap()).join(",");
+    create_topic(&boot, "k848", 6, 3);
+    let group = "k848-group";
+    let (a, na) = counting_consumer(&everyone, group, "k848");
+    let (b, nb) = counting_consumer(&everyone, group, "k848");
+    let rebalances = || {
+        na.load(std::sync::atomic::Ordering::SeqCst) + nb.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let mut seen = BTreeSet::new();
+    poll_both([&a, &b], &mut seen, "a 3/3 split", &|_| {
+        owned(&a).len() == 3 && owned(&b).len() == 3
+    });
+    let mut settled = (rebalances(), Instant::now());
+    while settled.1.elapsed() < Duration::from_secs(3) {
+        let until = Instant::now() + Duration::from_millis(200);
+        poll_both([&a, &b], &mut seen, "a poll", &|_| Instant::now() > until);
+        if rebalances() != settled.0 {
+            settled = (rebalances(), Instant::now());
+        }
+    }
+    let before = (owned(&a), owned(&b), rebalances());
+    produce(&boot, "k848", 120);
+    poll_both([&a, &b], &mut seen, "120 records", &|s| s.len() >= 120);
+    a.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit a");
+    b.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit b");
+
+    let hash = group
+        .chars()
+        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
+    let offsets_partition = (hash & 0x7fff_ffff) as usize % 50;
+    let leader = |via: &str| -> i32 {
+        let (_, parts) = metadata(via, Some("__consumer_offsets"));
+        parts.get(offsets_partition).map(|p| p.0).unwrap_or(-1)
+    };
+    let coordinator = leader(&boot);
+    assert!(coordinator > 0);
+    let pid = cl.node(coordinator).child.as_ref().expect("running").id();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let survivor = *all.iter().find(|n| **n != coordinator).unwrap();
+    let sb = cl.node(survivor).bootstrap();
+    wait_for("another coordinator", Duration::from_secs(30), || {
+        let l = leader(&sb);
+        (l > 0 && l != coordinator).then_some(())
+    });
+    wait_for(
+        "every k848 partition led by a live node",
+        Duration::from_secs(30),
+        || {
+            let (_, parts) = metadata(&sb, Some("k848"));
+            parts
+                .iter()
+                .all(|p| p.0 > 0 && p.0 != coordinator)
+                .then_some(())
+        },
+    );
+    produce_from(&sb, "k848", 120, 120);
+    poll_both([&a, &b], &mut seen, "120 more records", &|s| s.len() >= 240);
+    a.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit a on the new coordinator");
+    b.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit b on the new coordinator");
+    let committed_meanwhile = (committed_of(&a), committed_of(&b));
+    assert_eq!(
+        (owned(&a), owned(&b), rebalances()),
+        before,
+        "the members kept their partitions and epochs across the coordinator's failover"
+    );
+
+    signal("-CONT");
+    wait_for(
+        "the first coordinator leads again",
+        Duration::from_secs(60),
+        || (leader(&sb) == coordinator).then_some(()),
+    );
+    // The members find it; what it reports is what the other coordinator stored.
+    let until = Instant::now() + Duration::from_secs(3);
+    poll_both([&a, &b], &mut seen, "3 s", &|_| Instant::now() > until);
+    assert_eq!(
+        (committed_of(&a), committed_of(&b)),
+        committed_meanwhile,
+        "the returning coordinator reloaded the commits made while it was away"
+    );
+    produce_from(&sb, "k848", 240, 60);
+    poll_both([&a, &b], &mut seen, "60 more records", &|s| s.len() >= 300);
+    assert_eq!((owned(&a), owned(&b), rebalances()), before);
+}

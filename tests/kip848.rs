@@ -4,13 +4,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Broker;
+use common::{Broker, Rebalances};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
@@ -84,7 +86,22 @@ fn consumer(b: &Broker, client_id: &str) -> BaseConsumer {
     c
 }
 
-fn assigned(c: &BaseConsumer) -> BTreeSet<i32> {
+fn counting_consumer(b: &Broker, client_id: &str) -> (BaseConsumer<Rebalances>, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let c: BaseConsumer<Rebalances> = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", GROUP)
+        .set("group.protocol", "consumer")
+        .set("client.id", client_id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create_with_context(Rebalances(n.clone()))
+        .expect("consumer");
+    c.subscribe(&[TOPIC]).expect("subscribe");
+    (c, n)
+}
+
+fn assigned<C: ConsumerContext>(c: &BaseConsumer<C>) -> BTreeSet<i32> {
     c.assignment()
         .map(|a| a.elements().iter().map(|e| e.partition()).collect())
         .unwrap_or_default()
@@ -93,8 +110,8 @@ fn assigned(c: &BaseConsumer) -> BTreeSet<i32> {
 type Seen = Vec<(usize, i32, i64, String)>;
 
 /// Polls every consumer in turn until `done` holds; records what each one received.
-fn poll_until(
-    cs: &[&BaseConsumer],
+fn poll_until<C: ConsumerContext>(
+    cs: &[&BaseConsumer<C>],
     seen: &mut Seen,
     timeout: Duration,
     what: &str,
@@ -109,6 +126,14 @@ fn poll_until(
         );
         for (i, c) in cs.iter().enumerate() {
             if let Some(m) = c.poll(Duration::from_millis(50)) {
+                // A broker restarting is not an error of the group.
+                if let Err(rdkafka::error::KafkaError::MessageConsumption(
+                    rdkafka::types::RDKafkaErrorCode::AllBrokersDown
+                    | rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+                )) = &m
+                {
+                    continue;
+                }
                 let m = m.expect("consume error");
                 let v = String::from_utf8(m.payload().unwrap_or_default().to_vec()).unwrap();
                 seen.push((i, m.partition(), m.offset(), v));
@@ -224,6 +249,99 @@ fn two_consumers_split_six_partitions_then_one_takes_all() {
         .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
         .collect();
     assert_eq!(offs, (0..6).map(|p| (p, 150)).collect());
+}
+
+/// The group's state is stored in `__consumer_offsets` (Kafka's consumer-group records): a
+/// broker killed with -9 and started again on its data knows every member at its epoch with
+/// its partitions, so the members heartbeat on as if nothing happened: no rebalance, no
+/// partition lost or read twice.
+#[test]
+fn a_consumer_group_keeps_its_members_and_epochs_across_a_broker_kill() {
+    let (mut b, _cfg) = broker();
+    create_topic(&b, TOPIC, 6);
+    let (a, na) = counting_consumer(&b, "consumer-a");
+    let (c2, nb) = counting_consumer(&b, "consumer-b");
+    let mut seen = Seen::new();
+    poll_until(
+        &[&a, &c2],
+        &mut seen,
+        Duration::from_secs(60),
+        "a 3/3 split",
+        &|_| assigned(&a).len() == 3 && assigned(&c2).len() == 3,
+    );
+    // Reconciliation is over once no callback came for a few heartbeats.
+    let rebalances = || na.load(Ordering::SeqCst) + nb.load(Ordering::SeqCst);
+    let mut settled = (rebalances(), Instant::now());
+    while settled.1.elapsed() < Duration::from_secs(3) {
+        poll_until(
+            &[&a, &c2],
+            &mut seen,
+            Duration::from_secs(1),
+            "a poll",
+            &|_| true,
+        );
+        if rebalances() != settled.0 {
+            settled = (rebalances(), Instant::now());
+        }
+    }
+    let before = (assigned(&a), assigned(&c2), rebalances());
+    produce(&b, 6, 20, "before");
+    poll_until(
+        &[&a, &c2],
+        &mut seen,
+        Duration::from_secs(60),
+        "120 records",
+        &|s| s.len() >= 120,
+    );
+    a.commit_consumer_state(CommitMode::Sync).expect("commit a");
+    c2.commit_consumer_state(CommitMode::Sync)
+        .expect("commit b");
+
+    b.restart();
+    // Through the outage and a few seconds of heartbeats after it.
+    let until = Instant::now() + Duration::from_secs(8);
+    poll_until(
+        &[&a, &c2],
+        &mut seen,
+        Duration::from_secs(20),
+        "8 s",
+        &|_| Instant::now() > until,
+    );
+    seen.clear();
+    produce(&b, 6, 20, "after");
+    poll_until(
+        &[&a, &c2],
+        &mut seen,
+        Duration::from_secs(60),
+        "120 new records",
+        &|s| s.len() >= 120,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    poll_until(
+        &[&a, &c2],
+        &mut seen,
+        Duration::from_secs(1),
+        "stragglers",
+        &|_| true,
+    );
+    let after = (assigned(&a), assigned(&c2), rebalances());
+    assert_eq!(
+        after,
+        before,
+        "the members kept their partitions without a rebalance; broker log:\n{}",
+        b.log()
+    );
+    assert_eq!(seen.len(), 120, "nothing read twice");
+    for (who, p, _, v) in &seen {
+        assert!(v.starts_with("after-"), "{v}");
+        let owner = if before.0.contains(p) { 0 } else { 1 };
+        assert_eq!(*who, owner, "partition {p} read by the wrong member");
+    }
+    assert!(
+        b.log().contains("1 consumer groups"),
+        "the group was loaded from __consumer_offsets: {}",
+        b.log()
+    );
 }
 
 #[test]

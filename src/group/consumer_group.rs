@@ -17,9 +17,14 @@
 //!
 //! Topics are named here; the shell translates topic ids at the wire boundary.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kafka_protocol::ResponseError as E;
+use uuid::Uuid;
+
+use super::consumer_records::{
+    AssignmentValue, ConsumerKey, ConsumerRecord, GroupEpochValue, MemberValue, TopicPartitions,
+};
 
 /// Kafka's numeric error code.
 pub type ErrorCode = i16;
@@ -282,6 +287,9 @@ struct Group {
     owners: BTreeMap<(String, i32), String>,
     /// Subscribed topic → partition count, as last seen; a change bumps the group epoch.
     subscribed: BTreeMap<String, i32>,
+    /// Restored while what the assignor sees differs from what it saw when the group was
+    /// stored (the stored hash, kept until then): the next heartbeat bumps the group epoch.
+    metadata_stale: Option<i64>,
     assignor: Assignor,
 }
 
@@ -296,8 +304,80 @@ impl Group {
             target: BTreeMap::new(),
             owners: BTreeMap::new(),
             subscribed: BTreeMap::new(),
+            metadata_stale: None,
             assignor,
         }
+    }
+
+    /// Each member's resolved topics, and the partition count of every subscribed topic.
+    fn subscriptions(
+        &self,
+        topics: &dyn TopicSource,
+    ) -> (BTreeMap<String, BTreeSet<String>>, BTreeMap<String, i32>) {
+        let mut subs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut counts: BTreeMap<String, i32> = BTreeMap::new();
+        for m in self.members.values() {
+            let ts = m.resolved_topics(topics);
+            for t in &ts {
+                if let Some(n) = topics.partition_count(t) {
+                    counts.insert(t.clone(), n.max(0));
+                }
+            }
+            subs.insert(m.id.clone(), ts);
+        }
+        (subs, counts)
+    }
+
+    /// The group's persistent form: Kafka's records for the group, its target assignment and
+    /// each member. Partitions of topics without an id (deleted) are left out.
+    fn records(&self, topic_id: &dyn Fn(&str) -> Option<Uuid>) -> Vec<ConsumerRecord> {
+        let by_id = |a: &Assignment| -> TopicPartitions {
+            a.iter()
+                .filter_map(|(t, ps)| Some((topic_id(t)?, ps.iter().copied().collect())))
+                .collect()
+        };
+        let mut out = vec![
+            ConsumerRecord::Metadata(Some(GroupEpochValue {
+                epoch: self.group_epoch,
+                metadata_hash: self
+                    .metadata_stale
+                    .unwrap_or_else(|| metadata_hash(&self.subscribed)),
+            })),
+            ConsumerRecord::TargetMetadata(Some(self.assignment_epoch)),
+        ];
+        for m in self.members.values() {
+            out.push(ConsumerRecord::Member(
+                m.id.clone(),
+                Some(MemberValue {
+                    instance_id: m.instance_id.clone(),
+                    rack_id: m.rack_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    subscribed_topic_names: m.subscribed_names.clone(),
+                    subscribed_topic_regex: m.subscribed_regex.as_ref().map(|r| r.0.clone()),
+                    rebalance_timeout_ms: i32::try_from(m.rebalance_timeout_ms).unwrap_or(i32::MAX),
+                    server_assignor: m.server_assignor.map(|a| a.name().to_owned()),
+                }),
+            ));
+            if let Some(t) = self.target.get(&m.id) {
+                out.push(ConsumerRecord::TargetMember(m.id.clone(), Some(by_id(t))));
+            }
+            out.push(ConsumerRecord::Assignment(
+                m.id.clone(),
+                Some(AssignmentValue {
+                    member_epoch: m.epoch,
+                    previous_member_epoch: m.previous_epoch,
+                    state: match m.state {
+                        MemberState::Stable => 0,
+                        MemberState::UnrevokedPartitions => 1,
+                        MemberState::UnreleasedPartitions => 2,
+                    },
+                    assigned: by_id(&m.assigned),
+                    revoking: by_id(&m.revoking),
+                }),
+            ));
+        }
+        out
     }
 
     fn state(&self) -> GroupState {
@@ -382,18 +462,8 @@ impl Group {
         default_assignor: Assignor,
         changed: bool,
     ) {
-        let mut bump = changed;
-        let mut subs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut counts: BTreeMap<String, i32> = BTreeMap::new();
-        for m in self.members.values() {
-            let ts = m.resolved_topics(topics);
-            for t in &ts {
-                if let Some(n) = topics.partition_count(t) {
-                    counts.insert(t.clone(), n.max(0));
-                }
-            }
-            subs.insert(m.id.clone(), ts);
-        }
+        let mut bump = changed || self.metadata_stale.take().is_some();
+        let (subs, counts) = self.subscriptions(topics);
         if counts != self.subscribed {
             self.subscribed = counts;
             bump = true;
@@ -659,6 +729,34 @@ pub struct ConsumerGroups {
     groups: BTreeMap<String, Group>,
     id_seed: u64,
     id_counter: u64,
+    /// What `__consumer_offsets` holds for each group, as far as this coordinator knows:
+    /// record key → hash of the value stored (0: must be written again).
+    stored: HashMap<String, HashMap<ConsumerKey, u64>>,
+}
+
+/// A subscription regex as Kafka applies it: to the whole topic name (RE2J `matches`).
+fn compile_subscription(r: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{r})$"))
+}
+
+/// The hash of a value as [`ConsumerGroups::stored`] keeps it; never 0.
+fn value_hash(value: &Option<Vec<u8>>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish() | 1
+}
+
+/// KIP-1101's role, with Fjord's own hash: what the assignor last saw of the subscribed topics
+/// (FNV-1a over names and partition counts).
+fn metadata_hash(subscribed: &BTreeMap<String, i32>) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (t, n) in subscribed {
+        for b in t.bytes().chain([0]).chain(n.to_be_bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h as i64
 }
 
 /// A member removed by [`ConsumerGroups::tick`], for the shell's log.
@@ -676,7 +774,181 @@ impl ConsumerGroups {
             groups: BTreeMap::new(),
             id_seed,
             id_counter: 0,
+            stored: HashMap::new(),
         }
+    }
+
+    /// The records that bring `__consumer_offsets` in line with the group's state: what changed
+    /// since the last call, and tombstones for what is gone (every record of a deleted group).
+    /// The shell appends them; if that fails it calls [`ConsumerGroups::store_failed`].
+    pub fn records_to_store(
+        &mut self,
+        group_id: &str,
+        topic_id: &dyn Fn(&str) -> Option<Uuid>,
+    ) -> Vec<ConsumerRecord> {
+        let desired = self
+            .groups
+            .get(group_id)
+            .map(|g| g.records(topic_id))
+            .unwrap_or_default();
+        if desired.is_empty() && !self.stored.contains_key(group_id) {
+            return Vec::new();
+        }
+        let stored = self.stored.entry(group_id.to_owned()).or_default();
+        let mut out = Vec::new();
+        let mut keep = BTreeSet::new();
+        for rec in desired {
+            let key = rec.key();
+            let h = value_hash(&rec.encode_value());
+            if stored.get(&key) != Some(&h) {
+                stored.insert(key.clone(), h);
+                out.push(rec);
+            }
+            keep.insert(key);
+        }
+        stored.retain(|k, _| {
+            let kept = keep.contains(k);
+            if !kept {
+                out.push(ConsumerRecord::tombstone(k.clone()));
+            }
+            kept
+        });
+        if stored.is_empty() {
+            self.stored.remove(group_id);
+        }
+        out
+    }
+
+    /// The records last handed out for `group_id` may not be stored: the next
+    /// [`ConsumerGroups::records_to_store`] writes the whole group again.
+    pub fn store_failed(&mut self, group_id: &str) {
+        if let Some(stored) = self.stored.get_mut(group_id) {
+            stored.values_mut().for_each(|h| *h = 0);
+        }
+    }
+
+    /// Rebuilds a group from the records read back from `__consumer_offsets` (latest per key,
+    /// tombstones applied), as Kafka's coordinator replays them when it takes over the
+    /// partition. Sessions start now; a member revoking partitions gets a new rebalance
+    /// timeout. Records of members the group no longer has are tombstoned by the next
+    /// [`ConsumerGroups::records_to_store`].
+    pub fn restore(
+        &mut self,
+        now_ms: u64,
+        group_id: &str,
+        records: &BTreeMap<ConsumerKey, ConsumerRecord>,
+        topics: &dyn TopicSource,
+        topic_name: &dyn Fn(&Uuid) -> Option<String>,
+    ) {
+        self.groups.remove(group_id);
+        let stored = self.stored.entry(group_id.to_owned()).or_default();
+        stored.clear();
+        for (k, r) in records {
+            stored.insert(k.clone(), value_hash(&r.encode_value()));
+        }
+        let Some(ConsumerRecord::Metadata(Some(meta))) = records.get(&ConsumerKey::Metadata) else {
+            return;
+        };
+        let by_name = |tps: &TopicPartitions| -> Assignment {
+            let mut a = Assignment::new();
+            for (id, ps) in tps {
+                if let Some(t) = topic_name(id) {
+                    a.entry(t).or_default().extend(ps.iter().copied());
+                }
+            }
+            a
+        };
+        let mut g = Group::new(group_id.to_owned(), self.cfg.default_assignor);
+        g.group_epoch = meta.epoch;
+        if let Some(ConsumerRecord::TargetMetadata(Some(e))) =
+            records.get(&ConsumerKey::TargetMetadata)
+        {
+            g.assignment_epoch = (*e).min(meta.epoch);
+        }
+        for r in records.values() {
+            let ConsumerRecord::Member(id, Some(v)) = r else {
+                continue;
+            };
+            let mut m = Member::new(id.clone(), now_ms, self.cfg.session_timeout_ms);
+            m.instance_id = v.instance_id.clone();
+            m.rack_id = v.rack_id.clone();
+            m.client_id = v.client_id.clone();
+            m.client_host = v.client_host.clone();
+            if let Ok(t) = u64::try_from(v.rebalance_timeout_ms) {
+                m.rebalance_timeout_ms = t;
+            }
+            let mut names = v.subscribed_topic_names.clone();
+            names.sort();
+            names.dedup();
+            m.subscribed_names = names;
+            m.subscribed_regex = v
+                .subscribed_topic_regex
+                .as_ref()
+                .and_then(|r| Some((r.clone(), compile_subscription(r).ok()?)));
+            m.server_assignor = v.server_assignor.as_deref().and_then(Assignor::parse);
+            if let Some(ConsumerRecord::Assignment(_, Some(a))) =
+                records.get(&ConsumerKey::Assignment(id.clone()))
+            {
+                m.epoch = a.member_epoch.min(g.assignment_epoch);
+                m.previous_epoch = a.previous_member_epoch;
+                m.state = match a.state {
+                    1 => MemberState::UnrevokedPartitions,
+                    2 => MemberState::UnreleasedPartitions,
+                    _ => MemberState::Stable,
+                };
+                // A partition two members claim (a damaged log) stays with the first.
+                let mut take = |held: &TopicPartitions| -> Assignment {
+                    let mut a = by_name(held);
+                    for (t, ps) in a.iter_mut() {
+                        ps.retain(|p| {
+                            let key = (t.clone(), *p);
+                            if g.owners.contains_key(&key) {
+                                return false;
+                            }
+                            g.owners.insert(key, id.clone());
+                            true
+                        });
+                    }
+                    a.retain(|_, ps| !ps.is_empty());
+                    a
+                };
+                m.assigned = take(&a.assigned);
+                m.revoking = take(&a.revoking);
+            }
+            if m.state == MemberState::UnrevokedPartitions {
+                m.revocation_deadline_ms = Some(now_ms + m.rebalance_timeout_ms);
+            }
+            if let Some(ConsumerRecord::TargetMember(_, Some(t))) =
+                records.get(&ConsumerKey::TargetMember(id.clone()))
+            {
+                g.target.insert(id.clone(), by_name(t));
+            }
+            if let Some(i) = &m.instance_id {
+                g.static_members.insert(i.clone(), id.clone());
+            }
+            g.members.insert(id.clone(), m);
+        }
+        g.assignor = g.preferred_assignor(self.cfg.default_assignor);
+        let (_, counts) = g.subscriptions(topics);
+        g.subscribed = counts;
+        if metadata_hash(&g.subscribed) != meta.metadata_hash {
+            g.metadata_stale = Some(meta.metadata_hash);
+        }
+        self.groups.insert(group_id.to_owned(), g);
+    }
+
+    /// Forgets the groups `unload` selects, as a coordinator does when another node takes over
+    /// their `__consumer_offsets` partition.
+    pub fn unload(&mut self, mut unload: impl FnMut(&str) -> bool) {
+        self.groups.retain(|id, _| !unload(id));
+        self.stored.retain(|id, _| !unload(id));
+    }
+
+    /// Every group id this state machine knows or has records stored for.
+    pub fn group_ids(&self) -> Vec<String> {
+        let mut ids: BTreeSet<String> = self.groups.keys().cloned().collect();
+        ids.extend(self.stored.keys().cloned());
+        ids.into_iter().collect()
     }
 
     pub fn config(&self) -> &ConsumerConfig {
@@ -779,8 +1051,7 @@ impl ConsumerGroups {
             Some("") => Some(None),
             Some(r) => Some(Some((
                 r.to_owned(),
-                // Kafka matches the whole topic name (RE2J `matches`).
-                regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| {
+                compile_subscription(r).map_err(|e| {
                     (
                         E::InvalidRegularExpression.code(),
                         format!(
@@ -1628,8 +1899,8 @@ mod tests {
         }
     }
 
-    /// Randomized schedules: members join, heartbeat, leave, stall past their session, and
-    /// topics grow; the coordinator never lets two members hold a partition, clients never
+    /// Randomized schedules: members join, heartbeat, leave, stall past their session, topics
+    /// grow, and the coordinator fails over to one rebuilt from its stored records; the coordinator never lets two members hold a partition, clients never
     /// believe they share one, and once quiet the group converges to a balanced assignment.
     #[test]
     fn randomized_schedules_never_double_assign() {
@@ -1644,6 +1915,120 @@ mod tests {
                 std::panic::resume_unwind(e);
             }
         }
+    }
+
+    fn sim_topic_id(name: &str) -> Option<Uuid> {
+        Some(Uuid::from_u64_pair(
+            metadata_hash(&topics(&[(name, 0)])) as u64,
+            7,
+        ))
+    }
+
+    /// Applies what the coordinator hands out to a simulated `__consumer_offsets` (latest value
+    /// per key, tombstones remove).
+    fn store(c: &mut ConsumerGroups, log: &mut BTreeMap<ConsumerKey, ConsumerRecord>) {
+        for r in c.records_to_store("g", &sim_topic_id) {
+            if r.encode_value().is_some() {
+                log.insert(r.key(), r);
+            } else {
+                log.remove(&r.key());
+            }
+        }
+    }
+
+    /// A new coordinator rebuilt from the stored records, as after a failover: it must describe
+    /// the group exactly as the old one did and have nothing to write back.
+    fn fail_over(
+        c: &ConsumerGroups,
+        log: &BTreeMap<ConsumerKey, ConsumerRecord>,
+        now: u64,
+        t: &BTreeMap<String, i32>,
+        seed: u64,
+    ) -> ConsumerGroups {
+        let mut fresh = ConsumerGroups::new(c.cfg.clone(), seed ^ now);
+        let names: BTreeMap<Uuid, String> = t
+            .keys()
+            .map(|n| (sim_topic_id(n).unwrap(), n.clone()))
+            .collect();
+        fresh.restore(now, "g", log, t, &|id| names.get(id).cloned());
+        // The assignor is not stored: a restored group uses the one its members prefer now,
+        // which differs only after a member left, and then the group epoch moved anyway.
+        let without_assignor = |c: &ConsumerGroups| {
+            c.describe("g").map(|mut d| {
+                d.assignor = "";
+                d
+            })
+        };
+        assert_eq!(
+            without_assignor(&fresh),
+            without_assignor(c),
+            "seed {seed}: restored group"
+        );
+        fresh.check_invariants().unwrap();
+        assert!(
+            fresh.records_to_store("g", &sim_topic_id).is_empty(),
+            "seed {seed}: a restored group has nothing new to store"
+        );
+        fresh
+    }
+
+    #[test]
+    fn a_failed_store_is_written_again_in_full_and_deletion_tombstones_everything() {
+        let t = topics(&[("a", 4)]);
+        let mut c = cg();
+        let mut log = BTreeMap::new();
+        let r = c.heartbeat(0, &t, join("m1", &["a"]));
+        store(&mut c, &mut log);
+        assert_eq!(
+            log.len(),
+            5,
+            "group, target epoch, member, its target, its assignment"
+        );
+        // The next change is lost: the shell reports it, and everything is written again.
+        let mut hb = join("m1", &["a"]);
+        hb.member_epoch = r.member_epoch;
+        hb.member_id = r.member_id.clone().unwrap();
+        hb.subscribed_topic_names = None;
+        c.heartbeat(HB, &t, hb);
+        let lost = c.records_to_store("g", &sim_topic_id);
+        c.store_failed("g");
+        let again = c.records_to_store("g", &sim_topic_id);
+        assert!(again.len() >= lost.len() && again.len() == 5, "{again:?}");
+        assert!(c.records_to_store("g", &sim_topic_id).is_empty());
+        // Leaving and deleting: every record gets its tombstone.
+        let mut leave = join("m1", &["a"]);
+        leave.member_id = r.member_id.unwrap();
+        leave.member_epoch = LEAVE_EPOCH;
+        c.heartbeat(2 * HB, &t, leave);
+        store(&mut c, &mut log);
+        assert_eq!(log.len(), 2, "the member's three records are gone: {log:?}");
+        c.delete("g").unwrap();
+        store(&mut c, &mut log);
+        assert!(log.is_empty(), "{log:?}");
+        assert!(c.group_ids().is_empty());
+    }
+
+    #[test]
+    fn a_restored_group_with_changed_topics_rebalances() {
+        let mut t = topics(&[("a", 2)]);
+        let mut c = cg();
+        let mut log = BTreeMap::new();
+        let r = c.heartbeat(0, &t, join("m1", &["a"]));
+        store(&mut c, &mut log);
+        // The topic grows while no coordinator runs.
+        t.insert("a".into(), 4);
+        let names = |id: &Uuid| (sim_topic_id("a") == Some(*id)).then(|| "a".to_string());
+        let mut fresh = cg();
+        fresh.restore(HB, "g", &log, &t, &names);
+        let before = fresh.describe("g").unwrap().group_epoch;
+        let mut hb = join("m1", &["a"]);
+        hb.member_id = r.member_id.unwrap();
+        hb.member_epoch = r.member_epoch;
+        hb.subscribed_topic_names = None;
+        let r2 = fresh.heartbeat(HB, &t, hb);
+        assert_eq!(r2.error_code, NONE);
+        assert!(fresh.describe("g").unwrap().group_epoch > before);
+        assert_eq!(r2.assignment.unwrap()["a"].len(), 4);
     }
 
     fn simulate(seed: u64) {
@@ -1667,9 +2052,11 @@ mod tests {
         let mut next_id = 0;
         let mut now = 0u64;
         let subs_choices: [&[&str]; 3] = [&["a"], &["b"], &["a", "b"]];
+        let mut log = BTreeMap::new();
         for _ in 0..300 {
             now += 1 + rand(2_000);
             match rand(20) {
+                5 => c = fail_over(&c, &log, now, &t, seed),
                 0..=1 if clients.len() < 6 => {
                     next_id += 1;
                     clients.push(Client::new(
@@ -1721,6 +2108,7 @@ mod tests {
                 }
             }
             c.check_invariants().unwrap();
+            store(&mut c, &mut log);
             // A stalled client keeps believing it owns its partitions until fenced.
             clients_disjoint(&clients).unwrap();
         }
@@ -1732,8 +2120,10 @@ mod tests {
                 cl.beat(&mut c, now, &t);
             }
             c.tick(now);
+            store(&mut c, &mut log);
             clients_disjoint(&clients).unwrap();
         }
+        c = fail_over(&c, &log, now, &t, seed);
         if clients.is_empty() {
             return;
         }

@@ -10,6 +10,7 @@
 //! connection, and imports nothing from `server` or `shard`.
 
 pub mod consumer_group;
+pub mod consumer_records;
 pub mod records;
 pub mod state;
 
@@ -29,6 +30,7 @@ use crate::config::Tuning;
 use crate::log::now_ms;
 use crate::partition::PartitionRef;
 use consumer_group::{Assignment, Assignor, ConsumerConfig, GroupDescription, TopicSource};
+use consumer_records::{ConsumerKey, ConsumerRecord};
 use records::{GroupMetadataValue, OffsetValue, OffsetsKey, OffsetsRecord};
 use state::{
     Action, GroupConfig, GroupCoordinator, HeartbeatRequest, JoinRequest, JoinResponse,
@@ -63,7 +65,11 @@ pub trait OffsetsLog: 'static {
     fn tuning(&self) -> &Tuning;
     /// For log lines.
     fn shard_id(&self) -> usize;
-    fn owns_offsets_partition(&self, partition: i32) -> bool;
+    /// The leader epoch of an offsets partition that this shard owns and this node leads;
+    /// None otherwise. A new epoch means another coordinator may have written meanwhile.
+    fn offsets_leader_epoch(&self, partition: i32) -> Option<i32>;
+    /// The node's metadata image: topic ids and partition counts.
+    fn metadata(&self) -> std::sync::Arc<MetadataImage>;
     /// An offsets partition this shard owns, opened on first use.
     async fn offsets_partition(&self, partition: i32) -> Option<PartitionRef>;
     /// Appends one record batch to an offsets partition and waits until it is stored (acks=all).
@@ -84,9 +90,11 @@ pub struct GroupShard {
     offsets: RefCell<HashMap<String, BTreeMap<(String, i32), OffsetValue>>>,
     pending: RefCell<HashMap<Token, Pending>>,
     next_token: Cell<Token>,
-    /// Offsets partitions read into memory: a partition this node comes to lead later (in a
-    /// cluster) is loaded then, once.
-    loaded: RefCell<std::collections::HashSet<i32>>,
+    /// Offsets partitions whose groups this shard coordinates → the leader epoch they were
+    /// loaded at. A partition led again, or at a new epoch, is loaded afresh.
+    loaded: RefCell<HashMap<i32, i32>>,
+    /// One load or unload at a time.
+    load_lock: futures::lock::Mutex<()>,
 }
 
 impl GroupShard {
@@ -107,7 +115,8 @@ impl GroupShard {
             offsets: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
-            loaded: RefCell::new(std::collections::HashSet::new()),
+            loaded: RefCell::new(HashMap::new()),
+            load_lock: futures::lock::Mutex::new(()),
         }
     }
 
@@ -129,7 +138,17 @@ impl GroupShard {
             let _ = tx.send(classic_join_refused(&req));
             return rx;
         }
-        let _ = self.consumer.borrow_mut().delete(&req.group_id);
+        if self.consumer.borrow_mut().delete(&req.group_id).is_ok() {
+            // The empty consumer group's records go: the id is a classic group now.
+            let (me, sh, group) = (self.clone(), shard.clone(), req.group_id.clone());
+            glommio::spawn_local(async move {
+                let img = sh.metadata();
+                if let Err(e) = me.store_consumer_group(sh.as_ref(), &img, &group).await {
+                    tracing::warn!("cannot remove the records of consumer group {group}: {e}");
+                }
+            })
+            .detach();
+        }
         let token = self.token();
         self.pending.borrow_mut().insert(token, Pending::Join(tx));
         let actions = self.coord.borrow_mut().join(now_ms(), token, req);
@@ -150,8 +169,13 @@ impl GroupShard {
         rx
     }
 
-    /// Delivers the state machine's actions: answers waiting requests, persists group changes.
+    /// Delivers the state machine's actions. Group changes are stored in `__consumer_offsets`
+    /// first; SyncGroup answers of the same step wait for that store (Kafka answers SyncGroup
+    /// once the assignment is stored) and become COORDINATOR_NOT_AVAILABLE if it fails, so no
+    /// member runs with an assignment a new coordinator would not know.
     pub fn apply<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, actions: Vec<Action>) {
+        let mut changed: Vec<(String, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut syncs: Vec<(Token, SyncResponse)> = Vec::new();
         for a in actions {
             match a {
                 Action::JoinResponse { token, resp } => {
@@ -159,115 +183,252 @@ impl GroupShard {
                         let _ = tx.send(resp);
                     }
                 }
-                Action::SyncResponse { token, resp } => {
-                    if let Some(Pending::Sync(tx)) = self.pending.borrow_mut().remove(&token) {
-                        let _ = tx.send(resp);
-                    }
-                }
+                Action::SyncResponse { token, resp } => syncs.push((token, resp)),
                 Action::GroupChanged { group_id } => {
                     let value = self.coord.borrow().group_metadata(&group_id);
                     let key = OffsetsKey::Group {
                         group: group_id.clone(),
                     }
                     .encode();
-                    let value = value.map(|v| v.encode());
-                    let shard = shard.clone();
-                    glommio::spawn_local(async move {
-                        if let Err(e) = append_records(&*shard, &group_id, vec![(key, value)]).await
-                        {
-                            tracing::warn!("cannot persist metadata of group {group_id}: {e}");
-                        }
-                    })
-                    .detach();
+                    changed.push((group_id, key, value.map(|v| v.encode())));
                 }
+            }
+        }
+        if changed.is_empty() {
+            self.answer_syncs(syncs, None);
+            return;
+        }
+        let (me, shard) = (self.clone(), shard.clone());
+        glommio::spawn_local(async move {
+            let mut failed = None;
+            for (group_id, key, value) in changed {
+                if let Err(e) = append_records(&*shard, &group_id, vec![(key, value)]).await {
+                    tracing::warn!("cannot persist metadata of group {group_id}: {e}");
+                    failed = Some(ResponseError::CoordinatorNotAvailable.code());
+                }
+            }
+            me.answer_syncs(syncs, failed);
+        })
+        .detach();
+    }
+
+    fn answer_syncs(&self, syncs: Vec<(Token, SyncResponse)>, error: Option<i16>) {
+        for (token, mut resp) in syncs {
+            if let Some(code) = error.filter(|_| resp.error_code == state::NONE) {
+                resp.error_code = code;
+                resp.assignment = Bytes::new();
+            }
+            if let Some(Pending::Sync(tx)) = self.pending.borrow_mut().remove(&token) {
+                let _ = tx.send(resp);
             }
         }
     }
 
-    /// Loads committed offsets and group metadata from this shard's offsets partitions.
-    pub async fn load<S: OffsetsLog>(self: &Rc<Self>, shard: &S) {
+    /// Brings this shard's coordinators in line with the offsets partitions it leads: loads
+    /// the groups of each partition it has come to lead (or leads at a new leader epoch, since
+    /// another coordinator may have written meanwhile) and forgets those of partitions it no
+    /// longer leads. Called at start and whenever the metadata image moves an offsets
+    /// partition.
+    pub async fn sync_partitions<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>) {
         self.consumer
             .borrow_mut()
             .set_config(consumer_config(shard.tuning()));
+        for p in 0..shard.tuning().group.offsets_topic_num_partitions {
+            self.refresh_partition(shard, p).await;
+        }
+    }
+
+    /// True when this shard coordinates the groups of offsets partition `p` at its current
+    /// leader epoch, loading them first if needed. False: another node (or shard) does.
+    pub async fn ensure_loaded<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32) -> bool {
+        let current = |me: &Self| {
+            let want = shard.offsets_leader_epoch(p);
+            want.is_some() && me.loaded.borrow().get(&p).copied() == want
+        };
+        if current(self) {
+            return true;
+        }
+        self.refresh_partition(shard, p).await;
+        current(self)
+    }
+
+    async fn refresh_partition<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32) {
+        let _one_at_a_time = self.load_lock.lock().await;
+        let want = shard.offsets_leader_epoch(p);
+        let have = self.loaded.borrow().get(&p).copied();
+        if want == have {
+            return;
+        }
+        if have.is_some() {
+            self.loaded.borrow_mut().remove(&p);
+            self.unload_partition(shard, p);
+        }
+        if let Some(epoch) = want {
+            self.load_partition(shard, p).await;
+            self.loaded.borrow_mut().insert(p, epoch);
+        }
+    }
+
+    /// Forgets the groups of offsets partition `p`: another node coordinates them now.
+    fn unload_partition<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32) {
+        let n = shard.tuning().group.offsets_topic_num_partitions;
+        let mine = |g: &str| offsets_partition_for(g, n) == p;
+        let ids: Vec<String> = self.coord.borrow().group_ids();
+        let mut actions = Vec::new();
+        let mut unloaded = 0usize;
+        for g in ids.iter().filter(|g| mine(g)) {
+            actions.extend(self.coord.borrow_mut().unload(g));
+            unloaded += 1;
+        }
+        self.apply(shard, actions);
+        self.consumer.borrow_mut().unload(mine);
+        self.offsets.borrow_mut().retain(|g, _| !mine(g));
+        tracing::info!(
+            "shard {}: no longer coordinating __consumer_offsets-{p} ({unloaded} classic groups)",
+            shard.shard_id()
+        );
+        let _ = unloaded;
+    }
+
+    /// Loads committed offsets and group state from offsets partition `p`.
+    async fn load_partition<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32) {
+        let Some(part) = shard.offsets_partition(p).await else {
+            return;
+        };
         let n = shard.tuning().group.offsets_topic_num_partitions;
         let mut groups: HashMap<String, Option<GroupMetadataValue>> = HashMap::new();
+        let mut consumer: HashMap<String, BTreeMap<ConsumerKey, ConsumerRecord>> = HashMap::new();
         let mut loaded = 0usize;
-        for p in 0..n {
-            if !shard.owns_offsets_partition(p) || self.loaded.borrow().contains(&p) {
-                continue;
-            }
-            let Some(part) = shard.offsets_partition(p).await else {
-                continue;
+        let mut offset = part.log.log_start_offset();
+        let end = part.log.log_end_offset();
+        // Bounded by the log: each pass advances past at least one batch.
+        while offset < end {
+            let Ok(bytes) = part.log.read(offset, 1 << 20, end).await else {
+                break;
             };
-            self.loaded.borrow_mut().insert(p);
-            let mut offset = part.log.log_start_offset();
-            let end = part.log.log_end_offset();
-            // Bounded by the log: each pass advances past at least one batch.
-            while offset < end {
-                let Ok(bytes) = part.log.read(offset, 1 << 20, end).await else {
+            if bytes.is_empty() {
+                break;
+            }
+            let mut buf = bytes.clone();
+            let mut last = offset;
+            while buf.len() >= crate::log::batch::HEADER_BYTES {
+                let Ok(set) = RecordBatchDecoder::decode(&mut buf) else {
                     break;
                 };
-                if bytes.is_empty() {
-                    break;
-                }
-                let mut buf = bytes.clone();
-                let mut last = offset;
-                while buf.len() >= crate::log::batch::HEADER_BYTES {
-                    let Ok(set) = RecordBatchDecoder::decode(&mut buf) else {
-                        break;
-                    };
-                    for r in set.records {
-                        last = last.max(r.offset as u64);
-                        let Some(k) = r.key.as_ref() else { continue };
-                        match OffsetsRecord::decode(k, r.value.as_deref()) {
-                            Ok(OffsetsRecord::Offset {
-                                group,
-                                topic,
-                                partition,
-                                value,
-                            }) => {
-                                let mut offs = self.offsets.borrow_mut();
-                                let g = offs.entry(group).or_default();
-                                match value {
-                                    Some(v) => {
-                                        g.insert((topic, partition), v);
-                                    }
-                                    None => {
-                                        g.remove(&(topic, partition));
-                                    }
+                for r in set.records {
+                    last = last.max(r.offset as u64);
+                    let Some(k) = r.key.as_ref() else { continue };
+                    match OffsetsRecord::decode(k, r.value.as_deref()) {
+                        Ok(OffsetsRecord::Offset {
+                            group,
+                            topic,
+                            partition,
+                            value,
+                        }) => {
+                            let mut offs = self.offsets.borrow_mut();
+                            let g = offs.entry(group).or_default();
+                            match value {
+                                Some(v) => {
+                                    g.insert((topic, partition), v);
                                 }
-                                loaded += 1;
+                                None => {
+                                    g.remove(&(topic, partition));
+                                }
                             }
-                            Ok(OffsetsRecord::Group { group, value }) => {
-                                groups.insert(group, value);
+                            loaded += 1;
+                        }
+                        Ok(OffsetsRecord::Group { group, value }) => {
+                            groups.insert(group, value);
+                        }
+                        Ok(OffsetsRecord::Consumer { group, record }) => {
+                            let key = record.key();
+                            let recs = consumer.entry(group).or_default();
+                            if record.encode_value().is_some() {
+                                recs.insert(key, record);
+                            } else {
+                                recs.remove(&key);
                             }
-                            Err(e) => tracing::warn!(
-                                "skipping undecodable __consumer_offsets record: {e}"
-                            ),
+                        }
+                        Err(e) => {
+                            tracing::warn!("skipping undecodable __consumer_offsets record: {e}")
                         }
                     }
                 }
-                offset = last + 1;
             }
+            offset = last + 1;
         }
         let now = now_ms();
-        let mut coord = self.coord.borrow_mut();
-        for (g, v) in groups {
-            match v {
-                Some(v) => coord.restore(now, &g, &v),
-                None => {
-                    let _ = coord.delete(&g);
+        let classic = groups.values().filter(|v| v.is_some()).count();
+        {
+            let mut coord = self.coord.borrow_mut();
+            for (g, v) in groups {
+                match v {
+                    Some(v) => coord.restore(now, &g, &v),
+                    None => {
+                        let _ = coord.delete(&g);
+                    }
+                }
+            }
+            for (g, offs) in self.offsets.borrow().iter() {
+                if !offs.is_empty() && offsets_partition_for(g, n) == p {
+                    coord.ensure_group(g);
                 }
             }
         }
-        for (g, offs) in self.offsets.borrow().iter() {
-            if !offs.is_empty() {
-                coord.ensure_group(g);
+        let img = shard.metadata();
+        for (g, recs) in &consumer {
+            self.consumer
+                .borrow_mut()
+                .restore(now, g, recs, img.as_ref(), &|id: &uuid::Uuid| {
+                    img.topic_by_id(id).map(|t| t.name.clone())
+                });
+        }
+        // Records a damaged or foreign log left behind (members without a group, Kafka's
+        // partition metadata) are tombstoned now.
+        for g in consumer.keys() {
+            if let Err(e) = self.store_consumer_group(shard.as_ref(), &img, g).await {
+                tracing::warn!("cannot tidy the records of consumer group {g}: {e}");
             }
         }
-        if loaded > 0 {
-            tracing::info!("shard {}: loaded {loaded} offset commits", shard.shard_id());
+        if loaded > 0 || classic > 0 || !consumer.is_empty() {
+            tracing::info!(
+                "shard {}: coordinating __consumer_offsets-{p}: {loaded} offset commits, {classic} classic groups, {} consumer groups",
+                shard.shard_id(),
+                consumer.len()
+            );
         }
+    }
+
+    /// Appends what changed in a KIP-848 group's state (nothing if nothing did).
+    async fn store_consumer_group<S: OffsetsLog>(
+        &self,
+        shard: &S,
+        img: &MetadataImage,
+        group: &str,
+    ) -> Result<(), String> {
+        let recs = self
+            .consumer
+            .borrow_mut()
+            .records_to_store(group, &|t: &str| img.topic(t).map(|m| m.id));
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let kvs = recs
+            .into_iter()
+            .map(|r| {
+                let value = r.encode_value();
+                let key = OffsetsKey::Consumer {
+                    group: group.to_owned(),
+                    kind: r.key(),
+                };
+                (key.encode(), value)
+            })
+            .collect();
+        let r = append_records(shard, group, kvs).await;
+        if r.is_err() {
+            self.consumer.borrow_mut().store_failed(group);
+        }
+        r
     }
 
     /// Drives session and rebalance timeouts.
@@ -285,13 +446,24 @@ impl GroupShard {
             glommio::timer::sleep(std::time::Duration::from_millis(wait)).await;
             let actions = self.coord.borrow_mut().tick(now_ms());
             self.apply(&shard, actions);
-            for e in self.consumer.borrow_mut().tick(now_ms()) {
+            let expired = self.consumer.borrow_mut().tick(now_ms());
+            let mut touched = std::collections::BTreeSet::new();
+            for e in expired {
                 tracing::info!(
                     "consumer group {}: member {} fenced ({})",
                     e.group_id,
                     e.member_id,
                     e.reason
                 );
+                touched.insert(e.group_id);
+            }
+            if !touched.is_empty() {
+                let img = shard.metadata();
+                for g in touched {
+                    if let Err(e) = self.store_consumer_group(shard.as_ref(), &img, &g).await {
+                        tracing::warn!("cannot store consumer group {g}: {e}");
+                    }
+                }
             }
         }
     }
@@ -546,6 +718,10 @@ impl GroupShard {
             Err(code) if code == ResponseError::GroupIdNotFound.code() && had_offsets => {}
             Err(code) => return code,
         }
+        let img = shard.metadata();
+        if self.store_consumer_group(shard, &img, group).await.is_err() {
+            return ResponseError::KafkaStorageError.code();
+        }
         let removed = self.offsets.borrow_mut().remove(group).unwrap_or_default();
         let mut kvs: Vec<(Vec<u8>, Option<Vec<u8>>)> = removed
             .into_keys()
@@ -609,12 +785,17 @@ impl GroupShard {
     }
 
     /// ConsumerGroupHeartbeat (KIP-848). `owned` names the member's partitions by topic id.
-    pub fn consumer_heartbeat(
+    /// The answer waits until what the heartbeat changed is stored in `__consumer_offsets`, as
+    /// Kafka's coordinator answers once its records are committed; if that fails the member
+    /// gets COORDINATOR_NOT_AVAILABLE and the next heartbeat stores the group again.
+    pub async fn consumer_heartbeat<S: OffsetsLog>(
         &self,
-        img: &MetadataImage,
+        shard: &S,
         mut req: consumer_group::HeartbeatRequest,
         owned: Option<Vec<(uuid::Uuid, Vec<i32>)>>,
     ) -> ConsumerHeartbeat {
+        let image = shard.metadata();
+        let img = image.as_ref();
         // Owned partitions of topics that no longer exist are simply gone.
         req.owned = owned.map(|ids| {
             let mut a = Assignment::new();
@@ -636,9 +817,29 @@ impl GroupShard {
                 }
                 _ => {}
             }
-            let _ = self.coord.borrow_mut().delete(&req.group_id);
+            if self.coord.borrow_mut().delete(&req.group_id).is_ok() {
+                // The empty classic group's record goes: the id is a consumer group now.
+                let tombstone = (
+                    OffsetsKey::Group {
+                        group: req.group_id.clone(),
+                    }
+                    .encode(),
+                    None,
+                );
+                if let Err(e) = append_records(shard, &req.group_id, vec![tombstone]).await {
+                    return Err((ResponseError::CoordinatorNotAvailable.code(), e));
+                }
+            }
         }
+        let group = req.group_id.clone();
         let resp = self.consumer.borrow_mut().heartbeat(now_ms(), img, req);
+        if let Err(e) = self.store_consumer_group(shard, img, &group).await {
+            tracing::warn!("cannot store consumer group {group}: {e}");
+            return Err((
+                ResponseError::CoordinatorNotAvailable.code(),
+                format!("The group's state could not be stored: {e}"),
+            ));
+        }
         let assignment = resp.assignment.as_ref().map(|a| {
             a.iter()
                 .filter_map(|(t, ps)| {

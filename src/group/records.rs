@@ -2,7 +2,8 @@
 //! topic can be read by Kafka tooling and Kafka's topic can be loaded by Fjord.
 //!
 //! Classic (non-flexible) schemas, big-endian. Keys: version 0/1 = offset commit, version 2 =
-//! group metadata. A tombstone is a key with a null value. We write offset values at version 3
+//! group metadata, 3–8 = KIP-848 consumer groups (their flexible values are in
+//! `consumer_records`). A tombstone is a key with a null value. We write offset values at version 3
 //! and group metadata values at version 3; we read versions 0–3 of both. Decoding never panics:
 //! every length is checked against the bytes that remain.
 
@@ -55,6 +56,11 @@ pub enum OffsetsKey {
     Group {
         group: String,
     },
+    /// A KIP-848 consumer group's record (key types 3–8, see `consumer_records`).
+    Consumer {
+        group: String,
+        kind: super::consumer_records::ConsumerKey,
+    },
 }
 
 impl OffsetsKey {
@@ -75,6 +81,13 @@ impl OffsetsKey {
                 w.i16(GROUP_KEY_VERSION);
                 w.string(group);
             }
+            OffsetsKey::Consumer { group, kind } => {
+                w.i16(kind.key_type());
+                w.string(group);
+                if let Some(member) = kind.member() {
+                    w.string(member);
+                }
+            }
         }
         w.buf
     }
@@ -88,6 +101,11 @@ impl OffsetsKey {
                 partition: r.i32()?,
             },
             2 => OffsetsKey::Group { group: r.string()? },
+            v @ 3..=8 => {
+                let group = r.string()?;
+                let kind = super::consumer_records::ConsumerKey::decode(v, &mut r)?;
+                OffsetsKey::Consumer { group, kind }
+            }
             v => return Err(DecodeError::UnknownVersion(v)),
         };
         r.finish()?;
@@ -96,7 +114,9 @@ impl OffsetsKey {
 
     pub fn group(&self) -> &str {
         match self {
-            OffsetsKey::Offset { group, .. } | OffsetsKey::Group { group } => group,
+            OffsetsKey::Offset { group, .. }
+            | OffsetsKey::Group { group }
+            | OffsetsKey::Consumer { group, .. } => group,
         }
     }
 }
@@ -263,6 +283,11 @@ pub enum OffsetsRecord {
         group: String,
         value: Option<GroupMetadataValue>,
     },
+    /// A KIP-848 consumer group's record.
+    Consumer {
+        group: String,
+        record: super::consumer_records::ConsumerRecord,
+    },
 }
 
 impl OffsetsRecord {
@@ -282,30 +307,34 @@ impl OffsetsRecord {
                 group,
                 value: value.map(GroupMetadataValue::decode).transpose()?,
             },
+            OffsetsKey::Consumer { group, kind } => OffsetsRecord::Consumer {
+                group,
+                record: super::consumer_records::ConsumerRecord::decode(kind, value)?,
+            },
         })
     }
 }
 
 #[derive(Default)]
-struct Writer {
-    buf: Vec<u8>,
+pub(super) struct Writer {
+    pub(super) buf: Vec<u8>,
 }
 
 impl Writer {
-    fn i16(&mut self, v: i16) {
+    pub(super) fn i16(&mut self, v: i16) {
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
-    fn i32(&mut self, v: i32) {
+    pub(super) fn i32(&mut self, v: i32) {
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
-    fn i64(&mut self, v: i64) {
+    pub(super) fn i64(&mut self, v: i64) {
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
-    fn len_i32(&mut self, len: usize) {
+    pub(super) fn len_i32(&mut self, len: usize) {
         // Lengths come from in-memory values bounded far below 2 GiB by request size limits.
         self.i32(i32::try_from(len).unwrap_or(i32::MAX));
     }
-    fn string(&mut self, s: &str) {
+    pub(super) fn string(&mut self, s: &str) {
         // Kafka strings are at most i16::MAX bytes; longer ones are cut at a char boundary so
         // the record stays decodable rather than corrupting the length prefix.
         let mut end = s.len().min(i16::MAX as usize);
@@ -315,30 +344,30 @@ impl Writer {
         self.i16(end as i16);
         self.buf.extend_from_slice(&s.as_bytes()[..end]);
     }
-    fn nullable_string(&mut self, s: Option<&str>) {
+    pub(super) fn nullable_string(&mut self, s: Option<&str>) {
         match s {
             Some(s) => self.string(s),
             None => self.i16(-1),
         }
     }
-    fn bytes(&mut self, b: &[u8]) {
+    pub(super) fn bytes(&mut self, b: &[u8]) {
         self.len_i32(b.len());
         self.buf.extend_from_slice(b);
     }
 }
 
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(super) fn new(buf: &'a [u8]) -> Self {
         Reader { buf }
     }
-    fn remaining(&self) -> usize {
+    pub(super) fn remaining(&self) -> usize {
         self.buf.len()
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if n > self.buf.len() {
             return Err(DecodeError::Truncated);
         }
@@ -351,16 +380,16 @@ impl<'a> Reader<'a> {
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
-    fn i16(&mut self) -> Result<i16, DecodeError> {
+    pub(super) fn i16(&mut self) -> Result<i16, DecodeError> {
         Ok(i16::from_be_bytes(self.array()?))
     }
-    fn i32(&mut self) -> Result<i32, DecodeError> {
+    pub(super) fn i32(&mut self) -> Result<i32, DecodeError> {
         Ok(i32::from_be_bytes(self.array()?))
     }
-    fn i64(&mut self) -> Result<i64, DecodeError> {
+    pub(super) fn i64(&mut self) -> Result<i64, DecodeError> {
         Ok(i64::from_be_bytes(self.array()?))
     }
-    fn nullable_string(&mut self) -> Result<Option<String>, DecodeError> {
+    pub(super) fn nullable_string(&mut self) -> Result<Option<String>, DecodeError> {
         let len = self.i16()?;
         if len == -1 {
             return Ok(None);
@@ -370,12 +399,12 @@ impl<'a> Reader<'a> {
         let s = std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8)?;
         Ok(Some(s.to_owned()))
     }
-    fn string(&mut self) -> Result<String, DecodeError> {
+    pub(super) fn string(&mut self) -> Result<String, DecodeError> {
         self.nullable_string()?
             .ok_or(DecodeError::InvalidLength(-1))
     }
     /// Kafka's BYTES; a null (-1) is read as empty, as Kafka's loader tolerates it.
-    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+    pub(super) fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.i32()?;
         if len == -1 {
             return Ok(Bytes::new());
@@ -383,14 +412,14 @@ impl<'a> Reader<'a> {
         let len = usize::try_from(len).map_err(|_| DecodeError::InvalidLength(len))?;
         Ok(Bytes::copy_from_slice(self.take(len)?))
     }
-    fn array_len(&mut self) -> Result<usize, DecodeError> {
+    pub(super) fn array_len(&mut self) -> Result<usize, DecodeError> {
         let len = self.i32()?;
         if len == -1 {
             return Ok(0);
         }
         usize::try_from(len).map_err(|_| DecodeError::InvalidLength(len))
     }
-    fn finish(&self) -> Result<(), DecodeError> {
+    pub(super) fn finish(&self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
             Ok(())
         } else {

@@ -1335,6 +1335,30 @@ impl GroupCoordinator {
         }
     }
 
+    /// Forgets a group whose `__consumer_offsets` partition this coordinator no longer leads:
+    /// its waiting JoinGroup and SyncGroup requests are answered NOT_COORDINATOR, so the
+    /// members look the new coordinator up.
+    pub fn unload(&mut self, group_id: &str) -> Vec<Action> {
+        let Some(g) = self.groups.remove(group_id) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for m in g.members.into_values() {
+            if let Some(t) = m.awaiting_join {
+                out.push(join_error(t, m.id.clone(), E::NotCoordinator.code()));
+            }
+            if let Some(t) = m.awaiting_sync {
+                out.push(sync_error(t, E::NotCoordinator.code()));
+            }
+        }
+        out
+    }
+
+    /// Every group id this coordinator knows.
+    pub fn group_ids(&self) -> Vec<String> {
+        self.groups.keys().cloned().collect()
+    }
+
     /// Creates an Empty group if absent (offsets loaded at startup, a simple commit).
     pub fn ensure_group(&mut self, group_id: &str) {
         if !self.groups.contains_key(group_id) {

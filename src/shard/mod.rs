@@ -368,13 +368,25 @@ impl OffsetsLog for Shard {
         self.id
     }
 
-    fn owns_offsets_partition(&self, partition: i32) -> bool {
-        self.node.shard_of(OFFSETS_TOPIC, partition) == self.id
-            && self
-                .node
-                .image()
-                .topic(OFFSETS_TOPIC)
-                .is_some_and(|t| self.node.leads(t, partition))
+    fn offsets_leader_epoch(&self, partition: i32) -> Option<i32> {
+        if self.node.shard_of(OFFSETS_TOPIC, partition) != self.id {
+            return None;
+        }
+        if self.node.cluster.is_none() {
+            // A single node coordinates every group, and nobody else writes its partitions.
+            return Some(0);
+        }
+        let img = self.node.image();
+        let t = img.topic(OFFSETS_TOPIC)?;
+        if !self.node.leads(t, partition) {
+            return None;
+        }
+        let a = t.assignments.get(usize::try_from(partition).ok()?);
+        Some(a.map(|a| a.leader_epoch).unwrap_or(0))
+    }
+
+    fn metadata(&self) -> std::sync::Arc<crate::cluster::metadata::MetadataImage> {
+        self.node.meta.load_full()
     }
 
     async fn offsets_partition(&self, partition: i32) -> Option<PartitionRef> {

@@ -188,6 +188,22 @@ impl Drop for Broker {
     }
 }
 
+/// Counts librdkafka's rebalance callbacks: a member whose coordinator keeps its state makes
+/// none, one that is told it is unknown loses its partitions and gets them again.
+pub struct Rebalances(pub std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl rdkafka::ClientContext for Rebalances {}
+
+impl rdkafka::consumer::ConsumerContext for Rebalances {
+    fn pre_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        _: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 pub fn wait_port(addr: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

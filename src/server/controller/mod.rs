@@ -125,18 +125,21 @@ impl ClusterHandle {
             .cloned()
             .collect();
         let me = self.node.node_id;
-        let offsets_led = |img: &metadata::MetadataImage| -> Vec<i32> {
+        // (partition, leader epoch) of the offsets partitions this node leads.
+        let offsets_led = |img: &metadata::MetadataImage| -> Vec<(i32, i32)> {
             img.topic(crate::group::OFFSETS_TOPIC)
                 .map(|t| {
                     (0..t.partitions)
                         .filter(|p| t.leader(*p, me) == me)
+                        .map(|p| {
+                            let epoch = t.assignments.get(p as usize).map(|a| a.leader_epoch);
+                            (p, epoch.unwrap_or(0))
+                        })
                         .collect()
                 })
                 .unwrap_or_default()
         };
-        let newly_led = offsets_led(&next)
-            .into_iter()
-            .any(|p| !offsets_led(&old).contains(&p));
+        let coordination_moved = offsets_led(&next) != offsets_led(&old);
         self.node.meta.store(Arc::new(next));
         // Every shard brings its replicas' roles, ISRs and fetchers in line with the image.
         for s in 0..self.node.shards() {
@@ -145,13 +148,14 @@ impl ClusterHandle {
             }))
             .detach();
         }
-        if newly_led {
-            // The coordinators of these partitions' groups now live here: load their state.
+        if coordination_moved {
+            // Groups whose offsets partition this node now leads are loaded here; those it no
+            // longer leads are forgotten (their members are sent to the new coordinator).
             for s in 0..self.node.shards() {
                 glommio::spawn_local(shard::invoke(s, |sh| async move {
                     let groups = sh.groups.borrow().clone();
                     if let Some(g) = groups {
-                        g.load(sh.as_ref()).await;
+                        g.sync_partitions(&sh).await;
                     }
                 }))
                 .detach();

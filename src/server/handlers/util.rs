@@ -45,7 +45,8 @@ pub fn valid_group(group: &str) -> bool {
 }
 
 /// Runs `f` with the coordinator state of `group` on the shard that owns the group's
-/// `__consumer_offsets` partition; None when that shard runs no coordinator.
+/// `__consumer_offsets` partition; None when that shard runs no coordinator or this node does
+/// not lead that partition.
 pub async fn on_coordinator<F, Fut, R>(node: &Node, group: &str, f: F) -> Option<R>
 where
     F: FnOnce(Rc<Shard>, Rc<GroupShard>) -> Fut + Send + 'static,
@@ -63,9 +64,15 @@ where
             return None;
         }
     }
-    let target = node.shard_of(OFFSETS_TOPIC, offsets_partition_for(group, partitions));
+    let p = offsets_partition_for(group, partitions);
+    let target = node.shard_of(OFFSETS_TOPIC, p);
     invoke(target, move |sh| async move {
         let groups = sh.groups.borrow().clone()?;
+        // The group's state is read from its partition first if this node has just come to
+        // lead it; a shard that no longer leads it answers None (NOT_COORDINATOR).
+        if !groups.ensure_loaded(&sh, p).await {
+            return None;
+        }
         Some(f(sh, groups).await)
     })
     .await
