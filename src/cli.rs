@@ -362,27 +362,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.cores.map(usize::from),
         a.overprovisioned,
     )?;
-    let mut image = if cluster_settings.is_some() {
+    let image = if cluster_settings.is_some() {
         // A clustered node serves what the metadata log says, once it has caught up.
         metadata::MetadataImage::default()
     } else {
         metadata::load_image(&data_dir)?
     };
-    if cluster_settings.is_none() && image.topic(crate::group::OFFSETS_TOPIC).is_none() {
-        // The compacted internal topic holding committed offsets and group metadata.
-        let mut configs = std::collections::BTreeMap::new();
-        configs.insert("cleanup.policy".to_string(), "compact".to_string());
-        configs.insert("segment.bytes".to_string(), "104857600".to_string());
-        image = image.with_topic(metadata::TopicMeta {
-            name: crate::group::OFFSETS_TOPIC.to_string(),
-            id: uuid::Uuid::new_v4(),
-            partitions: tuning.group.offsets_topic_num_partitions,
-            configs,
-            internal: true,
-            assignments: Vec::new(),
-        });
-        metadata::save_image(&data_dir, &image)?;
-    }
     let cluster = metadata::load_or_init_cluster(&data_dir)?;
     // Bound before the shards start so that a taken port fails the start, not a later scrape;
     // the bound address (port 0 picks one) is what DescribeConfigs reports as metrics.listen.
@@ -421,6 +406,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         broker_epoch: AtomicI64::new(-1),
     });
 
+    if node.cluster.is_none() {
+        // A single node's controller creates the compacted internal topic that holds committed
+        // offsets and group state, as it creates any topic (a cluster's does so on first use).
+        crate::cluster::controller::ensure_internal_topic(
+            &node,
+            crate::group::OFFSETS_TOPIC,
+            tuning.group.offsets_topic_num_partitions,
+        )
+        .map_err(|(_, m)| anyhow::anyhow!("cannot create {}: {m}", crate::group::OFFSETS_TOPIC))?;
+    }
     if let Some(l) = metrics_listener {
         crate::server::metrics_endpoint::spawn(l, mesh.clone(), cores.clone())
             .context("cannot start the metrics thread")?;

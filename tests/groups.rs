@@ -907,3 +907,81 @@ fn committed_offsets_survive_broker_restart() {
     }
     eprintln!("broker_restart: {:.1}s", started.elapsed().as_secs_f64());
 }
+
+/// Commits `offset` on every partition of `topic` for `group` without joining it (an
+/// offsets-only group, as admin tools and assign()-based consumers use).
+fn commit_without_joining(b: &Broker, group: &str, topic: &str, partitions: &[i64], offset: i64) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p as i32, Offset::Offset(offset))
+            .expect("offset");
+    }
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
+}
+
+/// Kafka's offsets.retention.minutes (here a few seconds): the offsets of a group nobody
+/// consumes with expire, and their tombstones keep them gone after a kill -9 and restart,
+/// while a group whose member keeps consuming keeps its offsets however old the commit.
+#[test]
+fn offsets_of_an_unused_group_expire_and_an_active_groups_stay() {
+    python_ready();
+    let mut b = Broker::start_with(&[
+        "--set",
+        "group.offsets_retention_ms=4000",
+        "--set",
+        "group.offsets_retention_check_interval_ms=500",
+    ]);
+    let topic = "expiring";
+    create_topic(&b, topic, 2);
+    produce(&b, topic, "v", 0..100);
+    let parts = [0, 1];
+    commit_without_joining(&b, "idle", topic, &parts, 7);
+    assert_eq!(
+        committed(&b, "idle", topic, &parts),
+        [(0, 7), (1, 7)].into()
+    );
+    // A member that commits once and then only consumes (nothing new arrives).
+    let mut m = Member::spawn(&b, "m1", "busy", topic, &["--commit-ms", "100"]);
+    wait_until("m1 reads all 100", Duration::from_secs(25), || {
+        m.values().len() >= 100
+    });
+    wait_until("m1's commits land", Duration::from_secs(10), || {
+        committed(&b, "busy", topic, &parts).values().sum::<i64>() == 100
+    });
+    wait_until(
+        "the idle group's offsets expire",
+        Duration::from_secs(20),
+        || {
+            committed(&b, "idle", topic, &parts)
+                .values()
+                .all(|o| *o == -1)
+        },
+    );
+    // Well past the retention since its last commit, the busy group's offsets stay.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        committed(&b, "busy", topic, &parts).values().sum::<i64>(),
+        100,
+        "an active group keeps its offsets"
+    );
+    assert!(
+        b.log().contains("expired 2 committed offsets"),
+        "{}",
+        b.log()
+    );
+    m.close();
+    b.restart();
+    assert!(
+        committed(&b, "idle", topic, &parts)
+            .values()
+            .all(|o| *o == -1),
+        "expired offsets stay expired after a restart"
+    );
+}

@@ -124,6 +124,32 @@ pub fn create_topics(
     out
 }
 
+/// Creates the internal topic `name` (compacted, 100 MiB segments, Kafka's settings for
+/// `__consumer_offsets`) if the image lacks it; a single node's start-up calls it.
+pub fn ensure_internal_topic(node: &Node, name: &str, partitions: i32) -> OpResult<()> {
+    if node.image().topic(name).is_some() {
+        return Ok(());
+    }
+    let configs = [
+        ("cleanup.policy", "compact"),
+        ("segment.bytes", "104857600"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let topic = NewTopic {
+        name: name.to_owned(),
+        partitions,
+        replication_factor: 1,
+        configs,
+        internal: true,
+    };
+    match create_topics(node, vec![topic], false).pop() {
+        Some(r) => r.map(|_| ()),
+        None => Err((Refused::Internal, "no answer".into())),
+    }
+}
+
 fn remove_stale_partition_dirs(node: &Node, topic: &str, partitions: std::ops::Range<i32>) {
     for p in partitions {
         let dir = metadata::partition_dir(&node.data_dir, topic, p);

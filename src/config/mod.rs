@@ -311,6 +311,22 @@ pub struct GroupSection {
     /// the first of Kafka's group.consumer.assignors.
     #[serde(default = "default_consumer_assignor")]
     pub consumer_assignor: String,
+    /// Kafka's offsets.retention.minutes: committed offsets of a group nobody consumes with
+    /// expire this long after it became empty (or after the commit, for a group that never
+    /// had members).
+    #[serde(default = "default_offsets_retention_ms")]
+    pub offsets_retention_ms: u64,
+    /// Kafka's offsets.retention.check.interval.ms.
+    #[serde(default = "default_offsets_retention_check_interval_ms")]
+    pub offsets_retention_check_interval_ms: u64,
+}
+
+fn default_offsets_retention_ms() -> u64 {
+    7 * 24 * 3_600_000
+}
+
+fn default_offsets_retention_check_interval_ms() -> u64 {
+    600_000
 }
 
 fn default_consumer_heartbeat_interval_ms() -> i32 {
@@ -450,6 +466,16 @@ const KAFKA_NAMES: &[(&str, &str, i64)] = &[
     (
         "offsets.topic.num.partitions",
         "group.offsets_topic_num_partitions",
+        1,
+    ),
+    (
+        "offsets.retention.minutes",
+        "group.offsets_retention_ms",
+        60_000,
+    ),
+    (
+        "offsets.retention.check.interval.ms",
+        "group.offsets_retention_check_interval_ms",
         1,
     ),
     (
@@ -1102,6 +1128,15 @@ impl Tuning {
                     return bad(&key("io_memory_bytes"), "must be at least 1 MiB");
                 }
             }
+        }
+        if self.group.offsets_retention_ms < 1_000 {
+            return bad("group.offsets_retention_ms", "must be at least a second");
+        }
+        if self.group.offsets_retention_check_interval_ms < 1 {
+            return bad(
+                "group.offsets_retention_check_interval_ms",
+                "must be at least 1",
+            );
         }
         if self.group.offsets_topic_num_partitions < 1 {
             return bad("group.offsets_topic_num_partitions", "must be at least 1");

@@ -730,9 +730,14 @@ pub struct ConsumerGroups {
     id_seed: u64,
     id_counter: u64,
     /// What `__consumer_offsets` holds for each group, as far as this coordinator knows:
-    /// record key → hash of the value stored (0: must be written again).
+    /// record key → hash of the value stored (odd), [`REWRITE`] or [`TOMBSTONE_SENT`].
     stored: HashMap<String, HashMap<ConsumerKey, u64>>,
 }
+
+/// A stored record whose last write may have failed: written again with the next store.
+const REWRITE: u64 = 0;
+/// A tombstone handed out and not yet confirmed: handed out again until a store succeeds.
+const TOMBSTONE_SENT: u64 = 2;
 
 /// A subscription regex as Kafka applies it: to the whole topic name (RE2J `matches`).
 fn compile_subscription(r: &str) -> Result<regex::Regex, regex::Error> {
@@ -780,7 +785,8 @@ impl ConsumerGroups {
 
     /// The records that bring `__consumer_offsets` in line with the group's state: what changed
     /// since the last call, and tombstones for what is gone (every record of a deleted group).
-    /// The shell appends them; if that fails it calls [`ConsumerGroups::store_failed`].
+    /// The shell appends them, one store of a group at a time, and reports the outcome to
+    /// [`ConsumerGroups::store_done`].
     pub fn records_to_store(
         &mut self,
         group_id: &str,
@@ -806,24 +812,32 @@ impl ConsumerGroups {
             }
             keep.insert(key);
         }
-        stored.retain(|k, _| {
-            let kept = keep.contains(k);
-            if !kept {
+        for (k, h) in stored.iter_mut() {
+            if !keep.contains(k) {
                 out.push(ConsumerRecord::tombstone(k.clone()));
+                *h = TOMBSTONE_SENT;
             }
-            kept
-        });
-        if stored.is_empty() {
-            self.stored.remove(group_id);
         }
         out
     }
 
-    /// The records last handed out for `group_id` may not be stored: the next
-    /// [`ConsumerGroups::records_to_store`] writes the whole group again.
-    pub fn store_failed(&mut self, group_id: &str) {
-        if let Some(stored) = self.stored.get_mut(group_id) {
-            stored.values_mut().for_each(|h| *h = 0);
+    /// The outcome of storing what [`ConsumerGroups::records_to_store`] last handed out. On
+    /// success its tombstones are done with (a deleted group is forgotten); on failure the
+    /// next call writes the whole group again, tombstones included.
+    pub fn store_done(&mut self, group_id: &str, ok: bool) {
+        let Some(stored) = self.stored.get_mut(group_id) else {
+            return;
+        };
+        if ok {
+            stored.retain(|_, h| *h != TOMBSTONE_SENT);
+            if stored.is_empty() {
+                self.stored.remove(group_id);
+            }
+        } else {
+            stored
+                .values_mut()
+                .filter(|h| **h != TOMBSTONE_SENT)
+                .for_each(|h| *h = REWRITE);
         }
     }
 
@@ -845,6 +859,9 @@ impl ConsumerGroups {
         stored.clear();
         for (k, r) in records {
             stored.insert(k.clone(), value_hash(&r.encode_value()));
+        }
+        if stored.is_empty() {
+            self.stored.remove(group_id);
         }
         let Some(ConsumerRecord::Metadata(Some(meta))) = records.get(&ConsumerKey::Metadata) else {
             return;
@@ -1934,6 +1951,7 @@ mod tests {
                 log.remove(&r.key());
             }
         }
+        c.store_done("g", true);
     }
 
     /// A new coordinator rebuilt from the stored records, as after a failover: it must describe
@@ -1965,6 +1983,7 @@ mod tests {
             "seed {seed}: restored group"
         );
         fresh.check_invariants().unwrap();
+        fresh.store_done("g", true);
         assert!(
             fresh.records_to_store("g", &sim_topic_id).is_empty(),
             "seed {seed}: a restored group has nothing new to store"
@@ -1991,15 +2010,23 @@ mod tests {
         hb.subscribed_topic_names = None;
         c.heartbeat(HB, &t, hb);
         let lost = c.records_to_store("g", &sim_topic_id);
-        c.store_failed("g");
+        c.store_done("g", false);
         let again = c.records_to_store("g", &sim_topic_id);
         assert!(again.len() >= lost.len() && again.len() == 5, "{again:?}");
+        c.store_done("g", true);
         assert!(c.records_to_store("g", &sim_topic_id).is_empty());
         // Leaving and deleting: every record gets its tombstone.
         let mut leave = join("m1", &["a"]);
         leave.member_id = r.member_id.unwrap();
         leave.member_epoch = LEAVE_EPOCH;
         c.heartbeat(2 * HB, &t, leave);
+        // The tombstones are lost once: they are handed out again.
+        let lost = c.records_to_store("g", &sim_topic_id);
+        assert_eq!(
+            lost.iter().filter(|r| r.encode_value().is_none()).count(),
+            3
+        );
+        c.store_done("g", false);
         store(&mut c, &mut log);
         assert_eq!(log.len(), 2, "the member's three records are gone: {log:?}");
         c.delete("g").unwrap();
@@ -2031,6 +2058,52 @@ mod tests {
         assert_eq!(r2.assignment.unwrap()["a"].len(), 4);
     }
 
+    /// OffsetCommit (v9: member id and epoch) of what a client owns, as a consumer commits
+    /// what it read. Accepted only at the member's current epoch, and then every partition it
+    /// commits is one the coordinator has it hold (assigned or still being revoked): a fenced
+    /// or stale member never overwrites the owner's offsets. OffsetFetch then reports the last
+    /// accepted commit of every partition.
+    fn commit(
+        c: &ConsumerGroups,
+        cl: &Client,
+        step: i64,
+        offsets: &mut crate::group::offsets::CommittedOffsets,
+        expected: &mut BTreeMap<(String, i32), i64>,
+        seed: u64,
+    ) {
+        let r = c.validate_commit("g", &cl.id, cl.epoch);
+        let Some(Ok(())) = r else {
+            return;
+        };
+        let m = &c.groups["g"].members[&cl.id];
+        let mut commits = Vec::new();
+        for (t, ps) in &cl.owned {
+            for p in ps {
+                let held = m.assigned.get(t).is_some_and(|s| s.contains(p))
+                    || m.revoking.get(t).is_some_and(|s| s.contains(p));
+                assert!(
+                    held,
+                    "seed {seed}: {} committed {t}-{p} it does not hold",
+                    cl.id
+                );
+                let v = crate::group::records::OffsetValue {
+                    offset: step,
+                    leader_epoch: -1,
+                    metadata: String::new(),
+                    commit_timestamp_ms: 0,
+                };
+                commits.push((t.clone(), *p, v));
+                expected.insert((t.clone(), *p), step);
+            }
+        }
+        offsets.stored("g", commits);
+        for (t, rows) in offsets.fetch("g", None) {
+            for r in rows {
+                assert_eq!(Some(&r.offset), expected.get(&(t.clone(), r.partition)));
+            }
+        }
+    }
+
     fn simulate(seed: u64) {
         let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut rand = move |n: u64| {
@@ -2053,10 +2126,17 @@ mod tests {
         let mut now = 0u64;
         let subs_choices: [&[&str]; 3] = [&["a"], &["b"], &["a", "b"]];
         let mut log = BTreeMap::new();
-        for _ in 0..300 {
+        let mut offsets = crate::group::offsets::CommittedOffsets::default();
+        let mut expected: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for step in 0..300 {
             now += 1 + rand(2_000);
             match rand(20) {
                 5 => c = fail_over(&c, &log, now, &t, seed),
+                6 if !clients.is_empty() => {
+                    let i = rand(clients.len() as u64) as usize;
+                    let cl = &clients[i];
+                    commit(&c, cl, step, &mut offsets, &mut expected, seed);
+                }
                 0..=1 if clients.len() < 6 => {
                     next_id += 1;
                     clients.push(Client::new(

@@ -152,7 +152,7 @@ impl ConsumerRecord {
                 let client_id = r.compact_string()?;
                 let client_host = r.compact_string()?;
                 let n = r.compact_array_len(1)?;
-                let mut subscribed_topic_names = Vec::with_capacity(n);
+                let mut subscribed_topic_names = Vec::with_capacity(n.min(64));
                 for _ in 0..n {
                     subscribed_topic_names.push(r.compact_string()?);
                 }
@@ -288,8 +288,13 @@ impl Writer {
         self.uvarint(len as u64 + 1);
     }
     fn compact_string(&mut self, s: &str) {
-        self.compact_len(s.len());
-        self.buf.extend_from_slice(s.as_bytes());
+        // Kafka's strings are at most i16::MAX bytes: a longer one is cut at a char boundary.
+        let mut end = s.len().min(i16::MAX as usize);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.compact_len(end);
+        self.buf.extend_from_slice(&s.as_bytes()[..end]);
     }
     fn compact_nullable_string(&mut self, s: Option<&str>) {
         match s {
@@ -356,7 +361,7 @@ impl<'a> Reader<'a> {
     }
     fn topic_partitions(&mut self) -> Result<TopicPartitions, DecodeError> {
         let n = self.compact_array_len(TOPIC_PARTITIONS_BYTES_MIN)?;
-        let mut out = Vec::with_capacity(n);
+        let mut out = Vec::with_capacity(n.min(64));
         for _ in 0..n {
             let mut id = [0u8; 16];
             id.copy_from_slice(self.take(16)?);

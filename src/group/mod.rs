@@ -11,6 +11,7 @@
 
 pub mod consumer_group;
 pub mod consumer_records;
+pub mod offsets;
 pub mod records;
 pub mod state;
 
@@ -31,6 +32,8 @@ use crate::log::now_ms;
 use crate::partition::PartitionRef;
 use consumer_group::{Assignment, Assignor, ConsumerConfig, GroupDescription, TopicSource};
 use consumer_records::{ConsumerKey, ConsumerRecord};
+use offsets::{Activity, CommittedOffsets};
+pub use offsets::{CommittedPartition, CommittedTopic};
 use records::{GroupMetadataValue, OffsetValue, OffsetsKey, OffsetsRecord};
 use state::{
     Action, GroupConfig, GroupCoordinator, HeartbeatRequest, JoinRequest, JoinResponse,
@@ -78,7 +81,8 @@ pub trait OffsetsLog: 'static {
 
 enum Pending {
     Join(oneshot::Sender<JoinResponse>),
-    Sync(oneshot::Sender<SyncResponse>),
+    /// With the group id: the answer waits while the group's metadata is being stored.
+    Sync(oneshot::Sender<SyncResponse>, String),
 }
 
 /// The coordinator state of one shard: every group whose offsets partition this shard owns.
@@ -86,8 +90,8 @@ pub struct GroupShard {
     coord: RefCell<GroupCoordinator>,
     /// KIP-848 consumer groups.
     consumer: RefCell<consumer_group::ConsumerGroups>,
-    /// group → (topic, partition) → committed offset.
-    offsets: RefCell<HashMap<String, BTreeMap<(String, i32), OffsetValue>>>,
+    /// Committed offsets of every group this shard coordinates.
+    offsets: RefCell<CommittedOffsets>,
     pending: RefCell<HashMap<Token, Pending>>,
     next_token: Cell<Token>,
     /// Offsets partitions whose groups this shard coordinates → the leader epoch they were
@@ -95,6 +99,15 @@ pub struct GroupShard {
     loaded: RefCell<HashMap<i32, i32>>,
     /// One load or unload at a time.
     load_lock: futures::lock::Mutex<()>,
+    /// When the ticker next looks for expired offsets (ms since the epoch).
+    next_expiry_ms: Cell<u64>,
+    /// Classic groups whose metadata is being stored → (stores in flight, one failed).
+    storing: RefCell<HashMap<String, (usize, bool)>>,
+    /// SyncGroup answers held until their group's metadata is stored.
+    held_syncs: RefCell<HashMap<String, Vec<(Token, SyncResponse)>>>,
+    /// One store at a time per KIP-848 group, so that a failed store is followed by a full
+    /// rewrite before anything newer. Entries go when nobody holds them.
+    store_locks: RefCell<HashMap<String, Rc<futures::lock::Mutex<()>>>>,
 }
 
 impl GroupShard {
@@ -112,11 +125,15 @@ impl GroupShard {
                 Default::default(),
                 seed.rotate_left(17) ^ std::process::id() as u64,
             )),
-            offsets: RefCell::new(HashMap::new()),
+            offsets: RefCell::new(CommittedOffsets::default()),
             pending: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             loaded: RefCell::new(HashMap::new()),
             load_lock: futures::lock::Mutex::new(()),
+            next_expiry_ms: Cell::new(0),
+            storing: RefCell::new(HashMap::new()),
+            held_syncs: RefCell::new(HashMap::new()),
+            store_locks: RefCell::new(HashMap::new()),
         }
     }
 
@@ -142,8 +159,7 @@ impl GroupShard {
             // The empty consumer group's records go: the id is a classic group now.
             let (me, sh, group) = (self.clone(), shard.clone(), req.group_id.clone());
             glommio::spawn_local(async move {
-                let img = sh.metadata();
-                if let Err(e) = me.store_consumer_group(sh.as_ref(), &img, &group).await {
+                if let Err(e) = me.store_consumer_group(sh.as_ref(), &group).await {
                     tracing::warn!("cannot remove the records of consumer group {group}: {e}");
                 }
             })
@@ -163,16 +179,19 @@ impl GroupShard {
     ) -> oneshot::Receiver<SyncResponse> {
         let (tx, rx) = oneshot::channel();
         let token = self.token();
-        self.pending.borrow_mut().insert(token, Pending::Sync(tx));
+        self.pending
+            .borrow_mut()
+            .insert(token, Pending::Sync(tx, req.group_id.clone()));
         let actions = self.coord.borrow_mut().sync(now_ms(), token, req);
         self.apply(shard, actions);
         rx
     }
 
     /// Delivers the state machine's actions. Group changes are stored in `__consumer_offsets`
-    /// first; SyncGroup answers of the same step wait for that store (Kafka answers SyncGroup
-    /// once the assignment is stored) and become COORDINATOR_NOT_AVAILABLE if it fails, so no
-    /// member runs with an assignment a new coordinator would not know.
+    /// first: a group's SyncGroup answers wait while its metadata is being stored (Kafka
+    /// answers SyncGroup once the assignment is stored) and become COORDINATOR_NOT_AVAILABLE
+    /// if that fails, so no member runs with an assignment a new coordinator would not know;
+    /// the member then rejoins.
     pub fn apply<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, actions: Vec<Action>) {
         let mut changed: Vec<(String, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut syncs: Vec<(Token, SyncResponse)> = Vec::new();
@@ -194,31 +213,76 @@ impl GroupShard {
                 }
             }
         }
+        for (g, _, _) in &changed {
+            self.storing.borrow_mut().entry(g.clone()).or_default().0 += 1;
+        }
+        for (token, resp) in syncs {
+            self.answer_sync(token, resp);
+        }
         if changed.is_empty() {
-            self.answer_syncs(syncs, None);
             return;
         }
         let (me, shard) = (self.clone(), shard.clone());
         glommio::spawn_local(async move {
-            let mut failed = None;
             for (group_id, key, value) in changed {
-                if let Err(e) = append_records(&*shard, &group_id, vec![(key, value)]).await {
+                let r = append_records(&*shard, &group_id, vec![(key, value)]).await;
+                if let Err(e) = &r {
                     tracing::warn!("cannot persist metadata of group {group_id}: {e}");
-                    failed = Some(ResponseError::CoordinatorNotAvailable.code());
                 }
+                me.group_stored(&group_id, r.is_ok());
             }
-            me.answer_syncs(syncs, failed);
         })
         .detach();
     }
 
-    fn answer_syncs(&self, syncs: Vec<(Token, SyncResponse)>, error: Option<i16>) {
-        for (token, mut resp) in syncs {
-            if let Some(code) = error.filter(|_| resp.error_code == state::NONE) {
-                resp.error_code = code;
+    /// Answers a SyncGroup now, or holds it while its group's metadata is being stored.
+    fn answer_sync(&self, token: Token, resp: SyncResponse) {
+        let Some(Pending::Sync(tx, group)) = self.pending.borrow_mut().remove(&token) else {
+            return;
+        };
+        if self.storing.borrow().contains_key(&group) {
+            // Kept with its sender: put back under the token until the store completes.
+            self.pending
+                .borrow_mut()
+                .insert(token, Pending::Sync(tx, group.clone()));
+            self.held_syncs
+                .borrow_mut()
+                .entry(group)
+                .or_default()
+                .push((token, resp));
+            return;
+        }
+        let _ = tx.send(resp);
+    }
+
+    /// One metadata store of `group` completed: once none is left in flight, its held
+    /// SyncGroup answers go out (as errors if a store failed).
+    fn group_stored(&self, group: &str, ok: bool) {
+        let failed = {
+            let mut storing = self.storing.borrow_mut();
+            let Some(entry) = storing.get_mut(group) else {
+                return;
+            };
+            entry.0 -= 1;
+            entry.1 |= !ok;
+            if entry.0 > 0 {
+                return;
+            }
+            let failed = entry.1;
+            storing.remove(group);
+            failed
+        };
+        let held = self
+            .held_syncs
+            .borrow_mut()
+            .remove(group)
+            .unwrap_or_default();
+        for (token, mut resp) in held {
+            if failed && resp.error_code == state::NONE {
+                resp.error_code = ResponseError::CoordinatorNotAvailable.code();
                 resp.assignment = Bytes::new();
             }
-            if let Some(Pending::Sync(tx)) = self.pending.borrow_mut().remove(&token) {
+            if let Some(Pending::Sync(tx, _)) = self.pending.borrow_mut().remove(&token) {
                 let _ = tx.send(resp);
             }
         }
@@ -259,18 +323,48 @@ impl GroupShard {
         if want == have {
             return;
         }
-        if have.is_some() {
-            self.loaded.borrow_mut().remove(&p);
-            self.unload_partition(shard, p);
-        }
-        if let Some(epoch) = want {
-            self.load_partition(shard, p).await;
-            self.loaded.borrow_mut().insert(p, epoch);
+        self.loaded.borrow_mut().remove(&p);
+        // Whatever is held for p goes first, even if p was not loaded: state left by a
+        // request that finished after an earlier unload must not mix with the log's.
+        self.unload_partition(shard, p, have.is_some());
+        let Some(epoch) = want else {
+            return;
+        };
+        match self.load_partition(shard, p).await {
+            Ok(restored) => {
+                self.loaded.borrow_mut().insert(p, epoch);
+                // Records a damaged or foreign log left behind (members without a group,
+                // Kafka's partition metadata) are tombstoned, after the lock is released.
+                for g in restored {
+                    let (me, sh) = (self.clone(), shard.clone());
+                    glommio::spawn_local(async move {
+                        if let Err(e) = me.store_consumer_group(sh.as_ref(), &g).await {
+                            tracing::warn!("cannot tidy the records of consumer group {g}: {e}");
+                        }
+                    })
+                    .detach();
+                }
+            }
+            Err(e) => {
+                // Not coordinating: requests are refused and retried, which retries the load.
+                tracing::warn!("cannot load __consumer_offsets-{p}: {e}");
+                self.unload_partition(shard, p, false);
+            }
         }
     }
 
+    /// The leader epoch at which this shard coordinates `group`'s partition, if it does:
+    /// compared across an await, it tells whether the group moved meanwhile.
+    fn era<S: OffsetsLog>(&self, shard: &S, group: &str) -> Option<i32> {
+        let n = shard.tuning().group.offsets_topic_num_partitions;
+        self.loaded
+            .borrow()
+            .get(&offsets_partition_for(group, n))
+            .copied()
+    }
+
     /// Forgets the groups of offsets partition `p`: another node coordinates them now.
-    fn unload_partition<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32) {
+    fn unload_partition<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32, log: bool) {
         let n = shard.tuning().group.offsets_topic_num_partitions;
         let mine = |g: &str| offsets_partition_for(g, n) == p;
         let ids: Vec<String> = self.coord.borrow().group_ids();
@@ -282,19 +376,26 @@ impl GroupShard {
         }
         self.apply(shard, actions);
         self.consumer.borrow_mut().unload(mine);
-        self.offsets.borrow_mut().retain(|g, _| !mine(g));
-        tracing::info!(
-            "shard {}: no longer coordinating __consumer_offsets-{p} ({unloaded} classic groups)",
-            shard.shard_id()
-        );
-        let _ = unloaded;
+        self.offsets.borrow_mut().unload(mine);
+        if log {
+            tracing::info!(
+                "shard {}: no longer coordinating __consumer_offsets-{p} ({unloaded} classic groups)",
+                shard.shard_id()
+            );
+        }
     }
 
-    /// Loads committed offsets and group state from offsets partition `p`.
-    async fn load_partition<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, p: i32) {
-        let Some(part) = shard.offsets_partition(p).await else {
-            return;
-        };
+    /// Loads committed offsets and group state from offsets partition `p`; returns the
+    /// KIP-848 groups restored.
+    async fn load_partition<S: OffsetsLog>(
+        self: &Rc<Self>,
+        shard: &Rc<S>,
+        p: i32,
+    ) -> Result<Vec<String>, String> {
+        let part = shard
+            .offsets_partition(p)
+            .await
+            .ok_or("the partition cannot be opened")?;
         let n = shard.tuning().group.offsets_topic_num_partitions;
         let mut groups: HashMap<String, Option<GroupMetadataValue>> = HashMap::new();
         let mut consumer: HashMap<String, BTreeMap<ConsumerKey, ConsumerRecord>> = HashMap::new();
@@ -303,9 +404,11 @@ impl GroupShard {
         let end = part.log.log_end_offset();
         // Bounded by the log: each pass advances past at least one batch.
         while offset < end {
-            let Ok(bytes) = part.log.read(offset, 1 << 20, end).await else {
-                break;
-            };
+            let bytes = part
+                .log
+                .read(offset, 1 << 20, end)
+                .await
+                .map_err(|e| format!("read at offset {offset}: {e}"))?;
             if bytes.is_empty() {
                 break;
             }
@@ -325,16 +428,9 @@ impl GroupShard {
                             partition,
                             value,
                         }) => {
-                            let mut offs = self.offsets.borrow_mut();
-                            let g = offs.entry(group).or_default();
-                            match value {
-                                Some(v) => {
-                                    g.insert((topic, partition), v);
-                                }
-                                None => {
-                                    g.remove(&(topic, partition));
-                                }
-                            }
+                            self.offsets
+                                .borrow_mut()
+                                .replay(group, topic, partition, value);
                             loaded += 1;
                         }
                         Ok(OffsetsRecord::Group { group, value }) => {
@@ -343,7 +439,7 @@ impl GroupShard {
                         Ok(OffsetsRecord::Consumer { group, record }) => {
                             let key = record.key();
                             let recs = consumer.entry(group).or_default();
-                            if record.encode_value().is_some() {
+                            if r.value.is_some() {
                                 recs.insert(key, record);
                             } else {
                                 recs.remove(&key);
@@ -359,6 +455,14 @@ impl GroupShard {
         }
         let now = now_ms();
         let classic = groups.values().filter(|v| v.is_some()).count();
+        let img = shard.metadata();
+        for (g, recs) in &consumer {
+            self.consumer
+                .borrow_mut()
+                .restore(now, g, recs, img.as_ref(), &|id: &uuid::Uuid| {
+                    img.topic_by_id(id).map(|t| t.name.clone())
+                });
+        }
         {
             let mut coord = self.coord.borrow_mut();
             for (g, v) in groups {
@@ -369,25 +473,13 @@ impl GroupShard {
                     }
                 }
             }
-            for (g, offs) in self.offsets.borrow().iter() {
-                if !offs.is_empty() && offsets_partition_for(g, n) == p {
+            // A group known only by its offsets is an Empty classic group, as in Kafka,
+            // unless it is a consumer group.
+            let consumer_groups = self.consumer.borrow();
+            for g in self.offsets.borrow().groups() {
+                if offsets_partition_for(g, n) == p && !consumer_groups.contains(g) {
                     coord.ensure_group(g);
                 }
-            }
-        }
-        let img = shard.metadata();
-        for (g, recs) in &consumer {
-            self.consumer
-                .borrow_mut()
-                .restore(now, g, recs, img.as_ref(), &|id: &uuid::Uuid| {
-                    img.topic_by_id(id).map(|t| t.name.clone())
-                });
-        }
-        // Records a damaged or foreign log left behind (members without a group, Kafka's
-        // partition metadata) are tombstoned now.
-        for g in consumer.keys() {
-            if let Err(e) = self.store_consumer_group(shard.as_ref(), &img, g).await {
-                tracing::warn!("cannot tidy the records of consumer group {g}: {e}");
             }
         }
         if loaded > 0 || classic > 0 || !consumer.is_empty() {
@@ -397,15 +489,40 @@ impl GroupShard {
                 consumer.len()
             );
         }
+        Ok(consumer.into_keys().collect())
     }
 
-    /// Appends what changed in a KIP-848 group's state (nothing if nothing did).
+    /// Appends what changed in a KIP-848 group's state (nothing if nothing did), one store
+    /// of the group at a time.
     async fn store_consumer_group<S: OffsetsLog>(
         &self,
         shard: &S,
-        img: &MetadataImage,
         group: &str,
     ) -> Result<(), String> {
+        let lock = self
+            .store_locks
+            .borrow_mut()
+            .entry(group.to_owned())
+            .or_default()
+            .clone();
+        let r = {
+            let _one_at_a_time = lock.lock().await;
+            self.store_consumer_group_now(shard, group).await
+        };
+        drop(lock);
+        let mut locks = self.store_locks.borrow_mut();
+        if locks.get(group).is_some_and(|l| Rc::strong_count(l) == 1) {
+            locks.remove(group);
+        }
+        r
+    }
+
+    async fn store_consumer_group_now<S: OffsetsLog>(
+        &self,
+        shard: &S,
+        group: &str,
+    ) -> Result<(), String> {
+        let img = shard.metadata();
         let recs = self
             .consumer
             .borrow_mut()
@@ -425,9 +542,7 @@ impl GroupShard {
             })
             .collect();
         let r = append_records(shard, group, kvs).await;
-        if r.is_err() {
-            self.consumer.borrow_mut().store_failed(group);
-        }
+        self.consumer.borrow_mut().store_done(group, r.is_ok());
         r
     }
 
@@ -457,15 +572,84 @@ impl GroupShard {
                 );
                 touched.insert(e.group_id);
             }
-            if !touched.is_empty() {
-                let img = shard.metadata();
-                for g in touched {
-                    if let Err(e) = self.store_consumer_group(shard.as_ref(), &img, &g).await {
+            // Stored in the background (one store per group at a time): an append waiting for
+            // replicas must not hold up the session timeouts of every other group.
+            for g in touched {
+                let (me, sh) = (self.clone(), shard.clone());
+                glommio::spawn_local(async move {
+                    if let Err(e) = me.store_consumer_group(sh.as_ref(), &g).await {
                         tracing::warn!("cannot store consumer group {g}: {e}");
+                    }
+                })
+                .detach();
+            }
+            let now = now_ms();
+            if now >= self.next_expiry_ms.get() {
+                let interval = shard.tuning().group.offsets_retention_check_interval_ms;
+                self.next_expiry_ms.set(now + interval);
+                let (me, sh) = (self.clone(), shard.clone());
+                glommio::spawn_local(async move { me.expire_offsets(&sh, now).await }).detach();
+            }
+        }
+    }
+}
+
+impl GroupShard {
+    /// Kafka's offsets.retention.minutes: tombstones the committed offsets of groups nobody
+    /// consumes with that have outlived the retention, then the groups themselves once they
+    /// are empty and have no offsets left (Kafka deletes such groups too).
+    async fn expire_offsets<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, now: u64) {
+        let retention = shard.tuning().group.offsets_retention_ms;
+        let expired = {
+            let coord = self.coord.borrow();
+            let consumer = self.consumer.borrow();
+            self.offsets.borrow_mut().expire(now, retention, |g| {
+                if consumer.is_active(g) {
+                    return Activity::Active;
+                }
+                match coord.state(g) {
+                    Some(state::GroupState::Empty) => {
+                        let since = coord
+                            .group_metadata(g)
+                            .map(|m| u64::try_from(m.current_state_timestamp_ms).unwrap_or(0));
+                        Activity::EmptySince(since.unwrap_or(0))
+                    }
+                    Some(_) => Activity::Active,
+                    None => Activity::Unknown,
+                }
+            })
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let mut by_group: BTreeMap<String, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
+        for (g, t, p) in expired {
+            by_group
+                .entry(g.clone())
+                .or_default()
+                .push(offset_tombstone(&g, t, p));
+        }
+        let mut offsets = 0;
+        for (g, mut kvs) in by_group {
+            offsets += kvs.len();
+            if !self.offsets.borrow().has_offsets(&g) {
+                if self.coord.borrow_mut().delete(&g).is_ok() {
+                    kvs.push((OffsetsKey::Group { group: g.clone() }.encode(), None));
+                }
+                if self.consumer.borrow_mut().delete(&g).is_ok() {
+                    if let Err(e) = self.store_consumer_group(shard.as_ref(), &g).await {
+                        tracing::warn!("cannot remove the records of consumer group {g}: {e}");
                     }
                 }
             }
+            if let Err(e) = append_records(shard.as_ref(), &g, kvs).await {
+                tracing::warn!("cannot tombstone the expired offsets of group {g}: {e}");
+            }
         }
+        tracing::info!(
+            "shard {}: expired {offsets} committed offsets (offsets.retention.minutes)",
+            shard.shard_id()
+        );
     }
 }
 
@@ -487,36 +671,6 @@ pub struct GroupListing {
     /// "classic" or "consumer" (KIP-848).
     pub group_type: &'static str,
 }
-
-/// One committed offset as OffsetFetch reports it (offset -1: nothing committed).
-pub struct CommittedPartition {
-    pub partition: i32,
-    pub offset: i64,
-    pub leader_epoch: i32,
-    pub metadata: String,
-}
-
-impl CommittedPartition {
-    fn of(partition: i32, v: Option<&OffsetValue>) -> CommittedPartition {
-        match v {
-            Some(v) => CommittedPartition {
-                partition,
-                offset: v.offset,
-                leader_epoch: v.leader_epoch,
-                metadata: v.metadata.clone(),
-            },
-            None => CommittedPartition {
-                partition,
-                offset: -1,
-                leader_epoch: -1,
-                metadata: String::new(),
-            },
-        }
-    }
-}
-
-/// A topic's committed offsets, in the order asked (or topic order when all were asked for).
-pub type CommittedTopic = (String, Vec<CommittedPartition>);
 
 /// The outcome of a KIP-848 heartbeat: the state machine's answer and the member's assignment
 /// by topic id, or (error code, message).
@@ -634,15 +788,17 @@ impl GroupShard {
                 )
             })
             .collect();
+        let era = self.era(shard, group);
         if let Err(e) = append_records(shard, group, kvs).await {
             tracing::warn!("offset commit for {group} not persisted: {e}");
             return ResponseError::KafkaStorageError.code();
         }
-        let mut offs = self.offsets.borrow_mut();
-        let entry = offs.entry(group.to_owned()).or_default();
-        for (t, p, v) in commits {
-            entry.insert((t, p), v);
+        if self.era(shard, group) != era {
+            // Stored, but another coordinator (or a reload) owns the group now: it has read
+            // the commit from the log, or the client commits again there.
+            return ResponseError::NotCoordinator.code();
         }
+        self.offsets.borrow_mut().stored(group, commits);
         state::NONE
     }
 
@@ -664,32 +820,7 @@ impl GroupShard {
         group: &str,
         topics: Option<Vec<(String, Vec<i32>)>>,
     ) -> Vec<CommittedTopic> {
-        let offs = self.offsets.borrow();
-        let committed = offs.get(group);
-        let lookup = |t: &str, p: i32| committed.and_then(|c| c.get(&(t.to_string(), p)));
-        match topics {
-            Some(ts) => ts
-                .into_iter()
-                .map(|(t, ps)| {
-                    let rows = ps
-                        .into_iter()
-                        .map(|p| CommittedPartition::of(p, lookup(&t, p)))
-                        .collect();
-                    (t, rows)
-                })
-                .collect(),
-            None => {
-                let mut out: Vec<CommittedTopic> = Vec::new();
-                for ((t, p), v) in committed.into_iter().flatten() {
-                    let row = CommittedPartition::of(*p, Some(v));
-                    match out.last_mut() {
-                        Some((lt, rows)) if lt == t => rows.push(row),
-                        _ => out.push((t.clone(), vec![row])),
-                    }
-                }
-                out
-            }
-        }
+        self.offsets.borrow().fetch(group, topics)
     }
 
     /// DeleteGroups: a consumer group if the id is one, else the classic group.
@@ -706,25 +837,19 @@ impl GroupShard {
     /// `__consumer_offsets`. Returns the group's error code.
     pub async fn delete_group_and_offsets<S: OffsetsLog>(&self, shard: &S, group: &str) -> i16 {
         let r = self.delete_group(group);
-        let had_offsets = self
-            .offsets
-            .borrow()
-            .get(group)
-            .map(|o| !o.is_empty())
-            .unwrap_or(false);
+        let had_offsets = self.offsets.borrow().has_offsets(group);
         match r {
             Ok(()) => {}
             // A group known only by its offsets can be deleted too.
             Err(code) if code == ResponseError::GroupIdNotFound.code() && had_offsets => {}
             Err(code) => return code,
         }
-        let img = shard.metadata();
-        if self.store_consumer_group(shard, &img, group).await.is_err() {
+        if self.store_consumer_group(shard, group).await.is_err() {
             return ResponseError::KafkaStorageError.code();
         }
-        let removed = self.offsets.borrow_mut().remove(group).unwrap_or_default();
+        let removed = self.offsets.borrow_mut().remove_group(group);
         let mut kvs: Vec<(Vec<u8>, Option<Vec<u8>>)> = removed
-            .into_keys()
+            .into_iter()
             .map(|(t, p)| offset_tombstone(group, t, p))
             .collect();
         kvs.push((
@@ -750,7 +875,7 @@ impl GroupShard {
         let st = self.coord.borrow().state(group);
         let known = st.is_some()
             || self.consumer.borrow().contains(group)
-            || self.offsets.borrow().contains_key(group);
+            || self.offsets.borrow().has_offsets(group);
         if !known {
             return Err(ResponseError::GroupIdNotFound.code());
         }
@@ -765,13 +890,7 @@ impl GroupShard {
                 per.push(ResponseError::GroupSubscribedToTopic.code());
                 continue;
             }
-            if self
-                .offsets
-                .borrow_mut()
-                .get_mut(group)
-                .and_then(|o| o.remove(&(t.clone(), p)))
-                .is_some()
-            {
+            if self.offsets.borrow_mut().remove(group, &t, p) {
                 kvs.push(offset_tombstone(group, t, p));
             }
             per.push(state::NONE);
@@ -826,14 +945,21 @@ impl GroupShard {
                     .encode(),
                     None,
                 );
+                let era = self.era(shard, &req.group_id);
                 if let Err(e) = append_records(shard, &req.group_id, vec![tombstone]).await {
                     return Err((ResponseError::CoordinatorNotAvailable.code(), e));
+                }
+                if self.era(shard, &req.group_id) != era {
+                    return Err((
+                        ResponseError::NotCoordinator.code(),
+                        "The group moved to another coordinator.".into(),
+                    ));
                 }
             }
         }
         let group = req.group_id.clone();
         let resp = self.consumer.borrow_mut().heartbeat(now_ms(), img, req);
-        if let Err(e) = self.store_consumer_group(shard, img, &group).await {
+        if let Err(e) = self.store_consumer_group(shard, &group).await {
             tracing::warn!("cannot store consumer group {group}: {e}");
             return Err((
                 ResponseError::CoordinatorNotAvailable.code(),
@@ -863,13 +989,7 @@ impl GroupShard {
                 .collect();
         }
         if let Ok(offsets) = self.offsets.try_borrow() {
-            for (group, committed) in offsets.iter().take(GROUPS_PER_SNAPSHOT_MAX) {
-                let c = committed
-                    .iter()
-                    .map(|((t, p), v)| (t.clone(), *p, v.offset))
-                    .collect();
-                s.committed.push((group.clone(), c));
-            }
+            s.committed = offsets.sample(GROUPS_PER_SNAPSHOT_MAX);
         }
     }
 

@@ -2073,6 +2073,16 @@ mod tests {
         codes: BTreeMap<ErrorCode, usize>,
         /// No crashes, leaves or metadata changes: used to check the group converges.
         healthy: bool,
+        /// Committed offsets, fed as the shell feeds them: after the checks pass and the
+        /// commit is stored.
+        offsets: crate::group::offsets::CommittedOffsets,
+        /// partition → the offset OffsetFetch must report.
+        expected: BTreeMap<i32, i64>,
+        /// (generation, partition) → owner key whose commit of it was accepted.
+        committers: BTreeMap<(i32, usize), String>,
+        commit_seq: i64,
+        /// OffsetCommit answers by error code.
+        commit_codes: BTreeMap<ErrorCode, usize>,
     }
 
     impl Sim {
@@ -2105,6 +2115,11 @@ mod tests {
                 successes: 0,
                 codes: BTreeMap::new(),
                 healthy: false,
+                offsets: Default::default(),
+                expected: BTreeMap::new(),
+                committers: BTreeMap::new(),
+                commit_seq: 0,
+                commit_codes: BTreeMap::new(),
             }
         }
 
@@ -2191,6 +2206,10 @@ mod tests {
                     } else if phase != Phase::Member {
                         if roll < 30 {
                             self.heartbeat(i, false);
+                        } else if roll < 40 {
+                            // Consumers commit what they read while they rejoin (librdkafka
+                            // in its revoke callback), with the generation they had.
+                            self.commit(i);
                         }
                     } else if roll < 8 {
                         let cl = &self.clients[i];
@@ -2209,6 +2228,8 @@ mod tests {
                         self.act(i);
                     } else if roll < 80 {
                         self.heartbeat(i, true);
+                    } else if roll < 92 {
+                        self.commit(i);
                     }
                 }
                 Phase::Crashed { until_ms } => {
@@ -2219,6 +2240,72 @@ mod tests {
                         cl.phase = Phase::Out;
                     }
                 }
+            }
+        }
+
+        /// OffsetCommit of the partitions the client was given in its generation, as a consumer
+        /// commits what it read: accepted only from a current member of the current
+        /// generation, so no two members commit one partition in a generation, and OffsetFetch
+        /// then reports the last accepted commit of every partition.
+        fn commit(&mut self, i: usize) {
+            let cl = &self.clients[i];
+            let key = cl.instance.clone().unwrap_or_else(|| cl.member_id.clone());
+            let mine: Vec<usize> = self
+                .owners
+                .iter()
+                .filter(|((g, _), o)| *g == cl.generation && **o == key)
+                .map(|((_, p), _)| *p)
+                .collect();
+            let r = self
+                .c
+                .validate_commit(G, cl.generation, &cl.member_id, cl.instance.as_deref());
+            *self
+                .commit_codes
+                .entry(r.err().unwrap_or(NONE))
+                .or_default() += 1;
+            if r.is_err() {
+                return;
+            }
+            let ctx = self.ctx();
+            assert_eq!(
+                cl.generation,
+                self.generation(),
+                "{ctx}: a commit of an old generation was accepted"
+            );
+            assert!(
+                self.is_member(&cl.member_id),
+                "{ctx}: a non-member committed"
+            );
+            for p in &mine {
+                let prev = self.committers.insert((cl.generation, *p), key.clone());
+                assert!(
+                    prev.is_none_or(|k| k == key),
+                    "{ctx}: two members committed partition {p} in generation {}",
+                    cl.generation
+                );
+            }
+            self.commit_seq += 1;
+            let commits = mine
+                .iter()
+                .map(|p| {
+                    let v = crate::group::records::OffsetValue {
+                        offset: self.commit_seq,
+                        leader_epoch: -1,
+                        metadata: String::new(),
+                        commit_timestamp_ms: self.now as i64,
+                    };
+                    ("t".to_string(), *p as i32, v)
+                })
+                .collect();
+            self.offsets.stored(G, commits);
+            for p in mine {
+                self.expected.insert(p as i32, self.commit_seq);
+            }
+            let all: Vec<i32> = (0..PARTITIONS as i32).collect();
+            let fetched = self.offsets.fetch(G, Some(vec![("t".into(), all)]));
+            for row in &fetched[0].1 {
+                let want = self.expected.get(&row.partition).copied().unwrap_or(-1);
+                assert_eq!(row.offset, want, "{ctx}: partition {}", row.partition);
             }
         }
 
@@ -2490,6 +2577,7 @@ mod tests {
         let mut total_successes = 0;
         let mut generations = 0;
         let mut codes: BTreeMap<ErrorCode, usize> = BTreeMap::new();
+        let mut commit_codes: BTreeMap<ErrorCode, usize> = BTreeMap::new();
         let runs: u64 = std::env::var("GROUP_SIM_RUNS")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -2504,8 +2592,19 @@ mod tests {
             for (code, n) in sim.codes {
                 *codes.entry(code).or_default() += n;
             }
+            for (code, n) in sim.commit_codes {
+                *commit_codes.entry(code).or_default() += n;
+            }
         }
         println!("answers by error code: {codes:?}");
+        println!("offset commits by error code: {commit_codes:?}");
+        // Commits are accepted, and refused to members of old generations and non-members.
+        for code in [NONE, E::IllegalGeneration.code(), E::UnknownMemberId.code()] {
+            assert!(
+                commit_codes.get(&code).is_some_and(|n| *n > 10),
+                "commits answered {code}: {commit_codes:?}"
+            );
+        }
         let interesting = [
             E::MemberIdRequired.code(),
             E::FencedInstanceId.code(),
