@@ -103,6 +103,22 @@ impl Drop for Notified {
     }
 }
 
+/// Waits until one of `wakers` completes or `deadline` passes (at once if it has passed): the
+/// end of a long-poll that any of several partitions or shards may cut short.
+pub async fn first_or_deadline<F>(wakers: Vec<F>, deadline: std::time::Instant)
+where
+    F: Future + Unpin,
+{
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let timer = glommio::timer::sleep(left);
+    futures::pin_mut!(timer);
+    if wakers.is_empty() {
+        timer.await;
+    } else {
+        let _ = futures::future::select(futures::future::select_all(wakers), timer).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -481,6 +481,27 @@ fn sigterm_moves_leadership_away_before_the_node_exits() {
     assert!(parts.iter().all(|p| p.0 != 3), "{parts:?}");
 }
 
+/// The `__consumer_offsets` partition of `group`: Kafka's rule, the group id's Java hash
+/// modulo the partition count.
+fn offsets_partition_of(group: &str, partitions: usize) -> usize {
+    let hash = group
+        .chars()
+        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
+    (hash & 0x7fff_ffff) as usize % partitions
+}
+
+/// Waits until every partition of `topic` has a leader other than `dead`.
+fn wait_led_without(via: &str, topic: &str, dead: i32) {
+    wait_for(
+        &format!("every {topic} partition led by a live node"),
+        Duration::from_secs(30),
+        || {
+            let (_, parts) = metadata(via, Some(topic));
+            parts.iter().all(|p| p.0 > 0 && p.0 != dead).then_some(())
+        },
+    );
+}
+
 /// Consumes from `topic` in `group` (subscribe, so the group coordinator assigns) until
 /// `expected` distinct values arrived or nothing came for a while; commits what it read.
 fn group_consume(bootstrap: &str, group: &str, topic: &str, expected: usize) -> BTreeSet<Vec<u8>> {
@@ -538,10 +559,7 @@ fn consumer_groups_work_across_the_cluster_with_offsets_replicated_three_ways() 
     // The coordinator's node dies: the group's offsets partition (Kafka's rule: the group
     // id's Java hash modulo the partition count) gets a new leader, which loads the group
     // from the replicated log and still knows the commits.
-    let hash = "g1"
-        .chars()
-        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
-    let offsets_partition = (hash & 0x7fff_ffff) as usize % parts.len();
+    let offsets_partition = offsets_partition_of("g1", parts.len());
     let (_, parts) = metadata(&boot, Some("__consumer_offsets"));
     let coordinator = parts[offsets_partition].0;
     assert!(coordinator > 0, "{parts:?}");
@@ -556,17 +574,7 @@ fn consumer_groups_work_across_the_cluster_with_offsets_replicated_three_ways() 
             .filter(|p| p.0 > 0 && p.0 != coordinator)
             .map(|_| ())
     });
-    wait_for(
-        "every events partition led",
-        Duration::from_secs(30),
-        || {
-            let (_, parts) = metadata(&sb, Some("events"));
-            parts
-                .iter()
-                .all(|p| p.0 > 0 && p.0 != coordinator)
-                .then_some(())
-        },
-    );
+    wait_led_without(&sb, "events", coordinator);
     produce_from(&sb, "events", 250, 30);
     let third = group_consume(&sb, "g1", "events", 30);
     assert_eq!(
@@ -2245,10 +2253,7 @@ fn group_coordination_follows_the_offsets_partition_leader() {
     b.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
         .expect("commit b");
 
-    let hash = group
-        .chars()
-        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
-    let offsets_partition = (hash & 0x7fff_ffff) as usize % 50;
+    let offsets_partition = offsets_partition_of(group, 50);
     let leader = |via: &str| -> i32 {
         let (_, parts) = metadata(via, Some("__consumer_offsets"));
         parts.get(offsets_partition).map(|p| p.0).unwrap_or(-1)
@@ -2271,17 +2276,7 @@ fn group_coordination_follows_the_offsets_partition_leader() {
         let l = leader(&sb);
         (l > 0 && l != coordinator).then_some(())
     });
-    wait_for(
-        "every k848 partition led by a live node",
-        Duration::from_secs(30),
-        || {
-            let (_, parts) = metadata(&sb, Some("k848"));
-            parts
-                .iter()
-                .all(|p| p.0 > 0 && p.0 != coordinator)
-                .then_some(())
-        },
-    );
+    wait_led_without(&sb, "k848", coordinator);
     produce_from(&sb, "k848", 120, 120);
     poll_both([&a, &b], &mut seen, "120 more records", &|s| s.len() >= 240);
     a.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)

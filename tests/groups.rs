@@ -255,14 +255,19 @@ fn want_values(prefix: &str, range: std::ops::Range<usize>) -> BTreeSet<String> 
     range.map(|i| format!("{prefix}{i}")).collect()
 }
 
-/// Committed offsets of `group` (OffsetFetch; the asking consumer does not join).
-fn committed(b: &Broker, group: &str, topic: &str, partitions: &[i64]) -> BTreeMap<i64, i64> {
-    let c: BaseConsumer = ClientConfig::new()
+/// A client of `group` that never joins it: it only commits and fetches offsets.
+fn outside_member(b: &Broker, group: &str) -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", b.bootstrap())
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .expect("consumer");
+        .expect("consumer")
+}
+
+/// Committed offsets of `group` (OffsetFetch; the asking consumer does not join).
+fn committed(b: &Broker, group: &str, topic: &str, partitions: &[i64]) -> BTreeMap<i64, i64> {
+    let c = outside_member(b, group);
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition(topic, *p as i32);
@@ -911,12 +916,7 @@ fn committed_offsets_survive_broker_restart() {
 /// Commits `offset` on every partition of `topic` for `group` without joining it (an
 /// offsets-only group, as admin tools and assign()-based consumers use).
 fn commit_without_joining(b: &Broker, group: &str, topic: &str, partitions: &[i64], offset: i64) {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", b.bootstrap())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let c = outside_member(b, group);
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition_offset(topic, *p as i32, Offset::Offset(offset))

@@ -109,6 +109,25 @@ fn assigned<C: ConsumerContext>(c: &BaseConsumer<C>) -> BTreeSet<i32> {
 
 type Seen = Vec<(usize, i32, i64, String)>;
 
+/// Produces `per_partition` records to each of the six partitions and polls `cs` until they
+/// have all arrived, then half a second more for anything read twice.
+fn produce_and_read<C: ConsumerContext>(
+    b: &Broker,
+    cs: &[&BaseConsumer<C>],
+    seen: &mut Seen,
+    per_partition: usize,
+    tag: &str,
+) {
+    produce(b, 6, per_partition, tag);
+    let want = seen.len() + 6 * per_partition;
+    let what = format!("{want} records");
+    poll_until(cs, seen, Duration::from_secs(60), &what, &|s| {
+        s.len() >= want
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    poll_until(cs, seen, Duration::from_secs(1), "stragglers", &|_| true);
+}
+
 /// Polls every consumer in turn until `done` holds; records what each one received.
 fn poll_until<C: ConsumerContext>(
     cs: &[&BaseConsumer<C>],
@@ -166,22 +185,7 @@ fn two_consumers_split_six_partitions_then_one_takes_all() {
     );
 
     // Everything produced now is consumed exactly once, each record by its partition's owner.
-    produce(&b, 6, 100, "first");
-    poll_until(
-        &[&a, &c2],
-        &mut seen,
-        Duration::from_secs(60),
-        "600 records",
-        &|s| s.len() >= 600,
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    poll_until(
-        &[&a, &c2],
-        &mut seen,
-        Duration::from_secs(1),
-        "stragglers",
-        &|_| true,
-    );
+    produce_and_read(&b, &[&a, &c2], &mut seen, 100, "first");
     assert_eq!(seen.len(), 600, "no duplicates");
     let distinct: BTreeSet<(i32, i64)> = seen.iter().map(|(_, p, o, _)| (*p, *o)).collect();
     assert_eq!(distinct.len(), 600);
@@ -212,22 +216,7 @@ fn two_consumers_split_six_partitions_then_one_takes_all() {
     );
 
     // A resumes B's partitions from B's committed offsets: only the new records arrive.
-    produce(&b, 6, 50, "second");
-    poll_until(
-        &[&a],
-        &mut seen,
-        Duration::from_secs(60),
-        "300 new records",
-        &|s| s.len() >= 300,
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    poll_until(
-        &[&a],
-        &mut seen,
-        Duration::from_secs(1),
-        "stragglers",
-        &|_| true,
-    );
+    produce_and_read(&b, &[&a], &mut seen, 50, "second");
     let mut per: BTreeMap<i32, usize> = BTreeMap::new();
     for (_, p, o, v) in &seen {
         assert!(
@@ -285,14 +274,7 @@ fn a_consumer_group_keeps_its_members_and_epochs_across_a_broker_kill() {
         }
     }
     let before = (assigned(&a), assigned(&c2), rebalances());
-    produce(&b, 6, 20, "before");
-    poll_until(
-        &[&a, &c2],
-        &mut seen,
-        Duration::from_secs(60),
-        "120 records",
-        &|s| s.len() >= 120,
-    );
+    produce_and_read(&b, &[&a, &c2], &mut seen, 20, "before");
     a.commit_consumer_state(CommitMode::Sync).expect("commit a");
     c2.commit_consumer_state(CommitMode::Sync)
         .expect("commit b");
@@ -308,22 +290,7 @@ fn a_consumer_group_keeps_its_members_and_epochs_across_a_broker_kill() {
         &|_| Instant::now() > until,
     );
     seen.clear();
-    produce(&b, 6, 20, "after");
-    poll_until(
-        &[&a, &c2],
-        &mut seen,
-        Duration::from_secs(60),
-        "120 new records",
-        &|s| s.len() >= 120,
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    poll_until(
-        &[&a, &c2],
-        &mut seen,
-        Duration::from_secs(1),
-        "stragglers",
-        &|_| true,
-    );
+    produce_and_read(&b, &[&a, &c2], &mut seen, 20, "after");
     let after = (assigned(&a), assigned(&c2), rebalances());
     assert_eq!(
         after,

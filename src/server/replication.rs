@@ -885,24 +885,14 @@ async fn wait_any(shards: usize, wants: &[(usize, FollowerWant)], deadline: Inst
                         }
                     }
                 }
-                let left = deadline.saturating_duration_since(Instant::now());
-                let timer = glommio::timer::sleep(left);
-                futures::pin_mut!(timer);
-                if rxs.is_empty() {
-                    timer.await;
-                } else {
-                    let _ = futures::future::select(futures::future::select_all(rxs), timer).await;
-                }
+                crate::notify::first_or_deadline(rxs, deadline).await;
             },
         )));
     }
     if waits.is_empty() {
         return;
     }
-    let left = deadline.saturating_duration_since(Instant::now());
-    let timer = glommio::timer::sleep(left);
-    futures::pin_mut!(timer);
-    let _ = futures::future::select(futures::future::select_all(waits), timer).await;
+    crate::notify::first_or_deadline(waits, deadline).await;
 }
 
 #[cfg(test)]

@@ -691,14 +691,7 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
                         rxs.push(part.wait_for_data());
                     }
                 }
-                let left = deadline.saturating_duration_since(Instant::now());
-                let timer = glommio::timer::sleep(left);
-                futures::pin_mut!(timer);
-                if rxs.is_empty() {
-                    timer.await;
-                } else {
-                    let _ = futures::future::select(futures::future::select_all(rxs), timer).await;
-                }
+                crate::notify::first_or_deadline(rxs, deadline).await;
             },
         )));
     }
@@ -706,10 +699,7 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
         return;
     }
     // Any shard's wake-up ends the wait; the others run out at the deadline on their own.
-    let left = deadline.saturating_duration_since(Instant::now());
-    let timer = glommio::timer::sleep(left);
-    futures::pin_mut!(timer);
-    let _ = futures::future::select(futures::future::select_all(waits), timer).await;
+    crate::notify::first_or_deadline(waits, deadline).await;
 }
 
 #[cfg(test)]

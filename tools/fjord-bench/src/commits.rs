@@ -22,7 +22,7 @@ use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, GroupId, OffsetCo
 use kafka_protocol::protocol::StrBytes;
 use serde_json::{json, Value};
 
-use crate::hist::{ms, new_hist, record_us, Progress, Report, PERCENTILES};
+use crate::hist::{ms, new_hist, LatencyTap, Progress, Report, PERCENTILES};
 use crate::proto::{self, error_name, Client, Versions};
 use crate::Common;
 
@@ -217,7 +217,7 @@ fn setup(
 }
 
 /// The coordinator address of `group`, retrying while the coordinator is loading.
-async fn find_coordinator(client: &mut Client, group: &str) -> Result<String> {
+pub(crate) async fn find_coordinator(client: &mut Client, group: &str) -> Result<String> {
     let version = client.versions.pick(ApiKey::FindCoordinator)?;
     for _ in 0..FIND_COORDINATOR_ATTEMPTS_MAX {
         let mut req = FindCoordinatorRequest::default().with_key_type(0);
@@ -291,20 +291,10 @@ async fn conn_main(spec: ConnSpec, sh: Arc<Shared>) -> Result<(Report, Counts)> 
     let reader_task = {
         let (report, counts, sem, sh) = (report.clone(), counts.clone(), sem.clone(), sh.clone());
         glommio::spawn_local(async move {
-            let mut interval = new_hist();
-            let mut last_merge = Instant::now();
+            let mut tap = LatencyTap::new();
             while let Some(inf) = rx.recv().await {
-                let frame = match reader.expect().await {
-                    Ok(f) => f,
-                    Err(e) => {
-                        *report
-                            .borrow_mut()
-                            .errors
-                            .entry(format!("io: {e}"))
-                            .or_insert(0) += 1;
-                        sem.close();
-                        break;
-                    }
+                let Some(frame) = reader.next_or_stop(&report, &sem).await else {
+                    break;
                 };
                 let now = Instant::now();
                 let mut r = report.borrow_mut();
@@ -327,18 +317,7 @@ async fn conn_main(spec: ConnSpec, sh: Arc<Shared>) -> Result<(Report, Counts)> 
                         r.records += ok;
                         counts.borrow_mut().requests += 1;
                         sh.progress.add(ok, 0);
-                        r.elapsed = now - sh.t0;
-                        let lat = now.saturating_duration_since(inf.sent);
-                        if let Some(h) = r.latency.as_mut() {
-                            record_us(h, lat);
-                        }
-                        if sh.progress.live {
-                            record_us(&mut interval, lat);
-                            if last_merge.elapsed() > Duration::from_millis(200) {
-                                sh.progress.merge_interval(&mut interval);
-                                last_merge = Instant::now();
-                            }
-                        }
+                        tap.record(&mut r, &sh.progress, sh.t0, inf.sent, now);
                     }
                     Err(e) => {
                         *r.errors.entry(format!("decode: {e}")).or_insert(0) += 1;

@@ -18,8 +18,7 @@ use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 use kafka_protocol::messages::{
     ApiKey, BrokerId, ConsumerProtocolAssignment, ConsumerProtocolSubscription, FetchRequest,
-    FindCoordinatorRequest, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
-    SyncGroupRequest,
+    GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
@@ -390,8 +389,6 @@ async fn consume_task(
 
 const ERROR_REBALANCE_IN_PROGRESS: i16 = 27;
 const ERROR_MEMBER_ID_REQUIRED: i16 = 79;
-const ERROR_COORDINATOR_NOT_AVAILABLE: i16 = 15;
-const ERROR_NOT_COORDINATOR: i16 = 16;
 const ERROR_COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
 
 struct Membership {
@@ -401,42 +398,12 @@ struct Membership {
 
 async fn find_coordinator(bootstrap: &str, versions: &Versions, group: &str) -> Result<Client> {
     let mut client = Client::connect(bootstrap, Some(versions.clone())).await?;
-    let version = versions.pick(ApiKey::FindCoordinator)?;
-    for _ in 0..50 {
-        let mut req = FindCoordinatorRequest::default().with_key_type(0);
-        req = if version >= 4 {
-            req.with_coordinator_keys(vec![StrBytes::from_string(group.to_string())])
-        } else {
-            req.with_key(StrBytes::from_string(group.to_string()))
-        };
-        let resp = client.call_v(&req, version).await?;
-        let (code, host, port) = if version >= 4 {
-            let c = resp
-                .coordinators
-                .first()
-                .ok_or_else(|| anyhow!("FindCoordinator: empty answer"))?;
-            (c.error_code, c.host.to_string(), c.port)
-        } else {
-            (resp.error_code, resp.host.to_string(), resp.port)
-        };
-        match code {
-            proto::ERROR_NONE => {
-                let addr = format!("{host}:{port}");
-                return match Client::connect(&addr, Some(versions.clone())).await {
-                    Ok(c) => Ok(c),
-                    // Advertised listeners are often wrong in single-broker setups.
-                    Err(_) => Ok(client),
-                };
-            }
-            ERROR_COORDINATOR_NOT_AVAILABLE
-            | ERROR_COORDINATOR_LOAD_IN_PROGRESS
-            | ERROR_NOT_COORDINATOR => {
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
-            c => bail!("FindCoordinator {group}: {}", error_name(c)),
-        }
+    let addr = crate::commits::find_coordinator(&mut client, group).await?;
+    match Client::connect(&addr, Some(versions.clone())).await {
+        Ok(c) => Ok(c),
+        // Advertised listeners are often wrong in single-broker setups.
+        Err(_) => Ok(client),
     }
-    bail!("FindCoordinator {group}: no coordinator after 5 s")
 }
 
 fn encode_versioned<T: Encodable>(v: &T, version: i16) -> Result<Bytes> {

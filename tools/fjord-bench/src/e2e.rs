@@ -85,6 +85,12 @@ struct Produced {
     done: bool,
 }
 
+impl proto::CountsErrors for Produced {
+    fn errors(&mut self) -> &mut BTreeMap<String, u64> {
+        &mut self.errors
+    }
+}
+
 async fn e2e_main(
     args: E2eArgs,
     versions: Versions,
@@ -262,17 +268,8 @@ async fn producer_loop(
         let (sem, produced) = (sem.clone(), produced.clone());
         glommio::spawn_local(async move {
             while let Some((corr, n)) = rx.recv().await {
-                let frame = match reader.expect().await {
-                    Ok(f) => f,
-                    Err(e) => {
-                        *produced
-                            .borrow_mut()
-                            .errors
-                            .entry(format!("io: {e}"))
-                            .or_insert(0) += 1;
-                        sem.close();
-                        break;
-                    }
+                let Some(frame) = reader.next_or_stop(&produced, &sem).await else {
+                    break;
                 };
                 let mut pr = produced.borrow_mut();
                 match proto::decode_response::<ProduceRequest>(frame, corr, version) {

@@ -118,6 +118,51 @@ pub struct Report {
     pub extra: Vec<(String, Value)>,
 }
 
+/// The latencies a pipelined reader task measures: into its run's report, and (when the
+/// progress line is live) into an interval histogram merged into it every 200 ms.
+pub struct LatencyTap {
+    interval: Histogram<u64>,
+    last_merge: Instant,
+}
+
+impl LatencyTap {
+    pub fn new() -> LatencyTap {
+        LatencyTap {
+            interval: new_hist(),
+            last_merge: Instant::now(),
+        }
+    }
+
+    /// A response that arrived at `now` to a request sent at `sent`, in a run started at `t0`.
+    pub fn record(
+        &mut self,
+        r: &mut Report,
+        progress: &Progress,
+        t0: Instant,
+        sent: Instant,
+        now: Instant,
+    ) {
+        r.elapsed = now - t0;
+        let lat = now.saturating_duration_since(sent);
+        if let Some(h) = r.latency.as_mut() {
+            record_us(h, lat);
+        }
+        if progress.live {
+            record_us(&mut self.interval, lat);
+            if self.last_merge.elapsed() > Duration::from_millis(200) {
+                progress.merge_interval(&mut self.interval);
+                self.last_merge = Instant::now();
+            }
+        }
+    }
+}
+
+impl crate::proto::CountsErrors for Report {
+    fn errors(&mut self) -> &mut BTreeMap<String, u64> {
+        &mut self.errors
+    }
+}
+
 impl Report {
     pub fn new(name: &str) -> Report {
         Report {

@@ -19,7 +19,7 @@ use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 
-use crate::hist::{new_hist, record_us, Progress, Report};
+use crate::hist::{new_hist, LatencyTap, Progress, Report};
 use crate::proto::{self, error_name, Client, TopicLayout, Versions};
 use crate::Common;
 
@@ -432,20 +432,10 @@ async fn conn_main(spec: ConnSpec, sh: Arc<Shared>) -> Result<Report> {
     let reader_task = if sh.acks != 0 {
         let (report, sem, sh) = (report.clone(), sem.clone(), sh.clone());
         Some(glommio::spawn_local(async move {
-            let mut interval = new_hist();
-            let mut last_merge = Instant::now();
+            let mut tap = LatencyTap::new();
             while let Some(inf) = rx.recv().await {
-                let frame = match reader.expect().await {
-                    Ok(f) => f,
-                    Err(e) => {
-                        *report
-                            .borrow_mut()
-                            .errors
-                            .entry(format!("io: {e}"))
-                            .or_insert(0) += 1;
-                        sem.close();
-                        break;
-                    }
+                let Some(frame) = reader.next_or_stop(&report, &sem).await else {
+                    break;
                 };
                 let now = Instant::now();
                 let mut r = report.borrow_mut();
@@ -469,18 +459,7 @@ async fn conn_main(spec: ConnSpec, sh: Arc<Shared>) -> Result<Report> {
                             r.bytes += inf.records * sh.record_size;
                             sh.progress.add(inf.records, inf.records * sh.record_size);
                         }
-                        r.elapsed = now - sh.t0;
-                        let lat = now.saturating_duration_since(inf.start);
-                        if let Some(h) = r.latency.as_mut() {
-                            record_us(h, lat);
-                        }
-                        if sh.progress.live {
-                            record_us(&mut interval, lat);
-                            if last_merge.elapsed() > Duration::from_millis(200) {
-                                sh.progress.merge_interval(&mut interval);
-                                last_merge = Instant::now();
-                            }
-                        }
+                        tap.record(&mut r, &sh.progress, sh.t0, inf.start, now);
                     }
                     Err(e) => {
                         *r.errors.entry(format!("decode: {e}")).or_insert(0) += 1;

@@ -127,6 +127,11 @@ pub fn decode_response<R: Request>(
         .with_context(|| format!("decoding {:?} v{version} response", api_key_of(R::KEY)))
 }
 
+/// Something that tallies errors by name (a run's report).
+pub trait CountsErrors {
+    fn errors(&mut self) -> &mut std::collections::BTreeMap<String, u64>;
+}
+
 pub struct FrameReader {
     half: ReadHalf<TcpStream>,
     acc: BytesMut,
@@ -165,6 +170,27 @@ impl FrameReader {
                 bail!("connection closed in the middle of a frame");
             }
             self.acc.extend_from_slice(&self.chunk[..n]);
+        }
+    }
+
+    /// The next frame of a pipelined reader task. On an I/O error it counts the error as
+    /// "io: …" in `sink`, closes `senders` (so the sending side stops) and returns None.
+    pub async fn next_or_stop<R: CountsErrors>(
+        &mut self,
+        sink: &std::cell::RefCell<R>,
+        senders: &glommio::sync::Semaphore,
+    ) -> Option<Bytes> {
+        match self.expect().await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                *sink
+                    .borrow_mut()
+                    .errors()
+                    .entry(format!("io: {e}"))
+                    .or_insert(0) += 1;
+                senders.close();
+                None
+            }
         }
     }
 
