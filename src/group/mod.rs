@@ -28,7 +28,6 @@ use kafka_protocol::ResponseError;
 
 use crate::cluster::metadata::MetadataImage;
 use crate::config::Tuning;
-use crate::log::now_ms;
 use crate::partition::PartitionRef;
 use consumer_group::{Assignment, Assignor, ConsumerConfig, GroupDescription, TopicSource};
 use consumer_records::{ConsumerKey, ConsumerRecord};
@@ -47,6 +46,15 @@ pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 pub const GROUP_ID_BYTES_MAX: usize = 255;
 /// Groups whose committed offsets one metrics scrape reads per shard: bounds its size.
 const GROUPS_PER_SNAPSHOT_MAX: usize = 1000;
+
+/// The coordinators' clock: milliseconds since the Unix epoch as of the process start, moved on
+/// by the monotonic clock since. Session and rebalance deadlines never jump when the wall
+/// clock is set, and the timestamps stored with groups still read as dates.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (at, wall) = *START.get_or_init(|| (std::time::Instant::now(), crate::log::now_ms()));
+    wall + u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX / 2)
+}
 
 /// Kafka's placement: abs(groupId.hashCode) % offsets.topic.num.partitions (Java String hash).
 pub fn offsets_partition_for(group: &str, partitions: i32) -> i32 {

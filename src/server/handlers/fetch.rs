@@ -20,6 +20,7 @@ use crate::server::errors as ec;
 use crate::server::fetch_session::{self, Plan};
 use crate::server::ConnCtx;
 use crate::shard::fanout::per_shard;
+use crate::shard::Shard;
 
 #[derive(Clone)]
 struct Want {
@@ -543,94 +544,95 @@ pub fn encode_response(
 
 async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) -> Vec<Got> {
     per_shard(shards, wants, move |sh, ws: Vec<Want>| async move {
-        let mut out = Vec::with_capacity(ws.len());
-        // What this shard has read for the response: once it reaches the response's limit,
-        // the rest of its partitions would be dropped from the response anyway (it keeps
-        // partitions in request order within max_bytes), so they are not read at all.
-        let mut read_bytes = 0usize;
-        for w in ws {
-            let part = if w.follower {
-                sh.replica(&w.topic, w.partition).await
-            } else {
-                sh.partition(&w.topic, w.partition).await
-            };
-            let Some(p) = part else {
-                out.push(Got {
-                    code: sh.node.not_served_code(&w.topic, w.partition),
-                    hwm: -1,
-                    log_start: -1,
-                    records: Vec::new(),
-                    preferred: -1,
-                });
-                continue;
-            };
-            let hwm = p.high_watermark();
-            let log_start = p.log.log_start_offset() as i64;
-            let limit = w.max_bytes.min(max_bytes);
-            if read_bytes >= max_bytes {
-                out.push(Got {
-                    code: ec::NONE,
-                    hwm,
-                    log_start,
-                    records: Vec::new(),
-                    preferred: -1,
-                });
-                continue;
-            }
-            if let Some(r) = w.client_rack.as_deref().and_then(|rack| {
-                preferred_replica(&sh.node, &p, &w.topic, w.partition, rack, w.offset)
-            }) {
-                out.push(Got {
-                    code: ec::NONE,
-                    hwm,
-                    log_start,
-                    records: Vec::new(),
-                    preferred: r,
-                });
-                continue;
-            }
-            let read = match p.read(w.offset, limit).await {
-                // A follower that has not got the offset yet: retriable, unlike out of range.
-                Err(ec::OFFSET_OUT_OF_RANGE)
-                    if w.follower && w.offset as u64 > p.log.log_end_offset() =>
-                {
-                    Err(ec::OFFSET_NOT_AVAILABLE)
-                }
-                r => r,
-            };
-            match read {
-                Ok(records) => {
-                    read_bytes += records.iter().map(|r| r.len()).sum::<usize>();
-                    out.push(Got {
-                        code: ec::NONE,
-                        hwm,
-                        log_start,
-                        records,
-                        preferred: -1,
-                    })
-                }
-                Err(code) => {
-                    if code == ec::OFFSET_OUT_OF_RANGE {
-                        tracing::debug!(
-                            "fetch {}-{} at {} out of range [{log_start}, {hwm}]",
-                            w.topic,
-                            w.partition,
-                            w.offset
-                        );
-                    }
-                    out.push(Got {
-                        code,
-                        hwm,
-                        log_start,
-                        records: Vec::new(),
-                        preferred: -1,
-                    })
-                }
-            }
+        // The leading partitions whose limits together fit in the response's limit are read
+        // at once: a catching-up consumer's reads of several partitions keep the disk busy
+        // together instead of waiting for one another. Past that point they are read in
+        // order, each only while the response has room: the response keeps partitions in
+        // request order within max_bytes, so the rest would be dropped anyway.
+        let mut planned = 0usize;
+        let at_once = ws
+            .iter()
+            .take_while(|w| {
+                planned = planned.saturating_add(w.max_bytes.min(max_bytes));
+                planned <= max_bytes
+            })
+            .count();
+        let mut ws = ws;
+        let in_order = ws.split_off(at_once);
+        let mut out: Vec<Got> = futures::future::join_all(
+            ws.into_iter()
+                .map(|w| read_partition(&sh, w, max_bytes, true)),
+        )
+        .await;
+        let mut read_bytes: usize = out.iter().map(Got::bytes).sum();
+        for w in in_order {
+            let g = read_partition(&sh, w, max_bytes, read_bytes < max_bytes).await;
+            read_bytes += g.bytes();
+            out.push(g);
         }
         out
     })
     .await
+}
+
+/// One partition of a fetch on its shard: its records from the offset asked (unless `may_read`
+/// is false: the response is full, so only its high watermark and log start), or the KIP-392
+/// replica to read from instead, or the error.
+async fn read_partition(sh: &Shard, w: Want, max_bytes: usize, may_read: bool) -> Got {
+    let part = if w.follower {
+        sh.replica(&w.topic, w.partition).await
+    } else {
+        sh.partition(&w.topic, w.partition).await
+    };
+    let Some(p) = part else {
+        return Got {
+            code: sh.node.not_served_code(&w.topic, w.partition),
+            hwm: -1,
+            log_start: -1,
+            records: Vec::new(),
+            preferred: -1,
+        };
+    };
+    let hwm = p.high_watermark();
+    let log_start = p.log.log_start_offset() as i64;
+    let answer = |code, records, preferred| Got {
+        code,
+        hwm,
+        log_start,
+        records,
+        preferred,
+    };
+    if !may_read {
+        return answer(ec::NONE, Vec::new(), -1);
+    }
+    if let Some(r) = w
+        .client_rack
+        .as_deref()
+        .and_then(|rack| preferred_replica(&sh.node, &p, &w.topic, w.partition, rack, w.offset))
+    {
+        return answer(ec::NONE, Vec::new(), r);
+    }
+    let read = match p.read(w.offset, w.max_bytes.min(max_bytes)).await {
+        // A follower that has not got the offset yet: retriable, unlike out of range.
+        Err(ec::OFFSET_OUT_OF_RANGE) if w.follower && w.offset as u64 > p.log.log_end_offset() => {
+            Err(ec::OFFSET_NOT_AVAILABLE)
+        }
+        r => r,
+    };
+    match read {
+        Ok(records) => answer(ec::NONE, records, -1),
+        Err(code) => {
+            if code == ec::OFFSET_OUT_OF_RANGE {
+                tracing::debug!(
+                    "fetch {}-{} at {} out of range [{log_start}, {hwm}]",
+                    w.topic,
+                    w.partition,
+                    w.offset
+                );
+            }
+            answer(code, Vec::new(), -1)
+        }
+    }
 }
 
 /// KIP-392 on the leader: an in-sync follower in the consumer's rack that already holds the

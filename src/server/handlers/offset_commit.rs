@@ -48,7 +48,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: OffsetCommitRequest) -> Off
                             offset: p.committed_offset,
                             leader_epoch: p.committed_leader_epoch,
                             metadata: meta,
-                            commit_timestamp_ms: crate::log::now_ms() as i64,
+                            commit_timestamp_ms: crate::group::now_ms() as i64,
                         },
                     ));
                     row.push(None);
