@@ -102,8 +102,11 @@ pub fn create_topics(
             continue;
         }
         // A crash between a delete's metadata write and its directory removal leaves old
-        // data behind: it must not reappear in a new topic of the same name.
-        remove_stale_partition_dirs(node, &meta.name, 0..meta.partitions);
+        // data behind: it must not reappear in a new topic of the same name. The internal
+        // topic is never deleted: partitions found on disk are its own, and are kept.
+        if !t.internal {
+            remove_stale_partition_dirs(node, &meta.name, 0..meta.partitions);
+        }
         let next = node.image().with_topic(meta);
         if let Err(e) = metadata::save_image(&node.data_dir, &next) {
             tracing::error!("cannot persist metadata: {e}");

@@ -44,6 +44,8 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 /// Group ids longer than this are refused with INVALID_GROUP_ID.
 pub const GROUP_ID_BYTES_MAX: usize = 255;
+/// How long after a failed load of an offsets partition the next request tries again.
+const LOAD_RETRY_MS: u64 = 1_000;
 /// Groups whose committed offsets one metrics scrape reads per shard: bounds its size.
 const GROUPS_PER_SNAPSHOT_MAX: usize = 1000;
 
@@ -113,6 +115,11 @@ pub struct GroupShard {
     storing: RefCell<HashMap<String, (usize, bool)>>,
     /// SyncGroup answers held until their group's metadata is stored.
     held_syncs: RefCell<HashMap<String, Vec<(Token, SyncResponse)>>>,
+    /// Groups with an OffsetCommit being appended → how many: expiry leaves them alone.
+    commits_in_flight: RefCell<HashMap<String, usize>>,
+    /// When a load of an offsets partition last failed: requests wait a moment before the next
+    /// attempt instead of each reading the whole partition again.
+    load_failed_ms: RefCell<HashMap<i32, u64>>,
     /// One store at a time per KIP-848 group, so that a failed store is followed by a full
     /// rewrite before anything newer. Entries go when nobody holds them.
     store_locks: RefCell<HashMap<String, Rc<futures::lock::Mutex<()>>>>,
@@ -142,6 +149,8 @@ impl GroupShard {
             storing: RefCell::new(HashMap::new()),
             held_syncs: RefCell::new(HashMap::new()),
             store_locks: RefCell::new(HashMap::new()),
+            commits_in_flight: RefCell::new(HashMap::new()),
+            load_failed_ms: RefCell::new(HashMap::new()),
         }
     }
 
@@ -320,6 +329,10 @@ impl GroupShard {
         if current(self) {
             return true;
         }
+        let failed = self.load_failed_ms.borrow().get(&p).copied();
+        if failed.is_some_and(|at| now_ms() < at + LOAD_RETRY_MS) {
+            return false;
+        }
         self.refresh_partition(shard, p).await;
         current(self)
     }
@@ -340,6 +353,7 @@ impl GroupShard {
         };
         match self.load_partition(shard, p).await {
             Ok(restored) => {
+                self.load_failed_ms.borrow_mut().remove(&p);
                 self.loaded.borrow_mut().insert(p, epoch);
                 // Records a damaged or foreign log left behind (members without a group,
                 // Kafka's partition metadata) are tombstoned, after the lock is released.
@@ -354,8 +368,10 @@ impl GroupShard {
                 }
             }
             Err(e) => {
-                // Not coordinating: requests are refused and retried, which retries the load.
+                // Not coordinating: requests are refused and retried, which retries the load
+                // (at most once per LOAD_RETRY_MS).
                 tracing::warn!("cannot load __consumer_offsets-{p}: {e}");
+                self.load_failed_ms.borrow_mut().insert(p, now_ms());
                 self.unload_partition(shard, p, false);
             }
         }
@@ -608,11 +624,12 @@ impl GroupShard {
     /// are empty and have no offsets left (Kafka deletes such groups too).
     async fn expire_offsets<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, now: u64) {
         let retention = shard.tuning().group.offsets_retention_ms;
-        let expired = {
+        let candidates = {
             let coord = self.coord.borrow();
             let consumer = self.consumer.borrow();
-            self.offsets.borrow_mut().expire(now, retention, |g| {
-                if consumer.is_active(g) {
+            self.offsets.borrow().expired(now, retention, |g| {
+                // A group whose partition is (re)loading has no state yet: not judged now.
+                if self.era(shard.as_ref(), g).is_none() || consumer.is_active(g) {
                     return Activity::Active;
                 }
                 match coord.state(g) {
@@ -627,37 +644,76 @@ impl GroupShard {
                 }
             })
         };
-        if expired.is_empty() {
-            return;
-        }
-        let mut by_group: BTreeMap<String, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
-        for (g, t, p) in expired {
-            by_group
-                .entry(g.clone())
-                .or_default()
-                .push(offset_tombstone(&g, t, p));
-        }
         let mut offsets = 0;
-        for (g, mut kvs) in by_group {
+        for (g, expired) in candidates {
+            // Confirmed now, with no await before the append is issued: a group that moved,
+            // or has a commit in flight or committed again since, keeps what it has; a commit
+            // that starts later is appended after these tombstones.
+            if self.era(shard.as_ref(), &g).is_none()
+                || self.commits_in_flight.borrow().contains_key(&g)
+            {
+                continue;
+            }
+            let mut kvs: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+            for (t, p, at) in expired {
+                if self.offsets.borrow_mut().remove_if_unchanged(&g, &t, p, at) {
+                    kvs.push(offset_tombstone(&g, t, p));
+                }
+            }
+            if kvs.is_empty() {
+                continue;
+            }
             offsets += kvs.len();
+            let mut delete_consumer_group = false;
             if !self.offsets.borrow().has_offsets(&g) {
                 if self.coord.borrow_mut().delete(&g).is_ok() {
                     kvs.push((OffsetsKey::Group { group: g.clone() }.encode(), None));
                 }
-                if self.consumer.borrow_mut().delete(&g).is_ok() {
-                    if let Err(e) = self.store_consumer_group(shard.as_ref(), &g).await {
-                        tracing::warn!("cannot remove the records of consumer group {g}: {e}");
-                    }
-                }
+                delete_consumer_group = self.consumer.borrow_mut().delete(&g).is_ok();
             }
             if let Err(e) = append_records(shard.as_ref(), &g, kvs).await {
                 tracing::warn!("cannot tombstone the expired offsets of group {g}: {e}");
             }
+            if delete_consumer_group {
+                if let Err(e) = self.store_consumer_group(shard.as_ref(), &g).await {
+                    tracing::warn!("cannot remove the records of consumer group {g}: {e}");
+                }
+            }
         }
-        tracing::info!(
-            "shard {}: expired {offsets} committed offsets (offsets.retention.minutes)",
-            shard.shard_id()
-        );
+        if offsets > 0 {
+            tracing::info!(
+                "shard {}: expired {offsets} committed offsets (offsets.retention.minutes)",
+                shard.shard_id()
+            );
+        }
+    }
+}
+
+/// Counts an OffsetCommit of a group as in flight while it lives (also if its task is dropped).
+struct CommitInFlight<'a> {
+    map: &'a RefCell<HashMap<String, usize>>,
+    group: String,
+}
+
+impl<'a> CommitInFlight<'a> {
+    fn new(map: &'a RefCell<HashMap<String, usize>>, group: &str) -> Self {
+        *map.borrow_mut().entry(group.to_owned()).or_default() += 1;
+        CommitInFlight {
+            map,
+            group: group.to_owned(),
+        }
+    }
+}
+
+impl Drop for CommitInFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.borrow_mut();
+        if let Some(n) = map.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.group);
+            }
+        }
     }
 }
 
@@ -797,7 +853,11 @@ impl GroupShard {
             })
             .collect();
         let era = self.era(shard, group);
-        if let Err(e) = append_records(shard, group, kvs).await {
+        let appended = {
+            let _in_flight = CommitInFlight::new(&self.commits_in_flight, group);
+            append_records(shard, group, kvs).await
+        };
+        if let Err(e) = appended {
             tracing::warn!("offset commit for {group} not persisted: {e}");
             return ResponseError::KafkaStorageError.code();
         }
@@ -966,8 +1026,16 @@ impl GroupShard {
             }
         }
         let group = req.group_id.clone();
+        let era = self.era(shard, &group);
         let resp = self.consumer.borrow_mut().heartbeat(now_ms(), img, req);
-        if let Err(e) = self.store_consumer_group(shard, &group).await {
+        let stored = self.store_consumer_group(shard, &group).await;
+        if self.era(shard, &group) != era {
+            return Err((
+                ResponseError::NotCoordinator.code(),
+                "The group moved to another coordinator.".into(),
+            ));
+        }
+        if let Err(e) = stored {
             tracing::warn!("cannot store consumer group {group}: {e}");
             return Err((
                 ResponseError::CoordinatorNotAvailable.code(),

@@ -157,33 +157,52 @@ impl CommittedOffsets {
         removed
     }
 
-    /// Removes the offsets that have outlived `retention_ms` (see the module comment) and
-    /// returns them as (group, topic, partition) for the shell to tombstone.
-    pub fn expire(
-        &mut self,
+    /// The offsets that have outlived `retention_ms` (see the module comment), by group, each
+    /// with its commit timestamp. Nothing is removed: the shell confirms each group with
+    /// [`CommittedOffsets::remove_if_unchanged`] right before it writes the tombstones.
+    pub fn expired(
+        &self,
         now_ms: u64,
         retention_ms: u64,
         activity: impl Fn(&str) -> Activity,
-    ) -> Vec<(String, String, i32)> {
-        let mut out = Vec::new();
-        self.groups.retain(|group, offsets| {
+    ) -> BTreeMap<String, Vec<(String, i32, i64)>> {
+        let mut out: BTreeMap<String, Vec<(String, i32, i64)>> = BTreeMap::new();
+        for (group, offsets) in &self.groups {
             let since = match activity(group) {
-                Activity::Active => return true,
+                Activity::Active => continue,
                 Activity::EmptySince(t) => Some(t),
                 Activity::Unknown => None,
             };
-            offsets.retain(|(t, p), v| {
+            for ((t, p), v) in offsets {
                 let committed = u64::try_from(v.commit_timestamp_ms).unwrap_or(0);
                 let base = since.unwrap_or(0).max(committed);
-                let keep = base.saturating_add(retention_ms) > now_ms;
-                if !keep {
-                    out.push((group.clone(), t.clone(), *p));
+                if base.saturating_add(retention_ms) <= now_ms {
+                    out.entry(group.clone()).or_default().push((
+                        t.clone(),
+                        *p,
+                        v.commit_timestamp_ms,
+                    ));
                 }
-                keep
-            });
-            !offsets.is_empty()
-        });
+            }
+        }
         out
+    }
+
+    /// Removes an expired offset unless it was committed again since [`CommittedOffsets::expired`]
+    /// saw it; true if removed (the shell then tombstones it).
+    pub fn remove_if_unchanged(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        committed_at: i64,
+    ) -> bool {
+        let unchanged = self
+            .groups
+            .get(group)
+            .and_then(|g| g.get(&(topic.to_owned(), partition)))
+            .is_some_and(|v| v.commit_timestamp_ms == committed_at);
+        unchanged && self.remove(group, topic, partition)
     }
 
     /// Forgets the groups `unload` selects (another node coordinates them now).
@@ -255,15 +274,31 @@ mod tests {
             "empty" => Activity::EmptySince(2 * DAY),
             _ => Activity::Unknown,
         };
+        let expire = |c: &mut CommittedOffsets, now: u64| {
+            let mut gone = Vec::new();
+            for (g, offs) in c.expired(now, 7 * DAY, activity) {
+                for (t, p, at) in offs {
+                    if c.remove_if_unchanged(&g, &t, p, at) {
+                        gone.push((g.clone(), t, p));
+                    }
+                }
+            }
+            gone
+        };
         // Day 7: the commits of day 0 are a week old, but "empty" has been empty five days.
-        let gone = c.expire(7 * DAY, 7 * DAY, activity);
+        let gone = expire(&mut c, 7 * DAY);
         assert_eq!(gone, vec![("simple".to_string(), "t".to_string(), 0)]);
         assert!(c.has_offsets("simple"), "its day-6 commit stays");
-        let gone = c.expire(9 * DAY, 7 * DAY, activity);
-        assert_eq!(gone, vec![("empty".to_string(), "t".to_string(), 0)]);
-        let gone = c.expire(13 * DAY, 7 * DAY, activity);
+        // An offset committed again after it was found expired stays.
+        let found = c.expired(9 * DAY, 7 * DAY, activity);
+        assert_eq!(found["empty"], vec![("t".to_string(), 0, 0)]);
+        c.stored("empty", vec![("t".into(), 0, v(2, (9 * DAY) as i64))]);
+        assert!(!c.remove_if_unchanged("empty", "t", 0, 0));
+        assert_eq!(c.fetch("empty", None)[0].1[0].offset, 2);
+        c.remove_group("empty");
+        let gone = expire(&mut c, 13 * DAY);
         assert_eq!(gone, vec![("simple".to_string(), "t".to_string(), 1)]);
         assert!(c.has_offsets("active"));
-        assert!(!c.has_offsets("empty") && !c.has_offsets("simple"));
+        assert!(!c.has_offsets("simple"));
     }
 }

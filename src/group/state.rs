@@ -1436,6 +1436,11 @@ impl GroupCoordinator {
             g.members.clear();
             g.static_members.clear();
             g.leader_id = None;
+            // Empty since when it was stored, as Kafka's loadGroup keeps it: offsets expiry
+            // counts from there, not from every load.
+            if let Ok(at) = u64::try_from(value.current_state_timestamp_ms) {
+                g.state_timestamp_ms = at.min(now_ms);
+            }
         }
         self.groups.insert(group_id.to_owned(), g);
     }
@@ -1998,6 +2003,20 @@ mod tests {
         assert_eq!(decoded, value);
         let mut restored = GroupCoordinator::with_config(config(3_000), 99);
         restored.restore(now, G, &decoded);
+        // An empty group keeps the time it became empty (offsets expiry counts from it).
+        let empty = GroupMetadataValue {
+            members: Vec::new(),
+            protocol: None,
+            current_state_timestamp_ms: 1_234,
+            ..decoded.clone()
+        };
+        restored.restore(now, "was-empty", &empty);
+        assert_eq!(
+            restored
+                .group_metadata("was-empty")
+                .map(|m| m.current_state_timestamp_ms),
+            Some(1_234)
+        );
         assert_eq!(restored.describe(G), c.describe(G));
         assert_eq!(restored.heartbeat(now, hb(&ids[1], generation)), Ok(()));
         let s = sync_of(&restored.sync(now, 1, sreq(&leader, generation, &[])), 1);
