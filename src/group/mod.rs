@@ -176,7 +176,7 @@ impl GroupShard {
             // The empty consumer group's records go: the id is a classic group now.
             let (me, sh, group) = (self.clone(), shard.clone(), req.group_id.clone());
             glommio::spawn_local(async move {
-                if let Err(e) = me.store_consumer_group(sh.as_ref(), &group).await {
+                if let Err(e) = me.store_consumer_group(&sh, &group).await {
                     tracing::warn!("cannot remove the records of consumer group {group}: {e}");
                 }
             })
@@ -360,7 +360,7 @@ impl GroupShard {
                 for g in restored {
                     let (me, sh) = (self.clone(), shard.clone());
                     glommio::spawn_local(async move {
-                        if let Err(e) = me.store_consumer_group(sh.as_ref(), &g).await {
+                        if let Err(e) = me.store_consumer_group(&sh, &g).await {
                             tracing::warn!("cannot tidy the records of consumer group {g}: {e}");
                         }
                     })
@@ -517,10 +517,24 @@ impl GroupShard {
     }
 
     /// Appends what changed in a KIP-848 group's state (nothing if nothing did), one store
-    /// of the group at a time.
+    /// of the group at a time. The store runs in a task of its own: a request dropped while it
+    /// waits (its connection closed) does not cut a store between handing records out and
+    /// reporting whether they were stored.
     async fn store_consumer_group<S: OffsetsLog>(
+        self: &Rc<Self>,
+        shard: &Rc<S>,
+        group: &str,
+    ) -> Result<(), String> {
+        let (me, shard, group) = (self.clone(), shard.clone(), group.to_owned());
+        glommio::spawn_local(async move { me.store_consumer_group_locked(&shard, &group).await })
+            .detach()
+            .await
+            .unwrap_or_else(|| Err("the store was cancelled".into()))
+    }
+
+    async fn store_consumer_group_locked<S: OffsetsLog>(
         &self,
-        shard: &S,
+        shard: &Rc<S>,
         group: &str,
     ) -> Result<(), String> {
         let lock = self
@@ -531,7 +545,7 @@ impl GroupShard {
             .clone();
         let r = {
             let _one_at_a_time = lock.lock().await;
-            self.store_consumer_group_now(shard, group).await
+            self.store_consumer_group_now(shard.as_ref(), group).await
         };
         drop(lock);
         let mut locks = self.store_locks.borrow_mut();
@@ -601,7 +615,7 @@ impl GroupShard {
             for g in touched {
                 let (me, sh) = (self.clone(), shard.clone());
                 glommio::spawn_local(async move {
-                    if let Err(e) = me.store_consumer_group(sh.as_ref(), &g).await {
+                    if let Err(e) = me.store_consumer_group(&sh, &g).await {
                         tracing::warn!("cannot store consumer group {g}: {e}");
                     }
                 })
@@ -675,7 +689,7 @@ impl GroupShard {
                 tracing::warn!("cannot tombstone the expired offsets of group {g}: {e}");
             }
             if delete_consumer_group {
-                if let Err(e) = self.store_consumer_group(shard.as_ref(), &g).await {
+                if let Err(e) = self.store_consumer_group(shard, &g).await {
                     tracing::warn!("cannot remove the records of consumer group {g}: {e}");
                 }
             }
@@ -903,7 +917,11 @@ impl GroupShard {
 
     /// DeleteGroups: removes the group and its committed offsets, tombstoned in
     /// `__consumer_offsets`. Returns the group's error code.
-    pub async fn delete_group_and_offsets<S: OffsetsLog>(&self, shard: &S, group: &str) -> i16 {
+    pub async fn delete_group_and_offsets<S: OffsetsLog>(
+        self: &Rc<Self>,
+        shard: &Rc<S>,
+        group: &str,
+    ) -> i16 {
         let r = self.delete_group(group);
         let had_offsets = self.offsets.borrow().has_offsets(group);
         match r {
@@ -927,7 +945,7 @@ impl GroupShard {
             .encode(),
             None,
         ));
-        match append_records(shard, group, kvs).await {
+        match append_records(shard.as_ref(), group, kvs).await {
             Ok(()) => state::NONE,
             Err(_) => ResponseError::KafkaStorageError.code(),
         }
@@ -976,8 +994,8 @@ impl GroupShard {
     /// Kafka's coordinator answers once its records are committed; if that fails the member
     /// gets COORDINATOR_NOT_AVAILABLE and the next heartbeat stores the group again.
     pub async fn consumer_heartbeat<S: OffsetsLog>(
-        &self,
-        shard: &S,
+        self: &Rc<Self>,
+        shard: &Rc<S>,
         mut req: consumer_group::HeartbeatRequest,
         owned: Option<Vec<(uuid::Uuid, Vec<i32>)>>,
     ) -> ConsumerHeartbeat {
@@ -1013,11 +1031,12 @@ impl GroupShard {
                     .encode(),
                     None,
                 );
-                let era = self.era(shard, &req.group_id);
-                if let Err(e) = append_records(shard, &req.group_id, vec![tombstone]).await {
+                let era = self.era(shard.as_ref(), &req.group_id);
+                if let Err(e) = append_records(shard.as_ref(), &req.group_id, vec![tombstone]).await
+                {
                     return Err((ResponseError::CoordinatorNotAvailable.code(), e));
                 }
-                if self.era(shard, &req.group_id) != era {
+                if self.era(shard.as_ref(), &req.group_id) != era {
                     return Err((
                         ResponseError::NotCoordinator.code(),
                         "The group moved to another coordinator.".into(),
@@ -1026,10 +1045,10 @@ impl GroupShard {
             }
         }
         let group = req.group_id.clone();
-        let era = self.era(shard, &group);
+        let era = self.era(shard.as_ref(), &group);
         let resp = self.consumer.borrow_mut().heartbeat(now_ms(), img, req);
         let stored = self.store_consumer_group(shard, &group).await;
-        if self.era(shard, &group) != era {
+        if self.era(shard.as_ref(), &group) != era {
             return Err((
                 ResponseError::NotCoordinator.code(),
                 "The group moved to another coordinator.".into(),

@@ -43,7 +43,7 @@ pub async fn handle(
         client_host: format!("/{}", ctx.client_host),
     };
     let out = on_coordinator(&ctx.shard.node, &group, move |sh, g| async move {
-        g.consumer_heartbeat(sh.as_ref(), req, owned_ids).await
+        g.consumer_heartbeat(&sh, req, owned_ids).await
     })
     .await;
     match out {

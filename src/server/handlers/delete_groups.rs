@@ -22,7 +22,7 @@ pub async fn handle(ctx: &ConnCtx, _version: i16, r: DeleteGroupsRequest) -> Del
         }
         let g2 = group.clone();
         let out = on_coordinator(&ctx.shard.node, &group, move |sh, g| async move {
-            g.delete_group_and_offsets(sh.as_ref(), &g2).await
+            g.delete_group_and_offsets(&sh, &g2).await
         })
         .await;
         dr.error_code = out.unwrap_or_else(|| super::util::no_coordinator(&ctx.shard.node, &group));
