@@ -2308,3 +2308,66 @@ fn group_coordination_follows_the_offsets_partition_leader() {
     poll_both([&a, &b], &mut seen, "60 more records", &|s| s.len() >= 300);
     assert_eq!((owned(&a), owned(&b), rebalances()), before);
 }
+
+/// KIP-841: a follower that dies caught up on an idle partition is fenced, and the leader does
+/// not propose it back into the ISR. (It did: the follower still looked caught up, and as a
+/// pending addition it counted for the high watermark until `replica.lag.time.max.ms`, 30 s,
+/// had passed since its last fetch, holding up every acks=all write to the partition, and so
+/// every group's store in an idle `__consumer_offsets` partition.)
+#[test]
+fn a_fenced_follower_does_not_hold_up_acks_all_writes() {
+    let mut cl = Cluster::start(3, 0);
+    let all: BTreeSet<i32> = [1, 2, 3].into();
+    let boot = cl.node(1).bootstrap();
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(&boot, None).0 == all).then_some(())
+    });
+    let (ok, out) = fjord_cli(&[
+        "topics",
+        "--bootstrap",
+        &boot,
+        "create",
+        "idle3",
+        "--replica-assignment",
+        "1:2:3",
+    ]);
+    assert!(ok, "{out}");
+    produce(&boot, "idle3", 10);
+    wait_for(
+        "node 1 leads with all three in sync",
+        Duration::from_secs(30),
+        || {
+            leader_of(&boot, "idle3")
+                .filter(|p| p.0 == 1 && p.2.len() == 3)
+                .map(|_| ())
+        },
+    );
+    cl.node_mut(3).kill9();
+    wait_for("node 3 out of the ISR", Duration::from_secs(30), || {
+        leader_of(&boot, "idle3")
+            .filter(|p| p.0 == 1 && !p.2.contains(&3))
+            .map(|_| ())
+    });
+    // A few ISR checks later, the leader has not asked to take the fenced node back.
+    std::thread::sleep(Duration::from_secs(3));
+    let asked: Vec<String> = cl
+        .node(1)
+        .log()
+        .lines()
+        .filter(|l| l.contains("idle3-0: asking to change the ISR") && l.ends_with(", 3]"))
+        .map(str::to_owned)
+        .collect();
+    assert!(asked.is_empty(), "{asked:#?}");
+    let started = Instant::now();
+    let (acked, errors) = produce_acks_all_no_retry(&boot, "idle3", 5);
+    assert_eq!(
+        (acked, &errors),
+        (5, &Default::default()),
+        "acks=all with nodes 1 and 2 in sync"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "acknowledged in {:?}",
+        started.elapsed()
+    );
+}

@@ -368,7 +368,23 @@ async fn isr_keeper(sh: Rc<Shard>) {
             if a.leader != node.node_id {
                 continue;
             }
-            let Some(isr) = part.wanted_isr(node.node_id, &a.replicas, lag_max) else {
+            // KIP-841: a fenced broker is not eligible to join the ISR, however caught up it
+            // looked when it died. Proposing it would count it for the high watermark (as a
+            // pending addition) until replica.lag.time.max.ms had passed, holding up every
+            // acks=all write to the partition for that long.
+            let eligible: Vec<i32> = a
+                .replicas
+                .iter()
+                .copied()
+                .filter(|r| {
+                    *r == node.node_id
+                        || img
+                            .cluster
+                            .as_ref()
+                            .is_none_or(|c| c.brokers.iter().any(|b| b.id == *r && !b.fenced))
+                })
+                .collect();
+            let Some(isr) = part.wanted_isr(node.node_id, &eligible, lag_max) else {
                 continue;
             };
             tracing::info!(
