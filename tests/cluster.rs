@@ -460,9 +460,7 @@ fn sigterm_moves_leadership_away_before_the_node_exits() {
     let mut cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(1).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     create_topic(&boot, "spread", 6, 3);
     let (_, parts) = metadata(&boot, Some("spread"));
     assert!(
@@ -479,6 +477,13 @@ fn sigterm_moves_leadership_away_before_the_node_exits() {
     // Right after the exit (well within a session timeout), node 3 leads nothing.
     let (_, parts) = metadata(&boot, Some("spread"));
     assert!(parts.iter().all(|p| p.0 != 3), "{parts:?}");
+}
+
+/// Waits until the brokers `via` lists are exactly `ids`.
+fn wait_registered(via: &str, ids: &BTreeSet<i32>) {
+    wait_for("every node registered", Duration::from_secs(30), || {
+        (metadata(via, None).0 == *ids).then_some(())
+    });
 }
 
 /// The `__consumer_offsets` partition of `group`: Kafka's rule, the group id's Java hash
@@ -540,9 +545,7 @@ fn consumer_groups_work_across_the_cluster_with_offsets_replicated_three_ways() 
     let cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(2).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     create_topic(&boot, "events", 4, 3);
     produce(&boot, "events", 200);
     let first = group_consume(&cl.node(1).bootstrap(), "g1", "events", 200);
@@ -591,9 +594,7 @@ fn partitions_and_configs_change_through_any_node() {
     let cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(1).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     create_topic(&boot, "grow", 2, 2);
     let a = admin(&cl.node(2).bootstrap());
     let opts = AdminOptions::new();
@@ -1010,9 +1011,7 @@ fn followers_replicate_and_acknowledged_records_survive_the_leaders_death() {
     let mut cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(1).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     {
         let a = admin(&boot);
         let t =
@@ -1170,9 +1169,7 @@ fn a_deposed_leader_cuts_its_unreplicated_tail_and_ends_identical_to_the_new_lea
     let mut cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(1).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     create_topic(&boot, "diverge", 1, 3);
     let (_, parts) = metadata(&boot, Some("diverge"));
     let old = parts[0].0;
@@ -1553,9 +1550,7 @@ fn leadership_returns_to_the_preferred_replica_once_it_is_back_in_sync() {
     let mut cl = Cluster::start_with(3, 0, &["node.leader_imbalance_check_interval_ms=1000"]);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(2).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     let (ok, out) = fjord_cli(&[
         "topics",
         "--bootstrap",
@@ -1737,9 +1732,7 @@ fn a_consumer_reads_from_an_in_sync_replica_in_its_own_rack() {
     );
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(2).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     let (ok, out) = fjord_cli(&[
         "topics",
         "--bootstrap",
@@ -2222,9 +2215,7 @@ fn group_coordination_follows_the_offsets_partition_leader() {
     let cl = Cluster::start_with(3, 0, &settings);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(1).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     let everyone = [1, 2, 3].map(|i| cl.node(i).bootstrap()).join(",");
     create_topic(&boot, "k848", 6, 3);
     let group = "k848-group";
@@ -2319,9 +2310,7 @@ fn a_fenced_follower_does_not_hold_up_acks_all_writes() {
     let mut cl = Cluster::start(3, 0);
     let all: BTreeSet<i32> = [1, 2, 3].into();
     let boot = cl.node(1).bootstrap();
-    wait_for("every node registered", Duration::from_secs(30), || {
-        (metadata(&boot, None).0 == all).then_some(())
-    });
+    wait_registered(&boot, &all);
     let (ok, out) = fjord_cli(&[
         "topics",
         "--bootstrap",
