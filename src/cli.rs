@@ -684,6 +684,7 @@ async fn retention_loop(shard: Rc<Shard>) {
             };
             let n = p.log.enforce_retention(&s, now).await;
             if n > 0 {
+                p.log_start_moved();
                 tracing::info!("retention removed {n} segments of {}-{}", p.topic, p.index);
             }
         }

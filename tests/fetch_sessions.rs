@@ -37,9 +37,19 @@ fn fetch(
     parts: &[(&str, i32, i64)],
     forget: &[(&str, i32)],
 ) -> FetchResponse {
+    fetch_waiting(s, session, parts, forget, 100)
+}
+
+fn fetch_waiting(
+    s: &mut std::net::TcpStream,
+    session: (i32, i32),
+    parts: &[(&str, i32, i64)],
+    forget: &[(&str, i32)],
+    max_wait_ms: i32,
+) -> FetchResponse {
     let mut req = FetchRequest::default();
     req.replica_id = BrokerId(-1);
-    req.max_wait_ms = 100;
+    req.max_wait_ms = max_wait_ms;
     req.min_bytes = 1;
     req.max_bytes = 1 << 20;
     req.session_id = session.0;
@@ -145,6 +155,97 @@ fn incremental_fetches_carry_only_what_changed() {
     assert_eq!(seen(&r).len(), 3);
     let r = fetch(&mut s, (id, 5), &[], &[]);
     assert_eq!(r.error_code, FETCH_SESSION_ID_NOT_FOUND, "closed");
+}
+
+/// (partition, log start offset) of every partition in a response.
+fn starts(r: &FetchResponse) -> Vec<(i32, i64)> {
+    r.responses
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| (p.partition_index, p.log_start_offset))
+        .collect()
+}
+
+/// A session whose partitions are all at their end is not looked at partition by partition:
+/// its long-poll waits for the shard's change journal. New data on any one of its partitions,
+/// and a moved log start offset, must still end the wait at once and come back alone; with
+/// nothing new, the fetch waits out max_wait_ms.
+#[test]
+fn an_idle_session_of_many_partitions_wakes_on_any_change() {
+    let b = Broker::start_with(&["--set", "log.num_partitions=40"]);
+    let mut s = connect(&b);
+    assert_eq!(metadata(&mut s, "many").topics[0].error_code, 0);
+    produce(&mut s, "many", 7, 2);
+    // Open the session at the end of every partition.
+    let all: Vec<(&str, i32, i64)> = (0..40)
+        .map(|p| ("many", p, if p == 7 { 2 } else { 0 }))
+        .collect();
+    let r = fetch(&mut s, (0, 0), &all, &[]);
+    let id = r.session_id;
+    assert!(id > 0);
+    assert_eq!(seen(&r).len(), 40);
+    assert!(seen(&r).iter().all(|(_, n, _)| *n == 0));
+    // Nothing new: the fetch waits out its max_wait_ms and answers nothing.
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (id, 1), &[], &[], 600);
+    assert_eq!(seen(&r), vec![]);
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // Data on partition 33 while the fetch waits: it comes back, alone, long before the
+    // deadline.
+    let addr = b.addr;
+    let producer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut p = std::net::TcpStream::connect(addr).unwrap();
+        produce(&mut p, "many", 33, 3);
+    });
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (id, 2), &[], &[], 10_000);
+    producer.join().unwrap();
+    let got = seen(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].2), (33, 3));
+    assert!(got[0].1 > 0, "with its records");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    // The client moves to the end of 33; the session is idle again, then partition 7's log
+    // start moves (DeleteRecords): the waiting fetch reports it.
+    let r = fetch_waiting(&mut s, (id, 3), &[("many", 33, 3)], &[], 600);
+    assert!(seen(&r).iter().all(|(_, n, _)| *n == 0), "{:?}", seen(&r));
+    let deleter = std::thread::spawn(move || {
+        use kafka_protocol::messages::delete_records_request::{
+            DeleteRecordsPartition, DeleteRecordsRequest, DeleteRecordsTopic,
+        };
+        use kafka_protocol::messages::DeleteRecordsResponse;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut d = std::net::TcpStream::connect(addr).unwrap();
+        let mut dp = DeleteRecordsPartition::default();
+        dp.partition_index = 7;
+        dp.offset = 1;
+        let mut dt = DeleteRecordsTopic::default();
+        dt.name = topic_name("many");
+        dt.partitions.push(dp);
+        let mut req = DeleteRecordsRequest::default();
+        req.topics.push(dt);
+        req.timeout_ms = 5000;
+        let r: DeleteRecordsResponse = call(&mut d, ApiKey::DeleteRecords, 2, &req);
+        assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    });
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (id, 4), &[], &[], 10_000);
+    deleter.join().unwrap();
+    assert_eq!(starts(&r), vec![(7, 1)]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[test]

@@ -22,12 +22,107 @@ use crate::log::{EpochStamp, LogError, LogSettings, ProducerBatch, SharedLog};
 use crate::notify::{Notified, Notify};
 use crate::server::errors as ec;
 
+thread_local! {
+    /// The shard's "a watched partition has new data" signal (see `Partition::watch_data`).
+    static WATCHED_DATA: Notify = Notify::new();
+}
+
+/// Entries the change journal keeps; a reader further behind than this starts over.
+const JOURNAL_MAX: usize = 4096;
+
+/// The shard's recent changes of what a consumer sees of a partition (high watermark, log
+/// start offset), in order: an incremental fetch session whose partitions were all at their end
+/// asks what changed since, instead of looking at each of its partitions again. Bounded: the
+/// last `JOURNAL_MAX` changes.
+#[derive(Default)]
+struct Journal {
+    seq: std::cell::Cell<u64>,
+    recent: std::cell::RefCell<std::collections::VecDeque<(u64, (Arc<str>, i32))>>,
+    changed: Notify,
+}
+
+thread_local! {
+    static JOURNAL: Journal = Journal::default();
+}
+
+/// The shard's change count so far (see `changes_since`).
+pub fn journal_seq() -> u64 {
+    JOURNAL.with(|j| j.seq.get())
+}
+
+/// The partitions of this shard whose high watermark or log start offset changed after change
+/// `seq`, and the change count now; None when the journal no longer reaches back that far.
+pub fn changes_since(seq: u64) -> Option<(u64, Vec<(Arc<str>, i32)>)> {
+    JOURNAL.with(|j| {
+        let now = j.seq.get();
+        if now == seq {
+            return Some((now, Vec::new()));
+        }
+        let recent = j.recent.borrow();
+        let oldest = recent.front().map_or(now + 1, |(s, _)| *s);
+        if seq + 1 < oldest || seq > now {
+            return None;
+        }
+        let keys = recent
+            .iter()
+            .skip((seq + 1 - oldest) as usize)
+            .map(|(_, k)| k.clone())
+            .collect();
+        Some((now, keys))
+    })
+}
+
+/// Completes at the next change journaled on this shard after this call.
+pub fn journal_changed() -> Notified {
+    JOURNAL.with(|j| j.changed.notified())
+}
+
+fn journal(topic: &Arc<str>, index: i32) {
+    JOURNAL.with(|j| {
+        let seq = j.seq.get() + 1;
+        j.seq.set(seq);
+        let mut recent = j.recent.borrow_mut();
+        if recent.len() >= JOURNAL_MAX {
+            recent.pop_front();
+        }
+        recent.push_back((seq, (topic.clone(), index)));
+        drop(recent);
+        j.changed.notify_waiters();
+    })
+}
+
+/// Completes when a partition of this shard that some fetch watches next gets readable data
+/// (not before the call). The waiter then checks its own partitions: the signal is shared.
+pub fn watched_data_changed() -> Notified {
+    WATCHED_DATA.with(Notify::notified)
+}
+
+/// A fetch long-poll's watch on one partition (`Partition::watch_data`).
+pub struct DataWatch(PartitionRef);
+
+impl DataWatch {
+    pub fn partition(&self) -> &PartitionRef {
+        &self.0
+    }
+}
+
+impl Drop for DataWatch {
+    fn drop(&mut self) {
+        let n = &self.0.data_watchers;
+        n.set(n.get().saturating_sub(1));
+    }
+}
+
 pub struct Partition {
     pub topic: Arc<str>,
     pub index: i32,
     pub log: SharedLog,
-    /// Fetch long-polls wait on this; an entry lives only as long as its fetch waits.
+    /// Fetch long-polls over a few partitions wait on this; an entry lives only as long as
+    /// its fetch waits.
     data_ready: Notify,
+    /// Fetch long-polls over many partitions watching this one (`watch_data`): while any
+    /// does, new data fires the shard's `WATCHED_DATA` signal.
+    data_watchers: std::cell::Cell<u32>,
     syncer_running: std::cell::Cell<bool>,
     /// What consumers may read (tuning `log.visibility`).
     visibility: Visibility,
@@ -135,6 +230,7 @@ impl Partition {
             index,
             log: SharedLog::open(dir).await?,
             data_ready: Notify::new(),
+            data_watchers: std::cell::Cell::new(0),
             syncer_running: std::cell::Cell::new(false),
             visibility,
             repl: std::cell::RefCell::new(Replication {
@@ -383,7 +479,9 @@ impl Partition {
         }
         let to = (leader_log_start as u64).min(self.log.log_end_offset());
         if to > own {
-            if let Err(e) = self.log.delete_records_before(to).await {
+            let moved = self.log.delete_records_before(to).await;
+            self.log_start_moved();
+            if let Err(e) = moved {
                 tracing::warn!(
                     "replica of {}-{}: cannot follow the leader's log start {leader_log_start}: {e}",
                     self.topic,
@@ -587,13 +685,32 @@ impl Partition {
         self.data_ready.notified()
     }
 
+    /// Marks this partition as watched by a fetch long-poll until the guard is dropped: while
+    /// it is, new readable data fires `watched_data_changed`. A watch is a counter, not a
+    /// registration: a long-poll over thousands of partitions costs one increment each and
+    /// one waiter on the shard, and a watch that ends leaves nothing behind.
+    pub fn watch_data(self: &Rc<Self>) -> DataWatch {
+        self.data_watchers.set(self.data_watchers.get() + 1);
+        DataWatch(self.clone())
+    }
+
     /// Fetch long-polls waiting on this partition (for tests and metrics).
     pub fn data_waiters(&self) -> usize {
-        self.data_ready.waiters()
+        self.data_ready.waiters() + self.data_watchers.get() as usize
+    }
+
+    /// The log start offset moved (retention, DeleteRecords, a follower following its leader):
+    /// consumers' incremental fetch sessions must look at the partition again.
+    pub fn log_start_moved(&self) {
+        journal(&self.topic, self.index);
     }
 
     fn wake_fetchers(&self) {
+        journal(&self.topic, self.index);
         self.data_ready.notify_waiters();
+        if self.data_watchers.get() > 0 {
+            WATCHED_DATA.with(Notify::notify_waiters);
+        }
     }
 
     /// Validates and appends one partition's records; waits for fdatasync when acks=all.
@@ -789,6 +906,9 @@ impl Partition {
             .sync_to(end)
             .await
             .map_err(|e| (ec::KAFKA_STORAGE_ERROR, e.to_string()))?;
+        // The synced end moved: a consumer long-poll may now read (the syncer, finding nothing
+        // left to sync, would not say so).
+        self.wake_fetchers();
         Ok(end)
     }
 
@@ -823,6 +943,7 @@ impl Partition {
                 (ec::KAFKA_STORAGE_ERROR, e.to_string())
             })?;
             self.recompute_hw();
+            self.wake_fetchers();
         }
         Ok(Appended {
             base_offset: q.base_offset as i64,
@@ -1004,5 +1125,36 @@ fn log_settings(cfg: &EffectiveConfig, cache_bytes_max: usize) -> LogSettings {
         retention_bytes: cfg.retention_bytes,
         cache_bytes_max,
         visibility_sync_delay_us: cfg.visibility_sync_delay_us,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The journal hands out what changed after a count, in order, and says when it no longer
+    /// reaches back that far (the reader must then look at everything).
+    #[test]
+    fn the_change_journal_answers_since_a_count_or_admits_it_cannot() {
+        let t: Arc<str> = Arc::from("j");
+        let start = journal_seq();
+        assert_eq!(changes_since(start), Some((start, Vec::new())));
+        journal(&t, 1);
+        journal(&t, 2);
+        let (now, keys) = changes_since(start).unwrap();
+        assert_eq!(now, start + 2);
+        assert_eq!(keys, vec![(t.clone(), 1), (t.clone(), 2)]);
+        assert_eq!(changes_since(start + 1).unwrap().1, vec![(t.clone(), 2)]);
+        for i in 0..JOURNAL_MAX as i32 {
+            journal(&t, i);
+        }
+        assert_eq!(changes_since(start), None, "overwritten: cannot tell");
+        let (_, keys) = changes_since(journal_seq() - 3).unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!(
+            changes_since(journal_seq() + 1),
+            None,
+            "a count from elsewhere"
+        );
     }
 }

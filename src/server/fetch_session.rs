@@ -37,12 +37,35 @@ pub struct Cached {
 /// (topic name, partition).
 pub type Key = (std::sync::Arc<str>, i32);
 
+/// What an incremental fetch of a session needs to look at, as of its last answer: every
+/// partition but `pending` was at its end then (nothing to read, nothing new to tell), so only
+/// `pending` and what the shards journaled a change of since `marks` may have news.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// The metadata image then (leadership and topics unchanged while it is current).
+    pub image: std::sync::Arc<crate::cluster::metadata::MetadataImage>,
+    /// Per shard holding session partitions: its change journal's count then
+    /// (`partition::changes_since`).
+    pub marks: Vec<(usize, u64)>,
+    /// Partitions that were not at their end (records to read, an error).
+    pub pending: Vec<Key>,
+}
+
+impl PartialEq for Settled {
+    fn eq(&self, other: &Settled) -> bool {
+        std::sync::Arc::ptr_eq(&self.image, &other.image)
+            && self.marks == other.marks
+            && self.pending == other.pending
+    }
+}
+
 #[derive(Debug)]
 struct Session {
     /// The epoch the next fetch must carry.
     next_epoch: i32,
     partitions: BTreeMap<Key, Cached>,
     last_used: Instant,
+    settled: Option<Settled>,
 }
 
 #[derive(Default)]
@@ -71,6 +94,13 @@ pub enum Plan {
     Incremental {
         id: i32,
         partitions: Vec<(Key, Cached)>,
+    },
+    /// An incremental fetch of a settled session: only the partitions the request named and
+    /// those changed since `settled` need a look (`partitions_of`).
+    Settled {
+        id: i32,
+        named: Vec<Key>,
+        settled: Settled,
     },
     /// A session error, answered with this code and nothing else.
     Error(i16),
@@ -129,6 +159,11 @@ impl Cache {
         }
         s.next_epoch = next_epoch(epoch);
         s.last_used = now;
+        let named_keys: Vec<Key> = if s.settled.is_some() {
+            named.iter().map(|n| n.key.clone()).collect()
+        } else {
+            Vec::new()
+        };
         for n in named {
             match s.partitions.get_mut(&n.key) {
                 Some(c) => {
@@ -153,6 +188,13 @@ impl Cache {
         }
         for k in forgotten {
             s.partitions.remove(&k);
+        }
+        if let Some(settled) = s.settled.take() {
+            return Plan::Settled {
+                id: session_id,
+                named: named_keys,
+                settled,
+            };
         }
         Plan::Incremental {
             id: session_id,
@@ -191,9 +233,42 @@ impl Cache {
                 next_epoch: 1,
                 partitions,
                 last_used: now,
+                settled: None,
             },
         );
         id
+    }
+
+    /// Whether session `id` holds partition `key`.
+    pub fn holds(&self, id: i32, key: &Key) -> bool {
+        self.sessions
+            .get(&id)
+            .is_some_and(|s| s.partitions.contains_key(key))
+    }
+
+    /// Session `id`'s partitions: those of `keys` it holds, or all of them (None).
+    pub fn partitions_of(&self, id: i32, keys: Option<&[Key]>) -> Vec<(Key, Cached)> {
+        let Some(s) = self.sessions.get(&id) else {
+            return Vec::new();
+        };
+        match keys {
+            None => s
+                .partitions
+                .iter()
+                .map(|(k, c)| (k.clone(), c.clone()))
+                .collect(),
+            Some(keys) => keys
+                .iter()
+                .filter_map(|k| s.partitions.get(k).map(|c| (k.clone(), c.clone())))
+                .collect(),
+        }
+    }
+
+    /// Marks session `id` settled as of `settled` (all its partitions at their end), or not.
+    pub fn settle(&mut self, id: i32, settled: Option<Settled>) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.settled = settled;
+        }
     }
 
     /// Records what the client was told of each partition in an answer of session `id`.

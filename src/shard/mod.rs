@@ -51,6 +51,44 @@ pub struct Shard {
     pub stop_tx: RefCell<Option<oneshot::Sender<()>>>,
 }
 
+/// A partition map key, looked up by `(&str, i32)` without building an `Arc<str>`.
+trait PartitionKey {
+    fn parts(&self) -> (&str, i32);
+}
+
+impl PartitionKey for (Arc<str>, i32) {
+    fn parts(&self) -> (&str, i32) {
+        (&self.0, self.1)
+    }
+}
+
+impl PartitionKey for (&str, i32) {
+    fn parts(&self) -> (&str, i32) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn PartitionKey + 'a> for (Arc<str>, i32) {
+    fn borrow(&self) -> &(dyn PartitionKey + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn PartitionKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As `(Arc<str>, i32)` hashes: the tuple's fields in order.
+        self.parts().hash(h)
+    }
+}
+
+impl PartialEq for dyn PartitionKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn PartitionKey + '_ {}
+
 thread_local! {
     static SHARD: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
 }
@@ -242,10 +280,10 @@ impl Shard {
     }
 
     async fn open_replica(&self, topic: &str, index: i32) -> Option<PartitionRef> {
-        let key: (Arc<str>, i32) = (Arc::from(topic), index);
-        if let Some(p) = self.partitions.borrow().get(&key) {
-            return Some(p.clone());
+        if let Some(p) = self.opened(topic, index) {
+            return Some(p);
         }
+        let key: (Arc<str>, i32) = (Arc::from(topic), index);
         {
             let img = self.node.image();
             let t = img.topic(topic)?;
@@ -316,11 +354,12 @@ impl Shard {
             .min(self.tuning.batch_cache_bytes_per_shard / n)
     }
 
-    /// The replica if this shard has it open (never opens one).
+    /// The replica if this shard has it open (never opens one). No allocation: a fetch looks
+    /// up every partition it names this way, each round.
     pub fn opened(&self, topic: &str, index: i32) -> Option<PartitionRef> {
         self.partitions
             .borrow()
-            .get(&(Arc::from(topic), index))
+            .get(&(topic, index) as &dyn PartitionKey)
             .cloned()
     }
 
@@ -558,6 +597,24 @@ pub async fn serve_jobs(rx: flume::Receiver<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lookup by `(&str, i32)` finds what was stored under `(Arc<str>, i32)`: the two hash
+    /// and compare alike.
+    #[test]
+    fn partition_keys_borrow_as_str_pairs() {
+        let mut m: HashMap<(Arc<str>, i32), u32> = HashMap::new();
+        for p in 0..500 {
+            m.insert((Arc::from(format!("t{}", p % 7).as_str()), p), p as u32);
+        }
+        for p in 0..500 {
+            let name = format!("t{}", p % 7);
+            assert_eq!(
+                m.get(&(name.as_str(), p) as &dyn PartitionKey),
+                Some(&(p as u32))
+            );
+            assert_eq!(m.get(&(name.as_str(), p + 500) as &dyn PartitionKey), None);
+        }
+    }
     use crate::cluster::metadata::MetadataImage;
     use crate::config::Tuning;
     use arc_swap::ArcSwap;

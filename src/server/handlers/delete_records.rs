@@ -40,7 +40,9 @@ pub async fn handle(ctx: &ConnCtx, req: DeleteRecordsRequest) -> DeleteRecordsRe
         if target < 0 || target > hwm {
             return (ec::OFFSET_OUT_OF_RANGE, -1);
         }
-        match part.log.delete_records_before(target as u64).await {
+        let deleted = part.log.delete_records_before(target as u64).await;
+        part.log_start_moved();
+        match deleted {
             Ok(low) => {
                 // Followers learn the new start from their next fetch and report theirs.
                 loop {

@@ -45,6 +45,16 @@ struct Got {
 }
 
 impl Got {
+    fn error(code: i16) -> Got {
+        Got {
+            code,
+            hwm: -1,
+            log_start: -1,
+            records: Vec::new(),
+            preferred: -1,
+        }
+    }
+
     fn bytes(&self) -> usize {
         self.records.iter().map(|b| b.len()).sum()
     }
@@ -153,7 +163,8 @@ fn session_entries(
     parts
         .into_iter()
         .map(|((topic, partition), c)| {
-            let pre = match img.topic(&topic) {
+            let meta = img.topic(&topic);
+            let pre = match meta {
                 None if version >= 13 => Some(ec::UNKNOWN_TOPIC_ID),
                 None => Some(ec::UNKNOWN_TOPIC_OR_PARTITION),
                 Some(m) if partition < 0 || partition >= m.partitions => {
@@ -165,7 +176,7 @@ fn session_entries(
                 Some(_) if c.max_bytes < 0 => Some(ec::INVALID_FETCH_SIZE),
                 Some(_) => None,
             };
-            let follower = img.topic(&topic).is_some_and(|m| !node.leads(m, partition));
+            let follower = meta.is_some_and(|m| !node.leads(m, partition));
             Entry {
                 follower,
                 topic,
@@ -216,6 +227,9 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     } else {
         (0, fetch_session::FINAL_EPOCH)
     };
+    // The image the partitions are resolved against: a session settled under it stays
+    // settled only while it is current.
+    let image = node.image().clone();
     let named = named_entries(&node, version, &req);
     let plan = if version >= 7 {
         let for_session = named
@@ -233,6 +247,10 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         Plan::Sessionless
     };
     let opening = plan == Plan::Open;
+    let deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
+    // A settled session's fetch looks only at the partitions that changed (or were named):
+    // those are read once and answered, with the marks proving the rest unchanged.
+    let mut carried: Option<Vec<(usize, u64)>> = None;
     let (entries, incremental_id) = match plan {
         Plan::Error(code) => {
             crate::metrics::error(kafka_protocol::messages::ApiKey::Fetch as i16, code);
@@ -242,7 +260,23 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         Plan::Incremental { id, partitions } => {
             (session_entries(&node, version, partitions), Some(id))
         }
+        Plan::Settled { id, named, settled } => {
+            let look = named
+                .into_iter()
+                .chain(settled.pending.iter().cloned())
+                .collect();
+            let keys = match changed_in_session(&node, id, look, &settled, deadline).await {
+                Some((keys, marks)) => {
+                    carried = Some(marks);
+                    Some(keys)
+                }
+                None => None,
+            };
+            let parts = fetch_session::with(|c| c.partitions_of(id, keys.as_deref()));
+            (session_entries(&node, version, parts), Some(id))
+        }
     };
+    let in_session = opening || incremental_id.is_some();
     let client_rack: Option<Arc<str>> = (version >= 11
         && !req.rack_id.is_empty()
         && node.cluster.is_some()
@@ -274,19 +308,40 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         (req.max_bytes as usize).min(cap)
     };
     let min_bytes = req.min_bytes.max(0) as usize;
-    let deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
     let shards = node.shards();
     let mut got: Vec<Got> = Vec::new();
+    // Where each shard's change journal stood before the last round read its partitions.
+    let mut marks: Vec<(usize, u64)> = Vec::new();
     for _ in 0..FETCH_ROUNDS_MAX {
+        if in_session {
+            match carried.as_mut() {
+                // Shards of partitions named for the first time need marks too.
+                Some(carried) => journal_marks(&wants, carried).await,
+                None => {
+                    marks.clear();
+                    journal_marks(&wants, &mut marks).await;
+                }
+            }
+        }
         got = read_round(shards, wants.clone(), max_bytes).await;
         let total: usize = got.iter().map(|g| g.bytes()).sum();
         let any_error = got.iter().any(|g| g.code != ec::NONE || g.preferred >= 0);
-        if total >= min_bytes.max(1) || any_error || wants.is_empty() || Instant::now() >= deadline
+        // A settled session's changed partitions are answered at once: its wait for news was
+        // the journal's.
+        if total >= min_bytes.max(1)
+            || any_error
+            || wants.is_empty()
+            || carried.is_some()
+            || Instant::now() >= deadline
         {
             break;
         }
         wait_for_data(shards, &wants, &got, deadline).await;
         if Instant::now() >= deadline {
+            if in_session {
+                marks.clear();
+                journal_marks(&wants, &mut marks).await;
+            }
             got = read_round(shards, wants.clone(), max_bytes).await;
             break;
         }
@@ -346,9 +401,30 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         .filter(|(_, k)| **k)
         .map(|((e, g), _)| ((e.topic.clone(), e.partition), g.hwm, g.log_start))
         .collect();
+    // What the session's next fetch must look at: the partitions not at their end, and what
+    // changes after the marks.
+    let settled = in_session.then(|| fetch_session::Settled {
+        image: image.clone(),
+        marks: carried.take().unwrap_or(marks),
+        pending: entries
+            .iter()
+            .zip(&answers)
+            .filter(|(e, g)| {
+                e.pre.is_some()
+                    || g.code != ec::NONE
+                    || !g.records.is_empty()
+                    || g.preferred >= 0
+                    || g.hwm != e.fetch_offset
+            })
+            .map(|(e, _)| (e.topic.clone(), e.partition))
+            .collect(),
+    });
     let response_session = match incremental_id {
         Some(id) => {
-            fetch_session::with(|c| c.answered(id, &told));
+            fetch_session::with(|c| {
+                c.answered(id, &told);
+                c.settle(id, settled);
+            });
             id
         }
         None if opening => {
@@ -369,7 +445,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                 })
                 .collect();
             let slots = node.tuning.memory.fetch_session_cache_slots;
-            fetch_session::with(|c| c.open(parts, slots, Instant::now()))
+            fetch_session::with(|c| {
+                let id = c.open(parts, slots, Instant::now());
+                c.settle(id, settled);
+                id
+            })
         }
         None => 0,
     };
@@ -544,6 +624,14 @@ pub fn encode_response(
 
 async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) -> Vec<Got> {
     per_shard(shards, wants, move |sh, ws: Vec<Want>| async move {
+        // Partitions with nothing past the fetch offset are answered at once, without a task:
+        // a consumer at the end of thousands of idle partitions costs a lookup for each.
+        let mut out: Vec<Option<Got>> = ws.iter().map(|w| at_end(&sh, w)).collect();
+        let ws: Vec<(usize, Want)> = ws
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| out[*i].is_none())
+            .collect();
         // The leading partitions whose limits together fit in the response's limit are read
         // at once: a catching-up consumer's reads of several partitions keep the disk busy
         // together instead of waiting for one another. Past that point they are read in
@@ -552,27 +640,61 @@ async fn read_round(shards: usize, wants: Vec<(usize, Want)>, max_bytes: usize) 
         let mut planned = 0usize;
         let at_once = ws
             .iter()
-            .take_while(|w| {
+            .take_while(|(_, w)| {
                 planned = planned.saturating_add(w.max_bytes.min(max_bytes));
                 planned <= max_bytes
             })
             .count();
         let mut ws = ws;
         let in_order = ws.split_off(at_once);
-        let mut out: Vec<Got> = futures::future::join_all(
-            ws.into_iter()
-                .map(|w| read_partition(&sh, w, max_bytes, true)),
-        )
-        .await;
-        let mut read_bytes: usize = out.iter().map(Got::bytes).sum();
-        for w in in_order {
+        let (first, reads): (Vec<usize>, Vec<_>) = ws
+            .into_iter()
+            .map(|(i, w)| (i, read_partition(&sh, w, max_bytes, true)))
+            .unzip();
+        let mut read_bytes = 0usize;
+        for (i, g) in first
+            .into_iter()
+            .zip(futures::future::join_all(reads).await)
+        {
+            read_bytes += g.bytes();
+            out[i] = Some(g);
+        }
+        for (i, w) in in_order {
             let g = read_partition(&sh, w, max_bytes, read_bytes < max_bytes).await;
             read_bytes += g.bytes();
-            out.push(g);
+            out[i] = Some(g);
         }
-        out
+        out.into_iter()
+            .map(|g| g.unwrap_or_else(|| Got::error(ec::UNKNOWN_SERVER_ERROR)))
+            .collect()
     })
     .await
+}
+
+/// A partition the shard has open and serves to this fetch, with nothing past the fetch
+/// offset: its answer without any read (None: not known at once, take the full path).
+fn at_end(sh: &Shard, w: &Want) -> Option<Got> {
+    if w.follower || w.client_rack.is_some() {
+        return None;
+    }
+    let p = sh.opened(&w.topic, w.partition)?;
+    if sh.node.cluster.is_some() {
+        let img = sh.node.image();
+        if !img
+            .topic(&w.topic)
+            .is_some_and(|t| sh.node.leads(t, w.partition))
+        {
+            return None;
+        }
+    }
+    let hwm = p.high_watermark();
+    (w.offset == hwm).then(|| Got {
+        code: ec::NONE,
+        hwm,
+        log_start: p.log.log_start_offset() as i64,
+        records: Vec::new(),
+        preferred: -1,
+    })
 }
 
 /// One partition of a fetch on its shard: its records from the offset asked (unless `may_read`
@@ -670,6 +792,73 @@ fn preferred_replica(
     })
 }
 
+/// Each shard's change journal count, for the shards these partitions live on (added to
+/// `marks` for the shards it lacks).
+async fn journal_marks(wants: &[(usize, Want)], marks: &mut Vec<(usize, u64)>) {
+    let mut shards: Vec<usize> = wants.iter().map(|(s, _)| *s).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for s in shards {
+        if marks.iter().any(|(m, _)| *m == s) {
+            continue;
+        }
+        let seq = crate::shard::invoke(s, |_| async { crate::partition::journal_seq() }).await;
+        marks.push((s, seq));
+    }
+}
+
+/// For a session with marks: the partitions to look at, namely `named` (named by the request,
+/// or pending) and those the shards journaled a change of since the session's marks, waiting
+/// for one until the deadline; with the marks they were read at. None: the journal cannot tell (the image
+/// changed, or a shard's journal no longer reaches back), so every partition needs a look.
+async fn changed_in_session(
+    node: &crate::cluster::node::Node,
+    id: i32,
+    named: Vec<fetch_session::Key>,
+    settled: &fetch_session::Settled,
+    deadline: Instant,
+) -> Option<(Vec<fetch_session::Key>, Vec<(usize, u64)>)> {
+    let mut keys: std::collections::BTreeSet<fetch_session::Key> = named.into_iter().collect();
+    let mut marks = settled.marks.clone();
+    // Bounded by the deadline: each pass follows a change journaled on a session's shard.
+    loop {
+        if !Arc::ptr_eq(&settled.image, &node.image()) {
+            return None;
+        }
+        for (shard, seq) in marks.iter_mut() {
+            let since = *seq;
+            let (now, changed) = crate::shard::invoke(*shard, move |_| async move {
+                crate::partition::changes_since(since)
+            })
+            .await?;
+            *seq = now;
+            fetch_session::with(|c| {
+                keys.extend(changed.into_iter().filter(|k| c.holds(id, k)));
+            });
+        }
+        if !keys.is_empty() || Instant::now() >= deadline {
+            return Some((keys.into_iter().collect(), marks));
+        }
+        let waits: Vec<_> = marks
+            .iter()
+            .map(|&(shard, seq)| {
+                Box::pin(crate::shard::invoke(shard, move |_| async move {
+                    let changed = crate::partition::journal_changed();
+                    if crate::partition::journal_seq() == seq {
+                        crate::notify::first_or_deadline(vec![changed], deadline).await;
+                    }
+                }))
+            })
+            .collect();
+        crate::notify::first_or_deadline(waits, deadline).await;
+    }
+}
+
+/// A long-poll over at most this many partitions of a shard waits on each partition; a longer
+/// one watches them all through the shard's one signal (`Partition::watch_data`), so that an
+/// idle consumer of thousands of partitions does not register thousands of waiters per fetch.
+const PER_PARTITION_WAITS_MAX: usize = 16;
+
 /// Waits until any wanted partition gets data past what the last round saw, or the deadline.
 async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], deadline: Instant) {
     let mut buckets: Vec<Vec<(Arc<str>, i32, i64)>> = (0..shards).map(|_| Vec::new()).collect();
@@ -684,16 +873,11 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
         waits.push(Box::pin(crate::shard::invoke(
             shard,
             move |sh| async move {
-                let mut rxs = Vec::new();
-                for (t, p, seen) in &its {
-                    if let Some(part) = sh.replica(t, *p).await {
-                        if part.high_watermark() > *seen {
-                            return;
-                        }
-                        rxs.push(part.wait_for_data());
-                    }
+                if its.len() <= PER_PARTITION_WAITS_MAX {
+                    wait_each(&sh, &its, deadline).await
+                } else {
+                    wait_watched(&sh, &its, deadline).await
                 }
-                crate::notify::first_or_deadline(rxs, deadline).await;
             },
         )));
     }
@@ -702,6 +886,56 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
     }
     // Any shard's wake-up ends the wait; the others run out at the deadline on their own.
     crate::notify::first_or_deadline(waits, deadline).await;
+}
+
+/// The partition a long-poll waits on: the open one without a lookup of the image, else
+/// through the replica rules (which may open it).
+async fn waited(sh: &Shard, topic: &str, partition: i32) -> Option<crate::partition::PartitionRef> {
+    match sh.opened(topic, partition) {
+        Some(p) => Some(p),
+        None => sh.replica(topic, partition).await,
+    }
+}
+
+/// A few partitions: one waiter on each.
+async fn wait_each(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) {
+    let mut rxs = Vec::new();
+    for (t, p, seen) in its {
+        if let Some(part) = waited(sh, t, *p).await {
+            if part.high_watermark() > *seen {
+                return;
+            }
+            rxs.push(part.wait_for_data());
+        }
+    }
+    crate::notify::first_or_deadline(rxs, deadline).await;
+}
+
+/// Many partitions: each is watched (a counter), and the shard's one signal wakes the wait,
+/// which then checks its own partitions.
+async fn wait_watched(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) {
+    // Taken before any partition is looked at: data arriving from here on is seen.
+    let mut changed = crate::partition::watched_data_changed();
+    let mut watches = Vec::with_capacity(its.len());
+    for (t, p, seen) in its {
+        if let Some(part) = waited(sh, t, *p).await {
+            watches.push((part.watch_data(), *seen));
+        }
+    }
+    // Bounded by the deadline: each pass follows new data on a watched partition.
+    loop {
+        if watches
+            .iter()
+            .any(|(w, seen)| w.partition().high_watermark() > *seen)
+        {
+            return;
+        }
+        crate::notify::first_or_deadline(vec![changed], deadline).await;
+        if Instant::now() >= deadline {
+            return;
+        }
+        changed = crate::partition::watched_data_changed();
+    }
 }
 
 #[cfg(test)]
