@@ -297,6 +297,9 @@ impl Partition {
             }
         }
         self.recompute_hw();
+        // A role change may move what consumers see (a partition no longer replicated serves
+        // up to its own end): sessions look at it again.
+        journal(&self.topic, self.index);
     }
 
     pub fn replication(&self) -> std::cell::Ref<'_, Replication> {
@@ -943,7 +946,11 @@ impl Partition {
                 (ec::KAFKA_STORAGE_ERROR, e.to_string())
             })?;
             self.recompute_hw();
-            self.wake_fetchers();
+            if !self.replication().replicated {
+                // The synced end is the high watermark (a replicated one moves by
+                // `recompute_hw`).
+                self.wake_fetchers();
+            }
         }
         Ok(Appended {
             base_offset: q.base_offset as i64,

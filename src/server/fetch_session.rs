@@ -42,8 +42,9 @@ pub type Key = (std::sync::Arc<str>, i32);
 /// `pending` and what the shards journaled a change of since `marks` may have news.
 #[derive(Debug, Clone)]
 pub struct Settled {
-    /// The metadata image then (leadership and topics unchanged while it is current).
-    pub image: std::sync::Arc<crate::cluster::metadata::MetadataImage>,
+    /// The metadata image then (leadership and topics unchanged while it is current); weak,
+    /// so that an abandoned session pins no image.
+    pub image: std::sync::Weak<crate::cluster::metadata::MetadataImage>,
     /// Per shard holding session partitions: its change journal's count then
     /// (`partition::changes_since`).
     pub marks: Vec<(usize, u64)>,
@@ -53,7 +54,7 @@ pub struct Settled {
 
 impl PartialEq for Settled {
     fn eq(&self, other: &Settled) -> bool {
-        std::sync::Arc::ptr_eq(&self.image, &other.image)
+        std::sync::Weak::ptr_eq(&self.image, &other.image)
             && self.marks == other.marks
             && self.pending == other.pending
     }

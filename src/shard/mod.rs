@@ -201,6 +201,8 @@ impl Shard {
         };
         tracing::info!("truncated replica {topic}-{index} to {end}");
         let p = self.open_locked(key).await?;
+        // Its high watermark and log start may differ from the closed replica's.
+        p.log_start_moved();
         Some((p, end))
     }
 

@@ -261,17 +261,40 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             (session_entries(&node, version, partitions), Some(id))
         }
         Plan::Settled { id, named, settled } => {
-            let look = named
+            let mut look: Vec<fetch_session::Key> = named
                 .into_iter()
                 .chain(settled.pending.iter().cloned())
                 .collect();
-            let keys = match changed_in_session(&node, id, look, &settled, deadline).await {
-                Some((keys, marks)) => {
-                    carried = Some(marks);
-                    Some(keys)
+            let mut marks = settled.marks.clone();
+            // Bounded by the deadline: each pass follows a change journaled on a session's
+            // shard. A fetch asking for more than one byte takes the full path, which counts
+            // bytes across waits.
+            let keys = if req.min_bytes > 1 {
+                None
+            } else {
+                loop {
+                    match changed_in_session(&node, id, look, &settled.image, &mut marks, deadline)
+                        .await
+                    {
+                        None => break None,
+                        Some(keys) => {
+                            let parts = fetch_session::with(|c| c.partitions_of(id, Some(&keys)));
+                            if keys.is_empty()
+                                || Instant::now() >= deadline
+                                || has_news(&node, parts).await
+                            {
+                                break Some(keys);
+                            }
+                            // Changed, but nothing to tell (a repeated wake, a position moved
+                            // to the end): still settled, wait on.
+                            look = Vec::new();
+                        }
+                    }
                 }
-                None => None,
             };
+            if keys.is_some() {
+                carried = Some(marks);
+            }
             let parts = fetch_session::with(|c| c.partitions_of(id, keys.as_deref()));
             (session_entries(&node, version, parts), Some(id))
         }
@@ -404,7 +427,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     // What the session's next fetch must look at: the partitions not at their end, and what
     // changes after the marks.
     let settled = in_session.then(|| fetch_session::Settled {
-        image: image.clone(),
+        image: Arc::downgrade(&image),
         marks: carried.take().unwrap_or(marks),
         pending: entries
             .iter()
@@ -414,7 +437,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                     || g.code != ec::NONE
                     || !g.records.is_empty()
                     || g.preferred >= 0
-                    || g.hwm != e.fetch_offset
+                    || g.hwm > e.fetch_offset
             })
             .map(|(e, _)| (e.topic.clone(), e.partition))
             .collect(),
@@ -688,10 +711,11 @@ fn at_end(sh: &Shard, w: &Want) -> Option<Got> {
         }
     }
     let hwm = p.high_watermark();
-    (w.offset == hwm).then(|| Got {
+    let log_start = p.log.log_start_offset() as i64;
+    (w.offset == hwm && w.offset >= log_start).then(|| Got {
         code: ec::NONE,
         hwm,
-        log_start: p.log.log_start_offset() as i64,
+        log_start,
         records: Vec::new(),
         preferred: -1,
     })
@@ -807,22 +831,27 @@ async fn journal_marks(wants: &[(usize, Want)], marks: &mut Vec<(usize, u64)>) {
     }
 }
 
-/// For a session with marks: the partitions to look at, namely `named` (named by the request,
-/// or pending) and those the shards journaled a change of since the session's marks, waiting
-/// for one until the deadline; with the marks they were read at. None: the journal cannot tell (the image
-/// changed, or a shard's journal no longer reaches back), so every partition needs a look.
+/// For a session with marks: the partitions to look at, namely `look` (named by the request,
+/// or pending) and those the shards journaled a change of since `marks` (which move on), waiting
+/// for one until the deadline. None: the journal cannot tell (the image changed, or a shard's
+/// journal no longer reaches back), so every partition needs a look.
 async fn changed_in_session(
     node: &crate::cluster::node::Node,
     id: i32,
-    named: Vec<fetch_session::Key>,
-    settled: &fetch_session::Settled,
+    look: Vec<fetch_session::Key>,
+    image: &std::sync::Weak<crate::cluster::metadata::MetadataImage>,
+    marks: &mut [(usize, u64)],
     deadline: Instant,
-) -> Option<(Vec<fetch_session::Key>, Vec<(usize, u64)>)> {
-    let mut keys: std::collections::BTreeSet<fetch_session::Key> = named.into_iter().collect();
-    let mut marks = settled.marks.clone();
+) -> Option<Vec<fetch_session::Key>> {
+    use futures::FutureExt;
+    let mut keys: std::collections::BTreeSet<fetch_session::Key> = look.into_iter().collect();
+    // One wait per shard at a time, kept across passes (a remote wait runs until it fires or
+    // the deadline, so it is not started again while it runs).
+    let mut waits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = usize>>>> = Vec::new();
+    let mut armed = vec![false; marks.len()];
     // Bounded by the deadline: each pass follows a change journaled on a session's shard.
     loop {
-        if !Arc::ptr_eq(&settled.image, &node.image()) {
+        if !std::ptr::eq(image.as_ptr(), Arc::as_ptr(&node.image())) {
             return None;
         }
         for (shard, seq) in marks.iter_mut() {
@@ -837,21 +866,74 @@ async fn changed_in_session(
             });
         }
         if !keys.is_empty() || Instant::now() >= deadline {
-            return Some((keys.into_iter().collect(), marks));
+            return Some(keys.into_iter().collect());
         }
-        let waits: Vec<_> = marks
-            .iter()
-            .map(|&(shard, seq)| {
-                Box::pin(crate::shard::invoke(shard, move |_| async move {
+        for (i, &(shard, seq)) in marks.iter().enumerate() {
+            if armed[i] {
+                continue;
+            }
+            armed[i] = true;
+            waits.push(Box::pin(
+                crate::shard::invoke(shard, move |_| async move {
                     let changed = crate::partition::journal_changed();
                     if crate::partition::journal_seq() == seq {
                         crate::notify::first_or_deadline(vec![changed], deadline).await;
                     }
-                }))
-            })
-            .collect();
-        crate::notify::first_or_deadline(waits, deadline).await;
+                })
+                .map(move |()| i),
+            ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if waits.is_empty() {
+            glommio::timer::sleep(left).await;
+            return Some(Vec::new());
+        }
+        let timer = glommio::timer::sleep(left);
+        futures::pin_mut!(timer);
+        match futures::future::select(futures::future::select_all(waits), timer).await {
+            futures::future::Either::Left(((i, _, rest), _)) => {
+                armed[i] = false;
+                waits = rest;
+            }
+            futures::future::Either::Right(_) => return Some(Vec::new()),
+        }
     }
+}
+
+/// Whether any of a session's partitions has something to tell: records past the client's
+/// position, a high watermark or log start offset other than it was told, or an error.
+async fn has_news(
+    node: &crate::cluster::node::Node,
+    parts: Vec<(fetch_session::Key, fetch_session::Cached)>,
+) -> bool {
+    let items = parts
+        .into_iter()
+        .map(|((t, p), c)| (node.shard_of(&t, p), (t, p, c)))
+        .collect();
+    per_shard(
+        node.shards(),
+        items,
+        |sh, its: Vec<(Arc<str>, i32, fetch_session::Cached)>| async move {
+            let mut out = Vec::with_capacity(its.len());
+            for (t, p, c) in its {
+                let part = match sh.opened(&t, p) {
+                    Some(x) => Some(x),
+                    None => sh.replica(&t, p).await,
+                };
+                out.push(part.is_none_or(|x| {
+                    let (hw, start) = (x.high_watermark(), x.log.log_start_offset() as i64);
+                    hw > c.fetch_offset
+                        || c.fetch_offset < start
+                        || hw != c.high_watermark
+                        || start != c.log_start_offset
+                }));
+            }
+            out
+        },
+    )
+    .await
+    .into_iter()
+    .any(|n| n)
 }
 
 /// A long-poll over at most this many partitions of a shard waits on each partition; a longer
