@@ -14,6 +14,69 @@ use std::alloc::{GlobalAlloc, Layout, System};
 const LAZY_BYTES_MIN: usize = 1 << 30;
 const PAGE_BYTES: usize = 4096;
 
+/// Freed blocks at least this large are kept for reuse, by size class (rounded up to this).
+const POOL_BYTES_MIN: usize = 1 << 20;
+/// Blocks kept at most, and their bytes at most.
+const POOL_SLOTS: usize = 32;
+const POOL_BYTES_MAX: usize = 128 << 20;
+
+struct Pool {
+    /// (address, class size, alignment); address 0 is a free slot.
+    slots: [(usize, usize, usize); POOL_SLOTS],
+    held: usize,
+}
+
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
+    slots: [(0, 0, 0); POOL_SLOTS],
+    held: 0,
+});
+
+/// The layout a large block is really allocated with (its size rounded up to its class), or
+/// None for blocks not pooled.
+fn pooled(layout: &Layout) -> Option<Layout> {
+    if layout.size() < POOL_BYTES_MIN || lazy(layout) || layout.align() > PAGE_BYTES {
+        return None;
+    }
+    let size = layout.size().div_ceil(POOL_BYTES_MIN) * POOL_BYTES_MIN;
+    Layout::from_size_align(size, layout.align()).ok()
+}
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A kept block of exactly this class, if any.
+fn take(class: &Layout) -> Option<*mut u8> {
+    let mut p = pool();
+    let i = p
+        .slots
+        .iter()
+        .position(|&(a, s, al)| a != 0 && s == class.size() && al == class.align())?;
+    let addr = p.slots[i].0;
+    p.slots[i] = (0, 0, 0);
+    p.held -= class.size();
+    Some(addr as *mut u8)
+}
+
+/// Keeps a freed block if there is room; false: the caller frees it.
+fn keep(ptr: *mut u8, class: &Layout) -> bool {
+    let mut p = pool();
+    if p.held + class.size() > POOL_BYTES_MAX {
+        return false;
+    }
+    let Some(i) = p.slots.iter().position(|&(a, _, _)| a == 0) else {
+        return false;
+    };
+    p.slots[i] = (ptr as usize, class.size(), class.align());
+    p.held += class.size();
+    true
+}
+
+/// Bytes of freed large blocks kept for reuse (tests).
+pub fn pooled_bytes() -> usize {
+    pool().held
+}
+
 pub struct LazyHugeAlloc;
 
 fn lazy(layout: &Layout) -> bool {
@@ -22,6 +85,9 @@ fn lazy(layout: &Layout) -> bool {
 
 unsafe impl GlobalAlloc for LazyHugeAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if let Some(class) = pooled(&layout) {
+            return take(&class).unwrap_or_else(|| System.alloc(class));
+        }
         if !lazy(&layout) {
             return System.alloc(layout);
         }
@@ -41,6 +107,12 @@ unsafe impl GlobalAlloc for LazyHugeAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(class) = pooled(&layout) {
+            if !keep(ptr, &class) {
+                System.dealloc(ptr, class);
+            }
+            return;
+        }
         if lazy(&layout) {
             libc::munmap(ptr as *mut libc::c_void, layout.size());
         } else {
@@ -49,6 +121,15 @@ unsafe impl GlobalAlloc for LazyHugeAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if let Some(class) = pooled(&layout) {
+            return match take(&class) {
+                Some(p) => {
+                    std::ptr::write_bytes(p, 0, layout.size());
+                    p
+                }
+                None => System.alloc_zeroed(class),
+            };
+        }
         if lazy(&layout) {
             // Fresh anonymous mappings are zero-filled.
             self.alloc(layout)
@@ -59,8 +140,15 @@ unsafe impl GlobalAlloc for LazyHugeAlloc {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
-        if !lazy(&layout) && !lazy(&new_layout) {
+        let plain = |l: &Layout| !lazy(l) && pooled(l).is_none();
+        if plain(&layout) && plain(&new_layout) {
             return System.realloc(ptr, layout, new_size);
+        }
+        if let (Some(a), Some(b)) = (pooled(&layout), pooled(&new_layout)) {
+            if a == b {
+                // Same class: the block already holds the new size.
+                return ptr;
+            }
         }
         let new = self.alloc(new_layout);
         if !new.is_null() {
@@ -68,5 +156,47 @@ unsafe impl GlobalAlloc for LazyHugeAlloc {
             self.dealloc(ptr, layout);
         }
         new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A freed large block is handed out again for the same class (no new mapping), contents
+    /// survive a realloc across classes, and the pool never holds more than its cap.
+    #[test]
+    fn large_blocks_are_reused_and_the_pool_is_bounded() {
+        let a = LazyHugeAlloc;
+        // A size class no other test uses (the pool is process-wide).
+        let l = Layout::from_size_align(7 * POOL_BYTES_MIN + 123, 4096).unwrap();
+        unsafe {
+            let p = a.alloc(l);
+            assert!(!p.is_null());
+            p.write_bytes(7, l.size());
+            a.dealloc(p, l);
+            let q = a.alloc(Layout::from_size_align(7 * POOL_BYTES_MIN + 5, 4096).unwrap());
+            assert_eq!(p, q, "same class: the kept block");
+            let z = a.alloc_zeroed(l);
+            assert!(std::slice::from_raw_parts(z, l.size())
+                .iter()
+                .all(|b| *b == 0));
+            a.dealloc(z, l);
+            q.write_bytes(9, 1000);
+            let r = a.realloc(
+                q,
+                Layout::from_size_align(7 * POOL_BYTES_MIN + 5, 4096).unwrap(),
+                9 << 20,
+            );
+            assert!(std::slice::from_raw_parts(r, 1000).iter().all(|b| *b == 9));
+            a.dealloc(r, Layout::from_size_align(9 << 20, 4096).unwrap());
+            // Far more than the cap freed: the pool keeps at most its cap.
+            let big = Layout::from_size_align(40 << 20, 8).unwrap();
+            let ps: Vec<*mut u8> = (0..8).map(|_| a.alloc(big)).collect();
+            for p in ps {
+                a.dealloc(p, big);
+            }
+            assert!(pooled_bytes() <= POOL_BYTES_MAX);
+        }
     }
 }

@@ -23,6 +23,8 @@ thread_local! {
     static LIMIT: Cell<usize> = const { Cell::new(256 << 20) };
     /// The most one partition reads ahead (`memory.read_ahead_bytes_per_partition`).
     static PER_PARTITION: Cell<usize> = const { Cell::new(8 << 20) };
+    /// Windows alive on this shard: the partitions being read from disk.
+    static WINDOWS: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Sets this shard's read-ahead budget and the most one partition reads ahead (0 disables).
@@ -65,13 +67,31 @@ struct Window {
     start: u64,
     data: Bytes,
     _charge: Charge,
+    _live: Live,
+}
+
+/// Counts a window while it lives: the shard's budget is shared among the partitions being
+/// read from disk now.
+struct Live;
+
+impl Live {
+    fn new() -> Live {
+        WINDOWS.with(|n| n.set(n.get() + 1));
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        WINDOWS.with(|n| n.set(n.get().saturating_sub(1)));
+    }
 }
 
 struct InFlight {
     file: Weak<DmaFile>,
     start: u64,
-    /// Taken by the reader that waits for it.
-    task: Option<glommio::task::JoinHandle<Result<Bytes, String>>>,
+    /// Taken by the reader that waits for it: the extent, after `Extent::room` free bytes.
+    task: Option<glommio::task::JoinHandle<Result<Extent, String>>>,
     _charge: Charge,
 }
 
@@ -98,6 +118,30 @@ async fn read_bytes(file: &DmaFile, pos: u64, len: usize) -> Result<Bytes, Strin
     let rr = file.read_at(pos, len).await.map_err(|e| e.to_string())?;
     crate::metrics::dma_read(rr.len());
     Ok(Bytes::copy_from_slice(&rr))
+}
+
+/// An extent read ahead, copied out of the DMA buffer behind `room` free bytes: the window's
+/// unread tail (the start of a batch the last fetch could not take whole) is put there, so
+/// the reader gets one contiguous buffer without the extent being copied again.
+struct Extent {
+    buf: BytesMut,
+    room: usize,
+}
+
+/// The room left before an extent of `len` bytes: enough for a partial batch of the usual
+/// sizes, a small share of the extent.
+fn room_for(len: usize) -> usize {
+    (len / 8).min(1 << 20)
+}
+
+async fn read_extent(file: &DmaFile, pos: u64, len: usize) -> Result<Extent, String> {
+    let rr = file.read_at(pos, len).await.map_err(|e| e.to_string())?;
+    crate::metrics::dma_read(rr.len());
+    let room = room_for(len);
+    let mut buf = BytesMut::with_capacity(room + rr.len());
+    buf.resize(room, 0);
+    buf.put_slice(&rr);
+    Ok(Extent { buf, room })
 }
 
 impl ReadAhead {
@@ -138,6 +182,7 @@ impl ReadAhead {
             start: end,
             data: rest,
             _charge: c,
+            _live: Live::new(),
         });
     }
 
@@ -175,33 +220,46 @@ impl ReadAhead {
         if have.len() < want {
             let next = pos + have.len() as u64;
             let ahead = self.in_flight.borrow_mut().take();
-            let mut more = None;
+            let mut extent = None;
             let mut read_ahead_used = false;
             if let Some(mut f) = ahead {
                 if Weak::ptr_eq(&f.file, &Rc::downgrade(file)) && f.start == next {
                     if let Some(task) = f.task.take() {
-                        more = Some(task.await.unwrap_or_else(|| Err("read cancelled".into()))?);
+                        extent = Some(task.await.unwrap_or_else(|| Err("read cancelled".into()))?);
                         read_ahead_used = true;
                         self.ahead_used.set(self.ahead_used.get() + 1);
                     }
                 }
                 // A read ahead for another place is dropped, which cancels it.
             }
-            if more.is_none() || have.len() + more.as_ref().map_or(0, |m| m.len()) < want {
-                // Nothing usable was read ahead: read what is missing now.
-                let at = next + more.as_ref().map_or(0, |m| m.len() as u64);
-                let missing = want - have.len() - more.as_ref().map_or(0, |m| m.len());
-                let direct = read_bytes(file, at, missing).await?;
-                more = Some(match more {
-                    Some(m) => join(&m, &direct),
-                    None => direct,
-                });
+            // `have` then `more`: the bytes from `pos` on, contiguous.
+            let mut more = Bytes::new();
+            if let Some(Extent { mut buf, room }) = extent {
+                if have.len() <= room {
+                    // The window's tail goes in front of the extent: no copy of the extent.
+                    let from = room - have.len();
+                    buf[from..room].copy_from_slice(&have);
+                    more = buf.freeze().slice(from..);
+                    have = Bytes::new();
+                } else {
+                    more = buf.freeze().slice(room..);
+                }
             }
-            let more = more.unwrap_or_default();
+            if !read_ahead_used || have.len() + more.len() < want {
+                // Nothing usable was read ahead: read what is missing now.
+                let at = pos + (have.len() + more.len()) as u64;
+                let missing = want - have.len() - more.len();
+                let direct = read_bytes(file, at, missing).await?;
+                more = if more.is_empty() {
+                    direct
+                } else {
+                    join(&more, &direct)
+                };
+            }
             have = if have.is_empty() {
                 more
             } else {
-                // Only the unread tail of the window (under one batch) is copied along.
+                // Only a tail too large for the extent's room is copied along.
                 join(&have, &more)
             };
             self.streak.set(if read_ahead_used {
@@ -232,6 +290,7 @@ impl ReadAhead {
             start: pos,
             data,
             _charge: c,
+            _live: Live::new(),
         });
         if end >= size || self.in_flight.borrow().is_some() {
             return;
@@ -241,12 +300,19 @@ impl ReadAhead {
         let len = (want.max(64 << 10) * 2)
             .saturating_mul(1 << self.streak.get().min(4))
             .min(per_partition)
-            .min((size - end) as usize);
-        let Some(charge) = Charge::try_take(len) else {
+            .min((size - end) as usize)
+            // Readers of many partitions share the shard's budget (a window and an extent
+            // each, and some slack): more readers read ahead in smaller extents, rather than
+            // the first ones taking it all.
+            .min(LIMIT.with(|l| l.get()) / (3 * WINDOWS.with(|n| n.get()).max(1)));
+        if len < (64 << 10).min((size - end) as usize) {
+            return;
+        }
+        let Some(charge) = Charge::try_take(len + room_for(len)) else {
             return;
         };
         let f = file.clone();
-        let task = glommio::spawn_local(async move { read_bytes(&f, end, len).await }).detach();
+        let task = glommio::spawn_local(async move { read_extent(&f, end, len).await }).detach();
         *self.in_flight.borrow_mut() = Some(InFlight {
             file: Rc::downgrade(file),
             start: end,
