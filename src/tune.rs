@@ -38,18 +38,7 @@ fn progress(msg: &str) {
     let _ = std::io::stderr().flush();
 }
 
-fn mem_total_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
+use crate::config::mem_total_bytes;
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {

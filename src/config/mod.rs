@@ -186,7 +186,8 @@ pub struct LoggingSection {
 #[serde(deny_unknown_fields)]
 pub struct MemorySection {
     pub batch_cache_bytes_per_partition: usize,
-    /// All partition caches of one shard together stay within this.
+    /// All partition caches of one shard together stay within this; 0: an eighth of each
+    /// core's share of the machine's memory (`auto_batch_cache_bytes_per_shard`).
     pub batch_cache_bytes_per_shard: usize,
     pub request_bytes_max: usize,
     pub io_memory_bytes: usize,
@@ -1165,6 +1166,7 @@ impl Tuning {
     }
 
     pub fn for_core(&self, core: usize) -> ShardTuning {
+        // (The shard budget 0 is resolved here, after any per-core override.)
         let mut t = ShardTuning {
             batch_cache_bytes_per_partition: self.memory.batch_cache_bytes_per_partition,
             batch_cache_bytes_per_shard: self.memory.batch_cache_bytes_per_shard,
@@ -1185,6 +1187,9 @@ impl Tuning {
             t.spin_before_park_us = c.spin_before_park_us.unwrap_or(t.spin_before_park_us);
             t.syncs_in_flight = c.syncs_in_flight.unwrap_or(t.syncs_in_flight);
         }
+        if t.batch_cache_bytes_per_shard == 0 {
+            t.batch_cache_bytes_per_shard = auto_batch_cache_bytes_per_shard();
+        }
         t
     }
 
@@ -1202,6 +1207,31 @@ impl Tuning {
     }
 }
 
+/// The machine's memory (MemTotal), or 0 when /proc/meminfo cannot tell.
+pub fn mem_total_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// The default batch-cache budget of a shard: an eighth of a core's share of the machine's
+/// memory, between 64 MiB and 16 GiB (512 MiB when the memory is unknown).
+pub fn auto_batch_cache_bytes_per_shard() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mem = mem_total_bytes();
+    if mem == 0 {
+        return 512 << 20;
+    }
+    (mem / cores / 8).clamp(64 << 20, 16 << 30) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1210,6 +1240,27 @@ mod tests {
     fn default_parses() {
         let t = Tuning::load(None).unwrap();
         assert_eq!(t.node.listen, "127.0.0.1:9092");
+    }
+
+    /// The default shard cache budget follows the machine's memory; a set one is kept.
+    #[test]
+    fn the_default_cache_budget_follows_the_machine() {
+        let t = Tuning::load(None).unwrap();
+        assert_eq!(t.memory.batch_cache_bytes_per_shard, 0);
+        let b = t.for_core(0).batch_cache_bytes_per_shard;
+        assert_eq!(b, auto_batch_cache_bytes_per_shard());
+        assert!((64 << 20..=16 << 30).contains(&b), "{b}");
+        let cores = std::thread::available_parallelism().unwrap().get() as u64;
+        if mem_total_bytes() > 0 {
+            assert_eq!(
+                b as u64,
+                (mem_total_bytes() / cores / 8).clamp(64 << 20, 16 << 30)
+            );
+        }
+        let text =
+            format!("{DEFAULT_TUNING}\n[[core]]\nids = [1]\nbatch_cache_bytes_per_shard = 1234\n");
+        let t = Tuning::parse(&text, "x.toml").unwrap();
+        assert_eq!(t.for_core(1).batch_cache_bytes_per_shard, 1234);
     }
 
     #[test]
