@@ -104,8 +104,9 @@ impl Drop for Notified {
 }
 
 /// Waits until one of `wakers` completes or `deadline` passes (at once if it has passed): the
-/// end of a long-poll that any of several partitions or shards may cut short.
-pub async fn first_or_deadline<F>(wakers: Vec<F>, deadline: std::time::Instant)
+/// end of a long-poll that any of several partitions or shards may cut short. The output of
+/// the waker that completed, or None at the deadline.
+pub async fn first_or_deadline<F>(wakers: Vec<F>, deadline: std::time::Instant) -> Option<F::Output>
 where
     F: Future + Unpin,
 {
@@ -114,8 +115,11 @@ where
     futures::pin_mut!(timer);
     if wakers.is_empty() {
         timer.await;
-    } else {
-        let _ = futures::future::select(futures::future::select_all(wakers), timer).await;
+        return None;
+    }
+    match futures::future::select(futures::future::select_all(wakers), timer).await {
+        futures::future::Either::Left(((out, _, _), _)) => Some(out),
+        futures::future::Either::Right(_) => None,
     }
 }
 

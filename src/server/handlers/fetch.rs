@@ -336,14 +336,12 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     // Where each shard's change journal stood before the last round read its partitions.
     let mut marks: Vec<(usize, u64)> = Vec::new();
     for _ in 0..FETCH_ROUNDS_MAX {
-        if in_session {
-            match carried.as_mut() {
-                // Shards of partitions named for the first time need marks too.
-                Some(carried) => journal_marks(&wants, carried).await,
-                None => {
-                    marks.clear();
-                    journal_marks(&wants, &mut marks).await;
-                }
+        match carried.as_mut() {
+            // Shards of partitions named for the first time need marks too.
+            Some(carried) => journal_marks(&wants, carried).await,
+            None => {
+                marks.clear();
+                journal_marks(&wants, &mut marks).await;
             }
         }
         got = read_round(shards, wants.clone(), max_bytes).await;
@@ -359,13 +357,19 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         {
             break;
         }
-        wait_for_data(shards, &wants, &got, deadline).await;
-        if Instant::now() >= deadline {
-            if in_session {
-                marks.clear();
-                journal_marks(&wants, &mut marks).await;
+        let woken = wait_for_data(shards, &wants, &got, deadline).await;
+        if !woken || Instant::now() >= deadline {
+            // The last round's answers stand if nothing a consumer sees changed on these
+            // shards since (no high watermark or log start moved, the same image): an idle
+            // long-poll over thousands of partitions looks at each of them once, not twice.
+            let before = std::mem::take(&mut marks);
+            journal_marks(&wants, &mut marks).await;
+            let unchanged = before == marks
+                && client_rack.is_none()
+                && std::ptr::eq(Arc::as_ptr(&image), Arc::as_ptr(&node.image()));
+            if !unchanged {
+                got = read_round(shards, wants.clone(), max_bytes).await;
             }
-            got = read_round(shards, wants.clone(), max_bytes).await;
             break;
         }
     }
@@ -941,8 +945,14 @@ async fn has_news(
 /// idle consumer of thousands of partitions does not register thousands of waiters per fetch.
 const PER_PARTITION_WAITS_MAX: usize = 16;
 
-/// Waits until any wanted partition gets data past what the last round saw, or the deadline.
-async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], deadline: Instant) {
+/// Waits until any wanted partition gets data past what the last round saw (true), or the
+/// deadline (false).
+async fn wait_for_data(
+    shards: usize,
+    wants: &[(usize, Want)],
+    got: &[Got],
+    deadline: Instant,
+) -> bool {
     let mut buckets: Vec<Vec<(Arc<str>, i32, i64)>> = (0..shards).map(|_| Vec::new()).collect();
     for ((s, w), g) in wants.iter().zip(got.iter()) {
         buckets[(*s).min(shards - 1)].push((w.topic.clone(), w.partition, g.hwm.max(w.offset)));
@@ -964,10 +974,13 @@ async fn wait_for_data(shards: usize, wants: &[(usize, Want)], got: &[Got], dead
         )));
     }
     if waits.is_empty() {
-        return;
+        return false;
     }
     // Any shard's wake-up ends the wait; the others run out at the deadline on their own.
-    crate::notify::first_or_deadline(waits, deadline).await;
+    // (A shard whose wait ran out answers false: the deadline has come for all.)
+    crate::notify::first_or_deadline(waits, deadline)
+        .await
+        .unwrap_or(false)
 }
 
 /// The partition a long-poll waits on: the open one without a lookup of the image, else
@@ -979,23 +992,25 @@ async fn waited(sh: &Shard, topic: &str, partition: i32) -> Option<crate::partit
     }
 }
 
-/// A few partitions: one waiter on each.
-async fn wait_each(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) {
+/// A few partitions: one waiter on each. True when one got data, false at the deadline.
+async fn wait_each(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) -> bool {
     let mut rxs = Vec::new();
     for (t, p, seen) in its {
         if let Some(part) = waited(sh, t, *p).await {
             if part.high_watermark() > *seen {
-                return;
+                return true;
             }
             rxs.push(part.wait_for_data());
         }
     }
-    crate::notify::first_or_deadline(rxs, deadline).await;
+    crate::notify::first_or_deadline(rxs, deadline)
+        .await
+        .is_some()
 }
 
 /// Many partitions: each is watched (a counter), and the shard's one signal wakes the wait,
-/// which then checks its own partitions.
-async fn wait_watched(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) {
+/// which then checks its own partitions. True when one got data, false at the deadline.
+async fn wait_watched(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) -> bool {
     // Taken before any partition is looked at: data arriving from here on is seen.
     let mut changed = crate::partition::watched_data_changed();
     let mut watches = Vec::with_capacity(its.len());
@@ -1010,11 +1025,13 @@ async fn wait_watched(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instan
             .iter()
             .any(|(w, seen)| w.partition().high_watermark() > *seen)
         {
-            return;
+            return true;
         }
-        crate::notify::first_or_deadline(vec![changed], deadline).await;
-        if Instant::now() >= deadline {
-            return;
+        if crate::notify::first_or_deadline(vec![changed], deadline)
+            .await
+            .is_none()
+        {
+            return false;
         }
         changed = crate::partition::watched_data_changed();
     }
