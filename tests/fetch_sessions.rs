@@ -255,6 +255,50 @@ fn an_idle_session_of_many_partitions_wakes_on_any_change() {
     );
 }
 
+/// A full fetch (no session) long-polling many partitions of one shard watches them through the
+/// shard's one signal: data produced mid-wait on any of them ends the wait at once.
+#[test]
+fn a_long_poll_over_many_partitions_wakes_on_data_in_any() {
+    let b = Broker::start_with(&["--set", "log.num_partitions=40"]);
+    let mut s = connect(&b);
+    assert_eq!(metadata(&mut s, "wide").topics[0].error_code, 0);
+    let all: Vec<(&str, i32, i64)> = (0..40).map(|p| ("wide", p, 0)).collect();
+    // Nothing anywhere: the fetch waits out its max_wait_ms.
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (0, -1), &all, &[], 500);
+    assert!(seen(&r).iter().all(|(_, n, _)| *n == 0));
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    for p in [3, 38] {
+        let addr = b.addr;
+        let producer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            produce(&mut c, "wide", p, 2);
+        });
+        let t = std::time::Instant::now();
+        let from: Vec<(&str, i32, i64)> = (0..40)
+            .map(|q| ("wide", q, if q == 3 && p == 38 { 2 } else { 0 }))
+            .collect();
+        let r = fetch_waiting(&mut s, (0, -1), &from, &[], 10_000);
+        producer.join().unwrap();
+        let with_data: Vec<i32> = seen(&r)
+            .iter()
+            .filter(|(_, n, _)| *n > 0)
+            .map(|(q, _, _)| *q)
+            .collect();
+        assert_eq!(with_data, vec![p]);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
+
 #[test]
 fn a_full_cache_answers_without_a_session() {
     let b = Broker::start_with(&["--set", "max.incremental.fetch.session.cache.slots=1"]);

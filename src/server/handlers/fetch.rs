@@ -1013,20 +1013,27 @@ async fn wait_each(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) 
 async fn wait_watched(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instant) -> bool {
     // Taken before any partition is looked at: data arriving from here on is seen.
     let mut changed = crate::partition::watched_data_changed();
+    let mut seq = crate::partition::journal_seq();
     let mut watches = Vec::with_capacity(its.len());
+    // Which watch a partition is: a wake-up (shared by every long-poll of the shard) checks
+    // only the partitions the journal names since the last check, not all of its own.
+    let mut index: std::collections::HashMap<(Arc<str>, i32), usize> =
+        std::collections::HashMap::with_capacity(its.len());
     for (t, p, seen) in its {
         if let Some(part) = waited(sh, t, *p).await {
+            index.insert((t.clone(), *p), watches.len());
             watches.push((part.watch_data(), *seen));
         }
     }
+    let moved = |i: usize| {
+        let (w, seen) = &watches[i];
+        w.partition().high_watermark() > *seen
+    };
+    if (0..watches.len()).any(moved) {
+        return true;
+    }
     // Bounded by the deadline: each pass follows new data on a watched partition.
     loop {
-        if watches
-            .iter()
-            .any(|(w, seen)| w.partition().high_watermark() > *seen)
-        {
-            return true;
-        }
         if crate::notify::first_or_deadline(vec![changed], deadline)
             .await
             .is_none()
@@ -1034,6 +1041,20 @@ async fn wait_watched(sh: &Shard, its: &[(Arc<str>, i32, i64)], deadline: Instan
             return false;
         }
         changed = crate::partition::watched_data_changed();
+        let any = match crate::partition::changes_since(seq) {
+            Some((now, keys)) => {
+                seq = now;
+                keys.iter().any(|k| index.get(k).is_some_and(|&i| moved(i)))
+            }
+            // The journal no longer reaches back: look at every partition.
+            None => {
+                seq = crate::partition::journal_seq();
+                (0..watches.len()).any(moved)
+            }
+        };
+        if any {
+            return true;
+        }
     }
 }
 
