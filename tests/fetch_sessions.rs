@@ -157,6 +157,21 @@ fn incremental_fetches_carry_only_what_changed() {
     assert_eq!(r.error_code, FETCH_SESSION_ID_NOT_FOUND, "closed");
 }
 
+/// Produces `n` records to `topic`/`partition` from another connection, 300 ms from now (while
+/// a fetch long-polls).
+fn produce_soon(
+    addr: std::net::SocketAddr,
+    topic: &'static str,
+    partition: i32,
+    n: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        produce(&mut c, topic, partition, n);
+    })
+}
+
 /// (partition, log start offset) of every partition in a response.
 fn starts(r: &FetchResponse) -> Vec<(i32, i64)> {
     r.responses
@@ -197,11 +212,7 @@ fn an_idle_session_of_many_partitions_wakes_on_any_change() {
     // Data on partition 33 while the fetch waits: it comes back, alone, long before the
     // deadline.
     let addr = b.addr;
-    let producer = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let mut p = std::net::TcpStream::connect(addr).unwrap();
-        produce(&mut p, "many", 33, 3);
-    });
+    let producer = produce_soon(addr, "many", 33, 3);
     let t = std::time::Instant::now();
     let r = fetch_waiting(&mut s, (id, 2), &[], &[], 10_000);
     producer.join().unwrap();
@@ -273,12 +284,7 @@ fn a_long_poll_over_many_partitions_wakes_on_data_in_any() {
         t.elapsed()
     );
     for p in [3, 38] {
-        let addr = b.addr;
-        let producer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            produce(&mut c, "wide", p, 2);
-        });
+        let producer = produce_soon(b.addr, "wide", p, 2);
         let t = std::time::Instant::now();
         let from: Vec<(&str, i32, i64)> = (0..40)
             .map(|q| ("wide", q, if q == 3 && p == 38 { 2 } else { 0 }))

@@ -78,7 +78,6 @@ pub fn journal_changed() -> Notified {
 }
 
 fn journal(topic: &Arc<str>, index: i32) {
-    tracing::trace!("journal {topic}-{index}");
     JOURNAL.with(|j| {
         let seq = j.seq.get() + 1;
         j.seq.set(seq);
