@@ -117,9 +117,40 @@ fn fetch_assembly(c: &mut Criterion) {
         })
     });
     // Fjord's own assembly: the encoded fields as chunks, the record bytes by reference, from
-    // the batch cache (a 16-byte patched header and the producer's bytes per batch) or from a
-    // read-ahead window (one slice per partition).
+    // the batch cache (a 16-byte patched header and the producer's bytes per batch) or from
+    // disk: the chunks the log's read path returns after a restart (nothing cached), slices of
+    // the DMA read buffers.
     let window = Bytes::from(vec![7u8; 16 * b.len()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ex = dma_executor(dir.path());
+    let disk: std::cell::RefCell<Vec<Vec<Bytes>>> = ex.run(async {
+        let log_dir = dir.path().join("disk-0");
+        let log = fjord::log::SharedLog::open(log_dir.clone())
+            .await
+            .expect("open log");
+        let mut infos = Vec::new();
+        fjord::log::batch::validate_payload(&b, 16 << 20, &mut infos).expect("valid");
+        for _ in 0..16 {
+            log.append(
+                &b,
+                &infos,
+                &settings(),
+                fjord::log::EpochStamp::Leader(0),
+                None,
+            )
+            .await
+            .expect("append");
+        }
+        log.sync_to(1600).await.expect("sync");
+        log.flush().await.expect("flush");
+        drop(log);
+        let log = fjord::log::SharedLog::open(log_dir).await.expect("reopen");
+        let mut out = Vec::new();
+        for p in 0..16u64 {
+            out.push(log.read_chunks(p * 100, b.len(), 1600).await.expect("read"));
+        }
+        std::cell::RefCell::new(out)
+    });
     type RecordsOf<'a> = Box<dyn Fn(usize) -> Vec<Bytes> + 'a>;
     let shapes: [(&str, RecordsOf); 2] = [
         (
@@ -132,11 +163,10 @@ fn fetch_assembly(c: &mut Criterion) {
                 ]
             }),
         ),
-        (
-            "disk",
-            Box::new(|p| vec![window.slice(p * b.len()..(p + 1) * b.len())]),
-        ),
+        ("disk", Box::new(|p| disk.borrow()[p].clone())),
     ];
+    // Inside the executor: the disk chunks' buffers belong to it.
+    ex.run(async {
     for (name, records_of) in &shapes {
         let build = || {
             let mut t = FetchableTopicResponse::default();
@@ -158,9 +188,13 @@ fn fetch_assembly(c: &mut Criterion) {
             window.as_ptr() as usize,
             window.as_ptr() as usize + window.len(),
         );
+        let stored = |c: &Bytes| {
+            (c.as_ptr() as usize >= a && c.as_ptr() as usize + c.len() <= z)
+                || fjord::log::dma_bytes::is_read_buffer(c)
+        };
         let copied: usize = chunks
             .iter()
-            .filter(|c| !(c.as_ptr() as usize >= a && c.as_ptr() as usize + c.len() <= z))
+            .filter(|c| !stored(c))
             .map(|c| c.len())
             .sum();
         let records = 16 * b.len();
@@ -172,29 +206,29 @@ fn fetch_assembly(c: &mut Criterion) {
             bench.iter(|| black_box(build().len()))
         });
     }
+    disk.borrow_mut().clear();
+    });
     g.finish();
 }
 
-/// DMA append through the real log (glommio executor, O_DIRECT file, tail-block rewrite).
-fn append(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let probe = dir.path().join(".dma-probe");
-    std::fs::write(&probe, vec![1u8; 4096]).expect("probe");
-    let payload = batch(100, 1024);
-    let mut infos = Vec::new();
-    fjord::log::batch::validate_payload(&payload, 16 << 20, &mut infos).expect("valid");
-    let settings = fjord::log::LogSettings {
+fn settings() -> fjord::log::LogSettings {
+    fjord::log::LogSettings {
         segment_bytes: 1 << 30,
         segment_ms: u64::MAX / 2,
         retention_ms: -1,
         retention_bytes: -1,
         cache_bytes_max: 8 << 20,
         visibility_sync_delay_us: 0,
-    };
+    }
+}
+
+/// A glommio executor whose first DMA read (glommio's device probe) is of a non-empty file.
+fn dma_executor(dir: &std::path::Path) -> glommio::LocalExecutor {
+    let probe = dir.join(".dma-probe");
+    std::fs::write(&probe, vec![1u8; 4096]).expect("probe");
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .make()
         .expect("executor");
-    let log_dir = dir.path().join("bench-0");
     ex.run(async {
         let f = glommio::io::DmaFile::open(&probe)
             .await
@@ -202,6 +236,18 @@ fn append(c: &mut Criterion) {
         let _ = f.read_at(0, 4096).await;
         let _ = f.close().await;
     });
+    ex
+}
+
+/// DMA append through the real log (glommio executor, O_DIRECT file, tail-block rewrite).
+fn append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let payload = batch(100, 1024);
+    let mut infos = Vec::new();
+    fjord::log::batch::validate_payload(&payload, 16 << 20, &mut infos).expect("valid");
+    let settings = settings();
+    let ex = dma_executor(dir.path());
+    let log_dir = dir.path().join("bench-0");
     let log = ex
         .run(fjord::log::SharedLog::open(log_dir))
         .expect("open log");

@@ -631,6 +631,8 @@ async fn retention_loop(shard: Rc<Shard>) {
     let mut last_retention_ms = crate::log::now_ms();
     loop {
         glommio::timer::sleep(Duration::from_millis(cleaner_every_ms)).await;
+        // Disk read buffers other shards finished with, if no disk read here freed them since.
+        crate::log::dma_bytes::reclaim();
         let now = crate::log::now_ms();
         let retention_due = now.saturating_sub(last_retention_ms) + 50 >= retention_every_ms;
         if retention_due {

@@ -20,6 +20,7 @@
 
 pub mod batch;
 pub mod compaction;
+pub mod dma_bytes;
 pub mod epochs;
 pub mod index;
 pub mod read_ahead;
@@ -1489,6 +1490,10 @@ mod tests {
                 let chunks = log.read_chunks(next, 64 << 10, end).await.unwrap();
                 reads += 1;
                 for c in &chunks {
+                    assert!(
+                        dma_bytes::is_read_buffer(c),
+                        "served as a slice of a disk read buffer, not a copy"
+                    );
                     let mut at = 0;
                     while at < c.len() {
                         let h = BatchHeader::new(&c[at..]);

@@ -13,8 +13,10 @@
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use glommio::io::DmaFile;
+
+use super::batch::{BatchHeader, HEADER_BYTES};
 
 thread_local! {
     /// Bytes held by this shard's windows and reads in flight.
@@ -65,7 +67,11 @@ struct Window {
     file: Weak<DmaFile>,
     /// File position of `data[0]`.
     start: u64,
+    /// Where the whole batches in `data` end: the next extent is read from here.
+    whole_end: u64,
+    /// A slice of one DMA read buffer: no copy.
     data: Bytes,
+    /// The whole buffer's share of the budget, held until the window goes.
     _charge: Charge,
     _live: Live,
 }
@@ -90,9 +96,9 @@ impl Drop for Live {
 struct InFlight {
     file: Weak<DmaFile>,
     start: u64,
-    /// Taken by the reader that waits for it: the extent, after `Extent::room` free bytes.
-    task: Option<glommio::task::JoinHandle<Result<Extent, String>>>,
-    _charge: Charge,
+    /// Taken by the reader that waits for it.
+    task: Option<glommio::task::JoinHandle<Result<Bytes, String>>>,
+    charge: Option<Charge>,
 }
 
 #[derive(Default)]
@@ -109,39 +115,25 @@ pub struct ReadAhead {
     served_to: RefCell<Option<(Weak<DmaFile>, u64)>>,
 }
 
-/// A window remainder at most this large is copied out, so that the (larger) buffer it was cut
-/// from is freed once the responses holding it are written.
-const COPY_REMAINDER_BYTES: usize = 256 << 10;
-
-/// A DMA read of `len` bytes at `pos`, as `Bytes` (one copy out of the DMA buffer).
-async fn read_bytes(file: &DmaFile, pos: u64, len: usize) -> Result<Bytes, String> {
+/// A DMA read of `len` bytes at `pos`, as `Bytes` that own the read buffer (no copy).
+async fn read_dma(file: &DmaFile, pos: u64, len: usize) -> Result<Bytes, String> {
+    super::dma_bytes::reclaim();
     let rr = file.read_at(pos, len).await.map_err(|e| e.to_string())?;
     crate::metrics::dma_read(rr.len());
-    Ok(Bytes::copy_from_slice(&rr))
+    Ok(super::dma_bytes::from_read(rr))
 }
 
-/// An extent read ahead, copied out of the DMA buffer behind `room` free bytes: the window's
-/// unread tail (the start of a batch the last fetch could not take whole) is put there, so
-/// the reader gets one contiguous buffer without the extent being copied again.
-struct Extent {
-    buf: BytesMut,
-    room: usize,
-}
-
-/// The room left before an extent of `len` bytes: enough for a partial batch of the usual
-/// sizes, a small share of the extent.
-fn room_for(len: usize) -> usize {
-    (len / 8).min(1 << 20)
-}
-
-async fn read_extent(file: &DmaFile, pos: u64, len: usize) -> Result<Extent, String> {
-    let rr = file.read_at(pos, len).await.map_err(|e| e.to_string())?;
-    crate::metrics::dma_read(rr.len());
-    let room = room_for(len);
-    let mut buf = BytesMut::with_capacity(room + rr.len());
-    buf.resize(room, 0);
-    buf.put_slice(&rr);
-    Ok(Extent { buf, room })
+/// The length of the whole batches at the start of `data` (stored batches, one after another).
+fn whole_batches(data: &[u8]) -> usize {
+    let mut at = 0usize;
+    while at + HEADER_BYTES <= data.len() {
+        let total = BatchHeader::new(&data[at..]).total_bytes();
+        if total < HEADER_BYTES || total > data.len() - at {
+            break;
+        }
+        at += total;
+    }
+    at
 }
 
 impl ReadAhead {
@@ -150,8 +142,9 @@ impl ReadAhead {
         *self.served_to.borrow_mut() = Some((Rc::downgrade(file), end));
     }
 
-    /// Drops what the window holds before the point the last fetch served to: a reader that
-    /// has caught up, or stopped, leaves no more than a partial batch behind.
+    /// Drops what the window holds before the point the last fetch served to. A reader that has
+    /// caught up, or stopped, keeps no window unless whole batches are left in it, or the next
+    /// extent is on its way (the partial batch at the end of this one is read again with it).
     pub fn trim(&self) {
         let Some((file, end)) = self.served_to.borrow_mut().take() else {
             return;
@@ -165,25 +158,13 @@ impl ReadAhead {
         }
         let skip = ((end - win.start) as usize).min(win.data.len());
         let rest = win.data.slice(skip..);
-        if rest.is_empty() {
+        if rest.is_empty() || (win.whole_end <= end && self.in_flight.borrow().is_none()) {
             *w = None;
             return;
         }
-        let rest = if rest.len() <= COPY_REMAINDER_BYTES {
-            Bytes::copy_from_slice(&rest)
-        } else {
-            rest
-        };
-        // The shorter window takes a smaller charge (released first, so it always fits).
-        let n = rest.len();
-        let file = w.take().map(|o| o.file).unwrap_or_default();
-        *w = Charge::try_take(n).map(|c| Window {
-            file,
-            start: end,
-            data: rest,
-            _charge: c,
-            _live: Live::new(),
-        });
+        win.data = rest;
+        win.start = end;
+        win.whole_end = win.whole_end.max(end);
     }
 
     /// Forgets the window and cancels the read ahead (the log was truncated or replaced).
@@ -192,9 +173,10 @@ impl ReadAhead {
         self.in_flight.borrow_mut().take();
     }
 
-    /// Bytes of `file` from `pos`: at least `want` (fewer only at `size`, the segment's logical
-    /// end), possibly more when they were read ahead. Starts reading the next extent before
-    /// it returns.
+    /// Bytes of `file` from `pos`, a batch's start: at least `want` (fewer only at `size`, the
+    /// segment's logical end), or fewer that end with a whole batch, or more when they were
+    /// read ahead. Each answer is a slice of one DMA read buffer: nothing is copied. Starts
+    /// reading the next extent before it returns.
     pub async fn read(
         &self,
         file: &Rc<DmaFile>,
@@ -203,8 +185,9 @@ impl ReadAhead {
         size: u64,
     ) -> Result<Bytes, String> {
         let want = want.min(size.saturating_sub(pos) as usize);
-        // What the window already holds from `pos`.
-        let mut have = {
+        // What the window already holds from `pos`: all that is wanted, or the whole batches
+        // before the extent read ahead (a response takes both as two slices, not one copy).
+        let held = {
             let w = self.window.borrow();
             match &*w {
                 Some(w)
@@ -212,87 +195,88 @@ impl ReadAhead {
                         && w.start <= pos
                         && pos < w.start + w.data.len() as u64 =>
                 {
-                    w.data.slice((pos - w.start) as usize..)
-                }
-                _ => Bytes::new(),
-            }
-        };
-        if have.len() < want {
-            let next = pos + have.len() as u64;
-            let ahead = self.in_flight.borrow_mut().take();
-            let mut extent = None;
-            let mut read_ahead_used = false;
-            if let Some(mut f) = ahead {
-                if Weak::ptr_eq(&f.file, &Rc::downgrade(file)) && f.start == next {
-                    if let Some(task) = f.task.take() {
-                        extent = Some(task.await.unwrap_or_else(|| Err("read cancelled".into()))?);
-                        read_ahead_used = true;
-                        self.ahead_used.set(self.ahead_used.get() + 1);
+                    let have = w.data.slice((pos - w.start) as usize..);
+                    let whole = w.whole_end.saturating_sub(pos) as usize;
+                    if have.len() >= want {
+                        Some(have)
+                    } else if whole > 0 {
+                        Some(have.slice(..whole))
+                    } else {
+                        None
                     }
                 }
-                // A read ahead for another place is dropped, which cancels it.
+                _ => None,
             }
-            // `have` then `more`: the bytes from `pos` on, contiguous.
-            let mut more = Bytes::new();
-            if let Some(Extent { mut buf, room }) = extent {
-                if have.len() <= room {
-                    // The window's tail goes in front of the extent: no copy of the extent.
-                    let from = room - have.len();
-                    buf[from..room].copy_from_slice(&have);
-                    more = buf.freeze().slice(from..);
-                    have = Bytes::new();
-                } else {
-                    more = buf.freeze().slice(room..);
+        };
+        if let Some(have) = held {
+            self.hits.set(self.hits.get() + 1);
+            self.read_ahead(file, want, size);
+            return Ok(have);
+        }
+        // The extent read ahead from here.
+        let ahead = self.in_flight.borrow_mut().take();
+        if let Some(mut f) = ahead {
+            if Weak::ptr_eq(&f.file, &Rc::downgrade(file)) && f.start == pos {
+                if let Some(task) = f.task.take() {
+                    let data = task.await.unwrap_or_else(|| Err("read cancelled".into()))?;
+                    self.ahead_used.set(self.ahead_used.get() + 1);
+                    if data.len() >= want || whole_batches(&data) > 0 {
+                        self.streak.set(self.streak.get() + 1);
+                        self.install(file, pos, data.clone(), f.charge.take());
+                        self.read_ahead(file, want, size);
+                        return Ok(data);
+                    }
                 }
             }
-            if !read_ahead_used || have.len() + more.len() < want {
-                // Nothing usable was read ahead: read what is missing now.
-                let at = pos + (have.len() + more.len()) as u64;
-                let missing = want - have.len() - more.len();
-                let direct = read_bytes(file, at, missing).await?;
-                more = if more.is_empty() {
-                    direct
-                } else {
-                    join(&more, &direct)
-                };
-            }
-            have = if have.is_empty() {
-                more
-            } else {
-                // Only a tail too large for the extent's room is copied along.
-                join(&have, &more)
-            };
-            self.streak.set(if read_ahead_used {
-                self.streak.get() + 1
-            } else {
-                0
-            });
-        } else {
-            self.hits.set(self.hits.get() + 1);
+            // A read ahead for another place is dropped, which cancels it.
         }
-        self.install(file, pos, have.clone(), want, size);
-        Ok(have)
+        // Nothing usable was read ahead: read it now.
+        self.streak.set(0);
+        let data = read_dma(file, pos, want).await?;
+        let charge = Charge::try_take(data.len());
+        if charge.is_some() {
+            self.install(file, pos, data.clone(), charge);
+            self.read_ahead(file, want, size);
+        } else {
+            self.window.borrow_mut().take();
+        }
+        Ok(data)
     }
 
-    /// Makes `data` (file bytes from `pos`) the window and reads the next extent ahead.
-    fn install(&self, file: &Rc<DmaFile>, pos: u64, data: Bytes, want: usize, size: u64) {
+    /// Makes `data` (file bytes from `pos`, one read buffer) the window.
+    fn install(&self, file: &Rc<DmaFile>, pos: u64, data: Bytes, charge: Option<Charge>) {
+        // The old window gives its share back first.
+        self.window.borrow_mut().take();
+        let Some(charge) = charge else {
+            return;
+        };
+        *self.window.borrow_mut() = Some(Window {
+            file: Rc::downgrade(file),
+            start: pos,
+            whole_end: pos + whole_batches(&data) as u64,
+            data,
+            _charge: charge,
+            _live: Live::new(),
+        });
+    }
+
+    /// Starts reading the extent after the window's whole batches, if none is on its way.
+    fn read_ahead(&self, file: &Rc<DmaFile>, want: usize, size: u64) {
         let per_partition = PER_PARTITION.with(|p| p.get());
         if per_partition == 0 {
             self.clear();
             return;
         }
-        let end = pos + data.len() as u64;
-        // The old window gives its share back first; without budget the data is still
-        // served, just not kept.
-        self.window.borrow_mut().take();
-        *self.window.borrow_mut() = Charge::try_take(data.len()).map(|c| Window {
-            file: Rc::downgrade(file),
-            start: pos,
-            data,
-            _charge: c,
-            _live: Live::new(),
-        });
-        if end >= size || self.in_flight.borrow().is_some() {
+        if self.in_flight.borrow().is_some() {
+            return;
+        }
+        let from = match &*self.window.borrow() {
+            // A window without a whole batch (one batch larger than it): the reader reads
+            // that batch whole next; nothing to read ahead of it yet.
+            Some(w) if w.whole_end > w.start => w.whole_end,
+            _ => return,
+        };
+        if from >= size {
             return;
         }
         // Twice what the reader asks for per fetch, doubling while it keeps being served from
@@ -300,24 +284,24 @@ impl ReadAhead {
         let len = (want.max(64 << 10) * 2)
             .saturating_mul(1 << self.streak.get().min(4))
             .min(per_partition)
-            .min((size - end) as usize)
+            .min((size - from) as usize)
             // Readers of many partitions share the shard's budget (a window and an extent
             // each, and some slack): more readers read ahead in smaller extents, rather than
             // the first ones taking it all.
             .min(LIMIT.with(|l| l.get()) / (3 * WINDOWS.with(|n| n.get()).max(1)));
-        if len < (64 << 10).min((size - end) as usize) {
+        if len < (64 << 10).min((size - from) as usize) {
             return;
         }
-        let Some(charge) = Charge::try_take(len + room_for(len)) else {
+        let Some(charge) = Charge::try_take(len) else {
             return;
         };
         let f = file.clone();
-        let task = glommio::spawn_local(async move { read_extent(&f, end, len).await }).detach();
+        let task = glommio::spawn_local(async move { read_dma(&f, from, len).await }).detach();
         *self.in_flight.borrow_mut() = Some(InFlight {
             file: Rc::downgrade(file),
-            start: end,
+            start: from,
             task: Some(task),
-            _charge: charge,
+            charge: Some(charge),
         });
     }
 }
@@ -329,11 +313,4 @@ impl Drop for InFlight {
             t.cancel();
         }
     }
-}
-
-fn join(a: &[u8], b: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(a.len() + b.len());
-    out.put_slice(a);
-    out.put_slice(b);
-    out.freeze()
 }
