@@ -1061,6 +1061,13 @@ impl SharedLog {
                     seg.next_offset,
                 )
             };
+            // A sequential reader goes on where its last fetch stopped (the index's entry
+            // may lie before it, outside what was read ahead).
+            if let Some(p) = self.read_ahead.resume_at(&file, want) {
+                if pos <= p && p <= size {
+                    pos = p;
+                }
+            }
             while pos < size {
                 let budget = max_bytes.saturating_sub(served) as u64;
                 let chunk = budget.clamp(64 * 1024, 8 << 20).min(size - pos) as usize;
@@ -1083,14 +1090,16 @@ impl SharedLog {
                         done = true;
                         break;
                     }
+                    // A batch that does not fit ends the answer, read whole or not (its header
+                    // says): the rest of it is not waited for.
+                    if last >= want && served > 0 && served + total > max_bytes {
+                        done = true;
+                        break;
+                    }
                     if at + total > data.len() {
                         break;
                     }
                     if last >= want {
-                        if served > 0 && served + total > max_bytes {
-                            done = true;
-                            break;
-                        }
                         span_from.get_or_insert(at);
                         served += total;
                         want = last + 1;
@@ -1099,7 +1108,7 @@ impl SharedLog {
                 }
                 if let Some(from) = span_from {
                     out.push(data.slice(from..at));
-                    self.read_ahead.served(&file, pos + at as u64);
+                    self.read_ahead.served(&file, pos + at as u64, want);
                 }
                 if done {
                     return Ok(out);
@@ -1127,6 +1136,7 @@ impl SharedLog {
                         out.push(whole.slice(..total));
                         served += total;
                         want = last + 1;
+                        self.read_ahead.served(&file, pos + total as u64, want);
                     }
                     at = total;
                 }
@@ -1516,6 +1526,9 @@ mod tests {
                 from_memory * 10 >= reads * 8,
                 "{from_memory} of {reads} reads served from what was read ahead"
             );
+            // Each fetch goes on where the last one stopped, not at the index entry before it
+            // (outside the window), so only the first read goes to the disk itself.
+            assert_eq!(ra.direct.get(), 1, "{reads} reads");
             // A reader elsewhere is served directly, correctly.
             let chunks = log.read_chunks(5, 64 << 10, end).await.unwrap();
             assert_eq!(BatchHeader::new(&chunks[0]).base_offset(), 5);

@@ -109,10 +109,15 @@ pub struct ReadAhead {
     pub hits: Cell<u64>,
     /// Reads that waited for (or found finished) the extent read ahead for them.
     pub ahead_used: Cell<u64>,
+    /// Reads that went to the disk themselves.
+    pub direct: Cell<u64>,
     /// Reads in a row that found their bytes read ahead: the reader keeps up sequentially.
     streak: Cell<u32>,
     /// Where the last fetch stopped serving: the window keeps only what lies past it.
     served_to: RefCell<Option<(Weak<DmaFile>, u64)>>,
+    /// The same place and the offset the reader asks for next: a sequential reader resumes
+    /// there rather than at the index's entry before it, which would miss the window.
+    resume: RefCell<Option<(Weak<DmaFile>, u64, u64)>>,
 }
 
 /// A DMA read of `len` bytes at `pos`, as `Bytes` that own the read buffer (no copy).
@@ -137,9 +142,21 @@ fn whole_batches(data: &[u8]) -> usize {
 }
 
 impl ReadAhead {
-    /// Notes that a fetch served `file` up to position `end`.
-    pub fn served(&self, file: &Rc<DmaFile>, end: u64) {
+    /// Notes that a fetch served `file` up to position `end`, where the batches from
+    /// `next_offset` on begin.
+    pub fn served(&self, file: &Rc<DmaFile>, end: u64, next_offset: u64) {
         *self.served_to.borrow_mut() = Some((Rc::downgrade(file), end));
+        *self.resume.borrow_mut() = Some((Rc::downgrade(file), end, next_offset));
+    }
+
+    /// Where in `file` the batches from `offset` on begin, if the last fetch stopped there.
+    pub fn resume_at(&self, file: &Rc<DmaFile>, offset: u64) -> Option<u64> {
+        match &*self.resume.borrow() {
+            Some((f, pos, next)) if *next == offset && Weak::ptr_eq(f, &Rc::downgrade(file)) => {
+                Some(*pos)
+            }
+            _ => None,
+        }
     }
 
     /// Drops what the window holds before the point the last fetch served to. A reader that has
@@ -169,6 +186,7 @@ impl ReadAhead {
 
     /// Forgets the window and cancels the read ahead (the log was truncated or replaced).
     pub fn clear(&self) {
+        self.resume.borrow_mut().take();
         self.window.borrow_mut().take();
         self.in_flight.borrow_mut().take();
     }
@@ -231,6 +249,7 @@ impl ReadAhead {
             // A read ahead for another place is dropped, which cancels it.
         }
         // Nothing usable was read ahead: read it now.
+        self.direct.set(self.direct.get() + 1);
         self.streak.set(0);
         let data = read_dma(file, pos, want).await?;
         let charge = Charge::try_take(data.len());
@@ -270,10 +289,19 @@ impl ReadAhead {
         if self.in_flight.borrow().is_some() {
             return;
         }
-        let from = match &*self.window.borrow() {
+        let (from, need) = match &*self.window.borrow() {
             // A window without a whole batch (one batch larger than it): the reader reads
             // that batch whole next; nothing to read ahead of it yet.
-            Some(w) if w.whole_end > w.start => w.whole_end,
+            Some(w) if w.whole_end > w.start => {
+                // The extent holds at least the batch begun at the window's end, whole.
+                let at = (w.whole_end - w.start) as usize;
+                let need = if w.data.len() >= at + HEADER_BYTES {
+                    BatchHeader::new(&w.data[at..]).total_bytes()
+                } else {
+                    0
+                };
+                (w.whole_end, need)
+            }
             _ => return,
         };
         if from >= size {
@@ -292,6 +320,8 @@ impl ReadAhead {
         if len < (64 << 10).min((size - from) as usize) {
             return;
         }
+        let left = (size - from) as usize;
+        let len = buffer_sized(len, left).max(buffer_holding(need).min(left));
         let Some(charge) = Charge::try_take(len) else {
             return;
         };
@@ -306,11 +336,60 @@ impl ReadAhead {
     }
 }
 
+/// An extent length for which the read buffer (rounded out to whole 4 KiB blocks) is a power
+/// of two: extents of a few sizes only, so freed read buffers are reused by the next reads
+/// instead of fresh pages being faulted in for each (see `alloc`). The last extent of a
+/// segment is read to its end.
+fn buffer_sized(len: usize, left: usize) -> usize {
+    if len >= left {
+        return left;
+    }
+    let block = 4096;
+    // The largest power of two that `len` and a block's skew fill.
+    let class = 1usize << (usize::BITS - 1 - (len + block).leading_zeros());
+    (class.max(2 * block) - block).min(left)
+}
+
+/// The smallest extent length of those `buffer_sized` gives that holds `need` bytes.
+fn buffer_holding(need: usize) -> usize {
+    (need + 4096).next_power_of_two() - 4096
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         // Nobody will use it: stop the read (a no-op once it has finished).
         if let Some(t) = &self.task {
             t.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{buffer_holding, buffer_sized};
+
+    #[test]
+    fn extents_come_in_few_buffer_sizes() {
+        for len in [64 << 10, 100_000, 1 << 20, 3 << 20, (16 << 20) / 3, 8 << 20] {
+            let l = buffer_sized(len, usize::MAX);
+            assert!(l <= len && l * 2 + 8192 > len, "{len} -> {l}");
+            // From any start within a block, the buffer fits the same power of two.
+            let class = (l + 4096).next_power_of_two();
+            for skew in [0, 1, 4095] {
+                let buffer = (l + skew).div_ceil(4096) * 4096;
+                assert!(
+                    buffer <= class && buffer > class / 2,
+                    "{len} -> {l} + {skew}: {buffer}"
+                );
+            }
+        }
+        assert_eq!(buffer_sized(5 << 20, 3 << 20), 3 << 20, "the segment's end");
+        for need in [1, 4096, 999_875, 1 << 20, (1 << 20) - 4096] {
+            let l = buffer_holding(need);
+            assert!(
+                l >= need && l == buffer_sized(l, usize::MAX),
+                "{need} -> {l}"
+            );
         }
     }
 }
