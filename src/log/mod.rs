@@ -1535,6 +1535,48 @@ mod tests {
         });
     }
 
+    /// While a reader is served from its window, the disk works ahead of it: once the next
+    /// extent is read, the one after it is started.
+    #[test]
+    fn a_reader_served_from_its_window_has_two_extents_read_ahead() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            std::fs::create_dir_all(&dir).unwrap();
+            let batches: Vec<(i32, i64)> = (0..20_000).map(|i| (5, 1_000 + i)).collect();
+            let end = write_segment(&dir, 0, &batches);
+            let log = SharedLog::open(dir).await.unwrap();
+            let mut next = 0u64;
+            let mut fetch = async |next: &mut u64, max: usize| {
+                let chunks = log.read_chunks(*next, max, end).await.unwrap();
+                for c in &chunks {
+                    let mut at = 0;
+                    while at < c.len() {
+                        let h = BatchHeader::new(&c[at..]);
+                        *next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
+                        at += h.total_bytes();
+                    }
+                }
+            };
+            fetch(&mut next, 64 << 10).await;
+            assert_eq!(
+                log.read_ahead.extents_ahead(),
+                1,
+                "the next extent is on its way"
+            );
+            // Served from that extent now, with the one after it on its way.
+            fetch(&mut next, 64 << 10).await;
+            assert_eq!(log.read_ahead.hits.get(), 0);
+            assert_eq!(log.read_ahead.extents_ahead(), 1);
+            // That one lands while the reader is away; its next fetch (from the window)
+            // starts the one after.
+            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+            fetch(&mut next, 16 << 10).await;
+            assert_eq!(log.read_ahead.hits.get(), 1, "served from the window");
+            assert_eq!(log.read_ahead.extents_ahead(), 2);
+            assert_eq!(log.read_ahead.direct.get(), 1);
+        });
+    }
+
     #[test]
     fn retention_passes_empty_closed_segments() {
         on_executor(|root| async move {

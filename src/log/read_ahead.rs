@@ -93,18 +93,31 @@ impl Drop for Live {
     }
 }
 
-struct InFlight {
+/// An extent read ahead: reading, or read and waiting for the reader.
+struct Extent {
     file: Weak<DmaFile>,
     start: u64,
-    /// Taken by the reader that waits for it.
-    task: Option<glommio::task::JoinHandle<Result<Bytes, String>>>,
+    state: Ahead,
     charge: Option<Charge>,
 }
+
+enum Ahead {
+    Reading(glommio::task::JoinHandle<Result<Bytes, String>>),
+    /// What was read, and where its whole batches end (the next extent starts there).
+    Read(Bytes, u64),
+    /// Taken by the reader.
+    Gone,
+}
+
+/// Extents read ahead of the window at most: while the reader is served from the window, the
+/// next extent waits read and the one after it is being read, so the disk keeps working ahead
+/// of a reader that catches up in bursts (as all partitions of one fetch do).
+const DEPTH: usize = 2;
 
 #[derive(Default)]
 pub struct ReadAhead {
     window: RefCell<Option<Window>>,
-    in_flight: RefCell<Option<InFlight>>,
+    ahead: RefCell<std::collections::VecDeque<Extent>>,
     /// Reads served from the window alone (metrics and tests).
     pub hits: Cell<u64>,
     /// Reads that waited for (or found finished) the extent read ahead for them.
@@ -149,6 +162,11 @@ impl ReadAhead {
         *self.resume.borrow_mut() = Some((Rc::downgrade(file), end, next_offset));
     }
 
+    /// Extents read or being read ahead of the window (tests).
+    pub fn extents_ahead(&self) -> usize {
+        self.ahead.borrow().len()
+    }
+
     /// Where in `file` the batches from `offset` on begin, if the last fetch stopped there.
     pub fn resume_at(&self, file: &Rc<DmaFile>, offset: u64) -> Option<u64> {
         match &*self.resume.borrow() {
@@ -175,7 +193,7 @@ impl ReadAhead {
         }
         let skip = ((end - win.start) as usize).min(win.data.len());
         let rest = win.data.slice(skip..);
-        if rest.is_empty() || (win.whole_end <= end && self.in_flight.borrow().is_none()) {
+        if rest.is_empty() || (win.whole_end <= end && self.ahead.borrow().is_empty()) {
             *w = None;
             return;
         }
@@ -188,7 +206,7 @@ impl ReadAhead {
     pub fn clear(&self) {
         self.resume.borrow_mut().take();
         self.window.borrow_mut().take();
-        self.in_flight.borrow_mut().take();
+        self.ahead.borrow_mut().clear();
     }
 
     /// Bytes of `file` from `pos`, a batch's start: at least `want` (fewer only at `size`, the
@@ -232,21 +250,27 @@ impl ReadAhead {
             return Ok(have);
         }
         // The extent read ahead from here.
-        let ahead = self.in_flight.borrow_mut().take();
-        if let Some(mut f) = ahead {
-            if Weak::ptr_eq(&f.file, &Rc::downgrade(file)) && f.start == pos {
-                if let Some(task) = f.task.take() {
-                    let data = task.await.unwrap_or_else(|| Err("read cancelled".into()))?;
-                    self.ahead_used.set(self.ahead_used.get() + 1);
-                    if data.len() >= want || whole_batches(&data) > 0 {
-                        self.streak.set(self.streak.get() + 1);
-                        self.install(file, pos, data.clone(), f.charge.take());
-                        self.read_ahead(file, want, size);
-                        return Ok(data);
+        let front = self.ahead.borrow_mut().pop_front();
+        if let Some(mut e) = front {
+            if Weak::ptr_eq(&e.file, &Rc::downgrade(file)) && e.start == pos {
+                let data = match std::mem::replace(&mut e.state, Ahead::Gone) {
+                    Ahead::Read(data, _) => Ok(data),
+                    Ahead::Reading(task) => {
+                        task.await.unwrap_or_else(|| Err("read cancelled".into()))
                     }
+                    Ahead::Gone => Err("read taken".into()),
+                };
+                let data = data.inspect_err(|_| self.ahead.borrow_mut().clear())?;
+                self.ahead_used.set(self.ahead_used.get() + 1);
+                if data.len() >= want || whole_batches(&data) > 0 {
+                    self.streak.set(self.streak.get() + 1);
+                    self.install(file, pos, data.clone(), e.charge.take());
+                    self.read_ahead(file, want, size);
+                    return Ok(data);
                 }
             }
-            // A read ahead for another place is dropped, which cancels it.
+            // Read ahead for another place (or too short): dropped, which cancels the reads.
+            self.ahead.borrow_mut().clear();
         }
         // Nothing usable was read ahead: read it now.
         self.direct.set(self.direct.get() + 1);
@@ -279,60 +303,92 @@ impl ReadAhead {
         });
     }
 
-    /// Starts reading the extent after the window's whole batches, if none is on its way.
+    /// Keeps up to `DEPTH` extents read ahead of the window: each starts where the whole
+    /// batches of the one before end, so one is started only once the one before is read.
     fn read_ahead(&self, file: &Rc<DmaFile>, want: usize, size: u64) {
         let per_partition = PER_PARTITION.with(|p| p.get());
         if per_partition == 0 {
             self.clear();
             return;
         }
-        if self.in_flight.borrow().is_some() {
-            return;
+        let mut ahead = self.ahead.borrow_mut();
+        // Note the reads that have finished (without waiting for any).
+        for (i, e) in ahead.iter_mut().enumerate() {
+            let Ahead::Reading(task) = &mut e.state else {
+                continue;
+            };
+            match futures::FutureExt::now_or_never(&mut *task) {
+                None => break,
+                Some(Some(Ok(data))) => {
+                    let whole_end = e.start + whole_batches(&data) as u64;
+                    e.state = Ahead::Read(data, whole_end);
+                }
+                // Failed or cancelled: the reader reads that place itself.
+                Some(_) => {
+                    ahead.truncate(i);
+                    break;
+                }
+            }
         }
-        let (from, need) = match &*self.window.borrow() {
-            // A window without a whole batch (one batch larger than it): the reader reads
-            // that batch whole next; nothing to read ahead of it yet.
-            Some(w) if w.whole_end > w.start => {
-                // The extent holds at least the batch begun at the window's end, whole.
-                let at = (w.whole_end - w.start) as usize;
-                let need = if w.data.len() >= at + HEADER_BYTES {
-                    BatchHeader::new(&w.data[at..]).total_bytes()
+        while ahead.len() < DEPTH {
+            let (from, need) = {
+                // The place after the last extent's (or the window's) whole batches, and the
+                // batch begun there, which the next extent holds whole.
+                let (start, data, whole_end) = match ahead.back() {
+                    Some(Extent {
+                        start,
+                        state: Ahead::Read(data, whole_end),
+                        ..
+                    }) => (*start, data, *whole_end),
+                    Some(_) => return,
+                    None => match &*self.window.borrow() {
+                        Some(w) => (w.start, &w.data.clone(), w.whole_end),
+                        None => return,
+                    },
+                };
+                // Without a whole batch (one batch larger than it), the reader reads that
+                // batch whole next: nothing to read ahead of it yet.
+                if whole_end <= start {
+                    return;
+                }
+                let at = (whole_end - start) as usize;
+                let need = if data.len() >= at + HEADER_BYTES {
+                    BatchHeader::new(&data[at..]).total_bytes()
                 } else {
                     0
                 };
-                (w.whole_end, need)
+                (whole_end, need)
+            };
+            if from >= size {
+                return;
             }
-            _ => return,
-        };
-        if from >= size {
-            return;
+            // Twice what the reader asks for per fetch, doubling while it keeps being served
+            // from what was read ahead, within the partition's limit.
+            let len = (want.max(64 << 10) * 2)
+                .saturating_mul(1 << self.streak.get().min(4))
+                .min(per_partition)
+                .min((size - from) as usize)
+                // Readers of many partitions share the shard's budget (a window and its
+                // extents each, and some slack): more readers read ahead in smaller extents,
+                // rather than the first ones taking it all.
+                .min(LIMIT.with(|l| l.get()) / ((DEPTH + 2) * WINDOWS.with(|n| n.get()).max(1)));
+            if len < (64 << 10).min((size - from) as usize) {
+                return;
+            }
+            let left = (size - from) as usize;
+            let len = buffer_sized(len, left).max(buffer_holding(need).min(left));
+            let Some(charge) = Charge::try_take(len) else {
+                return;
+            };
+            let f = file.clone();
+            let task = glommio::spawn_local(async move { read_dma(&f, from, len).await }).detach();
+            ahead.push_back(Extent {
+                file: Rc::downgrade(file),
+                start: from,
+                state: Ahead::Reading(task),
+                charge: Some(charge),
+            });
         }
-        // Twice what the reader asks for per fetch, doubling while it keeps being served from
-        // what was read ahead, within the partition's limit.
-        let len = (want.max(64 << 10) * 2)
-            .saturating_mul(1 << self.streak.get().min(4))
-            .min(per_partition)
-            .min((size - from) as usize)
-            // Readers of many partitions share the shard's budget (a window and an extent
-            // each, and some slack): more readers read ahead in smaller extents, rather than
-            // the first ones taking it all.
-            .min(LIMIT.with(|l| l.get()) / (3 * WINDOWS.with(|n| n.get()).max(1)));
-        if len < (64 << 10).min((size - from) as usize) {
-            return;
-        }
-        let left = (size - from) as usize;
-        let len = buffer_sized(len, left).max(buffer_holding(need).min(left));
-        let Some(charge) = Charge::try_take(len) else {
-            return;
-        };
-        let f = file.clone();
-        let task = glommio::spawn_local(async move { read_dma(&f, from, len).await }).detach();
-        *self.in_flight.borrow_mut() = Some(InFlight {
-            file: Rc::downgrade(file),
-            start: from,
-            task: Some(task),
-            charge: Some(charge),
-        });
     }
 }
 
@@ -355,10 +411,10 @@ fn buffer_holding(need: usize) -> usize {
     (need + 4096).next_power_of_two() - 4096
 }
 
-impl Drop for InFlight {
+impl Drop for Extent {
     fn drop(&mut self) {
         // Nobody will use it: stop the read (a no-op once it has finished).
-        if let Some(t) = &self.task {
+        if let Ahead::Reading(t) = &self.state {
             t.cancel();
         }
     }
