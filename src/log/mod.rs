@@ -1546,7 +1546,7 @@ mod tests {
             let end = write_segment(&dir, 0, &batches);
             let log = SharedLog::open(dir).await.unwrap();
             let mut next = 0u64;
-            let mut fetch = async |next: &mut u64, max: usize| {
+            let fetch = async |next: &mut u64, max: usize| {
                 let chunks = log.read_chunks(*next, max, end).await.unwrap();
                 for c in &chunks {
                     let mut at = 0;
