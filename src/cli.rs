@@ -605,6 +605,9 @@ async fn shard_main(
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     glommio::spawn_local(crate::server::accept_loop(listener, shard.clone())).detach();
     glommio::spawn_local(retention_loop(shard.clone())).detach();
+    if node.shard_count > 1 {
+        glommio::spawn_local(reclaim_loop()).detach();
+    }
     if node.cluster.is_some() && shard.id == node.controller_shard() {
         crate::server::controller::start(&shard)?;
     }
@@ -616,6 +619,18 @@ async fn shard_main(
         }
     }
     Ok(())
+}
+
+/// A reader that has not read for this long gives back its read-ahead (window and extents).
+const READ_AHEAD_IDLE: Duration = Duration::from_secs(10);
+
+/// Frees the disk read buffers this shard read that other shards have finished writing out
+/// (a shard's own disk reads free them too; this covers a shard that stops reading).
+async fn reclaim_loop() {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(250)).await;
+        crate::log::dma_bytes::reclaim();
+    }
 }
 
 async fn retention_loop(shard: Rc<Shard>) {
@@ -631,8 +646,6 @@ async fn retention_loop(shard: Rc<Shard>) {
     let mut last_retention_ms = crate::log::now_ms();
     loop {
         glommio::timer::sleep(Duration::from_millis(cleaner_every_ms)).await;
-        // Disk read buffers other shards finished with, if no disk read here freed them since.
-        crate::log::dma_bytes::reclaim();
         let now = crate::log::now_ms();
         let retention_due = now.saturating_sub(last_retention_ms) + 50 >= retention_every_ms;
         if retention_due {
@@ -642,6 +655,7 @@ async fn retention_loop(shard: Rc<Shard>) {
         let cap = shard.cache_cap();
         for p in shard.open_partitions() {
             p.log.trim_cache(cap);
+            p.log.drop_idle_read_ahead(READ_AHEAD_IDLE);
         }
         for p in shard.open_partitions() {
             let Some(cfg) = shard.node.effective_config(&p.topic) else {

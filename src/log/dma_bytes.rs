@@ -19,6 +19,14 @@ struct Home {
     parked: Mutex<Vec<Parked>>,
     /// Buffers parked: the shard checks this before taking the lock.
     count: AtomicUsize,
+    /// The address ranges of this shard's read buffers alive now (see `is_read_buffer`).
+    live: Mutex<Vec<(usize, usize)>>,
+}
+
+impl Home {
+    fn live(&self) -> std::sync::MutexGuard<'_, Vec<(usize, usize)>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A buffer on its way back to its shard; only ever dropped there.
@@ -28,24 +36,18 @@ struct Parked(#[allow(dead_code)] ReadResult);
 // `reclaim` on the thread that created it.
 unsafe impl Send for Parked {}
 
-/// The address ranges of the DMA read buffers alive now, held as `Bytes` (see `is_read_buffer`).
-static LIVE: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-
-fn live() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
-    LIVE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether `b` lies within a DMA read buffer that is alive and served as `Bytes`: bytes that
-/// were not copied after the disk (benches and tests).
+/// Whether `b` lies within a DMA read buffer this shard read that is alive and served as
+/// `Bytes`: bytes that were not copied after the disk (benches and tests).
 pub fn is_read_buffer(b: &[u8]) -> bool {
     let (a, z) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
-    live().iter().any(|&(s, n)| s <= a && z <= s + n)
+    HOME.with(|h| h.live().iter().any(|&(s, n)| s <= a && z <= s + n))
 }
 
 thread_local! {
     static HOME: &'static Home = Box::leak(Box::new(Home {
         parked: Mutex::new(Vec::new()),
         count: AtomicUsize::new(0),
+        live: Mutex::new(Vec::new()),
     }));
 }
 
@@ -69,7 +71,7 @@ impl Drop for Owned {
     fn drop(&mut self) {
         let at = self.read.as_ptr() as usize;
         {
-            let mut l = live();
+            let mut l = self.home.live();
             if let Some(i) = l.iter().position(|&(s, _)| s == at) {
                 l.swap_remove(i);
             }
@@ -95,7 +97,7 @@ pub fn from_read(read: ReadResult) -> Bytes {
         return Bytes::new();
     }
     let home = HOME.with(|h| *h);
-    live().push((read.as_ptr() as usize, read.len()));
+    home.live().push((read.as_ptr() as usize, read.len()));
     Bytes::from_owner(Owned {
         read: ManuallyDrop::new(read),
         home,
@@ -148,6 +150,7 @@ mod tests {
                 to_other.send(piece).unwrap();
                 done.recv().unwrap();
                 assert_eq!(parked(), 1, "the buffer came back to be freed here");
+                assert_eq!(HOME.with(|h| h.live().len()), 0, "no longer alive");
                 reclaim();
                 assert_eq!(parked(), 0);
                 f.close().await.unwrap();
@@ -156,13 +159,8 @@ mod tests {
         let piece = from_home.recv().unwrap();
         let expect: Vec<u8> = (110..120).map(|i| (i % 251) as u8).collect();
         assert_eq!(&piece[..], &expect[..], "read on another thread");
-        assert!(is_read_buffer(&piece));
-        let at = piece.as_ptr() as usize;
+        assert!(!is_read_buffer(&piece), "read by another thread");
         drop(piece);
-        assert!(
-            !live().iter().any(|&(s, n)| s <= at && at < s + n),
-            "no longer alive"
-        );
         back.send(()).unwrap();
         home.join().unwrap();
     }

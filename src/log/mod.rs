@@ -637,6 +637,12 @@ impl SharedLog {
         self.inner.borrow().cache_bytes
     }
 
+    /// Gives back the read-ahead of a reader that has not read for `idle` (see
+    /// `ReadAhead::drop_if_idle`).
+    pub fn drop_idle_read_ahead(&self, idle: std::time::Duration) {
+        self.read_ahead.drop_if_idle(idle);
+    }
+
     /// Drops the oldest cached batches beyond `max` bytes (the newest one always stays).
     pub fn trim_cache(&self, max: usize) {
         let mut log = self.inner.borrow_mut();
@@ -1569,11 +1575,23 @@ mod tests {
             assert_eq!(log.read_ahead.extents_ahead(), 1);
             // That one lands while the reader is away; its next fetch (from the window)
             // starts the one after.
-            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while log.read_ahead.extents_read() == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the extent was never read"
+                );
+                glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+            }
             fetch(&mut next, 16 << 10).await;
             assert_eq!(log.read_ahead.hits.get(), 1, "served from the window");
             assert_eq!(log.read_ahead.extents_ahead(), 2);
             assert_eq!(log.read_ahead.direct.get(), 1);
+            // A reader that stops gives it all back once it has been idle.
+            assert!(read_ahead::bytes_in_use() > 0);
+            log.drop_idle_read_ahead(std::time::Duration::ZERO);
+            assert_eq!(log.read_ahead.extents_ahead(), 0);
+            assert_eq!(read_ahead::bytes_in_use(), 0);
         });
     }
 

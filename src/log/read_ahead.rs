@@ -131,6 +131,8 @@ pub struct ReadAhead {
     /// The same place and the offset the reader asks for next: a sequential reader resumes
     /// there rather than at the index's entry before it, which would miss the window.
     resume: RefCell<Option<(Weak<DmaFile>, u64, u64)>>,
+    /// When the last read came, while anything may be held for the reader.
+    last_read: Cell<Option<std::time::Instant>>,
 }
 
 /// A DMA read of `len` bytes at `pos`, as `Bytes` that own the read buffer (no copy).
@@ -160,6 +162,15 @@ impl ReadAhead {
     pub fn served(&self, file: &Rc<DmaFile>, end: u64, next_offset: u64) {
         *self.served_to.borrow_mut() = Some((Rc::downgrade(file), end));
         *self.resume.borrow_mut() = Some((Rc::downgrade(file), end, next_offset));
+    }
+
+    /// Gives back what a reader that stopped (no read for `idle`) holds: its window and the
+    /// extents read ahead for it, so that readers gone elsewhere do not hold the shard's budget.
+    pub fn drop_if_idle(&self, idle: std::time::Duration) {
+        if self.last_read.get().is_some_and(|t| t.elapsed() >= idle) {
+            self.clear();
+            self.last_read.set(None);
+        }
     }
 
     /// Extents read or being read ahead of the window (tests).
@@ -221,6 +232,7 @@ impl ReadAhead {
         size: u64,
     ) -> Result<Bytes, String> {
         let want = want.min(size.saturating_sub(pos) as usize);
+        self.last_read.set(Some(std::time::Instant::now()));
         // What the window already holds from `pos`: all that is wanted, or the whole batches
         // before the extent read ahead (a response takes both as two slices, not one copy).
         let held = {
@@ -254,15 +266,14 @@ impl ReadAhead {
         if let Some(mut e) = front {
             if Weak::ptr_eq(&e.file, &Rc::downgrade(file)) && e.start == pos {
                 let data = match std::mem::replace(&mut e.state, Ahead::Gone) {
-                    Ahead::Read(data, _) => Ok(data),
-                    Ahead::Reading(task) => {
-                        task.await.unwrap_or_else(|| Err("read cancelled".into()))
-                    }
-                    Ahead::Gone => Err("read taken".into()),
+                    Ahead::Read(data, _) => Some(data),
+                    // Failed or cancelled: the reader reads that place itself, below (and
+                    // sees the error, if it is the disk's).
+                    Ahead::Reading(task) => task.await.and_then(Result::ok),
+                    Ahead::Gone => None,
                 };
-                let data = data.inspect_err(|_| self.ahead.borrow_mut().clear())?;
-                self.ahead_used.set(self.ahead_used.get() + 1);
-                if data.len() >= want || whole_batches(&data) > 0 {
+                if let Some(data) = data.filter(|d| d.len() >= want || whole_batches(d) > 0) {
+                    self.ahead_used.set(self.ahead_used.get() + 1);
                     self.streak.set(self.streak.get() + 1);
                     self.install(file, pos, data.clone(), e.charge.take());
                     self.read_ahead(file, want, size);
@@ -303,16 +314,10 @@ impl ReadAhead {
         });
     }
 
-    /// Keeps up to `DEPTH` extents read ahead of the window: each starts where the whole
-    /// batches of the one before end, so one is started only once the one before is read.
-    fn read_ahead(&self, file: &Rc<DmaFile>, want: usize, size: u64) {
-        let per_partition = PER_PARTITION.with(|p| p.get());
-        if per_partition == 0 {
-            self.clear();
-            return;
-        }
+    /// Notes the extents whose reads have finished (without waiting for any): the one after
+    /// the last of them can start.
+    fn note_finished(&self) {
         let mut ahead = self.ahead.borrow_mut();
-        // Note the reads that have finished (without waiting for any).
         for (i, e) in ahead.iter_mut().enumerate() {
             let Ahead::Reading(task) = &mut e.state else {
                 continue;
@@ -330,6 +335,28 @@ impl ReadAhead {
                 }
             }
         }
+    }
+
+    /// Extents read ahead and finished (tests).
+    pub fn extents_read(&self) -> usize {
+        self.note_finished();
+        self.ahead
+            .borrow()
+            .iter()
+            .filter(|e| matches!(e.state, Ahead::Read(..)))
+            .count()
+    }
+
+    /// Keeps up to `DEPTH` extents read ahead of the window: each starts where the whole
+    /// batches of the one before end, so one is started only once the one before is read.
+    fn read_ahead(&self, file: &Rc<DmaFile>, want: usize, size: u64) {
+        let per_partition = PER_PARTITION.with(|p| p.get());
+        if per_partition == 0 {
+            self.clear();
+            return;
+        }
+        self.note_finished();
+        let mut ahead = self.ahead.borrow_mut();
         while ahead.len() < DEPTH {
             let (from, need) = {
                 // The place after the last extent's (or the window's) whole batches, and the
@@ -376,7 +403,12 @@ impl ReadAhead {
                 return;
             }
             let left = (size - from) as usize;
-            let len = buffer_sized(len, left).max(buffer_holding(need).min(left));
+            let whole = buffer_holding(need).min(left);
+            if whole > per_partition {
+                // A batch larger than a partition reads ahead: read when it is asked for.
+                return;
+            }
+            let len = buffer_sized(len, left).max(whole);
             let Some(charge) = Charge::try_take(len) else {
                 return;
             };
