@@ -1032,15 +1032,19 @@ impl SharedLog {
             }
         }
         crate::metrics::cache_lookup(false);
-        let r = self.read_disk(offset, max_bytes, upper).await;
-        self.read_ahead.trim();
+        let stream = RefCell::new(None);
+        let r = self.read_disk(&stream, offset, max_bytes, upper).await;
+        if let Some(s) = stream.take() {
+            s.trim();
+        }
         r
     }
 
     /// Reads whole batches from disk starting with the one holding `offset`, as slices of what
-    /// the read-ahead window holds (no copy per batch).
+    /// the read-ahead window of this reader's stream holds (no copy per batch).
     async fn read_disk(
         &self,
+        stream: &RefCell<Option<Rc<read_ahead::Stream>>>,
         offset: u64,
         max_bytes: usize,
         upper: u64,
@@ -1067,9 +1071,13 @@ impl SharedLog {
                     seg.next_offset,
                 )
             };
+            let ra = stream
+                .borrow_mut()
+                .get_or_insert_with(|| self.read_ahead.pick(&file, want, pos))
+                .clone();
             // A sequential reader goes on where its last fetch stopped (the index's entry
             // may lie before it, outside what was read ahead).
-            if let Some(p) = self.read_ahead.resume_at(&file, want) {
+            if let Some(p) = ra.resume_at(&file, want) {
                 if pos <= p && p <= size {
                     pos = p;
                 }
@@ -1077,8 +1085,7 @@ impl SharedLog {
             while pos < size {
                 let budget = max_bytes.saturating_sub(served) as u64;
                 let chunk = budget.clamp(64 * 1024, 8 << 20).min(size - pos) as usize;
-                let data = self
-                    .read_ahead
+                let data = ra
                     .read(&file, pos, chunk, size)
                     .await
                     .map_err(|e| LogError::io(&path, std::io::Error::other(e)))?;
@@ -1114,7 +1121,7 @@ impl SharedLog {
                 }
                 if let Some(from) = span_from {
                     out.push(data.slice(from..at));
-                    self.read_ahead.served(&file, pos + at as u64, want);
+                    ra.served(&file, pos + at as u64, want);
                 }
                 if done {
                     return Ok(out);
@@ -1127,8 +1134,7 @@ impl SharedLog {
                     let h = BatchHeader::new(&data);
                     let total = h.total_bytes();
                     let last = h.base_offset() as u64 + h.last_offset_delta().max(0) as u64;
-                    let whole = self
-                        .read_ahead
+                    let whole = ra
                         .read(&file, pos, total, size)
                         .await
                         .map_err(|e| LogError::io(&path, std::io::Error::other(e)))?;
@@ -1142,7 +1148,7 @@ impl SharedLog {
                         out.push(whole.slice(..total));
                         served += total;
                         want = last + 1;
-                        self.read_ahead.served(&file, pos + total as u64, want);
+                        ra.served(&file, pos + total as u64, want);
                     }
                     at = total;
                 }
@@ -1527,14 +1533,14 @@ mod tests {
                 read_ahead::bytes_in_use()
             );
             let ra = &log.read_ahead;
-            let from_memory = ra.hits.get() + ra.ahead_used.get();
+            let from_memory = ra.stats.hits.get() + ra.stats.ahead_used.get();
             assert!(
                 from_memory * 10 >= reads * 8,
                 "{from_memory} of {reads} reads served from what was read ahead"
             );
             // Each fetch goes on where the last one stopped, not at the index entry before it
             // (outside the window), so only the first read goes to the disk itself.
-            assert_eq!(ra.direct.get(), 1, "{reads} reads");
+            assert_eq!(ra.stats.direct.get(), 1, "{reads} reads");
             // A reader elsewhere is served directly, correctly.
             let chunks = log.read_chunks(5, 64 << 10, end).await.unwrap();
             assert_eq!(BatchHeader::new(&chunks[0]).base_offset(), 5);
@@ -1571,7 +1577,7 @@ mod tests {
             );
             // Served from that extent now, with the one after it on its way.
             fetch(&mut next, 64 << 10).await;
-            assert_eq!(log.read_ahead.hits.get(), 0);
+            assert_eq!(log.read_ahead.stats.hits.get(), 0);
             assert_eq!(log.read_ahead.extents_ahead(), 1);
             // That one lands while the reader is away; its next fetch (from the window)
             // starts the one after.
@@ -1584,14 +1590,48 @@ mod tests {
                 glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
             }
             fetch(&mut next, 16 << 10).await;
-            assert_eq!(log.read_ahead.hits.get(), 1, "served from the window");
+            assert_eq!(log.read_ahead.stats.hits.get(), 1, "served from the window");
             assert_eq!(log.read_ahead.extents_ahead(), 2);
-            assert_eq!(log.read_ahead.direct.get(), 1);
+            assert_eq!(log.read_ahead.stats.direct.get(), 1);
             // A reader that stops gives it all back once it has been idle.
             assert!(read_ahead::bytes_in_use() > 0);
             log.drop_idle_read_ahead(std::time::Duration::ZERO);
             assert_eq!(log.read_ahead.extents_ahead(), 0);
             assert_eq!(read_ahead::bytes_in_use(), 0);
+        });
+    }
+
+    /// Two readers of one partition at different places (say, two consumer groups catching
+    /// up) each keep their own window: neither moves the other's, so after its first read
+    /// neither goes to the disk itself.
+    #[test]
+    fn two_readers_of_a_partition_keep_their_own_read_ahead() {
+        on_executor(|root| async move {
+            let dir = root.join("t-0");
+            std::fs::create_dir_all(&dir).unwrap();
+            let batches: Vec<(i32, i64)> = (0..20_000).map(|i| (5, 1_000 + i)).collect();
+            let end = write_segment(&dir, 0, &batches);
+            let log = SharedLog::open(dir).await.unwrap();
+            let fetch = async |next: &mut u64| {
+                let chunks = log.read_chunks(*next, 64 << 10, end).await.unwrap();
+                for c in &chunks {
+                    let mut at = 0;
+                    while at < c.len() {
+                        let h = BatchHeader::new(&c[at..]);
+                        assert_eq!(h.base_offset() as u64, *next, "batches in order");
+                        *next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
+                        at += h.total_bytes();
+                    }
+                }
+            };
+            let (mut a, mut b) = (0u64, end / 2);
+            for _ in 0..20 {
+                fetch(&mut a).await;
+                fetch(&mut b).await;
+            }
+            assert!(a > 20 * 1_000 && b > end / 2 + 20 * 1_000, "{a} {b}");
+            assert_eq!(log.read_ahead.stats.direct.get(), 2, "one first read each");
+            assert_eq!(log.read_ahead.streams(), 2);
         });
     }
 

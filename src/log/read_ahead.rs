@@ -114,16 +114,98 @@ enum Ahead {
 /// of a reader that catches up in bursts (as all partitions of one fetch do).
 const DEPTH: usize = 2;
 
+/// Readers of one partition followed at once: a few consumers (say, two groups) catching up at
+/// different places each keep their own window and extents, instead of moving one back and
+/// forth (each read then going to the disk itself).
+const STREAMS: usize = 4;
+
+/// A partition's read-ahead: one `Stream` per reader being followed, the most recently used
+/// last.
 #[derive(Default)]
 pub struct ReadAhead {
-    window: RefCell<Option<Window>>,
-    ahead: RefCell<std::collections::VecDeque<Extent>>,
-    /// Reads served from the window alone (metrics and tests).
+    streams: RefCell<Vec<Rc<Stream>>>,
+    pub stats: Rc<Stats>,
+}
+
+/// What the partition's reads found (metrics and tests).
+#[derive(Default)]
+pub struct Stats {
+    /// Reads served from a window alone.
     pub hits: Cell<u64>,
     /// Reads that waited for (or found finished) the extent read ahead for them.
     pub ahead_used: Cell<u64>,
     /// Reads that went to the disk themselves.
     pub direct: Cell<u64>,
+}
+
+impl ReadAhead {
+    /// The stream of the reader that asks for `offset`, at `pos` in `file` by the index: the
+    /// one whose last fetch stopped right before `offset`, else one whose window or next
+    /// extent holds `pos`, else a new one (the least recently used goes when there are
+    /// `STREAMS`).
+    pub fn pick(&self, file: &Rc<DmaFile>, offset: u64, pos: u64) -> Rc<Stream> {
+        let mut streams = self.streams.borrow_mut();
+        let i = streams
+            .iter()
+            .position(|s| s.resume_at(file, offset).is_some())
+            .or_else(|| streams.iter().position(|s| s.holds(file, pos)));
+        let s = match i {
+            Some(i) => streams.remove(i),
+            None => {
+                if streams.len() >= STREAMS {
+                    streams.remove(0).clear();
+                }
+                Rc::new(Stream {
+                    stats: self.stats.clone(),
+                    ..Default::default()
+                })
+            }
+        };
+        streams.push(s.clone());
+        s
+    }
+
+    /// Forgets every window and cancels every read ahead (the log was truncated or replaced).
+    pub fn clear(&self) {
+        for s in self.streams.borrow_mut().drain(..) {
+            s.clear();
+        }
+    }
+
+    /// Gives back what readers that stopped (no read for `idle`) hold.
+    pub fn drop_if_idle(&self, idle: std::time::Duration) {
+        self.streams.borrow_mut().retain(|s| {
+            s.drop_if_idle(idle);
+            s.last_read.get().is_some()
+        });
+    }
+
+    /// Extents read or being read ahead, of all streams (tests).
+    pub fn extents_ahead(&self) -> usize {
+        self.streams
+            .borrow()
+            .iter()
+            .map(|s| s.extents_ahead())
+            .sum()
+    }
+
+    /// Extents read ahead and finished, of all streams (tests).
+    pub fn extents_read(&self) -> usize {
+        self.streams.borrow().iter().map(|s| s.extents_read()).sum()
+    }
+
+    /// Readers followed now (tests).
+    pub fn streams(&self) -> usize {
+        self.streams.borrow().len()
+    }
+}
+
+/// One reader's window and the extents read ahead for it.
+#[derive(Default)]
+pub struct Stream {
+    stats: Rc<Stats>,
+    window: RefCell<Option<Window>>,
+    ahead: RefCell<std::collections::VecDeque<Extent>>,
     /// Reads in a row that found their bytes read ahead: the reader keeps up sequentially.
     streak: Cell<u32>,
     /// Where the last fetch stopped serving: the window keeps only what lies past it.
@@ -156,7 +238,21 @@ fn whole_batches(data: &[u8]) -> usize {
     at
 }
 
-impl ReadAhead {
+impl Stream {
+    /// Whether this stream's window, or the next extent read ahead, holds `pos` of `file`.
+    fn holds(&self, file: &Rc<DmaFile>, pos: u64) -> bool {
+        let f = Rc::downgrade(file);
+        let in_window = self.window.borrow().as_ref().is_some_and(|w| {
+            Weak::ptr_eq(&w.file, &f) && w.start <= pos && pos < w.start + w.data.len() as u64
+        });
+        in_window
+            || self
+                .ahead
+                .borrow()
+                .front()
+                .is_some_and(|e| Weak::ptr_eq(&e.file, &f) && e.start == pos)
+    }
+
     /// Notes that a fetch served `file` up to position `end`, where the batches from
     /// `next_offset` on begin.
     pub fn served(&self, file: &Rc<DmaFile>, end: u64, next_offset: u64) {
@@ -257,7 +353,7 @@ impl ReadAhead {
             }
         };
         if let Some(have) = held {
-            self.hits.set(self.hits.get() + 1);
+            self.stats.hits.set(self.stats.hits.get() + 1);
             self.read_ahead(file, want, size);
             return Ok(have);
         }
@@ -273,7 +369,7 @@ impl ReadAhead {
                     Ahead::Gone => None,
                 };
                 if let Some(data) = data.filter(|d| d.len() >= want || whole_batches(d) > 0) {
-                    self.ahead_used.set(self.ahead_used.get() + 1);
+                    self.stats.ahead_used.set(self.stats.ahead_used.get() + 1);
                     self.streak.set(self.streak.get() + 1);
                     self.install(file, pos, data.clone(), e.charge.take());
                     self.read_ahead(file, want, size);
@@ -284,7 +380,7 @@ impl ReadAhead {
             self.ahead.borrow_mut().clear();
         }
         // Nothing usable was read ahead: read it now.
-        self.direct.set(self.direct.get() + 1);
+        self.stats.direct.set(self.stats.direct.get() + 1);
         self.streak.set(0);
         let data = read_dma(file, pos, want).await?;
         let charge = Charge::try_take(data.len());
