@@ -1497,32 +1497,46 @@ mod tests {
         });
     }
 
+    /// A log of `n` batches of 5 records in one segment, opened afresh (nothing cached: every
+    /// read goes to disk), and its end offset.
+    async fn disk_log(root: &Path, n: i64) -> (SharedLog, u64) {
+        let dir = root.join("t-0");
+        std::fs::create_dir_all(&dir).unwrap();
+        let batches: Vec<(i32, i64)> = (0..n).map(|i| (5, 1_000 + i)).collect();
+        let end = write_segment(&dir, 0, &batches);
+        (SharedLog::open(dir).await.unwrap(), end)
+    }
+
+    /// One fetch from `*next`: its batches follow on with no gaps, and `*next` moves past them.
+    async fn fetch_in_order(log: &SharedLog, next: &mut u64, max: usize, end: u64) -> Vec<Bytes> {
+        let chunks = log.read_chunks(*next, max, end).await.unwrap();
+        for c in &chunks {
+            let mut at = 0;
+            while at < c.len() {
+                let h = BatchHeader::new(&c[at..]);
+                assert_eq!(h.base_offset() as u64, *next, "batches in order, no gaps");
+                *next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
+                at += h.total_bytes();
+            }
+        }
+        chunks
+    }
+
     #[test]
     fn sequential_disk_reads_are_served_from_read_ahead() {
         on_executor(|root| async move {
-            let dir = root.join("t-0");
-            std::fs::create_dir_all(&dir).unwrap();
-            let batches: Vec<(i32, i64)> = (0..3000).map(|i| (5, 1_000 + i)).collect();
-            let end = write_segment(&dir, 0, &batches);
-            let log = SharedLog::open(dir).await.unwrap();
+            let (log, end) = disk_log(&root, 3000).await;
             assert_eq!(log.log_end_offset(), end);
             // Nothing is cached after a restart: every read goes to disk.
             let (mut next, mut reads) = (0u64, 0u64);
             while next < end {
-                let chunks = log.read_chunks(next, 64 << 10, end).await.unwrap();
+                let chunks = fetch_in_order(&log, &mut next, 64 << 10, end).await;
                 reads += 1;
                 for c in &chunks {
                     assert!(
                         dma_bytes::is_read_buffer(c),
                         "served as a slice of a disk read buffer, not a copy"
                     );
-                    let mut at = 0;
-                    while at < c.len() {
-                        let h = BatchHeader::new(&c[at..]);
-                        assert_eq!(h.base_offset() as u64, next, "batches in order, no gaps");
-                        next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
-                        at += h.total_bytes();
-                    }
                 }
                 assert!(!chunks.is_empty(), "read at {next} returned nothing");
             }
@@ -1552,22 +1566,10 @@ mod tests {
     #[test]
     fn a_reader_served_from_its_window_has_two_extents_read_ahead() {
         on_executor(|root| async move {
-            let dir = root.join("t-0");
-            std::fs::create_dir_all(&dir).unwrap();
-            let batches: Vec<(i32, i64)> = (0..20_000).map(|i| (5, 1_000 + i)).collect();
-            let end = write_segment(&dir, 0, &batches);
-            let log = SharedLog::open(dir).await.unwrap();
+            let (log, end) = disk_log(&root, 20_000).await;
             let mut next = 0u64;
             let fetch = async |next: &mut u64, max: usize| {
-                let chunks = log.read_chunks(*next, max, end).await.unwrap();
-                for c in &chunks {
-                    let mut at = 0;
-                    while at < c.len() {
-                        let h = BatchHeader::new(&c[at..]);
-                        *next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
-                        at += h.total_bytes();
-                    }
-                }
+                fetch_in_order(&log, next, max, end).await;
             };
             fetch(&mut next, 64 << 10).await;
             assert_eq!(
@@ -1607,22 +1609,9 @@ mod tests {
     #[test]
     fn two_readers_of_a_partition_keep_their_own_read_ahead() {
         on_executor(|root| async move {
-            let dir = root.join("t-0");
-            std::fs::create_dir_all(&dir).unwrap();
-            let batches: Vec<(i32, i64)> = (0..20_000).map(|i| (5, 1_000 + i)).collect();
-            let end = write_segment(&dir, 0, &batches);
-            let log = SharedLog::open(dir).await.unwrap();
+            let (log, end) = disk_log(&root, 20_000).await;
             let fetch = async |next: &mut u64| {
-                let chunks = log.read_chunks(*next, 64 << 10, end).await.unwrap();
-                for c in &chunks {
-                    let mut at = 0;
-                    while at < c.len() {
-                        let h = BatchHeader::new(&c[at..]);
-                        assert_eq!(h.base_offset() as u64, *next, "batches in order");
-                        *next = h.base_offset() as u64 + h.last_offset_delta() as u64 + 1;
-                        at += h.total_bytes();
-                    }
-                }
+                fetch_in_order(&log, next, 64 << 10, end).await;
             };
             let (mut a, mut b) = (0u64, end / 2);
             for _ in 0..20 {

@@ -361,17 +361,21 @@ impl Stream {
         let front = self.ahead.borrow_mut().pop_front();
         if let Some(mut e) = front {
             if Weak::ptr_eq(&e.file, &Rc::downgrade(file)) && e.start == pos {
-                let data = match std::mem::replace(&mut e.state, Ahead::Gone) {
-                    Ahead::Read(data, _) => Some(data),
+                let (data, whole) = match std::mem::replace(&mut e.state, Ahead::Gone) {
+                    Ahead::Read(data, whole_end) => (Some(data), (whole_end - e.start) as usize),
                     // Failed or cancelled: the reader reads that place itself, below (and
                     // sees the error, if it is the disk's).
-                    Ahead::Reading(task) => task.await.and_then(Result::ok),
-                    Ahead::Gone => None,
+                    Ahead::Reading(task) => {
+                        let data = task.await.and_then(Result::ok);
+                        let whole = data.as_ref().map_or(0, |d| whole_batches(d));
+                        (data, whole)
+                    }
+                    Ahead::Gone => (None, 0),
                 };
-                if let Some(data) = data.filter(|d| d.len() >= want || whole_batches(d) > 0) {
+                if let Some(data) = data.filter(|d| d.len() >= want || whole > 0) {
                     self.stats.ahead_used.set(self.stats.ahead_used.get() + 1);
                     self.streak.set(self.streak.get() + 1);
-                    self.install(file, pos, data.clone(), e.charge.take());
+                    self.install(file, pos, data.clone(), whole, e.charge.take());
                     self.read_ahead(file, want, size);
                     return Ok(data);
                 }
@@ -385,7 +389,7 @@ impl Stream {
         let data = read_dma(file, pos, want).await?;
         let charge = Charge::try_take(data.len());
         if charge.is_some() {
-            self.install(file, pos, data.clone(), charge);
+            self.install(file, pos, data.clone(), whole_batches(&data), charge);
             self.read_ahead(file, want, size);
         } else {
             self.window.borrow_mut().take();
@@ -394,7 +398,14 @@ impl Stream {
     }
 
     /// Makes `data` (file bytes from `pos`, one read buffer) the window.
-    fn install(&self, file: &Rc<DmaFile>, pos: u64, data: Bytes, charge: Option<Charge>) {
+    fn install(
+        &self,
+        file: &Rc<DmaFile>,
+        pos: u64,
+        data: Bytes,
+        whole: usize,
+        charge: Option<Charge>,
+    ) {
         // The old window gives its share back first.
         self.window.borrow_mut().take();
         let Some(charge) = charge else {
@@ -403,7 +414,7 @@ impl Stream {
         *self.window.borrow_mut() = Some(Window {
             file: Rc::downgrade(file),
             start: pos,
-            whole_end: pos + whole_batches(&data) as u64,
+            whole_end: pos + whole as u64,
             data,
             _charge: charge,
             _live: Live::new(),
