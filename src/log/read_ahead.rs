@@ -215,6 +215,9 @@ pub struct Stream {
     resume: RefCell<Option<(Weak<DmaFile>, u64, u64)>>,
     /// When the last read came, while anything may be held for the reader.
     last_read: Cell<Option<std::time::Instant>>,
+    /// What the last read asked for and the segment's size then: an extent that lands
+    /// between fetches starts the next one with them.
+    asked: Cell<(usize, u64)>,
 }
 
 /// A DMA read of `len` bytes at `pos`, as `Bytes` that own the read buffer (no copy).
@@ -321,7 +324,7 @@ impl Stream {
     /// read ahead. Each answer is a slice of one DMA read buffer: nothing is copied. Starts
     /// reading the next extent before it returns.
     pub async fn read(
-        &self,
+        self: &Rc<Self>,
         file: &Rc<DmaFile>,
         pos: u64,
         want: usize,
@@ -329,6 +332,7 @@ impl Stream {
     ) -> Result<Bytes, String> {
         let want = want.min(size.saturating_sub(pos) as usize);
         self.last_read.set(Some(std::time::Instant::now()));
+        self.asked.set((want, size));
         // What the window already holds from `pos`: all that is wanted, or the whole batches
         // before the extent read ahead (a response takes both as two slices, not one copy).
         let held = {
@@ -454,9 +458,37 @@ impl Stream {
             .count()
     }
 
+    /// An extent read ahead from `start` of `file` has been read: it is ready for the reader,
+    /// and the one after it starts now rather than at the reader's next fetch (readers of
+    /// many partitions fetch in lockstep, and their extents land together between fetches:
+    /// waiting for the fetch would leave the disk idle until then).
+    fn landed(self: &Rc<Self>, file: &Rc<DmaFile>, start: u64, data: &Bytes) {
+        let f = Rc::downgrade(file);
+        let found = {
+            let mut ahead = self.ahead.borrow_mut();
+            let e = ahead.iter_mut().find(|e| {
+                e.start == start
+                    && Weak::ptr_eq(&e.file, &f)
+                    && matches!(e.state, Ahead::Reading(_))
+            });
+            match e {
+                Some(e) => {
+                    // Replacing the handle of the task running this only lets it go.
+                    e.state = Ahead::Read(data.clone(), start + whole_batches(data) as u64);
+                    true
+                }
+                None => false,
+            }
+        };
+        if found && self.last_read.get().is_some() {
+            let (want, size) = self.asked.get();
+            self.read_ahead(file, want, size);
+        }
+    }
+
     /// Keeps up to `DEPTH` extents read ahead of the window: each starts where the whole
-    /// batches of the one before end, so one is started only once the one before is read.
-    fn read_ahead(&self, file: &Rc<DmaFile>, want: usize, size: u64) {
+    /// batches of the one before end, so one is started once the one before is read.
+    fn read_ahead(self: &Rc<Self>, file: &Rc<DmaFile>, want: usize, size: u64) {
         let per_partition = PER_PARTITION.with(|p| p.get());
         if per_partition == 0 {
             self.clear();
@@ -520,7 +552,15 @@ impl Stream {
                 return;
             };
             let f = file.clone();
-            let task = glommio::spawn_local(async move { read_dma(&f, from, len).await }).detach();
+            let stream = Rc::downgrade(self);
+            let task = glommio::spawn_local(async move {
+                let r = read_dma(&f, from, len).await;
+                if let (Ok(data), Some(s)) = (&r, stream.upgrade()) {
+                    s.landed(&f, from, data);
+                }
+                r
+            })
+            .detach();
             ahead.push_back(Extent {
                 file: Rc::downgrade(file),
                 start: from,
