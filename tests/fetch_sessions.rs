@@ -371,3 +371,150 @@ print("GOT", len(got), "INCREMENTAL", seen["incremental"])
         "kafka-python used incremental fetches: {line}"
     );
 }
+
+/// A client without fetch sessions (librdkafka) sends the same full fetch again every
+/// max_wait_ms while its partitions are idle. The repeat is answered as the last one was,
+/// without looking at each partition again, while nothing changes for its partitions; data on
+/// any of them ends its wait at once, a moved log start offset or a deleted topic is answered
+/// as it now is, and changes elsewhere are not noticed.
+#[test]
+fn a_repeated_idle_full_fetch_is_answered_as_before_until_something_changes() {
+    let b = Broker::start_with(&[
+        "--set",
+        "log.num_partitions=40",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let m = common::metrics_addr(&b);
+    let repeats = || common::metric_total(m, "fjord_fetch_idle_repeats_total");
+    let mut s = connect(&b);
+    assert_eq!(metadata(&mut s, "rep").topics[0].error_code, 0);
+    assert_eq!(metadata(&mut s, "elsewhere").topics[0].error_code, 0);
+    produce(&mut s, "rep", 7, 2);
+    let ends = |moved: &[(i32, i64)]| -> Vec<(&'static str, i32, i64)> {
+        (0..40)
+            .map(|p| {
+                let at = moved.iter().find(|(q, _)| *q == p).map_or(0, |(_, o)| *o);
+                ("rep", p, at)
+            })
+            .collect()
+    };
+    let waited_out = |t: std::time::Instant| {
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        )
+    };
+    let at_end = ends(&[(7, 2)]);
+    // The first idle fetch waits out max_wait_ms; its repeats do too, with the same answer.
+    let t = std::time::Instant::now();
+    let first = fetch_waiting(&mut s, (0, -1), &at_end, &[], 300);
+    waited_out(t);
+    assert_eq!(seen(&first).len(), 40);
+    assert!(seen(&first)
+        .iter()
+        .all(|(p, n, hw)| *n == 0 && *hw == if *p == 7 { 2 } else { 0 }));
+    assert_eq!(repeats(), 0.0);
+    for i in 1..=3 {
+        let t = std::time::Instant::now();
+        let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 300);
+        waited_out(t);
+        assert_eq!((seen(&r), starts(&r)), (seen(&first), starts(&first)));
+        assert_eq!(repeats(), i as f64, "answered as the last one was");
+    }
+    // Data on partition 33 while a repeat waits: it comes back at once.
+    let producer = produce_soon(b.addr, "rep", 33, 3);
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 10_000);
+    producer.join().unwrap();
+    let with_data: Vec<(i32, i64)> = seen(&r)
+        .iter()
+        .filter(|(_, n, _)| *n > 0)
+        .map(|(p, _, hw)| (*p, *hw))
+        .collect();
+    assert_eq!(with_data, vec![(33, 3)]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(repeats(), 3.0);
+    // Idle again at the new ends. Data on another topic does not end the repeat's wait.
+    let at_end = ends(&[(7, 2), (33, 3)]);
+    let t = std::time::Instant::now();
+    fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
+    waited_out(t);
+    let producer = produce_soon(b.addr, "elsewhere", 0, 1);
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
+    producer.join().unwrap();
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(550),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(seen(&r).iter().all(|(_, n, _)| *n == 0));
+    assert_eq!(repeats(), 4.0);
+    // Partition 7's log start moves (DeleteRecords) while a repeat waits: the answer reports
+    // it (a full fetch waits for data, not for that, so at its deadline).
+    let addr = b.addr;
+    let deleter = std::thread::spawn(move || {
+        use kafka_protocol::messages::delete_records_request::{
+            DeleteRecordsPartition, DeleteRecordsRequest, DeleteRecordsTopic,
+        };
+        use kafka_protocol::messages::DeleteRecordsResponse;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut d = std::net::TcpStream::connect(addr).unwrap();
+        let mut dp = DeleteRecordsPartition::default();
+        dp.partition_index = 7;
+        dp.offset = 1;
+        let mut dt = DeleteRecordsTopic::default();
+        dt.name = topic_name("rep");
+        dt.partitions.push(dp);
+        let mut req = DeleteRecordsRequest::default();
+        req.topics.push(dt);
+        req.timeout_ms = 5000;
+        let r: DeleteRecordsResponse = call(&mut d, ApiKey::DeleteRecords, 2, &req);
+        assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    });
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
+    deleter.join().unwrap();
+    waited_out(t);
+    assert!(starts(&r).contains(&(7, 1)), "{:?}", starts(&r));
+    assert_eq!(repeats(), 4.0);
+    // Idle from here (a repeat again), then the topic is deleted: the next repeat says so,
+    // at once.
+    let t = std::time::Instant::now();
+    fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
+    waited_out(t);
+    assert_eq!(repeats(), 5.0);
+    {
+        use kafka_protocol::messages::{DeleteTopicsRequest, DeleteTopicsResponse};
+        let mut req = DeleteTopicsRequest::default();
+        req.topic_names.push(topic_name("rep"));
+        req.timeout_ms = 5000;
+        let r: DeleteTopicsResponse = call(&mut connect(&b), ApiKey::DeleteTopics, 4, &req);
+        assert_eq!(r.responses[0].error_code, 0);
+    }
+    let t = std::time::Instant::now();
+    let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    let codes: Vec<i16> = r
+        .responses
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| p.error_code)
+        .collect();
+    assert_eq!(codes.len(), 40);
+    assert!(
+        codes.iter().all(|c| *c == 3),
+        "UNKNOWN_TOPIC_OR_PARTITION: {codes:?}"
+    );
+    assert_eq!(repeats(), 5.0);
+}

@@ -4,46 +4,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Broker;
+use common::{http_get, metrics_addr, Broker};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-
-/// The metrics address the broker logged (it binds port 0 and reports the port it got).
-fn metrics_addr(b: &Broker) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = b.log();
-        if let Some(rest) = log.split("metrics at http://").nth(1) {
-            if let Some(addr) = rest.split("/metrics").next() {
-                return addr.parse().expect("metrics address");
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics address in log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: fjord\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read response");
-    let (head, body) = out.split_once("\r\n\r\n").expect("HTTP response");
-    (head.to_string(), body.to_string())
-}
 
 /// Parsed samples: (name, labels) → value.
 struct Samples(Vec<(String, HashMap<String, String>, f64)>);

@@ -72,6 +72,7 @@ struct Recorder {
     dma_read_bytes: Cell<u64>,
     cache_hits: Cell<u64>,
     cache_misses: Cell<u64>,
+    idle_fetch_repeats: Cell<u64>,
     connections_open: Cell<u64>,
     connections_total: Cell<u64>,
     cross_shard_sent: Cell<u64>,
@@ -200,6 +201,14 @@ pub fn dma_read(bytes: usize) {
 }
 
 /// A read served from the batch cache (`hit`) or from disk.
+/// A fetch without a session answered as its connection's last idle fetch (no decoding).
+pub fn idle_fetch_repeat() {
+    if !on() {
+        return;
+    }
+    LOCAL.with(|r| r.idle_fetch_repeats.set(r.idle_fetch_repeats.get() + 1));
+}
+
 pub fn cache_lookup(hit: bool) {
     if !on() {
         return;
@@ -325,6 +334,7 @@ pub struct Snapshot {
     pub dma_read_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    pub idle_fetch_repeats: u64,
     pub cache_bytes: u64,
     pub cache_budget_bytes: u64,
     pub connections_open: u64,
@@ -380,6 +390,7 @@ pub fn recorded_snapshot() -> Snapshot {
             dma_read_bytes: r.dma_read_bytes.get(),
             cache_hits: r.cache_hits.get(),
             cache_misses: r.cache_misses.get(),
+            idle_fetch_repeats: r.idle_fetch_repeats.get(),
             connections_open: r.connections_open.get(),
             connections_total: r.connections_total.get(),
             cross_shard_sent: r.cross_shard_sent.get(),

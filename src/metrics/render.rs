@@ -180,6 +180,12 @@ pub fn render(snaps: &[Snapshot], queue_depths: &[usize], missing: usize) -> Str
         "Fetch reads that went to disk.",
         COUNTER,
     );
+    let idle_repeats = f(
+        "fjord_fetch_idle_repeats_total",
+        "Fetches without a session answered as their connection's last idle fetch: the same \
+         request, nothing changed for its partitions.",
+        COUNTER,
+    );
     let cache_bytes = f(
         "fjord_batch_cache_bytes",
         "Bytes held by the batch caches of the shard's partitions.",
@@ -296,6 +302,7 @@ pub fn render(snaps: &[Snapshot], queue_depths: &[usize], missing: usize) -> Str
         fams[dma_r].counter(&[sh], s.dma_read_bytes as f64);
         fams[hits].counter(&[sh], s.cache_hits as f64);
         fams[misses].counter(&[sh], s.cache_misses as f64);
+        fams[idle_repeats].counter(&[sh], s.idle_fetch_repeats as f64);
         fams[cache_bytes].gauge(&[sh], s.cache_bytes as f64);
         fams[cache_budget].gauge(&[sh], s.cache_budget_bytes as f64);
         fams[conns].gauge(&[sh], s.connections_open as f64);

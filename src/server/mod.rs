@@ -31,6 +31,8 @@ pub struct ConnCtx {
     pub shard: Rc<Shard>,
     pub client_id: String,
     pub client_host: String,
+    /// The connection's last fetch, if it was idle (see `handlers::fetch::IdleFetch`).
+    pub idle_fetch: handlers::fetch::IdleSlot,
 }
 
 /// The versions we answer, per API: only what works end to end.
@@ -187,6 +189,7 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
     let (mut rd, wr) = futures::AsyncReadExt::split(stream);
     let (mut tx, rx) = futures::channel::mpsc::channel::<glommio::Task<Answer>>(IN_FLIGHT_MAX);
     let writer = glommio::spawn_local(write_loop(wr, rx, host.clone()));
+    let idle_fetch = handlers::fetch::IdleSlot::default();
     let mut size_buf = [0u8; 4];
     let read_result = loop {
         if let Err(e) = rd.read_exact(&mut size_buf).await {
@@ -212,7 +215,7 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             }
         };
         let (gate_tx, gate_rx) = futures::channel::oneshot::channel();
-        let (shard, host2) = (shard.clone(), host.clone());
+        let (shard, host2, idle2) = (shard.clone(), host.clone(), idle_fetch.clone());
         let task = glommio::spawn_local(async move {
             let gate = OrderGate(std::cell::RefCell::new(Some(gate_tx)));
             let mut out = BytesMut::new();
@@ -222,6 +225,7 @@ async fn connection(stream: TcpStream, shard: Rc<Shard>) -> Result<(), ConnError
             let r = std::panic::AssertUnwindSafe(handle_frame(
                 shard.clone(),
                 host2,
+                idle2,
                 frame,
                 &mut out,
                 &mut chunks,
@@ -370,6 +374,7 @@ pub fn decode_request(frame: &Bytes) -> Result<Decoded, ConnError> {
 async fn handle_frame(
     shard: Rc<Shard>,
     client_host: Rc<str>,
+    idle_fetch: handlers::fetch::IdleSlot,
     frame: Bytes,
     out: &mut BytesMut,
     chunks: &mut Vec<Bytes>,
@@ -399,6 +404,7 @@ async fn handle_frame(
             .map(|c| c.to_string())
             .unwrap_or_default(),
         client_host: client_host.to_string(),
+        idle_fetch,
     };
     let started = std::time::Instant::now();
     let reply = handlers::dispatch(&ctx, &header, *req, gate).await;
@@ -413,18 +419,31 @@ async fn handle_frame(
             write_response(out, correlation_id, header_version, version, &resp)?
         }
         handlers::Reply::Encoded(body) => {
-            let start = out.len();
-            out.put_i32(0);
-            let mut h = ResponseHeader::default();
-            h.correlation_id = correlation_id;
-            h.encode(out, header_version)
-                .map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
-            let len = out.len() - start - 4 + body.iter().map(|b| b.len()).sum::<usize>();
-            out[start..start + 4].copy_from_slice(&(len as i32).to_be_bytes());
-            *chunks = body;
+            write_encoded(out, chunks, correlation_id, header_version, body)?
         }
     }
     Ok(true)
+}
+
+/// A response whose body is encoded already: its size and header into `out`, the body as
+/// `chunks`.
+fn write_encoded(
+    out: &mut BytesMut,
+    chunks: &mut Vec<Bytes>,
+    correlation_id: i32,
+    header_version: i16,
+    body: Vec<Bytes>,
+) -> Result<(), ConnError> {
+    let start = out.len();
+    out.put_i32(0);
+    let mut h = ResponseHeader::default();
+    h.correlation_id = correlation_id;
+    h.encode(out, header_version)
+        .map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
+    let len = out.len() - start - 4 + body.iter().map(|b| b.len()).sum::<usize>();
+    out[start..start + 4].copy_from_slice(&(len as i32).to_be_bytes());
+    *chunks = body;
+    Ok(())
 }
 
 fn write_response(

@@ -4,6 +4,7 @@
 
 pub mod raw;
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -222,4 +223,42 @@ pub fn have(cmd: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// The metrics address the broker logged (it binds port 0 and reports the port it got).
+pub fn metrics_addr(b: &Broker) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = b.log();
+        if let Some(rest) = log.split("metrics at http://").nth(1) {
+            if let Some(addr) = rest.split("/metrics").next() {
+                return addr.parse().expect("metrics address");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics address in log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: fjord\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let (head, body) = out.split_once("\r\n\r\n").expect("HTTP response");
+    (head.to_string(), body.to_string())
+}
+
+/// The value of an unlabelled-or-shard-labelled counter summed over shards, from the metrics
+/// endpoint (0 when absent).
+pub fn metric_total(addr: SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }

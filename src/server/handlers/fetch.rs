@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::fetch_request::FetchRequest;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest};
 #[cfg(test)]
 use kafka_protocol::messages::fetch_response::FetchResponse;
 use kafka_protocol::messages::fetch_response::{
@@ -99,6 +99,127 @@ fn rack_selector(node: &crate::cluster::node::Node) -> bool {
 
 /// Upper bound on fetch rounds in one request: each round follows a wake-up or the deadline.
 const FETCH_ROUNDS_MAX: usize = 64;
+
+/// A fetch without a session that found every partition it names at its end, and nothing
+/// changed while it waited: its answer and what vouches for it. A client without fetch
+/// sessions (librdkafka) asks again for the same partitions at the same offsets every
+/// `max_wait_ms`, each time starting its list one partition further on. While the shards
+/// journal no change of those partitions and the image is the same, the answer is the same,
+/// so it is answered from here (no lookups, no encoding): an idle consumer of thousands of
+/// partitions costs decoding its request, a comparison with the last one and a wait on the
+/// journals. One per connection.
+pub struct IdleFetch {
+    version: i16,
+    /// The request without its partitions.
+    shape: FetchRequest,
+    /// Its partitions, in its order.
+    entries: Vec<(FetchTopicKey, FetchPartition)>,
+    image: std::sync::Weak<crate::cluster::metadata::MetadataImage>,
+    /// The shards' journal counts through which nothing changed for `keys`.
+    marks: Vec<(usize, u64)>,
+    keys: std::collections::HashSet<fetch_session::Key>,
+    /// The encoded response body (partitions in the order of `entries`).
+    body: Vec<Bytes>,
+}
+
+/// A connection's `IdleFetch`, if its last fetch was one.
+pub type IdleSlot = std::rc::Rc<std::cell::RefCell<Option<IdleFetch>>>;
+
+/// How a request names a topic: by name (before v13) or id.
+type FetchTopicKey = (kafka_protocol::messages::TopicName, uuid::Uuid);
+
+impl IdleFetch {
+    /// Whether `req` asks what this one asked: the same fields and the same partitions in
+    /// the same order, or that order started further on (as librdkafka rotates it).
+    fn asks_as(&self, version: i16, req: &FetchRequest) -> bool {
+        if version != self.version {
+            return false;
+        }
+        let same_shape = self.shape.cluster_id == req.cluster_id
+            && self.shape.replica_id == req.replica_id
+            && self.shape.replica_state == req.replica_state
+            && self.shape.max_wait_ms == req.max_wait_ms
+            && self.shape.min_bytes == req.min_bytes
+            && self.shape.max_bytes == req.max_bytes
+            && self.shape.isolation_level == req.isolation_level
+            && self.shape.session_id == req.session_id
+            && self.shape.session_epoch == req.session_epoch
+            && req.forgotten_topics_data.is_empty()
+            && self.shape.rack_id == req.rack_id
+            && self.shape.unknown_tagged_fields == req.unknown_tagged_fields;
+        if !same_shape {
+            return false;
+        }
+        let asked = req.topics.iter().flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(move |p| (&t.topic, &t.topic_id, p, &t.unknown_tagged_fields))
+        });
+        let n = self.entries.len();
+        if asked.clone().count() != n || n == 0 {
+            return false;
+        }
+        let eq =
+            |(t, id, p, tagged): (_, _, &FetchPartition, &std::collections::BTreeMap<_, _>),
+             e: &(FetchTopicKey, FetchPartition)| {
+                tagged.is_empty() && p == &e.1 && id == &e.0 .1 && t == &e.0 .0
+            };
+        let Some(first) = asked.clone().next() else {
+            return false;
+        };
+        let Some(k) = self.entries.iter().position(|e| eq(first, e)) else {
+            return false;
+        };
+        asked
+            .enumerate()
+            .all(|(i, a)| eq(a, &self.entries[(k + i) % n]))
+    }
+}
+
+/// The answer to `req` if it asks what the connection's idle fetch asked and nothing changed
+/// for its partitions until its deadline: Ok(the body). Err(deadline) when something did (or
+/// may have): the request then takes the full path, with what is left of its wait. None when
+/// it is not that request.
+async fn answer_idle(
+    ctx: &ConnCtx,
+    version: i16,
+    req: &FetchRequest,
+    deadline: Instant,
+) -> Option<Result<Vec<Bytes>, Instant>> {
+    let (image, mut marks, body) = {
+        let s = ctx.idle_fetch.borrow();
+        let m = s.as_ref()?;
+        if !m.asks_as(version, req) {
+            return None;
+        }
+        (m.image.clone(), m.marks.clone(), m.body.clone())
+    };
+    let slot = ctx.idle_fetch.clone();
+    let holds = |k: &fetch_session::Key| slot.borrow().as_ref().is_some_and(|m| m.keys.contains(k));
+    let changed = changed_where(
+        &ctx.shard.node,
+        Vec::new(),
+        &image,
+        &mut marks,
+        deadline,
+        holds,
+    )
+    .await;
+    match changed {
+        Some(k) if k.is_empty() => {
+            // Unchanged through these marks: the next repeat need not look before them.
+            if let Some(m) = ctx.idle_fetch.borrow_mut().as_mut() {
+                m.marks = marks;
+            }
+            crate::metrics::idle_fetch_repeat();
+            Some(Ok(body))
+        }
+        _ => {
+            ctx.idle_fetch.borrow_mut().take();
+            Some(Err(deadline))
+        }
+    }
+}
 
 /// The partitions a request names, resolved against the metadata image.
 fn named_entries(
@@ -247,7 +368,33 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         Plan::Sessionless
     };
     let opening = plan == Plan::Open;
-    let deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
+    let mut deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
+    // A repeat of the connection's idle fetch (see IdleFetch). One that saw a change goes on
+    // with what is left of its wait.
+    let sessionless = version < 7 || (req.session_id == 0 && req.session_epoch == -1);
+    if sessionless && req.replica_id.0 < 0 {
+        match answer_idle(ctx, version, &req, deadline).await {
+            Some(Ok(body)) => return body,
+            Some(Err(d)) => deadline = d,
+            None => {}
+        }
+    }
+    let idle_shape = {
+        let mut shape = FetchRequest::default();
+        shape.cluster_id = req.cluster_id.clone();
+        shape.replica_id = req.replica_id;
+        shape.replica_state = req.replica_state.clone();
+        shape.max_wait_ms = req.max_wait_ms;
+        shape.min_bytes = req.min_bytes;
+        shape.max_bytes = req.max_bytes;
+        shape.isolation_level = req.isolation_level;
+        shape.session_id = req.session_id;
+        shape.session_epoch = req.session_epoch;
+        shape.rack_id = req.rack_id.clone();
+        shape.unknown_tagged_fields = req.unknown_tagged_fields.clone();
+        shape
+    };
+    ctx.idle_fetch.borrow_mut().take();
     // A settled session's fetch looks only at the partitions that changed (or were named):
     // those are read once and answered, with the marks proving the rest unchanged.
     let mut carried: Option<Vec<(usize, u64)>> = None;
@@ -273,7 +420,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                 None
             } else {
                 loop {
-                    match changed_in_session(&node, id, look, &settled.image, &mut marks, deadline)
+                    let holds = |k: &fetch_session::Key| fetch_session::with(|c| c.holds(id, k));
+                    match changed_where(&node, look, &settled.image, &mut marks, deadline, holds)
                         .await
                     {
                         None => break None,
@@ -335,6 +483,8 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     let mut got: Vec<Got> = Vec::new();
     // Where each shard's change journal stood before the last round read its partitions.
     let mut marks: Vec<(usize, u64)> = Vec::new();
+    // Every partition at its end through the whole wait, and nothing changed (see IdleFetch).
+    let mut idle = false;
     for _ in 0..FETCH_ROUNDS_MAX {
         match carried.as_mut() {
             // Shards of partitions named for the first time need marks too.
@@ -370,6 +520,17 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
             if !unchanged {
                 got = read_round(shards, wants.clone(), max_bytes).await;
             }
+            idle = unchanged
+                && sessionless
+                && req.forgotten_topics_data.is_empty()
+                && req
+                    .topics
+                    .iter()
+                    .all(|t| t.unknown_tagged_fields.is_empty())
+                && entries.iter().all(|e| e.pre.is_none() && !e.follower)
+                && got
+                    .iter()
+                    .all(|g| g.code == ec::NONE && g.records.is_empty() && g.preferred < 0);
             break;
         }
     }
@@ -428,6 +589,11 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         .filter(|(_, k)| **k)
         .map(|((e, g), _)| ((e.topic.clone(), e.partition), g.hwm, g.log_start))
         .collect();
+    // What vouches for an idle answer (see IdleFetch).
+    let idle = idle.then(|| {
+        let keys = wants.iter().map(|(_, w)| (w.topic.clone(), w.partition));
+        (marks.clone(), keys.collect())
+    });
     // What the session's next fetch must look at: the partitions not at their end, and what
     // changes after the marks.
     let settled = in_session.then(|| fetch_session::Settled {
@@ -529,7 +695,28 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         tr.partitions.push(pd);
         recs.push(g.records);
     }
-    encode_response(version, ec::NONE, response_session, topics, &endpoints)
+    let body = encode_response(version, ec::NONE, response_session, topics, &endpoints);
+    if let Some((marks, keys)) = idle {
+        let entries = req
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .map(|p| ((t.topic.clone(), t.topic_id), p.clone()))
+            })
+            .collect();
+        *ctx.idle_fetch.borrow_mut() = Some(IdleFetch {
+            version,
+            shape: idle_shape,
+            entries,
+            image: Arc::downgrade(&image),
+            marks,
+            keys,
+            body: body.clone(),
+        });
+    }
+    body
 }
 
 fn put_uvarint(b: &mut BytesMut, mut v: u64) {
@@ -835,17 +1022,18 @@ async fn journal_marks(wants: &[(usize, Want)], marks: &mut Vec<(usize, u64)>) {
     }
 }
 
-/// For a session with marks: the partitions to look at, namely `look` (named by the request,
-/// or pending) and those the shards journaled a change of since `marks` (which move on), waiting
-/// for one until the deadline. None: the journal cannot tell (the image changed, or a shard's
-/// journal no longer reaches back), so every partition needs a look.
-async fn changed_in_session(
+/// For a session (or a repeated idle fetch) with marks: the partitions to look at, namely
+/// `look` (named by the request, or pending) and those of its own (`holds`) the shards
+/// journaled a change of since `marks` (which move on), waiting for one until the deadline.
+/// None: the journal cannot tell (the image changed, or a shard's journal no longer reaches
+/// back), so every partition needs a look.
+async fn changed_where(
     node: &crate::cluster::node::Node,
-    id: i32,
     look: Vec<fetch_session::Key>,
     image: &std::sync::Weak<crate::cluster::metadata::MetadataImage>,
     marks: &mut [(usize, u64)],
     deadline: Instant,
+    holds: impl Fn(&fetch_session::Key) -> bool,
 ) -> Option<Vec<fetch_session::Key>> {
     use futures::FutureExt;
     let mut keys: std::collections::BTreeSet<fetch_session::Key> = look.into_iter().collect();
@@ -865,9 +1053,7 @@ async fn changed_in_session(
             })
             .await?;
             *seq = now;
-            fetch_session::with(|c| {
-                keys.extend(changed.into_iter().filter(|k| c.holds(id, k)));
-            });
+            keys.extend(changed.into_iter().filter(|k| holds(k)));
         }
         if !keys.is_empty() || Instant::now() >= deadline {
             return Some(keys.into_iter().collect());
