@@ -484,27 +484,26 @@ fn a_repeated_idle_full_fetch_is_answered_as_before_until_something_changes() {
     waited_out(t);
     assert!(starts(&r).contains(&(7, 1)), "{:?}", starts(&r));
     assert_eq!(repeats(), 4.0);
-    // Idle from here (a repeat again), then the topic is deleted: the next repeat says so,
-    // at once.
+    // Idle (a new request: a longer wait), then the topic is deleted while its repeat waits:
+    // the repeat answers at once that the partitions are gone.
     let t = std::time::Instant::now();
-    fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
-    waited_out(t);
-    assert_eq!(repeats(), 5.0);
-    {
+    fetch_waiting(&mut s, (0, -1), &at_end, &[], 2_000);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(1_900), "{:?}", t.elapsed());
+    assert_eq!(repeats(), 4.0);
+    let deleter = std::thread::spawn(move || {
         use kafka_protocol::messages::{DeleteTopicsRequest, DeleteTopicsResponse};
+        std::thread::sleep(std::time::Duration::from_millis(300));
         let mut req = DeleteTopicsRequest::default();
         req.topic_names.push(topic_name("rep"));
         req.timeout_ms = 5000;
-        let r: DeleteTopicsResponse = call(&mut connect(&b), ApiKey::DeleteTopics, 4, &req);
+        let mut d = std::net::TcpStream::connect(addr).unwrap();
+        let r: DeleteTopicsResponse = call(&mut d, ApiKey::DeleteTopics, 4, &req);
         assert_eq!(r.responses[0].error_code, 0);
-    }
+    });
     let t = std::time::Instant::now();
-    let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
-    assert!(
-        t.elapsed() < std::time::Duration::from_millis(500),
-        "{:?}",
-        t.elapsed()
-    );
+    let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 2_000);
+    deleter.join().unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_millis(1_500), "{:?}", t.elapsed());
     let codes: Vec<i16> = r
         .responses
         .iter()
@@ -516,5 +515,5 @@ fn a_repeated_idle_full_fetch_is_answered_as_before_until_something_changes() {
         codes.iter().all(|c| *c == 3),
         "UNKNOWN_TOPIC_OR_PARTITION: {codes:?}"
     );
-    assert_eq!(repeats(), 5.0);
+    assert_eq!(repeats(), 4.0);
 }

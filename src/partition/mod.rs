@@ -77,6 +77,11 @@ pub fn journal_changed() -> Notified {
     JOURNAL.with(|j| j.changed.notified())
 }
 
+/// A partition removed from this shard (its topic deleted): what waits on the journal sees it.
+pub fn journal_gone(topic: &Arc<str>, index: i32) {
+    journal(topic, index);
+}
+
 fn journal(topic: &Arc<str>, index: i32) {
     JOURNAL.with(|j| {
         let seq = j.seq.get() + 1;

@@ -380,6 +380,8 @@ impl Shard {
             .collect();
         for k in doomed {
             self.partitions.borrow_mut().remove(&k);
+            // Long-polls and idle fetches waiting on it answer now that it is gone.
+            crate::partition::journal_gone(&k.0, k.1);
         }
     }
 

@@ -105,9 +105,9 @@ const FETCH_ROUNDS_MAX: usize = 64;
 /// sessions (librdkafka) asks again for the same partitions at the same offsets every
 /// `max_wait_ms`, each time starting its list one partition further on. While the shards
 /// journal no change of those partitions and the image is the same, the answer is the same,
-/// so it is answered from here (no lookups, no encoding): an idle consumer of thousands of
+/// so it is answered from here (no partition lookups, no encoding): an idle consumer of thousands of
 /// partitions costs decoding its request, a comparison with the last one and a wait on the
-/// journals. One per connection.
+/// journals. One per connection, held until its next fetch.
 pub struct IdleFetch {
     version: i16,
     /// The request without its partitions.
@@ -117,7 +117,7 @@ pub struct IdleFetch {
     image: std::sync::Weak<crate::cluster::metadata::MetadataImage>,
     /// The shards' journal counts through which nothing changed for `keys`.
     marks: Vec<(usize, u64)>,
-    keys: std::collections::HashSet<fetch_session::Key>,
+    keys: std::rc::Rc<std::collections::HashSet<fetch_session::Key>>,
     /// The encoded response body (partitions in the order of `entries`).
     body: Vec<Bytes>,
 }
@@ -186,30 +186,31 @@ async fn answer_idle(
     req: &FetchRequest,
     deadline: Instant,
 ) -> Option<Result<Vec<Bytes>, Instant>> {
-    let (image, mut marks, body) = {
+    let (image, mut marks, keys, body) = {
         let s = ctx.idle_fetch.borrow();
         let m = s.as_ref()?;
         if !m.asks_as(version, req) {
             return None;
         }
-        (m.image.clone(), m.marks.clone(), m.body.clone())
+        (
+            m.image.clone(),
+            m.marks.clone(),
+            m.keys.clone(),
+            m.body.clone(),
+        )
     };
-    let slot = ctx.idle_fetch.clone();
-    let holds = |k: &fetch_session::Key| slot.borrow().as_ref().is_some_and(|m| m.keys.contains(k));
-    let changed = changed_where(
-        &ctx.shard.node,
-        Vec::new(),
-        &image,
-        &mut marks,
-        deadline,
-        holds,
-    )
-    .await;
+    let node = &ctx.shard.node;
+    let holds = |k: &fetch_session::Key| keys.contains(k);
+    let changed = changed_where(node, Vec::new(), &image, &mut marks, deadline, holds).await;
+    // The image is looked at before each wait; at the deadline, once more.
+    let same_image = std::ptr::eq(image.as_ptr(), Arc::as_ptr(&node.image()));
     match changed {
-        Some(k) if k.is_empty() => {
+        Some(k) if k.is_empty() && same_image => {
             // Unchanged through these marks: the next repeat need not look before them.
             if let Some(m) = ctx.idle_fetch.borrow_mut().as_mut() {
-                m.marks = marks;
+                if std::rc::Rc::ptr_eq(&m.keys, &keys) {
+                    m.marks = marks;
+                }
             }
             crate::metrics::idle_fetch_repeat();
             Some(Ok(body))
@@ -343,6 +344,17 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         return crate::server::replication::serve_follower(&ctx.shard, version, req).await;
     }
     let now = Instant::now();
+    let mut deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
+    // A repeat of the connection's idle fetch (see IdleFetch). One that saw a change goes on
+    // with what is left of its wait.
+    let sessionless = version < 7 || (req.session_id == 0 && req.session_epoch == -1);
+    if sessionless && req.replica_id.0 < 0 {
+        match answer_idle(ctx, version, &req, deadline).await {
+            Some(Ok(body)) => return body,
+            Some(Err(d)) => deadline = d,
+            None => {}
+        }
+    }
     let (session_id, epoch) = if version >= 7 {
         (req.session_id, req.session_epoch)
     } else {
@@ -368,17 +380,6 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         Plan::Sessionless
     };
     let opening = plan == Plan::Open;
-    let mut deadline = now + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
-    // A repeat of the connection's idle fetch (see IdleFetch). One that saw a change goes on
-    // with what is left of its wait.
-    let sessionless = version < 7 || (req.session_id == 0 && req.session_epoch == -1);
-    if sessionless && req.replica_id.0 < 0 {
-        match answer_idle(ctx, version, &req, deadline).await {
-            Some(Ok(body)) => return body,
-            Some(Err(d)) => deadline = d,
-            None => {}
-        }
-    }
     let idle_shape = {
         let mut shape = FetchRequest::default();
         shape.cluster_id = req.cluster_id.clone();
@@ -592,7 +593,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     // What vouches for an idle answer (see IdleFetch).
     let idle = idle.then(|| {
         let keys = wants.iter().map(|(_, w)| (w.topic.clone(), w.partition));
-        (marks.clone(), keys.collect())
+        (marks.clone(), std::rc::Rc::new(keys.collect()))
     });
     // What the session's next fetch must look at: the partitions not at their end, and what
     // changes after the marks.
