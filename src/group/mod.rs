@@ -111,6 +111,9 @@ pub struct GroupShard {
     load_lock: futures::lock::Mutex<()>,
     /// When the ticker next looks for expired offsets (ms since the epoch).
     next_expiry_ms: Cell<u64>,
+    /// A group's next deadline may have come nearer (a join, sync, leave, load, KIP-848
+    /// heartbeat): the ticker, asleep until the nearest one, looks again.
+    deadlines_moved: crate::notify::Notify,
     /// Classic groups whose metadata is being stored → (stores in flight, one failed).
     storing: RefCell<HashMap<String, (usize, bool)>>,
     /// SyncGroup answers held until their group's metadata is stored.
@@ -146,6 +149,7 @@ impl GroupShard {
             loaded: RefCell::new(HashMap::new()),
             load_lock: futures::lock::Mutex::new(()),
             next_expiry_ms: Cell::new(0),
+            deadlines_moved: crate::notify::Notify::new(),
             storing: RefCell::new(HashMap::new()),
             held_syncs: RefCell::new(HashMap::new()),
             store_locks: RefCell::new(HashMap::new()),
@@ -210,6 +214,7 @@ impl GroupShard {
     /// if that fails, so no member runs with an assignment a new coordinator would not know;
     /// the member then rejoins.
     pub fn apply<S: OffsetsLog>(self: &Rc<Self>, shard: &Rc<S>, actions: Vec<Action>) {
+        self.deadlines_moved.notify_waiters();
         let mut changed: Vec<(String, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut syncs: Vec<(Token, SyncResponse)> = Vec::new();
         for a in actions {
@@ -506,6 +511,8 @@ impl GroupShard {
                 }
             }
         }
+        // Restored groups' members have sessions to time out.
+        self.deadlines_moved.notify_waiters();
         if loaded > 0 || classic > 0 || !consumer.is_empty() {
             tracing::info!(
                 "shard {}: coordinating __consumer_offsets-{p}: {loaded} offset commits, {classic} classic groups, {} consumer groups",
@@ -584,19 +591,35 @@ impl GroupShard {
         r
     }
 
-    /// Drives session and rebalance timeouts.
+    /// Drives session and rebalance timeouts. Sleeps until the nearest deadline (a group's, or
+    /// the next offsets expiry check), or until one may have come nearer, and at most
+    /// `TICK_MAX_MS`: an idle shard is not woken ten times a second for nothing.
     pub async fn ticker<S: OffsetsLog>(self: Rc<Self>, shard: Rc<S>) {
         loop {
+            let moved = self.deadlines_moved.notified();
             let now = now_ms();
             let classic = self.coord.borrow().next_deadline_ms();
             let consumer = self.consumer.borrow().next_deadline_ms();
             let next = classic
                 .into_iter()
                 .chain(consumer)
+                .chain(Some(self.next_expiry_ms.get()))
                 .min()
-                .unwrap_or(now + 100);
-            let wait = next.saturating_sub(now).clamp(5, 100);
-            glommio::timer::sleep(std::time::Duration::from_millis(wait)).await;
+                .unwrap_or(now + TICK_MAX_MS);
+            if next > now {
+                let wait = std::time::Duration::from_millis((next - now).min(TICK_MAX_MS));
+                let due = std::time::Instant::now() + wait.max(TICK_MIN);
+                if crate::notify::first_or_deadline(vec![moved], due)
+                    .await
+                    .is_some()
+                {
+                    // Look at the deadlines again; nothing is due yet unless one is.
+                    continue;
+                }
+            } else {
+                drop(moved);
+                glommio::timer::sleep(TICK_MIN).await;
+            }
             let actions = self.coord.borrow_mut().tick(now_ms());
             self.apply(&shard, actions);
             let expired = self.consumer.borrow_mut().tick(now_ms());
@@ -760,6 +783,12 @@ pub type ConsumerHeartbeat = Result<
     (i16, String),
 >;
 
+/// The longest the group ticker sleeps: deadlines that come nearer without a notice (none
+/// should) are still met within this.
+const TICK_MAX_MS: u64 = 1000;
+/// The shortest: a burst of deadlines is handled in rounds, not in a busy loop.
+const TICK_MIN: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The group operations the API handlers call, each on the coordinator shard of the group.
 impl GroupShard {
     /// Heartbeat of a classic member.
@@ -835,6 +864,7 @@ impl GroupShard {
             .borrow()
             .validate_commit(group, generation_or_epoch, member, instance)?;
         self.coord.borrow_mut().ensure_group(group);
+        self.deadlines_moved.notify_waiters();
         Ok(())
     }
 
@@ -1047,6 +1077,7 @@ impl GroupShard {
         let group = req.group_id.clone();
         let era = self.era(shard.as_ref(), &group);
         let resp = self.consumer.borrow_mut().heartbeat(now_ms(), img, req);
+        self.deadlines_moved.notify_waiters();
         let stored = self.store_consumer_group(shard, &group).await;
         if self.era(shard.as_ref(), &group) != era {
             return Err((
