@@ -488,7 +488,11 @@ fn a_repeated_idle_full_fetch_is_answered_as_before_until_something_changes() {
     // the repeat answers at once that the partitions are gone.
     let t = std::time::Instant::now();
     fetch_waiting(&mut s, (0, -1), &at_end, &[], 2_000);
-    assert!(t.elapsed() >= std::time::Duration::from_millis(1_900), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1_900),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(repeats(), 4.0);
     let deleter = std::thread::spawn(move || {
         use kafka_protocol::messages::{DeleteTopicsRequest, DeleteTopicsResponse};
@@ -503,7 +507,11 @@ fn a_repeated_idle_full_fetch_is_answered_as_before_until_something_changes() {
     let t = std::time::Instant::now();
     let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 2_000);
     deleter.join().unwrap();
-    assert!(t.elapsed() < std::time::Duration::from_millis(1_500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(1_500),
+        "{:?}",
+        t.elapsed()
+    );
     let codes: Vec<i16> = r
         .responses
         .iter()
