@@ -77,6 +77,42 @@ pub fn pooled_bytes() -> usize {
     pool().held
 }
 
+/// Blocks of at least `HUGE_ADVICE_MIN` (the extents a fast sequential reader reads ahead)
+/// are backed by transparent huge pages where the kernel allows it (`madvise` mode): 2 MiB of
+/// physically contiguous memory lets one direct read go to the device as a few requests of
+/// MiBs instead of many of a few hundred KiB (a block request carries a bounded number of
+/// memory segments, each one contiguous run of pages). Measured on a virtio disk: a 1 GB
+/// catch-up read as ~500 requests of ~2.2 MB (1.3 GB/s while busy) instead of ~2,100 of
+/// ~500 KB (0.75 GB/s). Smaller blocks are not advised: the 4 MiB extents of 16 readers cost
+/// the broker a third more CPU with huge pages (faulting and compacting them) and read no
+/// faster.
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+const HUGE_ADVICE_MIN: usize = 8 << 20;
+
+fn advise_huge(p: *mut u8, len: usize) {
+    let start = (p as usize).next_multiple_of(HUGE_PAGE_BYTES);
+    let end = (p as usize + len) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+    if end > start {
+        // Advice only: refused (THP off, an old kernel), the pages stay small.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+/// A new block of a pooled class from the system, huge-page backed where it can be.
+unsafe fn fresh(class: Layout, zeroed: bool) -> *mut u8 {
+    let p = if zeroed {
+        System.alloc_zeroed(class)
+    } else {
+        System.alloc(class)
+    };
+    if !p.is_null() && class.size() >= HUGE_ADVICE_MIN {
+        advise_huge(p, class.size());
+    }
+    p
+}
+
 pub struct LazyHugeAlloc;
 
 fn lazy(layout: &Layout) -> bool {
@@ -86,7 +122,7 @@ fn lazy(layout: &Layout) -> bool {
 unsafe impl GlobalAlloc for LazyHugeAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if let Some(class) = pooled(&layout) {
-            return take(&class).unwrap_or_else(|| System.alloc(class));
+            return take(&class).unwrap_or_else(|| fresh(class, false));
         }
         if !lazy(&layout) {
             return System.alloc(layout);
@@ -127,7 +163,7 @@ unsafe impl GlobalAlloc for LazyHugeAlloc {
                     std::ptr::write_bytes(p, 0, layout.size());
                     p
                 }
-                None => System.alloc_zeroed(class),
+                None => fresh(class, true),
             };
         }
         if lazy(&layout) {
