@@ -13,8 +13,8 @@
 # rdkafka_performance -C on core 1 (default settings; `-p 0` for one partition, a consumer group
 # for more), then reads the segment with fio again ("fio after"). Prints per run the
 # consumer's MB/s (its own figure, MB = 10^6 bytes), the broker's CPU-seconds while it
-# consumed, how long the block device was busy and what it read, and the ratio of the
-# consumer's MB/s to each fio figure.
+# consumed, how long the block device was busy, what it read and in how many requests (the
+# device's own counters), and the ratio of the consumer's MB/s to each fio figure.
 #
 # rdkafka_performance comes from librdkafka's examples: `python3 tools/librdkafka-suite.py
 # --build-only` builds it from the rdkafka-sys crate into ~/.cache/fjord. Needs fio, and root to
@@ -88,7 +88,8 @@ fio_mbs() {
   fio --name=seq --filename="$seg" --rw=read --direct=1 --bs=1M --iodepth=1 --ioengine=io_uring \
     --output-format=terse 2>/dev/null | awk -F';' '{ printf "%.0f", $7 * 1.024 / 1000 }'
 }
-dev_stat() { if [ -r "$stat_file" ]; then awk '{print $3, $10}' "$stat_file"; else echo "0 0"; fi; }
+# Reads completed, sectors read, ms the device was busy.
+dev_stat() { if [ -r "$stat_file" ]; then awk '{print $1, $3, $10}' "$stat_file"; else echo "0 0 0"; fi; }
 
 if [ "$parts" = 1 ]; then select=(-p 0); fi
 for run in $(seq 1 "$runs"); do
@@ -98,18 +99,19 @@ for run in $(seq 1 "$runs"); do
   start_broker
   [ "$parts" = 1 ] || select=(-G "catch-up-$run-$$")
   b0=$(ticks "$broker")
-  read -r s0 busy0 < <(dev_stat)
+  read -r r0 s0 busy0 < <(dev_stat)
   out=$(taskset -c $ccore "$rp" -C -t cu "${select[@]}" -o beginning -c 1000000 -b 127.0.0.1:$port 2>&1 |
     grep "consumed in" | tail -1)
   b1=$(ticks "$broker")
-  read -r s1 busy1 < <(dev_stat)
+  read -r r1 s1 busy1 < <(dev_stat)
   stop_broker
   after=$(fio_mbs)
   mbs=$(echo "$out" | grep -oE '[0-9.]+ MB/s' | head -1 | cut -d' ' -f1)
   [ -n "$mbs" ] || { echo "run $run: no result from rdkafka_performance" >&2; cat "$tmp/broker.log" >&2; exit 1; }
   awk -v run="$run" -v p="$parts" -v mbs="$mbs" -v fb="$before" -v fa="$after" \
     -v cpu="$(((b1 - b0)))" -v hz="$hz" -v busy="$((busy1 - busy0))" -v rd="$(((s1 - s0) * 512))" \
-    'BEGIN { printf "run %d: partitions=%d consumer_MB/s=%.0f fio_before=%.0f fio_after=%.0f ratio_before=%.2f ratio_after=%.2f broker_cpu_s=%.2f disk_busy_ms=%d disk_read_MB=%.0f\n",
-             run, p, mbs, fb, fa, mbs / fb, mbs / fa, cpu / hz, busy, rd / 1e6 }'
+    -v reqs="$((r1 - r0))" \
+    'BEGIN { printf "run %d: partitions=%d consumer_MB/s=%.0f fio_before=%.0f fio_after=%.0f ratio_before=%.2f ratio_after=%.2f broker_cpu_s=%.2f disk_busy_ms=%d disk_read_MB=%.0f disk_requests=%d request_KB=%.0f\n",
+             run, p, mbs, fb, fa, mbs / fb, mbs / fa, cpu / hz, busy, rd / 1e6, reqs, reqs ? rd / 1024 / reqs : 0 }'
 done
 if [ "$keep" = 1 ]; then echo "data kept in $data"; fi
