@@ -172,6 +172,35 @@ fn produce_soon(
     })
 }
 
+/// Deletes the records of `topic`/`partition` before `offset` (DeleteRecords) from another
+/// connection, 300 ms from now (while a fetch long-polls).
+fn delete_records_soon(
+    addr: std::net::SocketAddr,
+    topic: &'static str,
+    partition: i32,
+    offset: i64,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use kafka_protocol::messages::delete_records_request::{
+            DeleteRecordsPartition, DeleteRecordsRequest, DeleteRecordsTopic,
+        };
+        use kafka_protocol::messages::DeleteRecordsResponse;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut d = std::net::TcpStream::connect(addr).unwrap();
+        let mut dp = DeleteRecordsPartition::default();
+        dp.partition_index = partition;
+        dp.offset = offset;
+        let mut dt = DeleteRecordsTopic::default();
+        dt.name = topic_name(topic);
+        dt.partitions.push(dp);
+        let mut req = DeleteRecordsRequest::default();
+        req.topics.push(dt);
+        req.timeout_ms = 5000;
+        let r: DeleteRecordsResponse = call(&mut d, ApiKey::DeleteRecords, 2, &req);
+        assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    })
+}
+
 /// (partition, log start offset) of every partition in a response.
 fn starts(r: &FetchResponse) -> Vec<(i32, i64)> {
     r.responses
@@ -236,25 +265,7 @@ fn an_idle_session_of_many_partitions_wakes_on_any_change() {
         "{:?}",
         t.elapsed()
     );
-    let deleter = std::thread::spawn(move || {
-        use kafka_protocol::messages::delete_records_request::{
-            DeleteRecordsPartition, DeleteRecordsRequest, DeleteRecordsTopic,
-        };
-        use kafka_protocol::messages::DeleteRecordsResponse;
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let mut d = std::net::TcpStream::connect(addr).unwrap();
-        let mut dp = DeleteRecordsPartition::default();
-        dp.partition_index = 7;
-        dp.offset = 1;
-        let mut dt = DeleteRecordsTopic::default();
-        dt.name = topic_name("many");
-        dt.partitions.push(dp);
-        let mut req = DeleteRecordsRequest::default();
-        req.topics.push(dt);
-        req.timeout_ms = 5000;
-        let r: DeleteRecordsResponse = call(&mut d, ApiKey::DeleteRecords, 2, &req);
-        assert_eq!(r.topics[0].partitions[0].error_code, 0);
-    });
+    let deleter = delete_records_soon(addr, "many", 7, 1);
     let t = std::time::Instant::now();
     let r = fetch_waiting(&mut s, (id, 4), &[], &[], 10_000);
     deleter.join().unwrap();
@@ -459,25 +470,7 @@ fn a_repeated_idle_full_fetch_is_answered_as_before_until_something_changes() {
     // Partition 7's log start moves (DeleteRecords) while a repeat waits: the answer reports
     // it (a full fetch waits for data, not for that, so at its deadline).
     let addr = b.addr;
-    let deleter = std::thread::spawn(move || {
-        use kafka_protocol::messages::delete_records_request::{
-            DeleteRecordsPartition, DeleteRecordsRequest, DeleteRecordsTopic,
-        };
-        use kafka_protocol::messages::DeleteRecordsResponse;
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let mut d = std::net::TcpStream::connect(addr).unwrap();
-        let mut dp = DeleteRecordsPartition::default();
-        dp.partition_index = 7;
-        dp.offset = 1;
-        let mut dt = DeleteRecordsTopic::default();
-        dt.name = topic_name("rep");
-        dt.partitions.push(dp);
-        let mut req = DeleteRecordsRequest::default();
-        req.topics.push(dt);
-        req.timeout_ms = 5000;
-        let r: DeleteRecordsResponse = call(&mut d, ApiKey::DeleteRecords, 2, &req);
-        assert_eq!(r.topics[0].partitions[0].error_code, 0);
-    });
+    let deleter = delete_records_soon(addr, "rep", 7, 1);
     let t = std::time::Instant::now();
     let r = fetch_waiting(&mut s, (0, -1), &at_end, &[], 600);
     deleter.join().unwrap();

@@ -434,16 +434,26 @@ fn write_encoded(
     header_version: i16,
     body: Vec<Bytes>,
 ) -> Result<(), ConnError> {
+    let start = write_header(out, correlation_id, header_version)?;
+    let len = out.len() - start - 4 + body.iter().map(|b| b.len()).sum::<usize>();
+    out[start..start + 4].copy_from_slice(&(len as i32).to_be_bytes());
+    *chunks = body;
+    Ok(())
+}
+
+/// A response's size placeholder and header into `out`; returns where its size goes.
+fn write_header(
+    out: &mut BytesMut,
+    correlation_id: i32,
+    header_version: i16,
+) -> Result<usize, ConnError> {
     let start = out.len();
     out.put_i32(0);
     let mut h = ResponseHeader::default();
     h.correlation_id = correlation_id;
     h.encode(out, header_version)
         .map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
-    let len = out.len() - start - 4 + body.iter().map(|b| b.len()).sum::<usize>();
-    out[start..start + 4].copy_from_slice(&(len as i32).to_be_bytes());
-    *chunks = body;
-    Ok(())
+    Ok(start)
 }
 
 fn write_response(
@@ -453,12 +463,7 @@ fn write_response(
     version: i16,
     resp: &ResponseKind,
 ) -> Result<(), ConnError> {
-    let start = out.len();
-    out.put_i32(0);
-    let mut h = ResponseHeader::default();
-    h.correlation_id = correlation_id;
-    h.encode(out, header_version)
-        .map_err(|e| ConnError::Protocol(format!("encode header: {e}")))?;
+    let start = write_header(out, correlation_id, header_version)?;
     resp.encode(out, version)
         .map_err(|e| ConnError::Protocol(format!("encode response: {e}")))?;
     let len = (out.len() - start - 4) as i32;

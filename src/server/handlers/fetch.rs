@@ -380,21 +380,6 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
         Plan::Sessionless
     };
     let opening = plan == Plan::Open;
-    let idle_shape = {
-        let mut shape = FetchRequest::default();
-        shape.cluster_id = req.cluster_id.clone();
-        shape.replica_id = req.replica_id;
-        shape.replica_state = req.replica_state.clone();
-        shape.max_wait_ms = req.max_wait_ms;
-        shape.min_bytes = req.min_bytes;
-        shape.max_bytes = req.max_bytes;
-        shape.isolation_level = req.isolation_level;
-        shape.session_id = req.session_id;
-        shape.session_epoch = req.session_epoch;
-        shape.rack_id = req.rack_id.clone();
-        shape.unknown_tagged_fields = req.unknown_tagged_fields.clone();
-        shape
-    };
     ctx.idle_fetch.borrow_mut().take();
     // A settled session's fetch looks only at the partitions that changed (or were named):
     // those are read once and answered, with the marks proving the rest unchanged.
@@ -707,9 +692,21 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
                     .map(|p| ((t.topic.clone(), t.topic_id), p.clone()))
             })
             .collect();
+        let mut shape = FetchRequest::default();
+        shape.cluster_id = req.cluster_id.clone();
+        shape.replica_id = req.replica_id;
+        shape.replica_state = req.replica_state.clone();
+        shape.max_wait_ms = req.max_wait_ms;
+        shape.min_bytes = req.min_bytes;
+        shape.max_bytes = req.max_bytes;
+        shape.isolation_level = req.isolation_level;
+        shape.session_id = req.session_id;
+        shape.session_epoch = req.session_epoch;
+        shape.rack_id = req.rack_id.clone();
+        shape.unknown_tagged_fields = req.unknown_tagged_fields.clone();
         *ctx.idle_fetch.borrow_mut() = Some(IdleFetch {
             version,
-            shape: idle_shape,
+            shape,
             entries,
             image: Arc::downgrade(&image),
             marks,
