@@ -152,7 +152,9 @@ fn render(m: &Measured, data_dir: &Path) -> String {
     let ring_depth = (best.0 * 16).next_power_of_two().clamp(128, 4096);
     let per_core_mem = m.memory_bytes / m.cores.max(1) as u64;
     let cache = (per_core_mem / 256).clamp(8 << 20, 64 << 20);
-    let io_memory = (per_core_mem / 512).clamp(16 << 20, 128 << 20);
+    let defaults = crate::config::Tuning::load(None).expect("the built-in tuning parses");
+    let io_memory =
+        crate::config::io_memory_for(per_core_mem, defaults.memory.read_ahead_bytes_per_shard);
     // Slow flushes: let one fdatasync wait a little to cover more writes.
     let window_us = if m.fsync_p50_us > 2000.0 { 500 } else { 0 };
     let mut text = crate::config::DEFAULT_TUNING.to_string();

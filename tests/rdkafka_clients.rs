@@ -445,10 +445,12 @@ fn recreated_topic_does_not_resurrect_old_data() {
 
 /// A consumer catching up from disk (a restart empties the batch cache) on a broker with two
 /// shards: records come back whole and in order, served as slices of the disk read buffers
-/// of the partition's shard, written out (and let go of) on the connection's shard.
+/// of the partition's shard, written out (and let go of) on the connection's shard. The
+/// shards keep their default I/O memory (the read-ahead's room, registered with io_uring), so
+/// the extents are read into it.
 #[test]
 fn catch_up_from_disk_across_shards_reads_every_record_intact() {
-    let mut b = Broker::start_with(&["--cores", "2"]);
+    let mut b = Broker::start_with(&["--cores", "2", "--set", "memory.io_memory_bytes=0"]);
     create_topic(&b, "catchup", 4, &[]);
     let p = producer(&b, &[("acks", "1"), ("batch.num.messages", "2000")]);
     let n = 24_000usize;

@@ -65,6 +65,7 @@ start_broker() {
   exit 1
 }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+faults() { awk '{print $10}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 drop_cache() {
   sync
@@ -99,10 +100,12 @@ for run in $(seq 1 "$runs"); do
   start_broker
   [ "$parts" = 1 ] || select=(-G "catch-up-$run-$$")
   b0=$(ticks "$broker")
+  f0=$(faults "$broker")
   read -r r0 s0 busy0 < <(dev_stat)
   out=$(taskset -c $ccore "$rp" -C -t cu "${select[@]}" -o beginning -c 1000000 -b 127.0.0.1:$port 2>&1 |
     grep "consumed in" | tail -1)
   b1=$(ticks "$broker")
+  f1=$(faults "$broker")
   read -r r1 s1 busy1 < <(dev_stat)
   stop_broker
   after=$(fio_mbs)
@@ -110,8 +113,8 @@ for run in $(seq 1 "$runs"); do
   [ -n "$mbs" ] || { echo "run $run: no result from rdkafka_performance" >&2; cat "$tmp/broker.log" >&2; exit 1; }
   awk -v run="$run" -v p="$parts" -v mbs="$mbs" -v fb="$before" -v fa="$after" \
     -v cpu="$(((b1 - b0)))" -v hz="$hz" -v busy="$((busy1 - busy0))" -v rd="$(((s1 - s0) * 512))" \
-    -v reqs="$((r1 - r0))" \
-    'BEGIN { printf "run %d: partitions=%d consumer_MB/s=%.0f fio_before=%.0f fio_after=%.0f ratio_before=%.2f ratio_after=%.2f broker_cpu_s=%.2f disk_busy_ms=%d disk_read_MB=%.0f disk_requests=%d request_KB=%.0f\n",
-             run, p, mbs, fb, fa, mbs / fb, mbs / fa, cpu / hz, busy, rd / 1e6, reqs, reqs ? rd / 1024 / reqs : 0 }'
+    -v reqs="$((r1 - r0))" -v flt="$((f1 - f0))" \
+    'BEGIN { printf "run %d: partitions=%d consumer_MB/s=%.0f fio_before=%.0f fio_after=%.0f ratio_before=%.2f ratio_after=%.2f broker_cpu_s=%.2f disk_busy_ms=%d disk_read_MB=%.0f disk_requests=%d request_KB=%.0f broker_page_faults=%d\n",
+             run, p, mbs, fb, fa, mbs / fb, mbs / fa, cpu / hz, busy, rd / 1e6, reqs, reqs ? rd / 1024 / reqs : 0, flt }'
 done
 if [ "$keep" = 1 ]; then echo "data kept in $data"; fi

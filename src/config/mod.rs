@@ -1069,6 +1069,12 @@ impl Tuning {
                 "must be between 1024 and 2147483647",
             );
         }
+        if self.memory.io_memory_bytes != 0 && self.memory.io_memory_bytes < 1 << 20 {
+            return bad(
+                "memory.io_memory_bytes",
+                "must be 0 (auto) or at least 1 MiB",
+            );
+        }
         if self.memory.inflight_bytes_per_shard < self.memory.request_bytes_max {
             return bad(
                 "memory.inflight_bytes_per_shard",
@@ -1125,8 +1131,11 @@ impl Tuning {
                 }
             }
             if let Some(m) = c.io_memory_bytes {
-                if m < 1 << 20 {
-                    return bad(&key("io_memory_bytes"), "must be at least 1 MiB");
+                if m != 0 && m < 1 << 20 {
+                    return bad(
+                        &key("io_memory_bytes"),
+                        "must be 0 (auto) or at least 1 MiB",
+                    );
                 }
             }
         }
@@ -1190,6 +1199,9 @@ impl Tuning {
         if t.batch_cache_bytes_per_shard == 0 {
             t.batch_cache_bytes_per_shard = auto_batch_cache_bytes_per_shard();
         }
+        if t.io_memory_bytes == 0 {
+            t.io_memory_bytes = auto_io_memory_bytes(self.memory.read_ahead_bytes_per_shard);
+        }
         t
     }
 
@@ -1232,6 +1244,22 @@ pub fn auto_batch_cache_bytes_per_shard() -> usize {
     (mem / cores / 8).clamp(64 << 20, 16 << 30) as usize
 }
 
+/// The default I/O memory of a shard (glommio's registered DMA buffer area, locked and
+/// faulted in when the shard starts): room for its read-ahead (`read_ahead_bytes_per_shard`)
+/// and 32 MiB for writes and other reads, at most a sixteenth of a core's share of the
+/// machine's memory, at least 16 MiB (16 MiB when the memory is unknown). Reads into it need
+/// no page pinning or faulting per read, and its huge pages reach the disk as large requests.
+pub fn auto_io_memory_bytes(read_ahead_bytes_per_shard: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    io_memory_for(mem_total_bytes() / cores, read_ahead_bytes_per_shard)
+}
+
+/// `auto_io_memory_bytes` for a core's share of memory (`fjord tune` uses it too).
+pub fn io_memory_for(per_core_mem: u64, read_ahead_bytes_per_shard: usize) -> usize {
+    let want = read_ahead_bytes_per_shard as u64 + (32 << 20);
+    want.min(per_core_mem / 16).max(16 << 20) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1261,6 +1289,37 @@ mod tests {
             format!("{DEFAULT_TUNING}\n[[core]]\nids = [1]\nbatch_cache_bytes_per_shard = 1234\n");
         let t = Tuning::parse(&text, "x.toml").unwrap();
         assert_eq!(t.for_core(1).batch_cache_bytes_per_shard, 1234);
+    }
+
+    /// The default I/O memory is the read-ahead's room plus 32 MiB, within a sixteenth of a
+    /// core's share of memory; a set one (node-wide or per core) is kept; tiny ones are refused.
+    #[test]
+    fn the_default_io_memory_holds_the_read_ahead() {
+        let mib = 1usize << 20;
+        assert_eq!(io_memory_for(12 << 30, 256 * mib), 288 * mib);
+        assert_eq!(io_memory_for(1 << 30, 256 * mib), 64 * mib);
+        assert_eq!(io_memory_for(100 << 20, 256 * mib), 16 * mib);
+        assert_eq!(io_memory_for(12 << 30, 0), 32 * mib);
+        let t = Tuning::load(None).unwrap();
+        assert_eq!(t.memory.io_memory_bytes, 0);
+        assert_eq!(
+            t.for_core(0).io_memory_bytes,
+            auto_io_memory_bytes(t.memory.read_ahead_bytes_per_shard)
+        );
+        let set = Tuning::load_layered(None, &["memory.io_memory_bytes=33554432".into()]).unwrap();
+        assert_eq!(set.tuning.for_core(0).io_memory_bytes, 32 * mib);
+        let text = format!("{DEFAULT_TUNING}\n[[core]]\nids = [1]\nio_memory_bytes = 0\n");
+        let t = Tuning::parse(&text, "x.toml").unwrap();
+        assert_eq!(t.for_core(1).io_memory_bytes, t.for_core(0).io_memory_bytes);
+        for bad in ["memory.io_memory_bytes=4096"] {
+            let e = Tuning::load_layered(None, &[bad.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("io_memory_bytes"), "{e}");
+        }
+        let text = format!("{DEFAULT_TUNING}\n[[core]]\nids = [1]\nio_memory_bytes = 4096\n");
+        let e = Tuning::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("io_memory_bytes"), "{e}");
     }
 
     #[test]

@@ -358,6 +358,7 @@ impl Stream {
         };
         if let Some(have) = held {
             self.stats.hits.set(self.stats.hits.get() + 1);
+            crate::metrics::read_ahead_served(0);
             self.read_ahead(file, want, size);
             return Ok(have);
         }
@@ -366,10 +367,14 @@ impl Stream {
         if let Some(mut e) = front {
             if Weak::ptr_eq(&e.file, &Rc::downgrade(file)) && e.start == pos {
                 let (data, whole) = match std::mem::replace(&mut e.state, Ahead::Gone) {
-                    Ahead::Read(data, whole_end) => (Some(data), (whole_end - e.start) as usize),
+                    Ahead::Read(data, whole_end) => {
+                        crate::metrics::read_ahead_served(1);
+                        (Some(data), (whole_end - e.start) as usize)
+                    }
                     // Failed or cancelled: the reader reads that place itself, below (and
                     // sees the error, if it is the disk's).
                     Ahead::Reading(task) => {
+                        crate::metrics::read_ahead_served(2);
                         let data = task.await.and_then(Result::ok);
                         let whole = data.as_ref().map_or(0, |d| whole_batches(d));
                         (data, whole)
@@ -389,6 +394,7 @@ impl Stream {
         }
         // Nothing usable was read ahead: read it now.
         self.stats.direct.set(self.stats.direct.get() + 1);
+        crate::metrics::read_ahead_served(3);
         self.streak.set(0);
         let data = read_dma(file, pos, want).await?;
         let charge = Charge::try_take(data.len());

@@ -73,6 +73,8 @@ struct Recorder {
     cache_hits: Cell<u64>,
     cache_misses: Cell<u64>,
     idle_fetch_repeats: Cell<u64>,
+    /// Disk reads of sequential readers, by how they were served (`READ_AHEAD_SERVED`).
+    read_ahead: Cell<[u64; 4]>,
     connections_open: Cell<u64>,
     connections_total: Cell<u64>,
     cross_shard_sent: Cell<u64>,
@@ -200,7 +202,6 @@ pub fn dma_read(bytes: usize) {
     LOCAL.with(|r| r.dma_read_bytes.set(r.dma_read_bytes.get() + bytes as u64));
 }
 
-/// A read served from the batch cache (`hit`) or from disk.
 /// A fetch without a session answered as its connection's last idle fetch (no decoding).
 pub fn idle_fetch_repeat() {
     if !on() {
@@ -209,6 +210,23 @@ pub fn idle_fetch_repeat() {
     LOCAL.with(|r| r.idle_fetch_repeats.set(r.idle_fetch_repeats.get() + 1));
 }
 
+/// How a read that missed the batch cache was served: from the reader's window, by an extent
+/// read ahead that had landed, by one it waited for, or by a read of its own.
+pub const READ_AHEAD_SERVED: [&str; 4] = ["window", "read_ahead", "read_ahead_waited", "disk"];
+
+/// A read that missed the batch cache, served as `READ_AHEAD_SERVED[how]`.
+pub fn read_ahead_served(how: usize) {
+    if !on() {
+        return;
+    }
+    LOCAL.with(|r| {
+        let mut c = r.read_ahead.get();
+        c[how] += 1;
+        r.read_ahead.set(c);
+    });
+}
+
+/// A read served from the batch cache (`hit`) or from disk.
 pub fn cache_lookup(hit: bool) {
     if !on() {
         return;
@@ -335,6 +353,7 @@ pub struct Snapshot {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub idle_fetch_repeats: u64,
+    pub read_ahead: [u64; 4],
     pub cache_bytes: u64,
     pub cache_budget_bytes: u64,
     pub connections_open: u64,
@@ -391,6 +410,7 @@ pub fn recorded_snapshot() -> Snapshot {
             cache_hits: r.cache_hits.get(),
             cache_misses: r.cache_misses.get(),
             idle_fetch_repeats: r.idle_fetch_repeats.get(),
+            read_ahead: r.read_ahead.get(),
             connections_open: r.connections_open.get(),
             connections_total: r.connections_total.get(),
             cross_shard_sent: r.cross_shard_sent.get(),

@@ -186,6 +186,13 @@ pub fn render(snaps: &[Snapshot], queue_depths: &[usize], missing: usize) -> Str
          request, nothing changed for its partitions.",
         COUNTER,
     );
+    let read_ahead = f(
+        "fjord_read_ahead_reads_total",
+        "Reads that missed the batch cache, by how they were served: from the reader's window, \
+         by an extent read ahead that had landed, by one still being read (waited for), or by \
+         a disk read of their own.",
+        COUNTER,
+    );
     let cache_bytes = f(
         "fjord_batch_cache_bytes",
         "Bytes held by the batch caches of the shard's partitions.",
@@ -303,6 +310,9 @@ pub fn render(snaps: &[Snapshot], queue_depths: &[usize], missing: usize) -> Str
         fams[hits].counter(&[sh], s.cache_hits as f64);
         fams[misses].counter(&[sh], s.cache_misses as f64);
         fams[idle_repeats].counter(&[sh], s.idle_fetch_repeats as f64);
+        for (how, n) in super::READ_AHEAD_SERVED.iter().zip(s.read_ahead) {
+            fams[read_ahead].counter(&[sh, ("served", how)], n as f64);
+        }
         fams[cache_bytes].gauge(&[sh], s.cache_bytes as f64);
         fams[cache_budget].gauge(&[sh], s.cache_budget_bytes as f64);
         fams[conns].gauge(&[sh], s.connections_open as f64);

@@ -87,6 +87,10 @@ impl Broker {
             .arg(self.addr.to_string())
             .arg("--data-dir")
             .arg(&self.data_dir)
+            // glommio's I/O memory is locked and faulted in when a shard starts: by default
+            // the read-ahead's room (hundreds of MiB per shard), which the many short-lived
+            // brokers of these tests do not need (a test's own --set comes later and wins).
+            .args(["--set", "memory.io_memory_bytes=16777216"])
             .args(&self.extra_args)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
