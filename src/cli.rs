@@ -245,6 +245,41 @@ fn raise_fd_limit() {
     }
 }
 
+/// Each shard's I/O memory is locked when glommio registers it with io_uring (in each of its
+/// three rings). Lifts the soft RLIMIT_MEMLOCK to the hard one and says plainly when that is
+/// still too little: glommio then only warns that registering failed, and disk reads pin
+/// their pages one read at a time (slower catch-up reads; nothing else changes).
+fn check_memlock(io_memory: &[usize]) {
+    let need = io_memory.iter().sum::<usize>() as u64 * 3;
+    unsafe {
+        if libc::geteuid() == 0 {
+            return;
+        }
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) != 0 {
+            return;
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_MEMLOCK, &r);
+        }
+        if r.rlim_cur != libc::RLIM_INFINITY && (r.rlim_cur as u64) < need {
+            tracing::warn!(
+                "memory.io_memory_bytes ({} MiB per shard) cannot be locked: RLIMIT_MEMLOCK is {} \
+                 KiB and {} KiB are needed, so disk reads will pin their pages each time. Raise \
+                 it (ulimit -l, or LimitMEMLOCK= under systemd) or set a smaller \
+                 memory.io_memory_bytes",
+                io_memory.iter().max().copied().unwrap_or(0) >> 20,
+                r.rlim_cur / 1024,
+                need / 1024
+            );
+        }
+    }
+}
+
 /// Glommio probes a device with a read at offset 0 of the first DMA file opened on it; an
 /// empty first file makes it wrongly decide the disk supports polled I/O. Give it data.
 const PROBE_FILE: &str = ".dma-probe";
@@ -362,6 +397,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.cores.map(usize::from),
         a.overprovisioned,
     )?;
+    check_memlock(
+        &cores
+            .iter()
+            .map(|&c| tuning.for_core(c).io_memory_bytes)
+            .collect::<Vec<_>>(),
+    );
     let image = if cluster_settings.is_some() {
         // A clustered node serves what the metadata log says, once it has caught up.
         metadata::MetadataImage::default()
