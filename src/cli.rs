@@ -251,33 +251,51 @@ fn raise_fd_limit() {
 /// their pages one read at a time (slower catch-up reads; nothing else changes).
 fn check_memlock(io_memory: &[usize]) {
     let need = io_memory.iter().sum::<usize>() as u64 * 3;
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
     unsafe {
-        if libc::geteuid() == 0 {
-            return;
-        }
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
         if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) != 0 {
             return;
         }
         if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_MEMLOCK, &r);
-        }
-        if r.rlim_cur != libc::RLIM_INFINITY && (r.rlim_cur as u64) < need {
-            tracing::warn!(
-                "memory.io_memory_bytes ({} MiB per shard) cannot be locked: RLIMIT_MEMLOCK is {} \
-                 KiB and {} KiB are needed, so disk reads will pin their pages each time. Raise \
-                 it (ulimit -l, or LimitMEMLOCK= under systemd) or set a smaller \
-                 memory.io_memory_bytes",
-                io_memory.iter().max().copied().unwrap_or(0) >> 20,
-                r.rlim_cur / 1024,
-                need / 1024
-            );
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) == 0 {
+                r = raised;
+            }
         }
     }
+    if r.rlim_cur == libc::RLIM_INFINITY || r.rlim_cur as u64 >= need || can_lock_memory() {
+        return;
+    }
+    tracing::warn!(
+        "memory.io_memory_bytes ({} MiB per shard) cannot be locked: RLIMIT_MEMLOCK is {} KiB \
+         (counted per user, across its processes) and this broker needs {} KiB, so disk reads \
+         will pin their pages each time. Raise it (ulimit -l, or LimitMEMLOCK= under systemd), \
+         grant CAP_IPC_LOCK, or set a smaller memory.io_memory_bytes",
+        io_memory.iter().max().copied().unwrap_or(0) >> 20,
+        r.rlim_cur / 1024,
+        need / 1024
+    );
+}
+
+/// Whether this process may lock memory beyond RLIMIT_MEMLOCK (CAP_IPC_LOCK in its effective
+/// capabilities: root on a host, not root in a default container).
+fn can_lock_memory() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 /// Glommio probes a device with a read at offset 0 of the first DMA file opened on it; an

@@ -450,7 +450,14 @@ fn recreated_topic_does_not_resurrect_old_data() {
 /// the extents are read into it.
 #[test]
 fn catch_up_from_disk_across_shards_reads_every_record_intact() {
-    let mut b = Broker::start_with(&["--cores", "2", "--set", "memory.io_memory_bytes=0"]);
+    let mut b = Broker::start_with(&[
+        "--cores",
+        "2",
+        "--set",
+        "memory.io_memory_bytes=0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     create_topic(&b, "catchup", 4, &[]);
     let p = producer(&b, &[("acks", "1"), ("batch.num.messages", "2000")]);
     let n = 24_000usize;
@@ -494,5 +501,20 @@ fn catch_up_from_disk_across_shards_reads_every_record_intact() {
             assert!(val == &value(i), "record {i} intact");
         }
     }
+    // How the reads that missed the (empty) cache were served: each partition's first read
+    // went to the disk, and later ones found what was read ahead.
+    let (_, body) = common::http_get(common::metrics_addr(&b), "/metrics");
+    let served = |how: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("fjord_read_ahead_reads_total{"))
+            .filter(|l| l.contains(&format!("served=\"{how}\"")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(served("disk") >= 4.0, "{body}");
+    assert!(
+        served("window") + served("read_ahead") + served("read_ahead_waited") >= 4.0,
+        "{body}"
+    );
     assert!(!b.log().contains("panicked"), "{}", b.log());
 }

@@ -1247,7 +1247,7 @@ pub fn auto_batch_cache_bytes_per_shard() -> usize {
 /// The default I/O memory of a shard (glommio's registered DMA buffer area, locked and
 /// faulted in when the shard starts): room for its read-ahead (`read_ahead_bytes_per_shard`)
 /// and 32 MiB for writes and other reads, at most a sixteenth of a core's share of the
-/// machine's memory, at least 16 MiB (16 MiB when the memory is unknown). Reads into it need
+/// machine's memory and under 1 GiB, at least 16 MiB (16 MiB when the memory is unknown). Reads into it need
 /// no page pinning or faulting per read, and its huge pages reach the disk as large requests.
 pub fn auto_io_memory_bytes(read_ahead_bytes_per_shard: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
@@ -1256,8 +1256,9 @@ pub fn auto_io_memory_bytes(read_ahead_bytes_per_shard: usize) -> usize {
 
 /// `auto_io_memory_bytes` for a core's share of memory (`fjord tune` uses it too).
 pub fn io_memory_for(per_core_mem: u64, read_ahead_bytes_per_shard: usize) -> usize {
-    let want = read_ahead_bytes_per_shard as u64 + (32 << 20);
-    want.min(per_core_mem / 16).max(16 << 20) as usize
+    let want = (read_ahead_bytes_per_shard as u64).saturating_add(32 << 20);
+    // Under 1 GiB: larger allocations are mapped lazily, without huge pages (`alloc`).
+    want.min(per_core_mem / 16).clamp(16 << 20, 1023 << 20) as usize
 }
 
 #[cfg(test)]
@@ -1300,6 +1301,7 @@ mod tests {
         assert_eq!(io_memory_for(1 << 30, 256 * mib), 64 * mib);
         assert_eq!(io_memory_for(100 << 20, 256 * mib), 16 * mib);
         assert_eq!(io_memory_for(12 << 30, 0), 32 * mib);
+        assert_eq!(io_memory_for(64 << 30, usize::MAX), 1023 * mib);
         let t = Tuning::load(None).unwrap();
         assert_eq!(t.memory.io_memory_bytes, 0);
         assert_eq!(

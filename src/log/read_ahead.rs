@@ -366,15 +366,13 @@ impl Stream {
         let front = self.ahead.borrow_mut().pop_front();
         if let Some(mut e) = front {
             if Weak::ptr_eq(&e.file, &Rc::downgrade(file)) && e.start == pos {
+                let mut waited = false;
                 let (data, whole) = match std::mem::replace(&mut e.state, Ahead::Gone) {
-                    Ahead::Read(data, whole_end) => {
-                        crate::metrics::read_ahead_served(1);
-                        (Some(data), (whole_end - e.start) as usize)
-                    }
+                    Ahead::Read(data, whole_end) => (Some(data), (whole_end - e.start) as usize),
                     // Failed or cancelled: the reader reads that place itself, below (and
                     // sees the error, if it is the disk's).
                     Ahead::Reading(task) => {
-                        crate::metrics::read_ahead_served(2);
+                        waited = true;
                         let data = task.await.and_then(Result::ok);
                         let whole = data.as_ref().map_or(0, |d| whole_batches(d));
                         (data, whole)
@@ -383,6 +381,7 @@ impl Stream {
                 };
                 if let Some(data) = data.filter(|d| d.len() >= want || whole > 0) {
                     self.stats.ahead_used.set(self.stats.ahead_used.get() + 1);
+                    crate::metrics::read_ahead_served(if waited { 2 } else { 1 });
                     self.streak.set(self.streak.get() + 1);
                     self.install(file, pos, data.clone(), whole, e.charge.take());
                     self.read_ahead(file, want, size);

@@ -234,7 +234,8 @@ pub fn metrics_addr(b: &Broker) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let log = b.log();
-        if let Some(rest) = log.split("metrics at http://").nth(1) {
+        // The last one logged: a restarted broker listens on a new port.
+        if let Some((_, rest)) = log.rsplit_once("metrics at http://") {
             if let Some(addr) = rest.split("/metrics").next() {
                 return addr.parse().expect("metrics address");
             }
