@@ -298,6 +298,11 @@ fn can_lock_memory() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
+/// Whether glommio sees `core` among the online CPUs (it refuses to bind to one it does not).
+fn glommio_knows_cpu(core: usize) -> bool {
+    glommio::CpuSet::online().is_ok_and(|s| !s.filter(|c| c.cpu == core).is_empty())
+}
+
 /// Glommio probes a device with a read at offset 0 of the first DMA file opened on it; an
 /// empty first file makes it wrongly decide the disk supports polled I/O. Give it data.
 const PROBE_FILE: &str = ".dma-probe";
@@ -494,7 +499,15 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let status = status_tx.clone();
         let probe = probe.clone();
         let st = tuning.for_core(core);
-        let builder = LocalExecutorBuilder::new(Placement::Unbound)
+        // A pinned shard is placed by glommio itself: its thread is bound to the core before
+        // the executor allocates (its I/O memory then comes from the core's NUMA node), and
+        // glommio honours spin_before_park only for a bound executor.
+        let placement = if pin && glommio_knows_cpu(core) {
+            Placement::Fixed(core)
+        } else {
+            Placement::Unbound
+        };
+        let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("fjord-shard-{i}"))
             .io_memory(st.io_memory_bytes)
             .ring_depth(st.ring_depth)
