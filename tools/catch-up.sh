@@ -13,8 +13,9 @@
 # rdkafka_performance -C on core 1 (default settings; `-p 0` for one partition, a consumer group
 # for more), then reads the segment with fio again ("fio after"). Prints per run the
 # consumer's MB/s (its own figure, MB = 10^6 bytes), the broker's CPU-seconds while it
-# consumed, how long the block device was busy, what it read and in how many requests (the
-# device's own counters), and the ratio of the consumer's MB/s to each fio figure.
+# consumed, the page faults it took meanwhile, how long the block device was busy, what it read
+# and in how many requests (the device's own counters), and the ratio of the consumer's MB/s to
+# each fio figure.
 #
 # rdkafka_performance comes from librdkafka's examples: `python3 tools/librdkafka-suite.py
 # --build-only` builds it from the rdkafka-sys crate into ~/.cache/fjord. Needs fio, and root to
