@@ -17,6 +17,7 @@ use bytes::Bytes;
 use glommio::io::DmaFile;
 
 use super::batch::{BatchHeader, HEADER_BYTES};
+use crate::metrics::ReadServed;
 
 thread_local! {
     /// Bytes held by this shard's windows and reads in flight.
@@ -358,7 +359,7 @@ impl Stream {
         };
         if let Some(have) = held {
             self.stats.hits.set(self.stats.hits.get() + 1);
-            crate::metrics::read_ahead_served(0);
+            crate::metrics::read_ahead_served(ReadServed::Window);
             self.read_ahead(file, want, size);
             return Ok(have);
         }
@@ -381,7 +382,11 @@ impl Stream {
                 };
                 if let Some(data) = data.filter(|d| d.len() >= want || whole > 0) {
                     self.stats.ahead_used.set(self.stats.ahead_used.get() + 1);
-                    crate::metrics::read_ahead_served(if waited { 2 } else { 1 });
+                    crate::metrics::read_ahead_served(if waited {
+                        ReadServed::Waited
+                    } else {
+                        ReadServed::ReadAhead
+                    });
                     self.streak.set(self.streak.get() + 1);
                     self.install(file, pos, data.clone(), whole, e.charge.take());
                     self.read_ahead(file, want, size);
@@ -393,7 +398,7 @@ impl Stream {
         }
         // Nothing usable was read ahead: read it now.
         self.stats.direct.set(self.stats.direct.get() + 1);
-        crate::metrics::read_ahead_served(3);
+        crate::metrics::read_ahead_served(ReadServed::Disk);
         self.streak.set(0);
         let data = read_dma(file, pos, want).await?;
         let charge = Charge::try_take(data.len());

@@ -210,18 +210,30 @@ pub fn idle_fetch_repeat() {
     LOCAL.with(|r| r.idle_fetch_repeats.set(r.idle_fetch_repeats.get() + 1));
 }
 
-/// How a read that missed the batch cache was served: from the reader's window, by an extent
-/// read ahead that had landed, by one it waited for, or by a read of its own.
+/// How a read that missed the batch cache was served.
+#[derive(Clone, Copy)]
+pub enum ReadServed {
+    /// From the reader's window.
+    Window,
+    /// By an extent read ahead that had landed.
+    ReadAhead,
+    /// By an extent read ahead that it waited for.
+    Waited,
+    /// By a disk read of its own.
+    Disk,
+}
+
+/// The `served` label of each `ReadServed`, in its order.
 pub const READ_AHEAD_SERVED: [&str; 4] = ["window", "read_ahead", "read_ahead_waited", "disk"];
 
-/// A read that missed the batch cache, served as `READ_AHEAD_SERVED[how]`.
-pub fn read_ahead_served(how: usize) {
+/// A read that missed the batch cache, served as `how`.
+pub fn read_ahead_served(how: ReadServed) {
     if !on() {
         return;
     }
     LOCAL.with(|r| {
         let mut c = r.read_ahead.get();
-        c[how] += 1;
+        c[how as usize] += 1;
         r.read_ahead.set(c);
     });
 }

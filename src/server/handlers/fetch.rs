@@ -131,25 +131,18 @@ type FetchTopicKey = (kafka_protocol::messages::TopicName, uuid::Uuid);
 impl IdleFetch {
     /// Whether `req` asks what this one asked: the same fields and the same partitions in
     /// the same order, or that order started further on (as librdkafka rotates it).
-    fn asks_as(&self, version: i16, req: &FetchRequest) -> bool {
+    fn asks_as(&self, version: i16, req: &mut FetchRequest) -> bool {
         if version != self.version {
             return false;
         }
-        let same_shape = self.shape.cluster_id == req.cluster_id
-            && self.shape.replica_id == req.replica_id
-            && self.shape.replica_state == req.replica_state
-            && self.shape.max_wait_ms == req.max_wait_ms
-            && self.shape.min_bytes == req.min_bytes
-            && self.shape.max_bytes == req.max_bytes
-            && self.shape.isolation_level == req.isolation_level
-            && self.shape.session_id == req.session_id
-            && self.shape.session_epoch == req.session_epoch
-            && req.forgotten_topics_data.is_empty()
-            && self.shape.rack_id == req.rack_id
-            && self.shape.unknown_tagged_fields == req.unknown_tagged_fields;
+        // Every field but the partitions (`shape` holds none, nor forgotten topics).
+        let topics = std::mem::take(&mut req.topics);
+        let same_shape = *req == self.shape;
+        req.topics = topics;
         if !same_shape {
             return false;
         }
+        let req = &*req;
         let asked = req.topics.iter().flat_map(|t| {
             t.partitions
                 .iter()
@@ -183,7 +176,7 @@ impl IdleFetch {
 async fn answer_idle(
     ctx: &ConnCtx,
     version: i16,
-    req: &FetchRequest,
+    req: &mut FetchRequest,
     deadline: Instant,
 ) -> Option<Result<Vec<Bytes>, Instant>> {
     let (image, mut marks, keys, body) = {
@@ -338,7 +331,7 @@ fn forgotten(
 /// Answers a fetch as the encoded response body, in chunks: the record bytes are the stored
 /// batches themselves (slices of the cache or of one disk read), never copied into the
 /// response buffer. Fetch sessions (KIP-227) from version 7.
-pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes> {
+pub async fn handle(ctx: &ConnCtx, version: i16, mut req: FetchRequest) -> Vec<Bytes> {
     let node = ctx.shard.node.clone();
     if node.cluster.is_some() && crate::server::replication::replica_id(version, &req) >= 0 {
         return crate::server::replication::serve_follower(&ctx.shard, version, req).await;
@@ -349,7 +342,7 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     // with what is left of its wait.
     let sessionless = version < 7 || (req.session_id == 0 && req.session_epoch == -1);
     if sessionless && req.replica_id.0 < 0 {
-        match answer_idle(ctx, version, &req, deadline).await {
+        match answer_idle(ctx, version, &mut req, deadline).await {
             Some(Ok(body)) => return body,
             Some(Err(d)) => deadline = d,
             None => {}
@@ -683,27 +676,15 @@ pub async fn handle(ctx: &ConnCtx, version: i16, req: FetchRequest) -> Vec<Bytes
     }
     let body = encode_response(version, ec::NONE, response_session, topics, &endpoints);
     if let Some((marks, keys)) = idle {
-        let entries = req
-            .topics
-            .iter()
+        // The request itself is the shape: its partitions are moved out, nothing is cloned.
+        let mut shape = req;
+        let entries = std::mem::take(&mut shape.topics)
+            .into_iter()
             .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .map(|p| ((t.topic.clone(), t.topic_id), p.clone()))
+                let key = (t.topic, t.topic_id);
+                t.partitions.into_iter().map(move |p| (key.clone(), p))
             })
             .collect();
-        let mut shape = FetchRequest::default();
-        shape.cluster_id = req.cluster_id.clone();
-        shape.replica_id = req.replica_id;
-        shape.replica_state = req.replica_state.clone();
-        shape.max_wait_ms = req.max_wait_ms;
-        shape.min_bytes = req.min_bytes;
-        shape.max_bytes = req.max_bytes;
-        shape.isolation_level = req.isolation_level;
-        shape.session_id = req.session_id;
-        shape.session_epoch = req.session_epoch;
-        shape.rack_id = req.rack_id.clone();
-        shape.unknown_tagged_fields = req.unknown_tagged_fields.clone();
         *ctx.idle_fetch.borrow_mut() = Some(IdleFetch {
             version,
             shape,
